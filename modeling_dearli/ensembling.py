@@ -1,0 +1,97 @@
+"""Geometric ensembling of M2F-Lang and zero-shot CLIP class posteriors (DEARLi paper, Eq. 6).
+
+This is the single implementation used by the image processor (inference, evaluation) and by the SSL teacher
+(pseudo-labels). Torch only: the file is shipped to the Hub as remote code.
+
+Convention: ``alpha`` weighs the mask-transformer (M2F-Lang) posterior and ``1 - alpha`` the CLIP posterior, as in the
+paper (alpha = 0.6). The reference implementation's ``GEOMETRIC_ENSEMBLE_ALPHA`` weighs CLIP instead, so its 0.4 is our
+0.6.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ensemble_class_probabilities", "class_probabilities"]
+
+
+def _check_alpha(alpha: float | torch.Tensor) -> None:
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() and (alpha.min() < 0 or alpha.max() > 1):
+            raise ValueError("ensemble alpha must lie in [0, 1]")
+    elif not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"ensemble alpha must lie in [0, 1], got {alpha}")
+
+
+def ensemble_class_probabilities(
+    class_queries_logits: torch.Tensor,
+    clip_class_logits: torch.Tensor | None,
+    alpha: float | torch.Tensor,
+) -> torch.Tensor:
+    """Ensembled mask-wide class posteriors ``[p_ens * (1 - p_void), p_void]`` of shape ``(..., C + 1)``.
+
+    With ``z = class_queries_logits`` (C classes + no-object):
+    ``p_void = softmax(z)[..., C]``, ``p_m2f = softmax(z[..., :C])``, ``p_clip = softmax(clip_class_logits)`` and
+    ``p_ens = softmax(alpha * log p_m2f + (1 - alpha) * log p_clip)`` (computed with ``log_softmax``, so it is stable
+    for any logits). ``alpha = 1`` reproduces ``softmax(z)`` (plain M2F-Lang), ``alpha = 0`` uses CLIP recognition only
+    (the no-object probability always comes from the decoder). Without CLIP logits (``None``) the result is
+    ``softmax(z)``.
+
+    Args:
+        class_queries_logits: ``(..., Q, C + 1)`` decoder logits, last entry = no-object.
+        clip_class_logits: ``(..., Q, C)`` zero-shot CLIP logits of the mask-pooled features, or ``None``.
+        alpha: weight of the decoder posterior; a float or a tensor broadcastable to ``(..., Q, 1)``.
+
+    Returns:
+        Float tensor (at least float32) of shape ``(..., Q, C + 1)`` whose last dimension sums to one.
+    """
+    _check_alpha(alpha)
+    logits = class_queries_logits
+    if not logits.is_floating_point():
+        raise TypeError("class_queries_logits must be a floating point tensor")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype)
+    if clip_class_logits is None:
+        return logits.softmax(-1)
+    if clip_class_logits.shape[:-1] != logits.shape[:-1] or clip_class_logits.shape[-1] != logits.shape[-1] - 1:
+        raise ValueError(
+            "clip_class_logits must have shape (..., Q, C) matching class_queries_logits (..., Q, C + 1); got "
+            f"{tuple(clip_class_logits.shape)} and {tuple(logits.shape)}"
+        )
+    p_void = logits.softmax(-1)[..., -1:]
+    if not isinstance(alpha, torch.Tensor) and float(alpha) == 1.0:
+        # Skip CLIP entirely so that non-finite CLIP logits cannot leak in through 0 * inf.
+        p_ens = logits[..., :-1].softmax(-1)
+    else:
+        log_clip = clip_class_logits.to(dtype).log_softmax(-1)
+        if not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0:
+            p_ens = log_clip.softmax(-1)
+        else:
+            log_m2f = logits[..., :-1].log_softmax(-1)
+            p_ens = (alpha * log_m2f + (1.0 - alpha) * log_clip).softmax(-1)
+    return torch.cat([p_ens * (1.0 - p_void), p_void], dim=-1)
+
+
+def class_probabilities(outputs, alpha: float | torch.Tensor | None) -> torch.Tensor:
+    """Class posteriors for model outputs: Eq. 6 ensembling when ``outputs`` carry ``clip_class_logits``.
+
+    ``outputs`` is a model output (attribute or mapping access). ``alpha=None`` or missing/None CLIP logits give
+    the plain decoder softmax.
+    """
+    logits = _get_field(outputs, "class_queries_logits")
+    if logits is None:
+        raise ValueError("outputs have no `class_queries_logits`")
+    clip = _get_field(outputs, "clip_class_logits")
+    if alpha is None or clip is None:
+        return ensemble_class_probabilities(logits, None, 1.0)
+    return ensemble_class_probabilities(logits, clip, alpha)
+
+
+def _get_field(outputs, name: str):
+    value = getattr(outputs, name, None)
+    if value is None and hasattr(outputs, "get"):
+        try:
+            value = outputs.get(name)
+        except Exception:  # noqa: BLE001 - foreign mapping types
+            value = None
+    return value
