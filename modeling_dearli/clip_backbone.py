@@ -139,6 +139,11 @@ class ClipTextEncoder(nn.Module):
         """Embed each synonym with every template, L2-normalise, average over templates, re-normalise: (S, D)."""
         prompts = [template.format(s) for s in synonyms for template in templates]
         device = next(self.clip.parameters()).device
+        if getattr(self.clip, "attn_mask", None) is not None:
+            # OpenCLIP's causal mask is a non-persistent buffer that transformers' meta-device loading leaves
+            # uninitialised: rebuild it (upper triangle -inf) before encoding.
+            length = self.clip.attn_mask.shape[-1]
+            self.clip.attn_mask = torch.full((length, length), float("-inf"), device=device).triu_(1)
         chunks = []
         for start in range(0, len(prompts), batch_size):
             tokens = self.tokenize(prompts[start : start + batch_size]).to(device)

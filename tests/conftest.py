@@ -1,0 +1,51 @@
+"""Shared fixtures: the shipped data folder and tiny DEARLi models (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the repository (the shipped COCO sample, class names, partitions)."""
+    if not SHARED_DIR.is_dir():
+        pytest.fail(f"shared data folder not found at {SHARED_DIR}")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def coco_sample_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "coco_panoptic_sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny DEARLi (3 classes, 1 thing) in eval mode; do not modify it in tests (copy it instead)."""
+    from modeling_dearli import tiny_model as build_tiny_model
+
+    model = build_tiny_model(class_names=["person,man,woman", "sky", "grass,lawn"], thing_ids=[0], seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    """The session's tiny model saved with `save_pretrained`."""
+    path = tmp_path_factory.mktemp("tiny_dearli")
+    tiny_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
