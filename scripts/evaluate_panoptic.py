@@ -1,0 +1,53 @@
+"""Evaluate panopticapi-format predictions: PQ / SQ / RQ for All, Things, Stuff and per class.
+
+    python scripts/evaluate_panoptic.py --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 \
+        --pred-json predictions.json --pred-folder predictions [--output report.json] [--per-class]
+
+Results equal ``panopticapi.evaluation.pq_compute`` on the same files.
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+from training.panoptic_quality import evaluate_panoptic_folders, format_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gt-json", required=True, help="ground-truth COCO panoptic JSON")
+    parser.add_argument("--gt-folder", default=None, help="ground-truth PNG folder (default: --gt-json without .json)")
+    parser.add_argument("--pred-json", required=True, help="predictions JSON (panopticapi format)")
+    parser.add_argument("--pred-folder", default=None, help="prediction PNG folder (default: --pred-json without "
+                        ".json)")
+    parser.add_argument("--output", default=None, help="write the JSON report here")
+    parser.add_argument("--num-workers", type=int, default=None, help="worker threads (default: CPU count, 0 = "
+                        "serial)")
+    parser.add_argument("--processes", action="store_true", help="use worker processes instead of threads")
+    parser.add_argument("--per-class", action="store_true", help="also print per-class results")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    start = time.perf_counter()
+    report = evaluate_panoptic_folders(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
+                                       num_workers=args.num_workers, use_processes=args.processes,
+                                       progress=not args.no_progress)
+    print(format_report(report, per_class=args.per_class))
+    print(f"{report['num_images']} images in {time.perf_counter() - start:.2f} s")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
