@@ -1,0 +1,119 @@
+"""Generate class-agnostic SAM masks (COCO RLE, parquet shards) for the decoder warm-up (DeWa).
+
+    python scripts/generate_sam_masks.py --image-dir coco/train2017 --sam-checkpoint sam_vit_h_4b8939.pth \
+        --output-dir sam_masks/coco
+    accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
+
+Resumable: rerun the same command after an interruption. Read the output with
+`training.sam_masks.load_sam_masks(output_dir)`.
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from training.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks  # noqa: E402
+
+logger = logging.getLogger("generate_sam_masks")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = SamGeneratorConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image-dir", help="folder of images (searched recursively; id = relative path w/o suffix)")
+    source.add_argument("--dataset", help="a 🤗 dataset saved with save_to_disk (Dataset or DatasetDict)")
+    parser.add_argument("--split", default=None, help="split of a DatasetDict given with --dataset")
+    parser.add_argument("--image-column", default="image", help="image column of --dataset")
+    parser.add_argument(
+        "--id-column", default=None, help="id column of --dataset (default: image_id or id if present, else the row)"
+    )
+    parser.add_argument("--sam-checkpoint", required=True, help="SAM checkpoint file (nothing is downloaded)")
+    parser.add_argument(
+        "--model-type",
+        default=defaults.model_type,
+        choices=sorted(SAM_MODEL_REGISTRY),
+        help="SAM variant matching the checkpoint (vit_tiny is a test-only model)",
+    )
+    parser.add_argument("--points-per-side", type=int, default=defaults.points_per_side, help="point grid per side")
+    parser.add_argument(
+        "--points-per-batch",
+        type=int,
+        default=defaults.points_per_batch,
+        help="points per forward pass; lower it for very large images (peak memory ~ 3*this*H*W*4 bytes)",
+    )
+    parser.add_argument("--pred-iou-thresh", type=float, default=defaults.pred_iou_thresh, help="predicted IoU filter")
+    parser.add_argument(
+        "--stability-score-thresh", type=float, default=defaults.stability_score_thresh, help="stability filter"
+    )
+    parser.add_argument("--box-nms-thresh", type=float, default=defaults.box_nms_thresh, help="box NMS IoU threshold")
+    parser.add_argument("--crop-n-layers", type=int, default=defaults.crop_n_layers, help="SAM crop layers (0 = none)")
+    parser.add_argument(
+        "--min-mask-region-area",
+        type=int,
+        default=defaults.min_mask_region_area,
+        help="remove holes/islands below this area (needs opencv; 0 = off)",
+    )
+    parser.add_argument("--output-dir", required=True, help="output folder of parquet shards (resumable)")
+    parser.add_argument("--device", default=None, help="device for SAM (default: Accelerate's device of the process)")
+    parser.add_argument("--shard-size", type=int, default=100, help="images per shard (lost at most on interruption)")
+    parser.add_argument("--retry-failed", action="store_true", help="retry images recorded as unreadable")
+    parser.add_argument("--max-images", type=int, default=None, help="process at most this many new images per process")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.image_dir:
+        source = args.image_dir
+    else:
+        import datasets
+
+        source = datasets.load_from_disk(args.dataset)
+        if isinstance(source, datasets.DatasetDict):
+            if args.split is None:
+                raise SystemExit(f"--dataset holds splits {list(source)}; choose one with --split")
+            source = source[args.split]
+    config = SamGeneratorConfig(
+        model_type=args.model_type,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+    )
+    stats = generate_sam_masks(
+        source,
+        args.output_dir,
+        args.sam_checkpoint,
+        config=config,
+        device=args.device,
+        shard_size=args.shard_size,
+        retry_failed=args.retry_failed,
+        max_images=args.max_images,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        progress=not args.no_progress,
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(
+            f"SAM masks: {stats.num_images} images, {stats.num_masks} masks, {stats.num_failed} unreadable, "
+            f"{stats.num_skipped} already done; {stats.seconds:.1f} s, {stats.images_per_second:.3f} images/s, "
+            f"{stats.masks_per_second:.2f} masks/s -> {args.output_dir}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
