@@ -138,6 +138,17 @@ class ResampleGrid:
             bottom.index_select(-1, self.cx1),
         )
 
+    def cell_all(self, mask: torch.Tensor) -> torch.Tensor:
+        """``(K, nA, nB)``: ``mask`` ``(K, h, w)`` (bool) holds at all four corners of each cell."""
+        rows = torch.empty_like(mask)
+        rows[:, :-1] = mask[:, :-1] & mask[:, 1:]
+        rows[:, -1] = mask[:, -1]
+        both = torch.empty_like(mask)
+        both[:, :, :-1] = rows[:, :, :-1] & rows[:, :, 1:]
+        both[:, :, -1] = rows[:, :, -1]
+        # Cell (a, b) of the source grid has corners (a, a+1) x (b, b+1), clamped at the border like cy1 / cx1.
+        return both.index_select(1, self.cy0).index_select(2, self.cx0)
+
     def corners_at(self, values: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The four corner values ``(K, N)`` of cells ``(ca, cb)`` for ``(K, h, w)`` maps."""
         y0, y1, x0, x1 = self.cy0[ca], self.cy1[ca], self.cx0[cb], self.cx1[cb]

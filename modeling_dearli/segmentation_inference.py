@@ -192,14 +192,19 @@ def _max4(corners):
     return torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
 
 
-def _all4(corners):
-    return corners[0] & corners[1] & corners[2] & corners[3]
+def _top2(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index of the maximum over dim 0 (first one on ties), the maximum, and the best value among the others."""
+    best, first = values.max(0)
+    if values.shape[0] == 1:
+        return first, best, torch.full_like(best, float("-inf"))
+    second = values.scatter(0, first[None], float("-inf")).amax(0)
+    return first, best, second
 
 
 def _threshold_cells(grid: ResampleGrid, probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (map, cell): all pixels ``>= threshold`` (``inside``), or undecided by the corners (``partial``)."""
-    inside = _all4(grid.corners(probs >= threshold + _PROB_MARGIN))
-    outside = _all4(grid.corners(probs < threshold - _PROB_MARGIN))
+    inside = grid.cell_all(probs >= threshold + _PROB_MARGIN)
+    outside = grid.cell_all(probs < threshold - _PROB_MARGIN)
     return inside, ~(inside | outside)
 
 
@@ -246,12 +251,7 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
     device = logits.device
     probs = logits.sigmoid()
     weighted = scores[:, None, None] * probs
-    if num_k > 1:
-        top = weighted.topk(2, dim=0)
-        first, second = top.indices[0], top.values[1]
-    else:
-        first = torch.zeros(probs.shape[1:], dtype=torch.long, device=device)
-        second = torch.full(probs.shape[1:], float("-inf"), device=device)
+    first, second = _top2(weighted)[::2]
     # A cell is decided when one query is best at all four corners and its worst value in the cell beats the best
     # value any other query reaches there (bilinear values lie between the corners; sigmoid is monotone).
     q = grid.corners(first)
@@ -476,12 +476,8 @@ def _semantic_sparse(grid: ResampleGrid, scores: torch.Tensor) -> torch.Tensor |
     combination of them, so only cells without such a winner are evaluated per pixel.
     """
     num_c = scores.shape[0]
-    if num_c > 1:
-        top = scores.topk(2, dim=0)
-        first, best, margin = top.indices[0], top.values[0], top.values[0] - top.values[1]
-    else:
-        first = torch.zeros(scores.shape[1:], dtype=torch.long, device=scores.device)
-        best, margin = scores[0], torch.full(scores.shape[1:], float("inf"), device=scores.device)
+    first, best, second = _top2(scores)
+    margin = best - second
     c = grid.corners(first)
     winner = c[0]
     same = (winner == c[1]) & (winner == c[2]) & (winner == c[3])
