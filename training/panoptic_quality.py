@@ -11,9 +11,9 @@ both read PNG folders. The per-image statistics follow ``panopticapi.evaluation.
   category (panopticapi keeps only the *last* crowd segment listed per category; so do we);
 * per-class results are 0.0 for classes with ``tp + fp + fn == 0``, and those classes do not count in ``n``.
 
-Instead of panopticapi's ``np.unique`` on ``gt * 2**24 + pred`` and Python loops over pairs, segment ids are mapped to
-dense indices through a lookup table and the pair areas come from one ``np.bincount``; matching is done on the small
-(gt segments x pred segments) matrix.
+Instead of panopticapi's ``np.unique`` on ``gt * 2**24 + pred`` and Python loops over pairs, pixels are grouped into
+runs where neither map changes, run starts are mapped to dense segment indices and the pair areas come from one
+weighted ``np.bincount``; matching is done on the small (gt segments x pred segments) matrix.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +32,6 @@ logger = logging.getLogger(__name__)
 
 VOID = 0
 OFFSET = 256 * 256 * 256
-_LUT_SIZE = 1 << 24  # every id an RGB PNG can encode
-_SENTINEL = _LUT_SIZE  # out-of-range ids are looked up here and always map to "not listed"
 
 __all__ = [
     "VOID",
@@ -157,39 +154,44 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
     return rgb2id(arr)
 
 
-_TLS = threading.local()
-
-
-def _lut(dtype: type) -> np.ndarray:
-    """Thread-local id -> dense index lookup table, all zeros between uses."""
-    name = f"lut_{np.dtype(dtype).name}"
-    lut = getattr(_TLS, name, None)
-    if lut is None:
-        lut = np.zeros(_LUT_SIZE + 1, dtype=dtype)
-        setattr(_TLS, name, lut)
-    return lut
-
-
-def _dense_index(id_map: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
-    """Map each pixel to ``1 + position`` of its id in sorted ``label_ids``, or 0 when the id is not listed."""
+def _dense_index(values: np.ndarray, label_ids: np.ndarray, step: int = 1) -> np.ndarray:
+    """Map each value to ``step * (1 + position)`` of it in sorted ``label_ids`` (which contain 0), else to 0."""
     n = len(label_ids)
+    pos = np.searchsorted(label_ids, values)
+    ext = np.append(label_ids, -1)  # values past the last label land on -1: never a match (labels include 0)
+    code = np.append(np.arange(step, (n + 1) * step, step, dtype=np.int64), 0)
+    return code[np.where(ext[pos] == values, pos, n)]
+
+
+def _pair_counts(
+    gt: np.ndarray, pred: np.ndarray, gt_labels: np.ndarray, pred_labels: np.ndarray
+) -> np.ndarray:
+    """Pixel counts of (gt id, pred id) pairs as a ``(len(gt_labels) + 1, len(pred_labels) + 1)`` matrix; row/column
+    0 collects ids that are not listed.
+
+    Segment maps are piecewise constant, so pixels are first grouped into runs along rows where neither map changes
+    (one comparison pass each); only run starts are looked up and counted, weighted by run length. Maps with many
+    short runs (noise) are counted pixel by pixel instead.
+    """
+    a, b = gt.ravel(), pred.ravel()
+    width = len(pred_labels) + 1
+    n_bins = (len(gt_labels) + 1) * width
+    n = a.size
     if n == 0:
-        return np.zeros(id_map.shape, dtype=np.uint8)
-    if label_ids[0] < 0 or label_ids[-1] >= _LUT_SIZE:  # ids no RGB PNG can hold: generic (slower) path
-        pos = np.searchsorted(label_ids, id_map)
-        found = label_ids[np.minimum(pos, n - 1)] == id_map
-        return np.where(found, pos + 1, 0).astype(np.int32)
-    if id_map.dtype not in (np.uint8, np.uint16):
-        lo, hi = id_map.min(initial=0), id_map.max(initial=0)
-        if lo < 0 or hi >= _LUT_SIZE:
-            id_map = np.where((id_map < 0) | (id_map >= _LUT_SIZE), _SENTINEL, id_map)
-    dtype = np.uint8 if n < 255 else (np.uint16 if n < 65535 else np.int32)
-    lut = _lut(dtype)
-    lut[label_ids] = np.arange(1, n + 1, dtype=dtype)
-    try:
-        return np.take(lut, id_map)
-    finally:
-        lut[label_ids] = 0
+        return np.zeros((len(gt_labels) + 1, width), dtype=np.int64)
+    change = a[1:] != a[:-1]
+    change |= b[1:] != b[:-1]
+    starts = np.flatnonzero(change)
+    if len(starts) < n // 4:
+        starts += 1
+        starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts))
+        lengths = np.diff(starts, append=n)
+        flat = _dense_index(a[starts], gt_labels, width) + _dense_index(b[starts], pred_labels)
+        counts = np.bincount(flat, weights=lengths, minlength=n_bins).astype(np.int64)  # exact below 2**53 px
+    else:
+        flat = _dense_index(a, gt_labels, width) + _dense_index(b, pred_labels)
+        counts = np.bincount(flat, minlength=n_bins)
+    return counts.reshape(len(gt_labels) + 1, width)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -233,24 +235,13 @@ def pq_image_stats(
     # VOID gets its own prediction column even when it is not a segment, so void pixels are not "unlisted"
     pred_all = np.array(sorted(set(pred_segms) | {VOID}), dtype=np.int64)
     n_gt, n_all = len(gt_labels), len(pred_all)
-    if pred_id_map.dtype.kind == "i" and pred_id_map.size and pred_id_map.min() < 0 and VOID not in pred_segms:
-        pred_id_map = np.maximum(pred_id_map, VOID)  # negative prediction ids (e.g. -1 = no segment) are void
 
-    gt_idx = _dense_index(gt_id_map, gt_labels)  # 0 = unlisted id, 1.. = gt_labels
-    pred_idx = _dense_index(pred_id_map, pred_all)  # 0 = unlisted id, 1.. = pred_all
-    width = n_all + 1
-    if n_gt + 1 < 256 and width < 256:
-        flat = gt_idx.astype(np.uint16)
-        flat *= width
-        flat += pred_idx
-    else:
-        flat = gt_idx.astype(np.int64) * width + pred_idx
-    counts = np.bincount(flat.ravel(), minlength=(n_gt + 1) * width).reshape(n_gt + 1, width)
+    counts = _pair_counts(gt_id_map, pred_id_map, gt_labels, pred_all)
 
     # prediction sanity checks (panopticapi raises KeyError for both)
     if counts[:, 0].any():
-        stray = pred_id_map[pred_idx == 0]
-        bad = np.unique(stray[stray != VOID])
+        stray = pred_id_map[~np.isin(pred_id_map, pred_all)]
+        bad = np.unique(stray[stray > VOID])  # negative ids (e.g. -1 = no segment) are void like 0
         if len(bad):
             raise KeyError(
                 f"In the image with ID {image_ref} segment with ID {int(bad[0])} is presented in PNG and not presented "
