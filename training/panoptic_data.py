@@ -531,8 +531,13 @@ class PanopticTarget:
     segments: list[dict[str, Any]]  # {"id", "label", "category_id", "iscrowd", "isthing"}
 
     def instance_id_to_label(self, include_crowd: bool = False) -> dict[int, int]:
-        """``{segment id: contiguous class}`` (the image processor's ``instance_id_to_semantic_id``)."""
+        """``{segment id: contiguous class}`` of non-crowd segments (pair it with :meth:`training_id_map`)."""
         return {s["id"]: s["label"] for s in self.segments if include_crowd or not s["iscrowd"]}
+
+    def instance_id_to_semantic_id(self) -> dict[int, int]:
+        """Every segment -> contiguous class, crowd segments -> -1 (ignored): the ``instance_id_to_semantic_id``
+        argument of ``DearliImageProcessor.preprocess`` for :attr:`id_map`."""
+        return {s["id"]: (-1 if s["iscrowd"] else s["label"]) for s in self.segments}
 
     def training_id_map(self) -> np.ndarray:
         """The id map with crowd segments set to void (0): crowd regions belong to no training mask."""

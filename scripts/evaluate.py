@@ -1,0 +1,195 @@
+"""Evaluate a DEARLi model on a validation set: PQ / SQ / RQ (All, Things, Stuff, per class) and mIoU.
+
+    python scripts/evaluate.py --model PATH --dataset coco_panoptic --images-dir val2017 \
+        --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 [--alpha 0.6] [--output report.json]
+    python scripts/evaluate.py --model PATH --dataset ade20k --dataset-root ADEChallengeData2016
+    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # a dataset saved by training/panoptic_data
+
+Inference is ensembled (paper Eq. 6) with ``--alpha`` (default: the model's ``ensemble_alpha``). Runs on several
+processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end.
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from training.panoptic_data import (  # noqa: E402
+    ClassNames,
+    dataset_class_names,
+    load_ade20k_panoptic,
+    load_class_names,
+    load_coco_objects,
+    load_coco_panoptic,
+    panoptic_target_from_row,
+    semantic_target_from_row,
+)
+from training.panoptic_quality import PanopticQuality, format_report  # noqa: E402
+
+logger = logging.getLogger("evaluate")
+
+
+def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
+    """The validation dataset and its label space from the command line."""
+    if args.from_disk:
+        import datasets
+
+        ds = datasets.load_from_disk(args.from_disk)
+        names = dataset_class_names(ds)
+        if names is None:
+            if args.dataset == "custom":
+                raise SystemExit(f"{args.from_disk} records no label space: pass --dataset")
+            names = load_class_names(args.dataset, args.shared_dir)
+        return ds, names
+    if args.dataset == "ade20k":
+        if not args.dataset_root:
+            raise SystemExit("--dataset ade20k needs --dataset-root (ADEChallengeData2016 after prepare_ade20k.py)")
+        ds = load_ade20k_panoptic(args.dataset_root, args.split, panoptic_root=args.panoptic_root,
+                                  shared_dir=args.shared_dir)
+        return ds, load_class_names("ade20k", args.shared_dir)
+    missing = [f for f in ("images_dir", "gt_json", "gt_folder") if not getattr(args, f)]
+    if missing:
+        raise SystemExit(f"--dataset {args.dataset} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.dataset == "coco_objects":
+        ds = load_coco_objects(args.images_dir, args.gt_folder, args.gt_json, shared_dir=args.shared_dir)
+        return ds, load_class_names("coco_objects", args.shared_dir)
+    names = load_class_names("coco_panoptic", args.shared_dir) if args.dataset == "coco_panoptic" else None
+    ds = load_coco_panoptic(args.images_dir, args.gt_folder, args.gt_json, class_names=names)
+    return ds, names or dataset_class_names(ds)
+
+
+def load_model(path: str, device: torch.device) -> tuple[Any, Any]:
+    """Model (eval mode, on ``device``) and its image processor (saved one, else built from the config)."""
+    try:
+        from modeling_dearli import DearliForPanopticSegmentation
+        from modeling_dearli.image_processing_dearli import DearliImageProcessor
+
+        model = DearliForPanopticSegmentation.from_pretrained(path)
+    except ImportError:  # only the Hub folder with remote code is available
+        from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
+
+        model = AutoModelForUniversalSegmentation.from_pretrained(path, trust_remote_code=True)
+        return model.to(device).eval(), AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+    try:
+        processor = DearliImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):
+        processor = DearliImageProcessor.from_model_config(model.config)
+    return model.to(device).eval(), processor
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    ds: Any,
+    names: ClassNames,
+    *,
+    alpha: float | None = None,
+    batch_size: int = 1,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``model`` over ``ds`` (this process's shard when ``accelerator`` spans several) and return the report."""
+    config = model.config
+    if len(config.class_names) != len(names):
+        raise SystemExit(f"the model has {len(config.class_names)} classes, the dataset {len(names)}")
+    if sorted(config.thing_ids or []) != names.thing_ids:
+        logger.warning("model thing_ids %s differ from the dataset's %s; using the model's",
+                       config.thing_ids, names.thing_ids)
+    stuff = [i for i in range(len(names)) if i not in set(config.thing_ids or [])]
+    acc = PanopticQuality.from_class_names(list(config.class_names), config.thing_ids or [])
+    if accelerator is not None and accelerator.num_processes > 1:
+        ds = ds.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(ds), desc="evaluating", unit="img", disable=not progress)
+    for start in range(0, len(ds), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        images = [r["image"].convert("RGB") for r in rows]
+        sizes = [(im.height, im.width) for im in images]
+        inputs = processor(images, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
+        panoptic = processor.post_process_panoptic_segmentation(
+            outputs, threshold=0.0, label_ids_to_fuse=stuff, target_sizes=sizes, ensemble_alpha=alpha
+        )
+        semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, ensemble_alpha=alpha)
+        for row, pan, sem in zip(rows, panoptic, semantic):
+            target = panoptic_target_from_row(row)
+            acc.update(pan["segmentation"].cpu(), pan["segments_info"], target.id_map, target.eval_segments(),
+                       image_id=row["image_id"])
+            acc.update_semantic(sem.cpu(), semantic_target_from_row(row, names), image_id=row["image_id"])
+        bar.update(len(rows))
+    bar.close()
+    if accelerator is not None:
+        acc.gather(accelerator)
+    return acc.compute()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub-style folder")
+    parser.add_argument("--dataset", default="coco_panoptic",
+                        choices=["coco_panoptic", "coco_objects", "ade20k", "custom"],
+                        help="label space and layout; 'custom' = any COCO panoptic folder, classes from its JSON")
+    parser.add_argument("--dataset-root", default=None, help="ADEChallengeData2016 folder (--dataset ade20k)")
+    parser.add_argument("--panoptic-root", default=None, help="where prepare_ade20k.py wrote its output "
+                        "(default: --dataset-root)")
+    parser.add_argument("--split", default="validation", help="ADE20K split (training / validation)")
+    parser.add_argument("--images-dir", default=None, help="images folder (COCO panoptic format)")
+    parser.add_argument("--gt-json", default=None, help="ground-truth panoptic JSON (COCO panoptic format)")
+    parser.add_argument("--gt-folder", default=None, help="ground-truth panoptic PNG folder")
+    parser.add_argument("--from-disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
+    parser.add_argument("--shared-dir", default=None, help="shared data folder with class_names/ "
+                        "(default: <repo>/../shared)")
+    parser.add_argument("--alpha", type=float, default=None, help="ensembling factor of Eq. 6 (decoder weight; "
+                        "1 = decoder only, 0 = CLIP only); default: the model's ensemble_alpha")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
+                        help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
+                        "processor's (640 2560 unless saved otherwise)")
+    parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--output", default=None, help="write the JSON report here")
+    parser.add_argument("--per-class", action="store_true", help="print per-class results")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else accelerator.device
+    ds, names = load_dataset(args)
+    if args.limit is not None:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    model, processor = load_model(args.model, device)
+    if args.size is not None:
+        processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
+    alpha = args.alpha if args.alpha is not None else float(getattr(model.config, "ensemble_alpha", 0.6))
+    start = time.perf_counter()
+    report = evaluate(model, processor, ds, names, alpha=alpha, batch_size=args.batch_size, accelerator=accelerator,
+                      progress=not args.no_progress and accelerator.is_local_main_process)
+    report["alpha"] = alpha
+    report["model"] = args.model
+    report["seconds"] = time.perf_counter() - start
+    if accelerator.is_main_process:
+        print(format_report(report, per_class=args.per_class))
+        print(f"{report['num_images']} images, alpha={alpha}, {report['seconds']:.1f} s")
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump(report, f, indent=1)
+            print(f"report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""scripts/evaluate.py: a tiny DEARLi saved to disk, evaluated on a tiny COCO-panoptic-format folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.panoptic_quality import id2rgb
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "evaluate.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("dearli_evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """Two 48x64 images with person (thing), sky and grass (stuff) — the tiny model's label space."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    (root / "images").mkdir()
+    (root / "panoptic").mkdir()
+    rng = np.random.default_rng(0)
+    cats = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0},
+            {"id": 3, "name": "grass", "isthing": 0}]
+    images, anns = [], []
+    for k in range(2):
+        ids = np.zeros((48, 64), np.int64)
+        ids[:20] = 200
+        ids[20:] = 300
+        ids[25:45, 10 + 20 * k:25 + 20 * k] = 101
+        ids[30:40, 50:60] = 102
+        segs = [{"id": 200, "category_id": 2, "iscrowd": 0}, {"id": 300, "category_id": 3, "iscrowd": 0},
+                {"id": 101, "category_id": 1, "iscrowd": 0}, {"id": 102, "category_id": 1, "iscrowd": 1}]
+        for s in segs:
+            s["area"] = int((ids == s["id"]).sum())
+            s["bbox"] = [0, 0, 1, 1]
+        img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        img[:20] = (120, 160, 230)
+        Image.fromarray(img).save(root / "images" / f"{k:012d}.jpg")
+        Image.fromarray(id2rgb(ids)).save(root / "panoptic" / f"{k:012d}.png")
+        images.append({"id": k, "file_name": f"{k:012d}.jpg", "height": 48, "width": 64})
+        anns.append({"image_id": k, "file_name": f"{k:012d}.png", "segments_info": segs})
+    (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def args_for(folder: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--dataset", "custom", "--images-dir", str(folder / "images"),
+            "--gt-json", str(folder / "panoptic.json"), "--gt-folder", str(folder / "panoptic"), "--device", "cpu",
+            "--output", str(out), "--no-progress", "--size", "64", "128", *extra]
+
+
+@pytest.fixture(scope="module")
+def in_process_report(tiny_folder, tiny_model):
+    """scripts/evaluate.py's evaluate() on the session's tiny model (no reload)."""
+    from modeling_dearli.image_processing_dearli import DearliImageProcessor
+    from training.panoptic_data import dataset_class_names, load_coco_panoptic
+
+    ds = load_coco_panoptic(tiny_folder / "images", tiny_folder / "panoptic", tiny_folder / "panoptic.json")
+    processor = DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 64,
+                                                                                "longest_edge": 128})
+    report = load_script().evaluate(tiny_model, processor, ds, dataset_class_names(ds), alpha=0.6, batch_size=2,
+                                    progress=False)
+    return report, ds, processor
+
+
+def test_evaluate_matches_manual_loop(in_process_report, tiny_model):
+    import torch
+
+    from training.panoptic_data import panoptic_target_from_row, semantic_target_from_row
+    from training.panoptic_quality import PanopticQuality
+
+    report, ds, processor = in_process_report
+    assert set(report) >= {"All", "Things", "Stuff", "per_class", "mIoU", "per_class_iou", "num_images"}
+    assert report["num_images"] == 2
+    acc = PanopticQuality.from_class_names(tiny_model.config.class_names, tiny_model.config.thing_ids)
+    for row in ds:  # the same evaluation written out by hand with the library pieces, one image at a time
+        inputs = processor([row["image"].convert("RGB")])
+        with torch.no_grad():
+            outputs = tiny_model(**inputs)
+        pan = processor.post_process_panoptic_segmentation(outputs, target_sizes=[(48, 64)], ensemble_alpha=0.6)[0]
+        sem = processor.post_process_semantic_segmentation(outputs, target_sizes=[(48, 64)], ensemble_alpha=0.6)[0]
+        target = panoptic_target_from_row(row)
+        acc.update(pan["segmentation"], pan["segments_info"], target.id_map, target.eval_segments())
+        acc.update_semantic(sem, semantic_target_from_row(row))
+    manual = acc.compute()
+    for key in ("All", "Things", "Stuff"):
+        for m in ("pq", "sq", "rq", "n"):
+            assert report[key][m] == pytest.approx(manual[key][m], abs=1e-9)
+    assert report["mIoU"] == pytest.approx(manual["mIoU"], abs=1e-9)
+
+
+def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report, tmp_path):
+    """The command line on the saved model gives the in-process numbers (same weights, same alpha)."""
+    out = tmp_path / "cli.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args_for(tiny_folder, tiny_model_dir, out, "--alpha", "0.6",
+                                                                  "--batch-size", "2")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PQ" in proc.stdout and "mIoU" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 2 and report["alpha"] == 0.6
+    expected = in_process_report[0]
+    for key in ("All", "Things", "Stuff"):
+        for m in ("pq", "sq", "rq", "n"):
+            assert report[key][m] == pytest.approx(expected[key][m], abs=1e-6)
+    assert report["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+
+
+def test_label_space_mismatch_is_reported(tiny_model, tmp_path):
+    script = load_script()
+    from training.panoptic_data import ClassNames
+
+    names = ClassNames((1, 2), ("a", "b"), (True, False))
+    with pytest.raises(SystemExit, match="3 classes, the dataset 2"):
+        script.evaluate(tiny_model, None, [], names)
