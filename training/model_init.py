@@ -1,0 +1,104 @@
+"""Build the model a training loop starts from: a preset, an OpenCLIP model, or a saved DEARLi (``--init_from``).
+
+With ``--init_from`` the class names come from the training data: a model with the same vocabulary is used as is; a
+model that kept its CLIP text tower re-encodes the new names (``set_class_names``); otherwise the saved backbone and
+decoder weights are copied into a fresh model built from the same CLIP architecture whose text tower (from
+``--clip_pretrained``, or the saved ``config.clip_pretrained``) encodes the new names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+
+from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
+
+__all__ = ["adapt_class_names", "build_model"]
+
+logger = logging.getLogger(__name__)
+
+# DearliConfig arguments that describe the architecture / loss (copied when rebuilding a model for new classes).
+_NOT_COPIED = {"self", "kwargs", "class_names", "thing_ids", "clip_model_name", "clip_pretrained", "keep_text_tower"}
+_COPIED_CONFIG_KEYS = [p for p in inspect.signature(DearliConfig.__init__).parameters if p not in _NOT_COPIED]
+_TEXT_BUFFERS = ("text_embeddings", "text_class_index")
+
+
+def _config_overrides(args: Any) -> dict[str, Any]:
+    overrides = {}
+    for key in ("num_queries", "train_num_points"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def adapt_class_names(
+    model: DearliForPanopticSegmentation,
+    class_names: list[str],
+    thing_ids: list[int],
+    clip_pretrained: str | None = None,
+) -> DearliForPanopticSegmentation:
+    """Return `model` (or a rebuilt copy) whose vocabulary is `class_names` / `thing_ids` (see the module doc)."""
+    config = model.config
+    if list(config.class_names) == list(class_names):
+        if sorted(config.thing_ids) != sorted(thing_ids):
+            config.thing_ids = sorted(set(int(t) for t in thing_ids))
+        return model
+    if model.text_encoder is not None:
+        logger.info("Re-encoding %d class names with the kept CLIP text tower", len(class_names))
+        model.set_class_names(list(class_names), list(thing_ids))
+        return model
+    pretrained = clip_pretrained or config.clip_pretrained
+    if pretrained is None:
+        logger.warning(
+            "The initial model has no CLIP text tower and no CLIP weights are known (clip_pretrained=None): the new "
+            "class names are encoded with a RANDOM text tower. Pass --clip_pretrained or save the initial model with "
+            "keep_text_tower=True."
+        )
+    logger.info("Rebuilding the model for %d new class names (CLIP %s, %s)", len(class_names), config.clip_model_name,
+                pretrained)
+    kwargs = {key: getattr(config, key) for key in _COPIED_CONFIG_KEYS if hasattr(config, key)}
+    fresh = DearliForPanopticSegmentation.from_open_clip(
+        config.clip_model_name, pretrained, class_names=list(class_names), thing_ids=list(thing_ids), **kwargs
+    )
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(_TEXT_BUFFERS) and not k.startswith("text_encoder.")}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(_TEXT_BUFFERS) and not k.startswith(("text_encoder.", "criterion."))]
+    if missing or unexpected:
+        raise RuntimeError(f"cannot copy the initial weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.freeze_clip_towers()
+    return fresh
+
+
+def build_model(
+    args: Any, class_names: list[str], thing_ids: list[int], localization_only: bool = False
+) -> DearliForPanopticSegmentation:
+    """The initial model of a loop from its ``--model_preset`` / ``--clip_model_name`` / ``--clip_pretrained`` /
+    ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` arguments."""
+    overrides = _config_overrides(args)
+    keep_text_tower = bool(getattr(args, "keep_text_tower", False))
+    seed = int(getattr(args, "seed", 0))
+    if getattr(args, "init_from", None):
+        model = DearliForPanopticSegmentation.from_pretrained(args.init_from)
+        model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
+        for key, value in overrides.items():
+            if key == "num_queries" and value != model.config.num_queries:
+                raise ValueError("--num_queries cannot change the number of queries of an --init_from model")
+            setattr(model.config, key, value)
+        # (Re)build the criterion for this stage's loss: localization-only for DeWa, full loss afterwards.
+        model.set_localization_only(localization_only)
+    elif getattr(args, "model_preset", None) == "tiny":
+        model = tiny_model(class_names=list(class_names), thing_ids=list(thing_ids), seed=seed,
+                           keep_text_tower=keep_text_tower, localization_only=localization_only, **overrides)
+    else:
+        torch.manual_seed(seed)
+        model = DearliForPanopticSegmentation.from_open_clip(
+            args.clip_model_name, getattr(args, "clip_pretrained", None), class_names=list(class_names),
+            thing_ids=list(thing_ids), keep_text_tower=keep_text_tower, localization_only=localization_only,
+            **overrides,
+        )
+    model.freeze_clip_towers()
+    return model

@@ -1,0 +1,142 @@
+"""Periodic validation of the training loops: panoptic inference on a validation set, PQ and mIoU.
+
+:class:`PanopticEvalDataset` preprocesses each image with `DearliImageProcessor` (shortest edge, capped long edge, as
+Mask2Former's test-time ``ResizeShortestEdge``) and carries its ground truth at the original size;
+:func:`evaluate_panoptic` runs the model in eval mode and the processor's ``post_process_panoptic_segmentation`` /
+``post_process_semantic_segmentation`` (ensembled posteriors, paper Eq. 6; standard panoptic inference) at the
+original size, and accumulates `training.panoptic_quality.PanopticQuality` across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from modeling_dearli.image_processing_dearli import DearliImageProcessor
+
+from .panoptic_quality import PanopticQuality
+
+__all__ = ["PanopticEvalDataset", "evaluate_panoptic"]
+
+logger = logging.getLogger(__name__)
+
+
+class PanopticEvalDataset(Dataset):
+    """Validation examples of a `training.panoptic_data` dataset.
+
+    Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original (H, W)), ``gt_id_map`` (H, W) int64,
+    ``gt_segments`` (contiguous ``category_id``, ``iscrowd``), ``gt_semantic`` (H, W) contiguous classes (255 ignore)
+    when `with_semantic`, ``image_id``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        shortest_edge: int = 640,
+        max_size: int | None = 2560,
+        with_semantic: bool = True,
+        class_names: Any = None,
+    ) -> None:
+        self.dataset = dataset
+        self.shortest_edge = shortest_edge
+        self.max_size = max_size
+        self.with_semantic = with_semantic
+        self.class_names = class_names
+        size = {"shortest_edge": int(shortest_edge)}
+        if max_size is not None:
+            size["longest_edge"] = int(max_size)
+        self.processor = DearliImageProcessor(size=size, size_divisor=1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from .panoptic_data import panoptic_target_from_row, semantic_target_from_row
+        from .train_datasets import load_rgb_image
+
+        row = self.dataset[int(index[0] if isinstance(index, (tuple, list)) else index)]
+        image = row["image"]
+        if isinstance(image, (str, os.PathLike)):
+            image = load_rgb_image(image)
+        target = panoptic_target_from_row(row)
+        height, width = target.id_map.shape
+        item = {
+            "pixel_values": self.processor.preprocess(image)["pixel_values"][0],
+            "target_size": (height, width),
+            "gt_id_map": target.id_map,
+            "gt_segments": target.eval_segments(),
+            "image_id": row.get("image_id"),
+        }
+        if self.with_semantic:
+            item["gt_semantic"] = semantic_target_from_row(row, self.class_names)
+        return item
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def evaluate_panoptic(
+    model: nn.Module,
+    dataloader: Any,
+    accelerator: Any = None,
+    *,
+    alpha: float | None = None,
+    threshold: float = 0.0,
+    overlap_threshold: float = 0.8,
+    with_semantic: bool = True,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """PQ (and mIoU) of `model` on batches of :class:`PanopticEvalDataset` collated by `DearliDataCollator`.
+
+    Post-processing is `DearliImageProcessor.from_model_config(model.config)`'s (stuff classes fused).
+
+    Args:
+        alpha: ensembling weight of Eq. 6 (default ``model.config.ensemble_alpha``; 1.0 = decoder only).
+        threshold, overlap_threshold: panoptic inference settings (DEARLi: 0.0 and 0.8).
+        with_semantic: also compute mIoU from the semantic inference.
+    Returns:
+        `PanopticQuality.compute()` of all processes together (identical on every process).
+    """
+    config = _unwrap(model).config
+    alpha = config.ensemble_alpha if alpha is None else alpha
+    processor = DearliImageProcessor.from_model_config(config, ensemble_alpha=alpha)
+    metric = PanopticQuality.from_class_names(config.class_names, config.thing_ids)
+    was_training = model.training
+    model.eval()
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    try:
+        for i, batch in enumerate(tqdm(dataloader, desc="validation", disable=not show, leave=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"),
+                            output_clip_logits=alpha < 1.0)
+            sizes = [tuple(int(v) for v in s) for s in batch["target_size"]]
+            panoptic = processor.post_process_panoptic_segmentation(
+                outputs, threshold=threshold, overlap_mask_area_threshold=overlap_threshold, target_sizes=sizes
+            )
+            semantic = None
+            if with_semantic and "gt_semantic" in batch:
+                semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+            for b, prediction in enumerate(panoptic):
+                segments = [{"id": s["id"], "category_id": s["label_id"]} for s in prediction["segments_info"]]
+                image_id = batch["image_id"][b]
+                metric.update(prediction["segmentation"].cpu().numpy(), segments, np.asarray(batch["gt_id_map"][b]),
+                              batch["gt_segments"][b], image_id=image_id)
+                if semantic is not None:
+                    metric.update_semantic(semantic[b].cpu().numpy(), np.asarray(batch["gt_semantic"][b]),
+                                           image_id=image_id)
+    finally:
+        model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        metric = metric.gather(accelerator)
+    return metric.compute()
