@@ -159,6 +159,14 @@ class MeanTeacher:
         self.teacher.train(False)
         return self.teacher(*args, **kwargs)
 
+    @torch.no_grad()
+    def checksum(self) -> torch.Tensor:
+        """Float64 ``(2,)`` summary (sum, sum of squares) of the teacher's own weights, to compare across processes."""
+        weights = self.teacher_weights().values()
+        total = sum(w.double().sum() for w in weights)
+        squares = sum(w.double().square().sum() for w in weights)
+        return torch.stack([torch.as_tensor(total), torch.as_tensor(squares)])
+
     def to(self, *args: Any, **kwargs: Any) -> "MeanTeacher":
         """Move the teacher's own (decoder) weights; the shared frozen parts move with the student."""
         self.teacher.to(*args, **kwargs)

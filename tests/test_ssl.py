@@ -1,0 +1,134 @@
+"""training/ssl.py: presets, one in-process SSL step, and the demo under a 2-process CPU launch with checkpoint/resume.
+
+Note: ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher only spawns
+several CPU processes through mpirun). Two real CPU processes (DDP over gloo) come from
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``, which is what the test uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SSL_PRESETS = sorted(p.stem for p in (REPO / "training" / "configs").glob("ssl_*.yaml") if p.stem != "ssl_demo")
+
+
+def test_every_paper_run_has_a_preset():
+    expected = {f"ssl_ade20k_{p}" for p in ("1_128", "1_64", "1_32", "1_16", "1_8")}
+    expected |= {f"ssl_{d}_{p}" for d in ("coco_panoptic", "coco_objects") for p in ("1_512", "1_256", "1_128", "1_64", "1_32")}
+    assert set(SSL_PRESETS) == expected
+
+
+@pytest.mark.parametrize("preset", SSL_PRESETS)
+def test_presets_parse_with_paper_settings(preset):
+    from training.ssl import parse_args
+
+    data = ["--ade20k_root", "ADE"] if "ade20k" in preset else [
+        "--train_images_dir", "i", "--train_panoptic_dir", "p", "--train_annotations", "a.json"]
+    args = parse_args(["--config", preset, "--output_dir", "out", *data])
+    crop = 640 if "ade20k" in preset else 512
+    assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.1, 2.0)
+    assert (args.train_batch_size, args.unlabeled_batch_size, args.max_train_steps) == (8, 8, 80_000)
+    assert (args.learning_rate, args.weight_decay, args.ema_decay) == (1e-4, 0.05, 0.999)
+    assert (args.pseudo_label_threshold, args.pseudo_label_overlap_threshold, args.cutmix_prob) == (0.0, 0.8, 0.5)
+    assert args.partition == preset.rsplit("_", 2)[-2] + "_" + preset.rsplit("_", 1)[-1]
+    assert args.dataset_name in preset
+
+
+def test_one_ssl_step_updates_student_and_teacher(tiny_model):
+    from accelerate import Accelerator
+
+    from training.ema import MeanTeacher
+    from training.schedules import build_optimizer, build_poly_scheduler
+    from training.ssl_step import StudentViewBuilder, ssl_train_step
+    from training.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
+
+    accelerator = Accelerator(cpu=True)
+    student = copy.deepcopy(tiny_model).train()
+    optimizer = build_optimizer(student)
+    scheduler = build_poly_scheduler(optimizer, 10)
+    teacher = MeanTeacher(student, decay=0.999)
+    builder = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_p=1.0)),
+                                 stuff_classes=[1, 2], num_classes=3, alpha=0.6)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :32] = 1
+    masks[1, 32:] = 1
+    labeled = {"pixel_values": torch.randn(2, 3, 64, 64, generator=g), "mask_labels": [masks, masks.flip(-1)],
+               "class_labels": [torch.tensor([0, 1]), torch.tensor([2, 0])]}
+    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g), "pixel_mask": torch.ones(2, 64, 64)}
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    out = ssl_train_step(accelerator, student, teacher, builder, optimizer, scheduler, labeled, unlabeled, g, 0,
+                         gradient_clip=0.01)
+    assert out.loss == pytest.approx(out.labeled_loss + out.unlabeled_loss)
+    assert out.ema_decay == 0.0 and teacher.step == 1  # first ramped update copies the student
+    for name, value in teacher.teacher_weights().items():
+        torch.testing.assert_close(value, dict(student.named_parameters())[name].detach(), rtol=0, atol=0)
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters() if p.requires_grad)
+    assert {"segments_per_image", "mean_confidence", "void_fraction", "cutmix_fraction"} <= set(out.pseudo_label_statistics)
+    assert out.pseudo_label_statistics["cutmix_fraction"] == 1.0
+
+
+def _launch(args: list[str], log: Path) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "training/ssl.py",
+           "--config", "ssl_demo", "--max_train_steps", "3", "--checkpointing_steps", "2", "--logging_steps", "1",
+           *args]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "Num processes: 2" in text and "MULTI_CPU" in text
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    _launch(["--output_dir", str(run_a)], tmp_path / "a.log")
+    log_a = (tmp_path / "a.log").read_text()
+    assert "Per step: 2 labeled + 4 unlabeled images (2 processes)" in log_a
+    assert "Teacher weights identical on 2 processes (EMA step 2)" in log_a
+    checkpoint = run_a / "checkpoints" / "step_00000002"
+    assert (checkpoint / "COMPLETE").is_file()
+    with open(checkpoint / "custom_checkpoint_1.pkl", "rb") as f:
+        teacher_state = torch.load(f, weights_only=False)
+    assert teacher_state["step"] == 2 and not any(k.startswith("backbone.") for k in teacher_state["teacher"])
+    # Validation of student and teacher at the last step, tensorboard logs, final models.
+    import json
+
+    metrics = json.loads((run_a / "eval_results.json").read_text())
+    assert metrics["step"] == 3 and "eval/student/PQ" in metrics and "eval/teacher/mIoU" in metrics
+    assert list((run_a / "logs").rglob("events.out.tfevents*"))
+    assert (run_a / "preprocessor_config.json").is_file() and (run_a / "teacher" / "config.json").is_file()
+
+    # Resume from step 2 into a new folder: same step count, same teacher, same final weights.
+    _launch(["--output_dir", str(run_b), "--resume_from_checkpoint", str(checkpoint), "--val_annotations="],
+            tmp_path / "b.log")
+    log_b = (tmp_path / "b.log").read_text()
+    assert "at step 2" in log_b and "Teacher restored at EMA step 2" in log_b
+    with open(run_b / "checkpoints" / "step_00000003" / "custom_checkpoint_1.pkl", "rb") as f:
+        assert torch.load(f, weights_only=False)["step"] == 3
+    for sub in ("", "teacher"):
+        a, b = _weights(run_a / sub), _weights(run_b / sub)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{sub or 'student'} {key}")
+
+    from modeling_dearli import DearliForPanopticSegmentation
+
+    model = DearliForPanopticSegmentation.from_pretrained(run_b)
+    assert model.config.num_classes == 8 and not any(p.requires_grad for p in model.backbone.parameters())

@@ -1,0 +1,256 @@
+"""One Mean Teacher step of DEARLi's semi-supervised stage (paper Sec. 3, Eq. 1-2), shared by ``training/ssl.py`` and
+``scripts/benchmark_training.py``.
+
+Per step and process:
+
+1. **weak view** (from the data loader: random scale 0.1-2.0 of the crop size, crop, flip; RGB in ``[0, 1]``) ->
+   teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors (Eq. 6) -> panoptic inference ->
+   hard pseudo-labels (:mod:`training.pseudo_labels`);
+2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.strong_augmentations`), padding
+   reset to the CLIP mean, then CutMix with the *next image of the local batch* (its strong pixels and its pseudo-label
+   pasted in the box, segment ids kept distinct, stuff fused per class). Pairing within the batch avoids a second
+   teacher forward per step (the reference loads and labels an extra unlabeled crop for the box instead); with one
+   unlabeled image per process CutMix is skipped;
+3. **losses**: ``L = L_sup(labeled) + L_unl(strong view, pseudo-labels)`` with the model's Mask2Former loss. The two
+   terms are back-propagated one after the other (the first under ``accelerator.no_sync``), which gives exactly the
+   gradient of their sum while keeping the activations of only one half-batch alive: the SSL step's peak memory
+   stays close to the supervised step's;
+4. guarded AdamW + poly step, then the EMA update of the teacher (identical on every process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .common import check_finite_loss, clip_and_check_gradients, unpack_index
+from .ema import MeanTeacher
+from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segments_to_targets
+from .strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
+from .transforms import CLIP_MEAN, LargeScaleJitter, apply_to_image, fixed_params, normalize_image, valid_pixel_mask
+
+__all__ = ["UnlabeledTrainDataset", "UnlabeledTargets", "StudentViewBuilder", "SSLStepOutput", "ssl_train_step"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
+
+
+class UnlabeledTrainDataset(Dataset):
+    """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
+    mean), "pixel_mask": (h, w), "image_id"}``. Rows need an ``image`` (PIL image or path); labels are ignored.
+
+    Takes an index or an ``(index, seed)`` pair (:class:`training.common.ResumableSampler`); the seed draws the
+    geometry, so an item is a pure function of the key.
+    """
+
+    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        from .train_datasets import load_rgb_image
+
+        index, seed = unpack_index(key)
+        row = self.dataset[index]
+        image = row["image"]
+        if isinstance(image, (str, os.PathLike)):
+            image = load_rgb_image(image)
+        height, width = image.height, image.width
+        if self.transform is None:
+            params = fixed_params((height, width))
+        else:
+            params = self.transform.sample(height, width, torch.Generator().manual_seed(seed))
+        return {
+            "pixel_values": apply_to_image(image, params),
+            "pixel_mask": valid_pixel_mask(params),
+            "image_id": row.get("image_id"),
+        }
+
+
+@dataclass
+class UnlabeledTargets:
+    """The student's unlabeled inputs: normalised strong views and Mask2Former targets from the pseudo-labels."""
+
+    pixel_values: torch.Tensor
+    mask_labels: list[torch.Tensor]
+    class_labels: list[torch.Tensor]
+    pseudo_labels: PanopticPseudoLabels
+    cutmix_applied: int
+    statistics: dict[str, float] = field(default_factory=dict)
+
+
+class StudentViewBuilder:
+    """Weak view -> teacher pseudo-labels; strong view (+ CutMix) -> the student's unlabeled inputs and targets.
+
+    Args:
+        teacher: the EMA teacher.
+        strong_augmentation: photometric strong augmentation and CutMix settings.
+        stuff_classes: contiguous stuff class ids (fused in inference and CutMix).
+        num_classes: number of classes (size of the stuff lookup).
+        alpha: Eq. 6 ensembling weight of the teacher (paper 0.6; ``None``/1.0 = decoder only).
+        threshold, overlap_threshold: panoptic inference of the teacher (paper 0.0 / 0.8).
+        cutmix: enable CutMix.
+    """
+
+    def __init__(
+        self,
+        teacher: MeanTeacher,
+        strong_augmentation: StrongAugmentation,
+        *,
+        stuff_classes: Iterable[int],
+        num_classes: int,
+        alpha: float | None = 0.6,
+        threshold: float = 0.0,
+        overlap_threshold: float = 0.8,
+        cutmix: bool = True,
+    ) -> None:
+        self.teacher = teacher
+        self.strong_augmentation = strong_augmentation
+        self.stuff_classes = sorted(int(c) for c in stuff_classes)
+        self.num_classes = int(num_classes)
+        self.alpha = alpha
+        self.threshold = threshold
+        self.overlap_threshold = overlap_threshold
+        self.cutmix = cutmix
+        self._warned_single = False
+
+    @torch.no_grad()
+    def __call__(
+        self, weak_images: torch.Tensor, pixel_mask: torch.Tensor | None, generator: torch.Generator
+    ) -> UnlabeledTargets:
+        """Build the student's unlabeled batch from weak views ``(B, 3, H, W)`` in ``[0, 1]``."""
+        batch, _, height, width = weak_images.shape
+        teacher_outputs = self.teacher(
+            pixel_values=normalize_image(weak_images), pixel_mask=pixel_mask, output_clip_logits=self.alpha not in (None, 1.0)
+        )
+        pseudo = panoptic_pseudo_labels(
+            teacher_outputs,
+            stuff_classes=self.stuff_classes,
+            alpha=self.alpha,
+            image_size=(height, width),
+            threshold=self.threshold,
+            overlap_threshold=self.overlap_threshold,
+        )
+        del teacher_outputs
+        statistics = pseudo.statistics()
+
+        strong = self.strong_augmentation(weak_images, generator)
+        if pixel_mask is not None:
+            mean = torch.tensor(CLIP_MEAN, dtype=strong.dtype, device=strong.device).view(1, 3, 1, 1)
+            strong = torch.where(pixel_mask[:, None].bool(), strong, mean)
+
+        segmentation, labels = pseudo.segmentation, list(pseudo.labels)
+        applied = 0
+        if self.cutmix and batch > 1:
+            boxes = self.strong_augmentation.cutmix_boxes(batch, (height, width), generator)
+            source = torch.roll(torch.arange(batch), -1)
+            strong, box_masks = cutmix(strong, boxes, strong[source.to(strong.device)])
+            is_stuff = torch.zeros(self.num_classes, dtype=torch.bool, device=segmentation.device)
+            is_stuff[self.stuff_classes] = True
+            mixed = segmentation.clone()
+            for b in range(batch):
+                if not bool(box_masks[b].any()):
+                    continue
+                j = int(source[b])
+                mixed[b], labels[b], _ = cutmix_panoptic_labels(
+                    segmentation[b], pseudo.labels[b], segmentation[j], pseudo.labels[j], box_masks[b], is_stuff
+                )
+                applied += 1
+            segmentation = mixed
+        elif self.cutmix and not self._warned_single:
+            logger.warning("CutMix needs at least 2 unlabeled images per process; it is skipped")
+            self._warned_single = True
+        mask_labels, class_labels = segments_to_targets(segmentation, labels)
+        statistics["cutmix_fraction"] = applied / max(1, batch)
+        return UnlabeledTargets(normalize_image(strong), mask_labels, class_labels, pseudo, applied, statistics)
+
+
+@dataclass
+class SSLStepOutput:
+    """Detached results of one SSL step."""
+
+    loss: float
+    labeled_loss: float
+    unlabeled_loss: float
+    grad_norm: float
+    ema_decay: float
+    labeled_terms: dict[str, float]
+    unlabeled_terms: dict[str, float]
+    pseudo_label_statistics: dict[str, float]
+
+
+def _terms(loss_dict: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
+    return {k: float(v.detach().float()) for k, v in (loss_dict or {}).items() if not k[-1].isdigit()}
+
+
+def ssl_train_step(
+    accelerator: Any,
+    model: torch.nn.Module,
+    teacher: MeanTeacher,
+    view_builder: StudentViewBuilder,
+    optimizer: Any,
+    scheduler: Any,
+    labeled_batch: Mapping[str, Any],
+    unlabeled_batch: Mapping[str, Any],
+    generator: torch.Generator,
+    step: int,
+    *,
+    parameters: list[torch.nn.Parameter] | None = None,
+    gradient_clip: float = 0.0,
+    unlabeled_weight: float = 1.0,
+) -> SSLStepOutput:
+    """One optimisation step ``L_sup + unlabeled_weight * L_unl`` followed by the EMA update of the teacher.
+
+    Non-finite losses or gradient norms raise :class:`training.checkpointing.NonFiniteError` on every process before
+    the weights change.
+    """
+    if parameters is None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    targets = view_builder(unlabeled_batch["pixel_values"], unlabeled_batch.get("pixel_mask"), generator)
+
+    # Labeled half: no gradient synchronisation yet (gradients accumulate locally).
+    sync_context = accelerator.no_sync(model) if accelerator.num_processes > 1 else contextlib.nullcontext()
+    with sync_context:
+        labeled = model(**{k: labeled_batch[k] for k in MODEL_INPUT_KEYS if k in labeled_batch})
+        labeled_loss = labeled.loss
+        check_finite_loss(accelerator, labeled_loss, step, labeled.loss_dict)
+        accelerator.backward(labeled_loss)
+        labeled_value, labeled_terms = float(labeled_loss.detach().float()), _terms(labeled.loss_dict)
+        del labeled, labeled_loss
+
+    # Unlabeled half: strong views with pseudo-labels; this backward synchronises the summed gradients.
+    unlabeled = model(pixel_values=targets.pixel_values, mask_labels=targets.mask_labels,
+                      class_labels=targets.class_labels)
+    unlabeled_loss = unlabeled.loss * unlabeled_weight
+    check_finite_loss(accelerator, unlabeled_loss, step, unlabeled.loss_dict)
+    accelerator.backward(unlabeled_loss)
+    unlabeled_value, unlabeled_terms = float(unlabeled_loss.detach().float()), _terms(unlabeled.loss_dict)
+    del unlabeled, unlabeled_loss
+
+    grad_norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    decay = teacher.update(model)
+    return SSLStepOutput(
+        loss=labeled_value + unlabeled_value,
+        labeled_loss=labeled_value,
+        unlabeled_loss=unlabeled_value,
+        grad_norm=grad_norm,
+        ema_decay=decay,
+        labeled_terms=labeled_terms,
+        unlabeled_terms=unlabeled_terms,
+        pseudo_label_statistics=targets.statistics,
+    )
