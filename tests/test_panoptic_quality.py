@@ -410,7 +410,7 @@ def test_evaluate_metric_module(sample):
     preds, refs, pseg, rseg = [], [], [], []
     acc = PanopticQuality(data["categories"])
     for ann, ids in zip(data["annotations"], maps):
-        crop = ids[100:150, 200:260]  # keep the Arrow round trip small
+        crop = ids[100:170, 200:290]  # keep the Arrow round trip small (perturb needs > 60 px)
         segs = [{"id": s["id"], "category_id": s["category_id"], "iscrowd": s["iscrowd"]}
                 for s in ann["segments_info"] if (crop == s["id"]).any()]
         p, ps = perturb(crop, segs, rng, cat_ids)
