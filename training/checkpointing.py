@@ -100,8 +100,11 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
 
 
 def assert_finite_parameters(model: nn.Module, step: int | None = None) -> None:
-    """Raise :class:`NonFiniteError` if a floating-point parameter or buffer holds NaN/inf."""
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    """Raise :class:`NonFiniteError` if a floating-point parameter or saved buffer holds NaN/inf.
+
+    Only what a checkpoint stores is checked (the state dict): non-persistent buffers such as OpenCLIP's causal
+    attention mask legitimately hold -inf."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"non-finite values in {name} at step {step}; refusing to write it", step)
 
