@@ -613,3 +613,8 @@ def _per_image_mappings(mapping: Any, batch: int) -> list[Mapping[int, int] | No
     if len(mappings) != batch:
         raise ValueError(f"got {len(mappings)} instance_id_to_semantic_id mappings for {batch} images")
     return [{int(k): int(v) for k, v in m.items()} for m in mappings]
+
+
+# Saved processors carry `auto_map` and a copy of this file (and its sibling imports), so that
+# `AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)` works where this package is not installed.
+DearliImageProcessor.register_for_auto_class("AutoImageProcessor")

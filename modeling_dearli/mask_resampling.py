@@ -68,6 +68,25 @@ def _cells(axis: AxisSampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return cell, count, start, axis.idx0[start]
 
 
+def _slice_plan(index: torch.Tensor) -> tuple[int, int, bool] | None:
+    """``(start, length, leading_duplicate)`` when ``index`` is ``[start]? + range(start, start + length)``."""
+    values = index.tolist()
+    duplicate = len(values) > 1 and values[0] == values[1]
+    run = values[1:] if duplicate else values
+    if run and run == list(range(run[0], run[0] + len(run))):
+        return run[0], len(run), duplicate
+    return None
+
+
+def _select(values: torch.Tensor, dim: int, index: torch.Tensor, plan: tuple[int, int, bool] | None) -> torch.Tensor:
+    """``values.index_select(dim, index)``, by slicing when ``index`` is (nearly) a contiguous range."""
+    if plan is None:
+        return values.index_select(dim, index)
+    start, length, duplicate = plan
+    out = values.narrow(dim, start, length)
+    return torch.cat([values.narrow(dim, start, 1), out], dim) if duplicate else out
+
+
 def widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Widen bounds slightly so that rounding in the interpolation cannot leave them."""
     return lo - BOUND_TOLERANCE * (lo.abs() + 1.0), hi + BOUND_TOLERANCE * (hi.abs() + 1.0)
@@ -113,6 +132,8 @@ class ResampleGrid:
         self.row_count, self.col_count = row_count, col_count
         self.rmax = int(row_count.max())
         self.cmax = int(col_count.max())
+        self._row_plan = _slice_plan(self.cy0)
+        self._col_plan = _slice_plan(self.cx0)
 
     @property
     def num_cells(self) -> tuple[int, int]:
@@ -132,8 +153,8 @@ class ResampleGrid:
         top = values.index_select(-2, self.cy0)
         bottom = values.index_select(-2, self.cy1)
         return (
-            top.index_select(-1, self.cx0),
-            bottom.index_select(-1, self.cx0),
+            _select(top, -1, self.cx0, self._col_plan),
+            _select(bottom, -1, self.cx0, self._col_plan),
             top.index_select(-1, self.cx1),
             bottom.index_select(-1, self.cx1),
         )
@@ -147,12 +168,14 @@ class ResampleGrid:
         both[:, :, :-1] = rows[:, :, :-1] & rows[:, :, 1:]
         both[:, :, -1] = rows[:, :, -1]
         # Cell (a, b) of the source grid has corners (a, a+1) x (b, b+1), clamped at the border like cy1 / cx1.
-        return both.index_select(1, self.cy0).index_select(2, self.cx0)
+        return _select(_select(both, 1, self.cy0, self._row_plan), 2, self.cx0, self._col_plan)
 
     def corners_at(self, values: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The four corner values ``(K, N)`` of cells ``(ca, cb)`` for ``(K, h, w)`` maps."""
-        y0, y1, x0, x1 = self.cy0[ca], self.cy1[ca], self.cx0[cb], self.cx1[cb]
-        return values[:, y0, x0], values[:, y1, x0], values[:, y0, x1], values[:, y1, x1]
+        w = values.shape[-1]
+        flat = values.reshape(values.shape[0], -1)
+        y0, y1, x0, x1 = self.cy0[ca] * w, self.cy1[ca] * w, self.cx0[cb], self.cx1[cb]
+        return tuple(flat.index_select(1, y + x) for y, x in ((y0, x0), (y1, x0), (y0, x1), (y1, x1)))
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """Resample ``(K, h, w)`` to ``(K, H, W)``."""
@@ -192,15 +215,18 @@ class ResampleGrid:
         rows, cols, _ = self.pixel_blocks(ca, cb)
         wy0, wy1 = self.ay.w0[rows], self.ay.w1[rows]
         wx0, wx1 = self.ax.w0[cols], self.ax.w1[cols]
-        c00, c10 = values[k, y0, x0][:, None], values[k, y1, x0][:, None]
-        c01, c11 = values[k, y0, x1][:, None], values[k, y1, x1][:, None]
+        h, w = values.shape[-2:]
+        flat = values.reshape(-1)
+        base, y0, y1 = k * (h * w), y0 * w, y1 * w
+        c00, c10 = flat.index_select(0, base + y0 + x0)[:, None], flat.index_select(0, base + y1 + x0)[:, None]
+        c01, c11 = flat.index_select(0, base + y0 + x1)[:, None], flat.index_select(0, base + y1 + x1)[:, None]
         t0 = c00 * wy0 + c10 * wy1
         t1 = c01 * wy0 + c11 * wy1
         return t0[:, :, None] * wx0[:, None, :] + t1[:, :, None] * wx1[:, None, :]
 
     def expand(self, cell_values: torch.Tensor) -> torch.Tensor:
         """Paint ``(nA, nB)`` per-cell values onto the ``(H, W)`` output grid."""
-        return cell_values[self.row_cell][:, self.col_cell]
+        return cell_values.index_select(0, self.row_cell).index_select(1, self.col_cell)
 
     def scatter_blocks(
         self, out: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, block_values: torch.Tensor

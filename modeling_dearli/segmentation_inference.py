@@ -27,7 +27,7 @@ where the bounds leave the answer open, so cost grows with the mask grid instead
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -147,38 +147,49 @@ class _Ambiguous(NamedTuple):
     winner: torch.Tensor  # (N, rmax, cmax) long winner per pixel (padding pixels: K)
     pair_cell: torch.Tensor  # (P,) local cell index of each evaluated (k, cell) pair
     pair_k: torch.Tensor  # (P,)
-    pair_values: torch.Tensor  # (P, rmax, cmax) resampled values (before transform)
+    pair_values: torch.Tensor  # (P, rmax, cmax) activated resampled values (before weighting)
 
 
 def _resolve_ambiguous(
     grid: ResampleGrid,
     values: torch.Tensor,
-    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ca: torch.Tensor,
     cb: torch.Tensor,
     budget: float,
+    sigmoid: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> _Ambiguous | None:
-    """Per-pixel ``argmax_k transform(resampled values[k], k)`` in cells ``(ca, cb)``; ``transform`` is monotone
-    non-decreasing in its first argument. Only maps whose upper bound reaches the best lower bound of the cell are
-    evaluated. Ties go to the lowest ``k`` (as ``torch.argmax``). ``None`` when more than ``budget`` pixel values
-    would have to be evaluated.
+    """Per-pixel ``argmax_k weights[k] * act(resampled values[k])`` in cells ``(ca, cb)``, ``act`` = sigmoid or
+    identity, ``weights`` positive (or none). Only maps whose upper bound in the cell reaches the best lower bound
+    are evaluated. Ties go to the lowest ``k`` (as ``torch.argmax``). ``None`` when more than ``budget`` pixel
+    values would have to be evaluated.
     """
     num_k = values.shape[0]
     device = values.device
+
+    def score(x: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        if weights is None:
+            return x
+        w = weights if k is None else weights[k]
+        return w.view(-1, *([1] * (x.dim() - 1))) * x
+
     lo, hi = grid.cell_bounds_at(values, ca, cb)
-    all_k = torch.arange(num_k, device=device)
-    max_lower = transform(lo, all_k).amax(0)
-    candidates = transform(hi, all_k) >= max_lower[None]
+    if sigmoid:
+        lo, hi = lo.sigmoid(), hi.sigmoid()
+    max_lower = score(lo, None).amax(0)
+    candidates = score(hi, None) >= max_lower[None]
     pair_cell, pair_k = candidates.t().nonzero(as_tuple=True)
     if pair_k.numel() * grid.rmax * grid.cmax > budget:
         return None
     pair_values = grid.eval_pairs(values, pair_k, ca[pair_cell], cb[pair_cell])
-    scored = transform(pair_values, pair_k)
+    if sigmoid:
+        pair_values = pair_values.sigmoid()
+    scored = score(pair_values, pair_k)
     index = pair_cell[:, None, None].expand_as(scored)
     block = (ca.numel(), grid.rmax, grid.cmax)
     best = torch.full(block, float("-inf"), device=device, dtype=scored.dtype)
     best = best.scatter_reduce(0, index, scored, "amax")
-    k_if_best = torch.where(scored == best[pair_cell], pair_k[:, None, None], num_k)
+    k_if_best = torch.where(scored == best.index_select(0, pair_cell), pair_k[:, None, None], num_k)
     winner = torch.full(block, num_k, device=device, dtype=torch.long)
     winner = winner.scatter_reduce(0, index, k_if_best, "amin")
     return _Ambiguous(ca, cb, winner, pair_cell, pair_k, pair_values)
@@ -264,10 +275,9 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
 
     amb_ca, amb_cb = (~certain).nonzero(as_tuple=True)
 
-    def transform(x, k):
-        return scores[k].view(-1, *([1] * (x.dim() - 1))) * x.sigmoid()
-
-    amb = _resolve_ambiguous(grid, logits, transform, amb_ca, amb_cb, _dense_budget(grid, num_k))
+    amb = _resolve_ambiguous(
+        grid, logits, amb_ca, amb_cb, _dense_budget(grid, num_k), sigmoid=True, weights=scores
+    )
     if amb is None:
         return None
 
@@ -285,8 +295,8 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
     p_ca, p_cb, p_win = c_ca[c_partial], c_cb[c_partial], c_win[c_partial]
     _, _, p_valid = grid.pixel_blocks(p_ca, p_cb)
     p_pass = grid.eval_pairs(logits, p_win, p_ca, p_cb).sigmoid() >= mask_threshold
-    is_winner_pair = amb.pair_k[:, None, None] == amb.winner[amb.pair_cell]
-    pair_pass = is_winner_pair & (amb.pair_values.sigmoid() >= mask_threshold)
+    is_winner_pair = amb.pair_k[:, None, None] == amb.winner.index_select(0, amb.pair_cell)
+    pair_pass = is_winner_pair & (amb.pair_values >= mask_threshold)
     amb_pass = torch.zeros(amb.winner.shape, dtype=torch.uint8, device=device)
     amb_pass = amb_pass.scatter_reduce(
         0, amb.pair_cell[:, None, None].expand_as(pair_pass), pair_pass.to(torch.uint8), "amax"
@@ -484,7 +494,7 @@ def _semantic_sparse(grid: ResampleGrid, scores: torch.Tensor) -> torch.Tensor |
     scale = _max4(grid.corners(best.abs()))
     certain = same & (_min4(grid.corners(margin)) > _REL_MARGIN * scale + 1e-30)
     amb_ca, amb_cb = (~certain).nonzero(as_tuple=True)
-    amb = _resolve_ambiguous(grid, scores, lambda x, k: x, amb_ca, amb_cb, _dense_budget(grid, num_c))
+    amb = _resolve_ambiguous(grid, scores, amb_ca, amb_cb, _dense_budget(grid, num_c))
     if amb is None:
         return None
     return grid.scatter_blocks(grid.expand(winner), amb_ca, amb_cb, amb.winner)
