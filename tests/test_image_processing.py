@@ -183,6 +183,7 @@ def test_save_load_round_trip(tmp_path):
     assert DearliImageProcessor.from_pretrained(tmp_path, ensemble_alpha=0.9).ensemble_alpha == 0.9
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_the_package(tmp_path):
     DearliImageProcessor(num_labels=2, label_ids_to_fuse=[1]).save_pretrained(tmp_path)
     script = textwrap.dedent(
