@@ -1,9 +1,11 @@
 """Evaluate panopticapi-format predictions: PQ / SQ / RQ for All, Things, Stuff and per class.
 
     python scripts/evaluate_panoptic.py --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 \
-        --pred-json predictions.json --pred-folder predictions [--output report.json] [--per-class]
+        --pred-json predictions.json --pred-folder predictions [--output report.json] [--per-class] \
+        [--engine {auto,hotcoco,numpy}]
 
-Results equal ``panopticapi.evaluation.pq_compute`` on the same files.
+Results equal ``panopticapi.evaluation.pq_compute`` on the same files. ``--engine auto`` (default) runs hotcoco's
+compiled evaluator when hotcoco is installed and our numpy code otherwise.
 """
 
 import os
@@ -16,7 +18,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
-from training.panoptic_quality import evaluate_panoptic_folders, format_report  # noqa: E402
+from training.panoptic_quality import ENGINES, evaluate_panoptic_folders, format_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred-folder", default=None, help="prediction PNG folder (default: --pred-json without "
                         ".json)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
-    parser.add_argument("--num-workers", type=int, default=None, help="worker threads (default: CPU count, 0 = "
-                        "serial)")
-    parser.add_argument("--processes", action="store_true", help="use worker processes instead of threads")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="auto: hotcoco (compiled, multi-threaded) "
+                        "when installed, else numpy; hotcoco / numpy: force one")
+    parser.add_argument("--num-workers", type=int, default=None, help="numpy engine: worker threads (default: CPU "
+                        "count, 0 = serial)")
+    parser.add_argument("--processes", action="store_true", help="numpy engine: use worker processes instead of "
+                        "threads")
     parser.add_argument("--per-class", action="store_true", help="also print per-class results")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
@@ -38,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report = evaluate_panoptic_folders(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
                                        num_workers=args.num_workers, use_processes=args.processes,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, engine=args.engine)
     print(format_report(report, per_class=args.per_class))
-    print(f"{report['num_images']} images in {time.perf_counter() - start:.2f} s")
+    print(f"{report['num_images']} images in {time.perf_counter() - start:.2f} s ({report['engine']} engine)")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -32,6 +32,18 @@ TOL = 1e-9
 pa = pytest.importorskip("panopticapi.evaluation")
 
 
+def _has_hotcoco() -> bool:
+    try:
+        import hotcoco.panoptic  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# folder evaluation runs on both engines: hotcoco's compiled evaluator (mapped to our report) and our numpy code
+ENGINE_PARAMS = ["numpy", pytest.param("hotcoco", marks=pytest.mark.skipif(not _has_hotcoco(), reason="no hotcoco"))]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,23 +176,57 @@ def test_rgb2id_roundtrip():
     assert (rgb2id(rgb.astype(np.int32)) == ids).all()
 
 
-def test_exact_ground_truth_is_perfect(tmp_path, sample):
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_exact_ground_truth_is_perfect(tmp_path, sample, engine):
     data, maps = sample
     gts = [(m, a["segments_info"]) for m, a in zip(maps, data["annotations"])]
     preds = [(m, [{"id": s["id"], "category_id": s["category_id"]} for s in a["segments_info"]])
              for m, a in zip(maps, data["annotations"])]
     files = write_case(tmp_path, gts, preds, data["categories"])
-    ours = evaluate_panoptic_folders(*files, progress=False)
+    ours = evaluate_panoptic_folders(*files, progress=False, engine=engine)
+    assert ours["engine"] == engine
     assert_same(panopticapi(*files), ours)
     assert ours["All"]["pq"] == pytest.approx(1.0)
 
 
-def test_perturbed_predictions_match_panopticapi(perturbed_case):
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_perturbed_predictions_match_panopticapi(perturbed_case, engine):
     files, _, _, _ = perturbed_case
     ref = panopticapi(*files)
-    for kwargs in ({"num_workers": 0}, {"num_workers": 2}, {"num_workers": 2, "use_processes": True}):
-        assert_same(ref, evaluate_panoptic_folders(*files, progress=False, **kwargs))
+    runs = ({"num_workers": 0}, {"num_workers": 2}, {"num_workers": 2, "use_processes": True}) if engine == "numpy" \
+        else ({},)
+    for kwargs in runs:
+        report = evaluate_panoptic_folders(*files, progress=False, engine=engine, **kwargs)
+        assert report["engine"] == engine
+        assert report["num_images"] == len(perturbed_case[1])
+        assert_same(ref, report)
     assert 0.0 < ref["All"]["pq"] < 1.0
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_json_areas_differ_from_pixel_counts(tmp_path, sample, engine):
+    """panopticapi takes ground-truth areas from the JSON (e.g. annotations made at another resolution)."""
+    data, maps = sample
+    rng = np.random.default_rng(4)
+    cat_ids = [c["id"] for c in data["categories"]]
+    gts, preds = [], []
+    for ann, ids in zip(data["annotations"], maps):
+        g, gs = make_gt_variant(ids, [dict(s) for s in ann["segments_info"]], rng)
+        gs = [dict(s, area=int(s["area"] * 1.2) + 7) for s in gs]
+        gts.append((g, gs))
+        preds.append(perturb(g, gs, rng, cat_ids))
+    files = write_case(tmp_path, gts, preds, data["categories"])
+    ref = panopticapi(*files)
+    assert_same(ref, evaluate_panoptic_folders(*files, progress=False, engine=engine))
+    assert 0.0 < ref["All"]["pq"] < 1.0
+
+
+def test_engine_choice(perturbed_case):
+    files, _, _, _ = perturbed_case
+    auto = evaluate_panoptic_folders(*files, progress=False)  # default engine="auto"
+    assert auto["engine"] == ("hotcoco" if _has_hotcoco() else "numpy")
+    with pytest.raises(ValueError, match="engine"):
+        evaluate_panoptic_folders(*files, progress=False, engine="rust")
 
 
 @pytest.mark.parametrize("gt_area", ["segments", "map"])
@@ -212,7 +258,8 @@ def test_raw_stats_match_panopticapi_core(perturbed_case):
             assert abs(iou[i] - ref[0]) <= TOL
 
 
-def test_edge_cases_against_panopticapi(tmp_path, sample):
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_edge_cases_against_panopticapi(tmp_path, sample, engine):
     data, maps = sample
     ann, ids = data["annotations"][0], maps[0]
     segs = ann["segments_info"]
@@ -224,7 +271,7 @@ def test_edge_cases_against_panopticapi(tmp_path, sample):
     files = write_case(tmp_path, [(ids, stuff_gt_only), all_void_gt, (ids, stuff_gt_only)],
                        [empty_pred, only_pred, only_pred], data["categories"])
     ref = panopticapi(*files)
-    ours = evaluate_panoptic_folders(*files, progress=False, num_workers=0)
+    ours = evaluate_panoptic_folders(*files, progress=False, num_workers=0, engine=engine)
     assert_same(ref, ours)
     # classes without ground truth or prediction: 0.0 and not counted
     present = {s["category_id"] for s in segs}
@@ -386,12 +433,13 @@ def test_semantic_independent_reference():
 # --------------------------------------------------------------------------------------------------------------------
 # CLI, evaluate metric, formatting
 # --------------------------------------------------------------------------------------------------------------------
-def test_evaluate_panoptic_cli(perturbed_case, tmp_path):
+@pytest.mark.parametrize("engine", ["auto", *ENGINE_PARAMS])
+def test_evaluate_panoptic_cli(perturbed_case, tmp_path, engine):
     files, _, _, _ = perturbed_case
     out = tmp_path / "report.json"
     cmd = [sys.executable, str(REPO / "scripts" / "evaluate_panoptic.py"), "--gt-json", files[0], "--gt-folder",
            files[2], "--pred-json", files[1], "--pred-folder", files[3], "--output", str(out), "--per-class",
-           "--no-progress"]
+           "--no-progress", "--engine", engine]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "All" in proc.stdout and "Things" in proc.stdout and "Stuff" in proc.stdout
@@ -445,16 +493,25 @@ def test_read_panoptic_png_and_format(tmp_path, sample):
     assert "All" in text and "Stuff" in text
 
 
-def test_folder_errors(tmp_path, perturbed_case):
+@pytest.mark.parametrize("engine", ["auto", *ENGINE_PARAMS])
+def test_folder_errors(tmp_path, perturbed_case, engine):
     files, _, _, _ = perturbed_case
     pred = json.loads(Path(files[1]).read_text())
     pred["annotations"] = pred["annotations"][1:]
     bad = tmp_path / "pred.json"
     bad.write_text(json.dumps(pred))
     with pytest.raises(KeyError, match="no prediction for the image with id: 0"):
-        evaluate_panoptic_folders(files[0], str(bad), files[2], files[3], progress=False)
+        evaluate_panoptic_folders(files[0], str(bad), files[2], files[3], progress=False, engine=engine)
     with pytest.raises(FileNotFoundError, match="nope"):
-        evaluate_panoptic_folders(files[0], files[1], files[2], str(tmp_path / "nope"), progress=False)
+        evaluate_panoptic_folders(files[0], files[1], files[2], str(tmp_path / "nope"), progress=False, engine=engine)
+    # a predicted segment listed in the JSON but absent from the PNG: panopticapi's KeyError (auto falls back to
+    # numpy for it), hotcoco's own ValueError when asked for explicitly
+    pred = json.loads(Path(files[1]).read_text())
+    pred["annotations"][0]["segments_info"].append({"id": 123456, "category_id": 1})
+    bad.write_text(json.dumps(pred))
+    expected = ValueError if engine == "hotcoco" else KeyError
+    with pytest.raises(expected):
+        evaluate_panoptic_folders(files[0], str(bad), files[2], files[3], progress=False, engine=engine)
     gt = copy.deepcopy(json.loads(Path(files[0]).read_text()))
     assert gt["annotations"]
 
@@ -480,7 +537,9 @@ def test_noisy_maps_with_many_segments(tmp_path, sample):
         preds.append((pred, psegs))
     files = write_case(tmp_path, gts, preds, data["categories"])
     ref = panopticapi(*files)
-    assert_same(ref, evaluate_panoptic_folders(*files, progress=False, num_workers=0))
+    assert_same(ref, evaluate_panoptic_folders(*files, progress=False, num_workers=0, engine="numpy"))
+    if _has_hotcoco():
+        assert_same(ref, evaluate_panoptic_folders(*files, progress=False, engine="hotcoco"))
     acc = PanopticQuality(data["categories"])
     for (g, gs), (p, ps) in zip(gts, preds):
         acc.update(p, ps, g, gs)

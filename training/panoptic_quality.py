@@ -1,7 +1,8 @@
 """Panoptic quality (PQ/SQ/RQ) and mIoU with exactly panopticapi's definitions, vectorised with numpy.
 
 Hand-written because no installed library offers an in-memory, mergeable accumulator: panopticapi and hotcoco
-both read PNG folders. The per-image statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
+both read PNG folders. For folders, :func:`evaluate_panoptic_folders` runs hotcoco's compiled evaluator by default
+(``engine="auto"``) and rebuilds our report from its per-class counts; the numpy path is the fallback. The per-image statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
 
 * ground-truth segment id 0 (``VOID``) and ids absent from ``segments_info`` are not segments;
 * a (gt, pred) pair of the same category matches when ``IoU > 0.5`` with
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 VOID = 0
 OFFSET = 256 * 256 * 256
+ENGINES = ("auto", "hotcoco", "numpy")
 
 __all__ = [
     "VOID",
@@ -640,12 +642,17 @@ def evaluate_panoptic_folders(
     num_workers: int | None = None,
     use_processes: bool = False,
     progress: bool = True,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate panopticapi-format files (same arguments and results as ``panopticapi.evaluation.pq_compute``).
 
-    Folders default to the JSON path without ``.json``. ``num_workers`` threads (default: CPU count; 0 = serial)
-    decode PNGs and compute per-image statistics; ``use_processes`` uses a process pool instead.
-    Returns the :meth:`PanopticQuality.compute` report.
+    Folders default to the JSON path without ``.json``. ``engine``: ``"hotcoco"`` runs the per-image statistics in
+    hotcoco's compiled (Rust, multi-threaded) panoptic evaluator and maps its per-class counts into our report;
+    ``"numpy"`` runs our own code, where ``num_workers`` threads (default: CPU count; 0 = serial) decode PNGs and
+    compute per-image statistics and ``use_processes`` uses a process pool instead; ``"auto"`` (default) uses hotcoco
+    when it is importable and otherwise numpy, and also falls back to numpy where hotcoco rejects the input (so that
+    errors read like panopticapi's) or says its numbers would depart from panopticapi's.
+    Returns the :meth:`PanopticQuality.compute` report (``num_images``, ``engine`` = the engine that ran).
     """
     gt_json, pred_json = str(gt_json), str(pred_json)
     gt_data = _load_json(gt_json, "ground-truth")
@@ -656,6 +663,8 @@ def evaluate_panoptic_folders(
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"Folder {folder} with {what} segmentations doesn't exist")
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     acc = PanopticQuality(gt_data["categories"], gt_area="segments")
     preds = {a["image_id"]: a for a in pred_data["annotations"]}
     tasks = []
@@ -663,6 +672,16 @@ def evaluate_panoptic_folders(
         if gt_ann["image_id"] not in preds:
             raise KeyError(f"no prediction for the image with id: {gt_ann['image_id']} (in {pred_json})")
         tasks.append((gt_ann, preds[gt_ann["image_id"]], gt_folder, pred_folder, acc.category_index))
+
+    if engine != "numpy" and tasks:
+        hotcoco_panoptic = _import_hotcoco()
+        if hotcoco_panoptic is None and engine == "hotcoco":
+            raise ImportError("engine='hotcoco' needs the hotcoco package (pip install hotcoco)")
+        if hotcoco_panoptic is not None:
+            report = _hotcoco_report(hotcoco_panoptic, acc, gt_json, pred_json, gt_folder, pred_folder,
+                                     num_images=len(tasks), strict=engine == "hotcoco")
+            if report is not None:
+                return report
 
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     bar = _progress(len(tasks), progress)
@@ -681,7 +700,65 @@ def evaluate_panoptic_folders(
         bar.close()
         if executor is not None:
             executor.shutdown()
-    return acc.compute()
+    report = acc.compute()
+    report["engine"] = "numpy"
+    return report
+
+
+def _import_hotcoco() -> Any:
+    """``hotcoco.panoptic`` or None when hotcoco is not installed."""
+    try:
+        from hotcoco import panoptic
+    except ImportError:
+        return None
+    return panoptic
+
+
+def _hotcoco_report(
+    hotcoco_panoptic: Any,
+    acc: PanopticQuality,
+    gt_json: str,
+    pred_json: str,
+    gt_folder: str,
+    pred_folder: str,
+    *,
+    num_images: int,
+    strict: bool,
+) -> dict[str, Any] | None:
+    """Run ``hotcoco.panoptic.PanopticEval`` and turn its per-class ``iou``/``tp``/``fp``/``fn`` sums into our report.
+
+    The report is rebuilt from the counts with :func:`pq_report`, so the conventions are panopticapi's: classes with no
+    segment on either side score 0.0 (hotcoco says -1.0) and are not counted in ``n``; an empty split reports zeros.
+    Returns None (caller falls back to numpy) when not ``strict`` and hotcoco rejects the input or reports deviations
+    from panopticapi.
+    """
+    ev = hotcoco_panoptic.PanopticEval(gt_json, pred_json, gt_folder=gt_folder, pred_folder=pred_folder)
+    deviations = list(ev.reference_deviations())
+    if deviations:
+        if not strict:
+            logger.info("hotcoco departs from panopticapi here (%s): using the numpy engine", "; ".join(deviations))
+            return None
+        logger.warning("hotcoco departs from panopticapi here: %s", "; ".join(deviations))
+    try:
+        ev.evaluate()
+    except (ValueError, OSError) as err:
+        if strict:
+            raise
+        logger.info("hotcoco rejected the input (%s): using the numpy engine for panopticapi's error", err)
+        return None
+    per_class = ev.results()["per_class"]
+    k = acc.num_classes
+    iou, tp = np.zeros(k, dtype=np.float64), np.zeros(k, dtype=np.int64)
+    fp, fn = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    for cid, r in per_class.items():
+        i = acc.category_index.get(int(cid))
+        if i is None:
+            continue
+        iou[i], tp[i], fp[i], fn[i] = float(r["iou"]), int(r["tp"]), int(r["fp"]), int(r["fn"])
+    report = pq_report(acc.categories, iou, tp, fp, fn)
+    report["num_images"] = num_images
+    report["engine"] = "hotcoco"
+    return report
 
 
 class _NoBar:
