@@ -427,7 +427,8 @@ def binary_mask_to_coco_rle(mask: torch.Tensor) -> dict[str, Any]:
     height, width = mask.shape
     flat = mask.t().reshape(-1).to(torch.int8)
     change = (flat[1:] != flat[:-1]).nonzero(as_tuple=True)[0] + 1
-    bounds = torch.cat([flat.new_zeros(1, dtype=torch.long), change, flat.new_full((1,), flat.numel(), dtype=torch.long)])
+    end = torch.tensor([flat.numel()], device=flat.device)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=flat.device), change, end])
     counts = torch.diff(bounds)
     if flat.numel() and int(flat[0]) == 1:
         counts = torch.cat([counts.new_zeros(1), counts])

@@ -99,6 +99,7 @@ class ResampleGrid:
         src_size: ``(h, w)`` of the low-resolution maps.
         out_size: ``(H, W)`` output size.
         valid_size: ``(height, width)`` of the valid (unpadded) input region in input pixels; ``None`` = whole input.
+            Positions beyond the maps (e.g. inputs not divisible by ``stride``) are clamped to their border.
         stride: input pixels per low-resolution pixel (4 for mask logits at 1/4 resolution).
         device: device of the index tensors (that of the maps).
     """
@@ -116,8 +117,8 @@ class ResampleGrid:
         if valid_size is None:
             valid_size = (h * stride, w * stride)
         valid_h, valid_w = float(valid_size[0]), float(valid_size[1])
-        if not (0 < valid_h <= h * stride and 0 < valid_w <= w * stride):
-            raise ValueError(f"valid size {valid_size} does not fit maps of size {(h, w)} at stride {stride}")
+        if not (valid_h > 0 and valid_w > 0):
+            raise ValueError(f"valid size must be positive, got {valid_size}")
         self.src_size = (h, w)
         self.out_size = (out_h, out_w)
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .mask_resampling import ResampleGrid, widen
+from .mask_resampling import ResampleGrid
 
 __all__ = [
     "PanopticSegments",

@@ -4,9 +4,9 @@ Both processors get the same ``class_queries_logits`` / ``masks_queries_logits``
 160x160 masks resized to 640x640, a few batches) and the same thresholds (transformers' defaults); we time panoptic,
 semantic and instance post-processing in one run, interleaved, and print the speed-up ratio for each.
 
-Random outputs: ``--masks smooth`` (default) draws outputs like a trained model's (one confident query per region of a smooth
-random partition, noisy duplicates that mostly predict "no object"); ``--masks noise`` uses white noise, the worst
-case for our boundary-only evaluation.
+Random outputs: ``--masks smooth`` (default) draws outputs like a trained model's (one confident query per region of a
+smooth random partition, noisy duplicates that mostly predict "no object"); ``--masks noise`` uses white noise, the
+worst case for our boundary-only evaluation.
 
     python scripts/benchmark_postprocess.py
 """
@@ -67,9 +67,9 @@ def random_outputs(
     return ModelOutput(class_queries_logits=logits, masks_queries_logits=masks)
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[ModelOutput], object], outputs: ModelOutput) -> float:
     start = time.perf_counter()
-    fn()
+    fn(outputs)
     return time.perf_counter() - start
 
 
@@ -130,8 +130,8 @@ def main() -> None:
             for task, (ours_fn, theirs_fn) in tasks.items():
                 totals = [0.0, 0.0]
                 for out in batches:
-                    totals[0] += timed(lambda: ours_fn(out))
-                    totals[1] += timed(lambda: theirs_fn(out))
+                    totals[0] += timed(ours_fn, out)
+                    totals[1] += timed(theirs_fn, out)
                     bar.update()
                 best[task] = [min(best[task][0], totals[0]), min(best[task][1], totals[1])]
 

@@ -14,17 +14,16 @@ from transformers import pipeline
 
 from modeling_dearli import DearliImageProcessor
 
-SAMPLE_IMAGE = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample" / "images" / "000000142238.jpg"
-)
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample"
+SAMPLE_IMAGE = SAMPLE / "images" / "000000142238.jpg"
 
 
 @pytest.fixture(scope="module")
 def saved_model(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_dearli_with_processor")
     tiny_model.save_pretrained(path)
-    processor = DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 96, "longest_edge": 160})
-    processor.save_pretrained(path)
+    size = {"shortest_edge": 96, "longest_edge": 160}
+    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
     return path
 
 

@@ -31,7 +31,8 @@ def _load_script():
 def model_dir(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("predict_model")
     tiny_model.save_pretrained(path)
-    DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(path)
+    size = {"shortest_edge": 96, "longest_edge": 160}
+    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
     return path
 
 
@@ -65,7 +66,8 @@ def test_predict_panoptic_writes_png_json_overlay(model_dir, inputs, tmp_path, t
         for s in segments:
             ys, xs = np.nonzero(ids == s["id"])
             assert s["area"] == len(ys)
-            assert s["bbox"] == [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            x0, y0 = int(xs.min()), int(ys.min())
+            assert s["bbox"] == [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
             assert s["label"] == tiny_model.config.id2label[s["category_id"]]
         assert Image.open(out / f"{name}_overlay.png").size == image.size
 
@@ -101,7 +103,8 @@ def test_overlay_colours_outlines_and_labels():
     id_map = np.zeros((60, 80), dtype=np.int64)
     id_map[10:50, 5:40] = 1
     id_map[10:50, 40:75] = 2
-    result = SegmentationResult(id_map, [Segment(1, 0, "person", 0.9, True, 1400), Segment(2, 1, "sky", None, False, 1400)])
+    segments = [Segment(1, 0, "person", 0.9, True, 1400), Segment(2, 1, "sky", None, False, 1400)]
+    result = SegmentationResult(id_map, segments)
     image = Image.new("RGB", (80, 60), (0, 0, 0))
     picture = np.asarray(overlay(image, result, num_classes=2, alpha=1.0, draw_labels=False))
     palette = class_palette(2)
@@ -111,4 +114,5 @@ def test_overlay_colours_outlines_and_labels():
     labelled = np.asarray(overlay(image, result, num_classes=2, alpha=1.0))
     assert (labelled != picture).any()  # class names drawn
     semantic = from_semantic(np.array([[0, 0, 1], [1, 1, 1]]), {0: "a", 1: "b"})
-    assert [(s.id, s.label, s.area, s.bbox) for s in semantic.segments] == [(1, "a", 2, [0, 0, 2, 1]), (2, "b", 4, [0, 0, 3, 2])]
+    described = [(s.id, s.label, s.area, s.bbox) for s in semantic.segments]
+    assert described == [(1, "a", 2, [0, 0, 2, 1]), (2, "b", 4, [0, 0, 3, 2])]
