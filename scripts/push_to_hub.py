@@ -1,0 +1,145 @@
+"""Publish a DEARLi model on the Hugging Face Hub.
+
+Writes the complete repository folder (safetensors weights, config with ``auto_map``, remote-code modules, image
+processor config, README model card filled from the config and an optional evaluation report) and uploads it with
+``huggingface_hub``. With ``--local-dir`` and no token (neither ``--token``, ``HF_TOKEN`` nor a cached login) it only
+writes the folder.
+
+    python scripts/push_to_hub.py --model outputs/dearli-ade20k-1_128 --repo-id me/dearli-ade20k-1-128 \\
+        --eval-report outputs/dearli-ade20k-1_128/eval_report.json --dataset ade20k --partition 1_128
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from training.hub import (  # noqa: E402
+    DATASETS,
+    CardContext,
+    count_parameters,
+    load_eval_report,
+    load_image_processor,
+    normalize_dataset,
+    normalize_partition,
+    render_model_card,
+    report_metrics,
+    upload_repo_folder,
+    write_repo_folder,
+)
+
+logger = logging.getLogger("push_to_hub")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="DEARLi model folder (save_pretrained output) or Hub id.")
+    parser.add_argument("--repo-id", required=True, help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
+    parser.add_argument(
+        "--eval-report", type=Path, default=None, help="Evaluation report JSON (All/Things/Stuff, mIoU)."
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help=f"Training/evaluation dataset for the card ({', '.join(DATASETS)}); default: from the report or the "
+        "conversion info.",
+    )
+    parser.add_argument("--partition", default=None, help="Labeled partition, e.g. 1_128 or 1/128.")
+    parser.add_argument("--method", default=None, help="Method name shown in the card (DEARLi or DEAR).")
+    parser.add_argument("--results-source", default=None, help="Where the reported numbers come from (card text).")
+    parser.add_argument("--hub-datasets", nargs="*", default=[], help="Hub dataset ids for the card's 'datasets'.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--local-dir", type=Path, default=None, help="Write the repository folder here (kept).")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
+    parser.add_argument("--revision", default=None, help="Branch to push to (created if missing).")
+    parser.add_argument("--commit-message", default=None, help="Commit message of the upload.")
+    parser.add_argument("--no-upload", action="store_true", help="Only write the folder (needs --local-dir).")
+    parser.add_argument(
+        "--skip-online-card-check", action="store_true", help="Do not validate the card with the Hub API before upload."
+    )
+    parser.add_argument("--log-level", default="INFO", help="Logging level.")
+    return parser.parse_args(argv)
+
+
+def resolve_token(token: str | None) -> str | None:
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def build_context(args: argparse.Namespace, model_path: Path | None) -> CardContext:
+    conversion = None
+    if model_path is not None and (model_path / "conversion_info.json").is_file():
+        conversion = json.loads((model_path / "conversion_info.json").read_text())
+    report = load_eval_report(args.eval_report) if args.eval_report else None
+    dataset = args.dataset or (report or {}).get("dataset") or (conversion or {}).get("dataset")
+    partition = args.partition or (report or {}).get("partition")
+    method = args.method
+    if method is None and conversion:
+        method = "DEAR" if conversion.get("source_checkpoint", "").upper().startswith("DEAR_") else "DEARLi"
+    return CardContext(
+        repo_id=args.repo_id,
+        dataset=normalize_dataset(dataset),
+        partition=normalize_partition(partition),
+        method=method or "DEARLi",
+        metrics=report_metrics(report) if report else None,
+        results_source=args.results_source or (f"evaluation report `{args.eval_report.name}`" if report else None),
+        conversion=conversion,
+        hub_datasets=list(args.hub_datasets),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modeling_dearli import DearliForPanopticSegmentation
+
+    token = None if args.no_upload else resolve_token(args.token)
+    upload = not args.no_upload and (token is not None or args.local_dir is None)
+    if args.no_upload and args.local_dir is None:
+        logger.error("--no-upload needs --local-dir")
+        return 2
+    if upload and token is None:
+        logger.error("No Hub token (pass --token, set HF_TOKEN or run `huggingface-cli login`), or use --local-dir")
+        return 2
+
+    model_path = Path(args.model) if Path(args.model).is_dir() else None
+    model = DearliForPanopticSegmentation.from_pretrained(args.model)
+    processor = load_image_processor(args.model, model.config)
+    context = build_context(args, model_path)
+    card = render_model_card(model.config, context, count_parameters(model))
+    extra = {}
+    if model_path is not None and (model_path / "conversion_info.json").is_file():
+        extra["conversion_info.json"] = (model_path / "conversion_info.json").read_text()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.local_dir or Path(tmp) / "repo"
+        files = write_repo_folder(model, processor, folder, card, extra_files=extra)
+        logger.info("Wrote %s: %s", folder, ", ".join(files))
+        if not upload:
+            logger.info("No token or --no-upload: the folder was written but not uploaded")
+            return 0
+        url = upload_repo_folder(
+            folder,
+            args.repo_id,
+            token=token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            validate_card_online=not args.skip_online_card_check,
+            files=files,
+        )
+    logger.info("Uploaded to %s", url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
