@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default=None, help="Method name shown in the card (DEARLi or DEAR).")
     parser.add_argument("--results-source", default=None, help="Where the reported numbers come from (card text).")
     parser.add_argument("--hub-datasets", nargs="*", default=[], help="Hub dataset ids for the card's 'datasets'.")
+    parser.add_argument("--license", default="mit", help="Licence id of the card metadata (default: mit).")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--local-dir", type=Path, default=None, help="Write the repository folder here (kept).")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
@@ -94,6 +95,7 @@ def build_context(args: argparse.Namespace, model_path: Path | None) -> CardCont
         results_source=args.results_source or (f"evaluation report `{args.eval_report.name}`" if report else None),
         conversion=conversion,
         hub_datasets=list(args.hub_datasets),
+        license=args.license,
     )
 
 

@@ -252,6 +252,7 @@ def card_template_kwargs(
         "paper_url": PAPER_URL,
         "reference_code_url": REFERENCE_CODE_URL,
         "citation": DEARLI_CITATION,
+        "license": context.license,
     }
 
 
