@@ -69,6 +69,13 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
             raise ValueError(f"Unknown keys in config {config_path}: {unknown}")
         for key, value in values.items():
             action = actions[key]
+            if action.type is str and value is not None:
+                bad = [v for v in (value if isinstance(value, list) else [value]) if not isinstance(v, str)]
+                if bad:
+                    raise ValueError(
+                        f"Config {config_path}: {key}={value!r} must be a string; quote it in the YAML file (YAML reads "
+                        f"e.g. 1_128 as the integer 1128)"
+                    )
             if isinstance(value, str) and action.type is not None and action.type is not str:
                 value = action.type(value)
             items = value if isinstance(value, list) and action.nargs not in (None, "?") else [value]
@@ -194,4 +201,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num_queries", type=int, default=None, help="Override the number of object queries of a fresh model.")
     g.add_argument("--train_num_points", type=int, default=None,
                    help="Override the number of points sampled for the mask losses (default of the config).")
+    g.add_argument("--model_config_overrides", type=str, default=None,
+                   help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
+                        '--init_from only loss settings such as class_weight or train_num_points).')
     return parser

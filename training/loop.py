@@ -118,8 +118,9 @@ def run_training(
         model.train()
         outputs = model(**{k: batch[k] for k in MODEL_INPUT_KEYS if k in batch})
         loss = outputs.loss
-        grad_norm = optimization_step(accelerator, loss, optimizer, scheduler, parameters, step, args.gradient_clip,
-                                      outputs.loss_dict)
+        # Errors name the 1-based step being taken (checkpoint step_N holds the state after N steps).
+        grad_norm = optimization_step(accelerator, loss, optimizer, scheduler, parameters, step + 1,
+                                      args.gradient_clip, outputs.loss_dict)
         progress.step = step + 1
         loss_value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
         window.append(loss_value)

@@ -9,6 +9,7 @@ decoder weights are copied into a fresh model built from the same CLIP architect
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from typing import Any
 
@@ -24,10 +25,17 @@ logger = logging.getLogger(__name__)
 _NOT_COPIED = {"self", "kwargs", "class_names", "thing_ids", "clip_model_name", "clip_pretrained", "keep_text_tower"}
 _COPIED_CONFIG_KEYS = [p for p in inspect.signature(DearliConfig.__init__).parameters if p not in _NOT_COPIED]
 _TEXT_BUFFERS = ("text_embeddings", "text_class_index")
+# Settings that only affect the loss (may be overridden for an --init_from model; the criterion is rebuilt).
+_LOSS_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
+              "importance_sample_ratio", "use_auxiliary_loss", "localization_only", "ensemble_alpha",
+              "mask_pooling_threshold"}
 
 
 def _config_overrides(args: Any) -> dict[str, Any]:
-    overrides = {}
+    overrides = dict(json.loads(args.model_config_overrides)) if getattr(args, "model_config_overrides", None) else {}
+    unknown = set(overrides) - set(_COPIED_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown DearliConfig keys in --model_config_overrides: {sorted(unknown)}")
     for key in ("num_queries", "train_num_points"):
         value = getattr(args, key, None)
         if value is not None:
@@ -64,9 +72,11 @@ def adapt_class_names(
     fresh = DearliForPanopticSegmentation.from_open_clip(
         config.clip_model_name, pretrained, class_names=list(class_names), thing_ids=list(thing_ids), **kwargs
     )
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(_TEXT_BUFFERS) and not k.startswith("text_encoder.")}
+    # Everything but the vocabulary: text buffers, the (absent) text tower and the loss's class-count-sized buffers.
+    skipped = (*_TEXT_BUFFERS, "text_encoder.", "criterion.")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skipped)}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(_TEXT_BUFFERS) and not k.startswith(("text_encoder.", "criterion."))]
+    missing = [k for k in missing if not k.startswith(skipped)]
     if missing or unexpected:
         raise RuntimeError(f"cannot copy the initial weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
     fresh.freeze_clip_towers()
@@ -77,16 +87,18 @@ def build_model(
     args: Any, class_names: list[str], thing_ids: list[int], localization_only: bool = False
 ) -> DearliForPanopticSegmentation:
     """The initial model of a loop from its ``--model_preset`` / ``--clip_model_name`` / ``--clip_pretrained`` /
-    ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` arguments."""
+    ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` /
+    ``--model_config_overrides`` arguments."""
     overrides = _config_overrides(args)
     keep_text_tower = bool(getattr(args, "keep_text_tower", False))
     seed = int(getattr(args, "seed", 0))
     if getattr(args, "init_from", None):
         model = DearliForPanopticSegmentation.from_pretrained(args.init_from)
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
+        architecture = set(_COPIED_CONFIG_KEYS) - _LOSS_KEYS
         for key, value in overrides.items():
-            if key == "num_queries" and value != model.config.num_queries:
-                raise ValueError("--num_queries cannot change the number of queries of an --init_from model")
+            if key in architecture and value != getattr(model.config, key):
+                raise ValueError(f"{key} cannot be changed for an --init_from model (only loss settings can)")
             setattr(model.config, key, value)
         # (Re)build the criterion for this stage's loss: localization-only for DeWa, full loss afterwards.
         model.set_localization_only(localization_only)

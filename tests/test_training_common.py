@@ -1,0 +1,152 @@
+"""Shared training machinery: YAML presets + CLI, resumable sampler, schedule, checkpoint helpers, model init."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from training.checkpointing import NonFiniteError, assert_finite_parameters, list_checkpoints, resolve_resume_path
+from training.common import ResumableSampler, unpack_index
+from training.config_presets import (
+    CONFIG_DIR,
+    add_common_training_args,
+    add_model_args,
+    load_config_file,
+    parse_args_with_config,
+)
+from training.schedules import build_optimizer, build_poly_scheduler
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--names", type=str, nargs="+", default=None, help="names")
+    add_common_training_args(parser, train_batch_size=16)
+    add_model_args(parser)
+    return parser
+
+
+def test_every_flag_has_help():
+    for action in _parser()._actions:
+        assert action.help, action.dest
+
+
+def test_config_values_replace_defaults_and_cli_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning-rate: 0.5\ntrain_batch_size: 4\ncrop_size: [32, 48]\nnames: [a, b]\nmodel_preset: tiny\n")
+    args = parse_args_with_config(_parser(), ["--config", str(config), "--train_batch_size", "8"])
+    assert args.learning_rate == 0.5 and args.train_batch_size == 8 and args.crop_size == [32, 48]
+    assert args.names == ["a", "b"] and args.model_preset == "tiny" and args.config == str(config)
+    assert args.weight_decay == 0.05 and args.gradient_clip == 0.01 and args.lr_power == 0.9  # untouched defaults
+    plain = parse_args_with_config(_parser(), [])
+    assert plain.train_batch_size == 16 and plain.learning_rate == 1e-4 and plain.config is None
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_flag: 1\n")
+    with pytest.raises(ValueError, match="no_such_flag"):
+        parse_args_with_config(_parser(), ["--config", str(bad)])
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("init_from: 1_128\n")  # YAML reads an integer
+    with pytest.raises(ValueError, match="quote"):
+        parse_args_with_config(_parser(), ["--config", str(unquoted)])
+    choice = tmp_path / "choice.yaml"
+    choice.write_text("mixed_precision: fp8\n")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        parse_args_with_config(_parser(), ["--config", str(choice)])
+    with pytest.raises(FileNotFoundError):
+        parse_args_with_config(_parser(), ["--config", "no_such_preset"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("ssl")))
+def test_packaged_presets_parse(name):
+    """Every dewa/supervised preset parses with its loop's parser (the SSL presets are tested with ssl.py)."""
+    from training import dewa, supervised
+
+    module = dewa if name.startswith("dewa") else supervised
+    values = load_config_file(name)
+    args = parse_args_with_config(module.build_parser(), ["--config", name, "--output_dir", "x"])
+    assert args.output_dir == "x"
+    for key, value in values.items():
+        assert key == "output_dir" or getattr(args, key) == value, key
+    if "partition" in values:
+        assert isinstance(args.partition, str)
+
+
+def test_resumable_sampler_is_a_function_of_seed_and_epoch():
+    sampler = ResumableSampler(5, seed=3, epoch_length=12)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    other = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first and first != other
+    assert len(first) == 12 and sorted(i for i, _ in first[:5]) == list(range(5))  # whole permutations first
+    assert len({s for _, s in first}) == 12
+    assert unpack_index((4, 99)) == (4, 99) and unpack_index(7) == (7, 0)
+    assert [i for i, _ in ResumableSampler(4, shuffle=False)] == [0, 1, 2, 3]
+
+
+def test_poly_schedule_and_optimizer_on_trainable_parameters_only():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    model.trainable_parameters = lambda: [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, 1e-4, 0.05)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 3
+    assert optimizer.defaults["weight_decay"] == 0.05
+    scheduler = build_poly_scheduler(optimizer, max_steps=10, power=0.9)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-4 * (1 - s / 10) ** 0.9 for s in range(10)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_checkpoint_lookup_and_finite_guard(tmp_path):
+    assert resolve_resume_path(None, tmp_path) is None
+    assert resolve_resume_path("latest", tmp_path) is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "COMPLETE").write_text(str(step))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]
+    assert resolve_resume_path("latest", tmp_path).name == "step_00000010"  # the incomplete one is skipped
+    with pytest.raises(FileNotFoundError):
+        resolve_resume_path(str(tmp_path / "missing"), tmp_path)
+    layer = torch.nn.Linear(2, 2)
+    assert_finite_parameters(layer)
+    with torch.no_grad():
+        layer.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="bias"):
+        assert_finite_parameters(layer, step=7)
+
+
+def test_init_from_adapts_class_names(tmp_path):
+    from modeling_dearli import DearliForPanopticSegmentation, tiny_model
+    from training.model_init import adapt_class_names, build_model
+
+    kept = tiny_model(class_names=["object"], keep_text_tower=True, localization_only=True, seed=1)
+    kept.save_pretrained(tmp_path / "kept")
+    args = argparse.Namespace(init_from=str(tmp_path / "kept"), seed=0, clip_pretrained=None)
+    model = build_model(args, ["cat", "dog,puppy", "grass"], [0, 1])
+    assert model.config.class_names == ["cat", "dog,puppy", "grass"] and model.config.thing_ids == [0, 1]
+    assert model.text_embeddings.shape == (4, model.config.clip_embed_dim)
+    assert not model.config.localization_only
+    reference = tiny_model(class_names=["cat", "dog,puppy", "grass"], keep_text_tower=True, seed=1)
+    assert torch.allclose(model.text_embeddings, reference.text_embeddings, atol=1e-5)  # same CLIP text tower
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+    bare = tiny_model(class_names=["object"], seed=2)  # no text tower
+    rebuilt = adapt_class_names(bare, ["a", "b"], [0])
+    assert isinstance(rebuilt, DearliForPanopticSegmentation) and rebuilt is not bare
+    assert rebuilt.config.class_names == ["a", "b"] and rebuilt.text_embeddings.shape[0] == 2
+    for name, tensor in bare.state_dict().items():
+        if name.startswith(("pixel_decoder.", "transformer_module.", "class_embed.", "backbone.")):
+            assert torch.equal(tensor, rebuilt.state_dict()[name]), name
+    assert adapt_class_names(rebuilt, ["a", "b"], [0, 1]) is rebuilt and rebuilt.config.thing_ids == [0, 1]
