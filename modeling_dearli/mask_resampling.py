@@ -180,9 +180,30 @@ class ResampleGrid:
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """Resample ``(K, h, w)`` to ``(K, H, W)``."""
-        ay, ax = self.ay, self.ax
-        rows = values.index_select(1, ay.idx0) * ay.w0[:, None] + values.index_select(1, ay.idx1) * ay.w1[:, None]
-        return rows.index_select(2, ax.idx0) * ax.w0 + rows.index_select(2, ax.idx1) * ax.w1
+        return self.dense_rows(self.dense_cols(values), 0, self.out_size[0])
+
+    def dense_cols(self, values: torch.Tensor) -> torch.Tensor:
+        """First (column) pass of :meth:`dense`: ``(K, h, w)`` -> ``(K, h, W)``."""
+        ax = self.ax
+        flat = values.reshape(-1, values.shape[-1])
+        out = flat.index_select(1, ax.idx0) * ax.w0 + flat.index_select(1, ax.idx1) * ax.w1
+        return out.view(*values.shape[:-1], -1)
+
+    def dense_rows(self, cols: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Second (row) pass of :meth:`dense` for output rows ``start:stop``: ``(K, h, W)`` -> ``(K, rows, W)``."""
+        ay = self.ay
+        y0, y1 = ay.idx0[start:stop], ay.idx1[start:stop]
+        w0, w1 = ay.w0[start:stop, None], ay.w1[start:stop, None]
+        return cols.index_select(-2, y0) * w0 + cols.index_select(-2, y1) * w1
+
+    def row_chunks(self, num_maps: int, max_elements: int | None = None) -> list[tuple[int, int]]:
+        """Output row ranges whose ``num_maps x rows x W`` blocks hold about ``max_elements`` values (cache-sized
+        on CPU, large on accelerators)."""
+        if max_elements is None:
+            max_elements = 2**20 if self.device.type == "cpu" else 2**27
+        rows = max(1, max_elements // max(1, num_maps * self.out_size[1]))
+        height = self.out_size[0]
+        return [(start, min(start + rows, height)) for start in range(0, height, rows)]
 
     def cell_bounds_at(
         self, values: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor
@@ -193,17 +214,21 @@ class ResampleGrid:
         hi = torch.maximum(torch.maximum(c00, c10), torch.maximum(c01, c11))
         return widen(lo, hi)
 
-    def pixel_blocks(self, ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pixel_blocks(
+        self, ca: torch.Tensor, cb: torch.Tensor, with_valid: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Output rows ``(N, rmax)``, columns ``(N, cmax)`` and validity ``(N, rmax, cmax)`` of cells ``(ca, cb)``.
 
         Blocks are padded to the largest cell; padded entries are clamped to valid indices and marked invalid.
         """
         r_off = torch.arange(self.rmax, device=self.device)
         c_off = torch.arange(self.cmax, device=self.device)
-        r_valid = r_off[None, :] < self.row_count[ca][:, None]
-        c_valid = c_off[None, :] < self.col_count[cb][:, None]
         rows = (self.row_start[ca][:, None] + r_off[None, :]).clamp_max(self.out_size[0] - 1)
         cols = (self.col_start[cb][:, None] + c_off[None, :]).clamp_max(self.out_size[1] - 1)
+        if not with_valid:
+            return rows, cols, None
+        r_valid = r_off[None, :] < self.row_count[ca][:, None]
+        c_valid = c_off[None, :] < self.col_count[cb][:, None]
         return rows, cols, r_valid[:, :, None] & c_valid[:, None, :]
 
     def eval_pairs(self, values: torch.Tensor, k: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -213,7 +238,7 @@ class ResampleGrid:
         """
         y0, y1 = self.cy0[ca], self.cy1[ca]
         x0, x1 = self.cx0[cb], self.cx1[cb]
-        rows, cols, _ = self.pixel_blocks(ca, cb)
+        rows, cols, _ = self.pixel_blocks(ca, cb, with_valid=False)
         wy0, wy1 = self.ay.w0[rows], self.ay.w1[rows]
         wx0, wx1 = self.ax.w0[cols], self.ax.w1[cols]
         h, w = values.shape[-2:]
@@ -221,9 +246,9 @@ class ResampleGrid:
         base, y0, y1 = k * (h * w), y0 * w, y1 * w
         c00, c10 = flat.index_select(0, base + y0 + x0)[:, None], flat.index_select(0, base + y1 + x0)[:, None]
         c01, c11 = flat.index_select(0, base + y0 + x1)[:, None], flat.index_select(0, base + y1 + x1)[:, None]
-        t0 = c00 * wy0 + c10 * wy1
-        t1 = c01 * wy0 + c11 * wy1
-        return t0[:, :, None] * wx0[:, None, :] + t1[:, :, None] * wx1[:, None, :]
+        top = c00 * wx0 + c01 * wx1  # (P, cmax): column pass on the upper source row, as in dense_cols
+        bottom = c10 * wx0 + c11 * wx1
+        return top[:, None, :] * wy0[:, :, None] + bottom[:, None, :] * wy1[:, :, None]
 
     def expand(self, cell_values: torch.Tensor) -> torch.Tensor:
         """Paint ``(nA, nB)`` per-cell values onto the ``(H, W)`` output grid."""
