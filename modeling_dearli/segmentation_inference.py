@@ -152,43 +152,51 @@ class _Ambiguous(NamedTuple):
     pair_values: torch.Tensor  # (P, rmax, cmax) activated resampled values (before weighting)
 
 
-def _resolve_ambiguous(
+class _Candidates(NamedTuple):
+    """(cell, map) pairs that may win some pixel of an undecided cell, with the map's activated upper bound."""
+
+    cell: torch.Tensor  # (P,) local cell index
+    k: torch.Tensor  # (P,)
+    upper: torch.Tensor  # (P,) activated upper bound of the map in the cell (before weights)
+
+
+def _weighted(x: torch.Tensor, weights: torch.Tensor | None, k: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return x
+    w = weights if k is None else weights[k]
+    return w.view(-1, *([1] * (x.dim() - 1))) * x
+
+
+def _candidate_pairs(
+    grid: ResampleGrid, values: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, sigmoid: bool, weights
+) -> _Candidates:
+    """Maps whose upper bound in the cell reaches the best lower bound there (the others lose every pixel)."""
+    lo, hi = grid.cell_bounds_at(values, ca, cb)
+    if sigmoid:
+        lo, hi = lo.sigmoid(), hi.sigmoid()
+    max_lower = _weighted(lo, weights, None).amax(0)
+    candidates = _weighted(hi, weights, None) >= max_lower[None]
+    cell, k = candidates.t().nonzero(as_tuple=True)
+    return _Candidates(cell, k, hi[k, cell])
+
+
+def _exact_winners(
     grid: ResampleGrid,
     values: torch.Tensor,
     ca: torch.Tensor,
     cb: torch.Tensor,
-    budget: float,
-    sigmoid: bool = False,
-    weights: torch.Tensor | None = None,
-) -> _Ambiguous | None:
-    """Per-pixel ``argmax_k weights[k] * act(resampled values[k])`` in cells ``(ca, cb)``, ``act`` = sigmoid or
-    identity, ``weights`` positive (or none). Only maps whose upper bound in the cell reaches the best lower bound
-    are evaluated. Ties go to the lowest ``k`` (as ``torch.argmax``). ``None`` when more than ``budget`` pixel
-    values would have to be evaluated.
-    """
+    pair_cell: torch.Tensor,
+    pair_k: torch.Tensor,
+    sigmoid: bool,
+    weights: torch.Tensor | None,
+) -> _Ambiguous:
+    """Per-pixel winners of cells ``(ca, cb)`` among the given (local cell, map) pairs; ties go to the lowest map."""
     num_k = values.shape[0]
     device = values.device
-    if num_k > 1 and 2 * ca.numel() * grid.rmax * grid.cmax > budget:
-        return None  # an ambiguous cell has at least two candidates: too much work whatever the bounds say
-
-    def score(x: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
-        if weights is None:
-            return x
-        w = weights if k is None else weights[k]
-        return w.view(-1, *([1] * (x.dim() - 1))) * x
-
-    lo, hi = grid.cell_bounds_at(values, ca, cb)
-    if sigmoid:
-        lo, hi = lo.sigmoid(), hi.sigmoid()
-    max_lower = score(lo, None).amax(0)
-    candidates = score(hi, None) >= max_lower[None]
-    pair_cell, pair_k = candidates.t().nonzero(as_tuple=True)
-    if pair_k.numel() * grid.rmax * grid.cmax > budget:
-        return None
     pair_values = grid.eval_pairs(values, pair_k, ca[pair_cell], cb[pair_cell])
     if sigmoid:
         pair_values = pair_values.sigmoid()
-    scored = score(pair_values, pair_k)
+    scored = _weighted(pair_values, weights, pair_k)
     index = pair_cell[:, None, None].expand_as(scored)
     block = (ca.numel(), grid.rmax, grid.cmax)
     if scored.dtype == torch.float32 and (scored.numel() == 0 or float(scored.min()) >= 0.0):
@@ -204,6 +212,27 @@ def _resolve_ambiguous(
         winner = torch.full(block, num_k, device=device, dtype=torch.long)
         winner = winner.scatter_reduce(0, index, k_if_best, "amin")
     return _Ambiguous(ca, cb, winner, pair_cell, pair_k, pair_values)
+
+
+def _resolve_ambiguous(
+    grid: ResampleGrid,
+    values: torch.Tensor,
+    ca: torch.Tensor,
+    cb: torch.Tensor,
+    budget: float,
+    sigmoid: bool = False,
+    weights: torch.Tensor | None = None,
+) -> _Ambiguous | None:
+    """Per-pixel ``argmax_k weights[k] * act(resampled values[k])`` in cells ``(ca, cb)``, ``act`` = sigmoid or
+    identity, ``weights`` positive (or none), evaluating candidates only. ``None`` when more than ``budget`` pixel
+    values would have to be evaluated.
+    """
+    if values.shape[0] > 1 and 2 * ca.numel() * grid.rmax * grid.cmax > budget:
+        return None  # an undecided cell has at least two candidates: too much work whatever the bounds say
+    candidates = _candidate_pairs(grid, values, ca, cb, sigmoid, weights)
+    if candidates.k.numel() * grid.rmax * grid.cmax > budget:
+        return None
+    return _exact_winners(grid, values, ca, cb, candidates.cell, candidates.k, sigmoid, weights)
 
 
 def _min4(corners):
@@ -274,8 +303,14 @@ def _panoptic_pixels_dense(grid, logits, scores, mask_threshold):
     return area, original, final, paint
 
 
-def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
-    """As :func:`_panoptic_pixels_dense`, deciding whole cells from their corners. ``None``: use dense."""
+def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_threshold):
+    """As :func:`_panoptic_pixels_dense`, deciding whole cells from their corners. ``None``: use dense.
+
+    Undecided cells where no candidate can reach ``mask_threshold`` are void whoever wins; their winners only matter
+    for the argmax areas, which are bounded instead and resolved exactly only for queries whose keep / drop
+    decision the bounds leave open. The returned ``area`` then equals the exact area wherever the decision depends
+    on it (and leads to the same decision elsewhere).
+    """
     num_k = logits.shape[0]
     device = logits.device
     probs = logits.sigmoid()
@@ -291,13 +326,27 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
     rival = _max4(grid.corners(second))
     certain = same & (scores[winner] * (p_min - _PROB_MARGIN) > rival + _PROB_MARGIN)
 
-    amb_ca, amb_cb = (~certain).nonzero(as_tuple=True)
-
-    amb = _resolve_ambiguous(
-        grid, logits, amb_ca, amb_cb, _dense_budget(grid, num_k, "panoptic"), sigmoid=True, weights=scores
-    )
-    if amb is None:
+    undecided_ca, undecided_cb = (~certain).nonzero(as_tuple=True)
+    budget = _dense_budget(grid, num_k, "panoptic")
+    block_size = grid.rmax * grid.cmax
+    if num_k > 1 and undecided_ca.numel() * block_size > 4 * budget:
         return None
+    cand = _candidate_pairs(grid, logits, undecided_ca, undecided_cb, sigmoid=True, weights=scores)
+    live_cell = torch.zeros(undecided_ca.numel(), dtype=torch.bool, device=device)
+    live_cell[cand.cell[cand.upper >= mask_threshold - _PROB_MARGIN]] = True
+    pair_live = live_cell[cand.cell]
+    if int(pair_live.sum()) * block_size > budget:
+        return None
+    live = live_cell.nonzero(as_tuple=True)[0]
+    local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=device)
+    local[live] = torch.arange(live.numel(), device=device)
+    amb_ca, amb_cb = undecided_ca[live], undecided_cb[live]
+    amb = _exact_winners(
+        grid, logits, amb_ca, amb_cb, local[cand.cell[pair_live]], cand.k[pair_live], True, scores
+    )
+    # Void cells: each candidate may win any of their pixels.
+    void_cell, void_k = cand.cell[~pair_live], cand.k[~pair_live]
+    void_count = grid.row_count[undecided_ca[void_cell]] * grid.col_count[undecided_cb[void_cell]]
 
     c_ca, c_cb = certain.nonzero(as_tuple=True)
     c_win = winner[c_ca, c_cb]
@@ -325,12 +374,37 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold):
     final = final.index_add(0, p_win, (p_pass & p_valid).sum((1, 2)))
     final += torch.bincount(amb.winner[amb_valid & amb_pass], minlength=num_k)
 
-    # Binary-mask areas, only for queries that win somewhere (the others are dropped anyway).
+    area_low = area
+    area_high = area_low.index_add(0, void_k, void_count)
+
+    # Binary-mask areas, only for queries that may win somewhere (the others are dropped anyway).
     original = torch.zeros(num_k, dtype=torch.long, device=device)
-    active = (area > 0).nonzero(as_tuple=True)[0]
+    active = (area_high > 0).nonzero(as_tuple=True)[0]
     if active.numel():
         inside, partial = _threshold_cells(grid, probs[active], mask_threshold)
         original[active] = _count_above(grid, logits[active], mask_threshold, inside, partial)
+
+    def keeps(a: torch.Tensor) -> torch.Tensor:
+        return (a > 0) & (a.double() >= overlap_threshold * original.double())
+
+    keep_low, keep_high = keeps(area_low), keeps(area_high)
+    open_question = keep_high & ~keep_low & (original > 0) & (final > 0)
+    area = torch.where(keep_low, area_low, area_high)
+    if bool(open_question.any()):
+        # Exact winners in the void cells where an open query is a candidate, then its exact area.
+        needed = torch.zeros(undecided_ca.numel(), dtype=torch.bool, device=device)
+        needed[void_cell[open_question[void_k]]] = True
+        pair_needed = needed[cand.cell] & ~pair_live
+        cells = needed.nonzero(as_tuple=True)[0]
+        local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=device)
+        local[cells] = torch.arange(cells.numel(), device=device)
+        void_ca, void_cb = undecided_ca[cells], undecided_cb[cells]
+        resolved = _exact_winners(
+            grid, logits, void_ca, void_cb, local[cand.cell[pair_needed]], cand.k[pair_needed], True, scores
+        )
+        _, _, void_valid = grid.pixel_blocks(void_ca, void_cb)
+        exact = area_low + torch.bincount(resolved.winner[void_valid], minlength=num_k)
+        area = torch.where(open_question, exact, area)
 
     def paint(lut: torch.Tensor) -> torch.Tensor:
         cell_values = torch.full(grid.num_cells, -1, dtype=torch.long, device=device)
@@ -395,7 +469,7 @@ def panoptic_inference(
         grid = ResampleGrid(logits.shape[-2:], out_size, valid_size, mask_stride, device)
         pixels = None
         if method == "sparse":
-            pixels = _panoptic_pixels_sparse(grid, logits, scores, mask_threshold)
+            pixels = _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_threshold)
         if pixels is None:
             pixels = _panoptic_pixels_dense(grid, logits, scores, mask_threshold)
         area, original, final, paint = pixels

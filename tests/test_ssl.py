@@ -132,3 +132,37 @@ def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
 
     model = DearliForPanopticSegmentation.from_pretrained(run_b)
     assert model.config.num_classes == 8 and not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_separate_backward_gives_the_gradient_of_the_summed_loss(tiny_model):
+    """Two backward passes (the default, half the activation memory) == one backward of L_sup + L_unl."""
+    from accelerate import Accelerator
+
+    from training.ema import MeanTeacher
+    from training.ssl_step import StudentViewBuilder, ssl_train_step
+    from training.strong_augmentations import StrongAugmentation
+
+    accelerator = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(1)
+    masks = torch.zeros(1, 2, 64, 64)
+    masks[0, 0, :, :20] = 1
+    masks[0, 1, :, 20:] = 1
+    labeled = {"pixel_values": torch.randn(1, 3, 64, 64, generator=g), "mask_labels": [masks[0]],
+               "class_labels": [torch.tensor([0, 1])]}
+    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g)}
+    results = []
+    for separate in (True, False):
+        student = copy.deepcopy(tiny_model).train()
+        optimizer = torch.optim.SGD(student.trainable_parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        teacher = MeanTeacher(student)
+        builder = StudentViewBuilder(teacher, StrongAugmentation(), stuff_classes=[1, 2], num_classes=3)
+        torch.manual_seed(0)  # the loss samples points with the global RNG, in the same order in both variants
+        out = ssl_train_step(accelerator, student, teacher, builder, optimizer, scheduler, labeled, unlabeled,
+                             torch.Generator().manual_seed(5), 0, gradient_clip=0.0, separate_backward=separate)
+        results.append((out, {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}))
+    (out_a, weights_a), (out_b, weights_b) = results
+    assert out_a.labeled_loss == pytest.approx(out_b.labeled_loss, rel=1e-5)
+    assert out_a.unlabeled_loss == pytest.approx(out_b.unlabeled_loss, rel=1e-5)
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch.utils.data import Dataset
@@ -127,13 +127,23 @@ class StudentViewBuilder:
 
     @torch.no_grad()
     def __call__(
-        self, weak_images: torch.Tensor, pixel_mask: torch.Tensor | None, generator: torch.Generator
+        self,
+        weak_images: torch.Tensor,
+        pixel_mask: torch.Tensor | None,
+        generator: torch.Generator,
+        teacher_context: Callable[[], ContextManager] | None = None,
     ) -> UnlabeledTargets:
-        """Build the student's unlabeled batch from weak views ``(B, 3, H, W)`` in ``[0, 1]``."""
+        """Build the student's unlabeled batch from weak views ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        ``teacher_context`` (e.g. ``accelerator.autocast``) wraps the teacher forward only; pseudo-labels and
+        augmentations run in float32.
+        """
         batch, _, height, width = weak_images.shape
-        teacher_outputs = self.teacher(
-            pixel_values=normalize_image(weak_images), pixel_mask=pixel_mask, output_clip_logits=self.alpha not in (None, 1.0)
-        )
+        with (teacher_context or contextlib.nullcontext)():
+            teacher_outputs = self.teacher(
+                pixel_values=normalize_image(weak_images), pixel_mask=pixel_mask,
+                output_clip_logits=self.alpha not in (None, 1.0),
+            )
         pseudo = panoptic_pseudo_labels(
             teacher_outputs,
             stuff_classes=self.stuff_classes,
@@ -209,8 +219,12 @@ def ssl_train_step(
     parameters: list[torch.nn.Parameter] | None = None,
     gradient_clip: float = 0.0,
     unlabeled_weight: float = 1.0,
+    separate_backward: bool = True,
 ) -> SSLStepOutput:
     """One optimisation step ``L_sup + unlabeled_weight * L_unl`` followed by the EMA update of the teacher.
+
+    ``separate_backward`` (default) back-propagates the two terms one after the other (same gradients, half the
+    activation memory); ``False`` does one backward of the sum.
 
     Non-finite losses or gradient norms raise :class:`training.checkpointing.NonFiniteError` on every process before
     the weights change.
@@ -218,26 +232,40 @@ def ssl_train_step(
     if parameters is None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
-    targets = view_builder(unlabeled_batch["pixel_values"], unlabeled_batch.get("pixel_mask"), generator)
+    targets = view_builder(unlabeled_batch["pixel_values"].float(), unlabeled_batch.get("pixel_mask"), generator,
+                           teacher_context=accelerator.autocast)
 
-    # Labeled half: no gradient synchronisation yet (gradients accumulate locally).
-    sync_context = accelerator.no_sync(model) if accelerator.num_processes > 1 else contextlib.nullcontext()
-    with sync_context:
-        labeled = model(**{k: labeled_batch[k] for k in MODEL_INPUT_KEYS if k in labeled_batch})
-        labeled_loss = labeled.loss
-        check_finite_loss(accelerator, labeled_loss, step, labeled.loss_dict)
-        accelerator.backward(labeled_loss)
-        labeled_value, labeled_terms = float(labeled_loss.detach().float()), _terms(labeled.loss_dict)
-        del labeled, labeled_loss
-
-    # Unlabeled half: strong views with pseudo-labels; this backward synchronises the summed gradients.
-    unlabeled = model(pixel_values=targets.pixel_values, mask_labels=targets.mask_labels,
-                      class_labels=targets.class_labels)
-    unlabeled_loss = unlabeled.loss * unlabeled_weight
-    check_finite_loss(accelerator, unlabeled_loss, step, unlabeled.loss_dict)
-    accelerator.backward(unlabeled_loss)
-    unlabeled_value, unlabeled_terms = float(unlabeled_loss.detach().float()), _terms(unlabeled.loss_dict)
-    del unlabeled, unlabeled_loss
+    labeled_inputs = {k: labeled_batch[k] for k in MODEL_INPUT_KEYS if k in labeled_batch}
+    unlabeled_inputs = {"pixel_values": targets.pixel_values, "mask_labels": targets.mask_labels,
+                        "class_labels": targets.class_labels}
+    if separate_backward:
+        # Labeled half: no gradient synchronisation yet (gradients accumulate locally).
+        with accelerator.no_sync(model):
+            labeled = model(**labeled_inputs)
+            labeled_loss = labeled.loss
+            check_finite_loss(accelerator, labeled_loss, step, labeled.loss_dict)
+            accelerator.backward(labeled_loss)
+            labeled_value, labeled_terms = float(labeled_loss.detach().float()), _terms(labeled.loss_dict)
+            del labeled, labeled_loss
+        # Unlabeled half: strong views with pseudo-labels; this backward synchronises the summed gradients.
+        unlabeled = model(**unlabeled_inputs)
+        unlabeled_loss = unlabeled.loss * unlabeled_weight
+        check_finite_loss(accelerator, unlabeled_loss, step, unlabeled.loss_dict)
+        accelerator.backward(unlabeled_loss)
+        unlabeled_value, unlabeled_terms = float(unlabeled_loss.detach().float()), _terms(unlabeled.loss_dict)
+        del unlabeled, unlabeled_loss
+    else:
+        # One backward of the summed loss (both halves' activations alive at once; for comparison / benchmarks).
+        labeled = model(**labeled_inputs)
+        unlabeled = model(**unlabeled_inputs)
+        loss = labeled.loss + unlabeled.loss * unlabeled_weight
+        check_finite_loss(accelerator, loss, step, {**(labeled.loss_dict or {}), **{
+            f"unlabeled_{k}": v for k, v in (unlabeled.loss_dict or {}).items()}})
+        accelerator.backward(loss)
+        labeled_value, labeled_terms = float(labeled.loss.detach().float()), _terms(labeled.loss_dict)
+        unlabeled_value = float(unlabeled.loss.detach().float()) * unlabeled_weight
+        unlabeled_terms = _terms(unlabeled.loss_dict)
+        del labeled, unlabeled, loss
 
     grad_norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)
     optimizer.step()
