@@ -43,8 +43,8 @@ DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full_size", action="store_true",
-                   help="Benchmark the paper's model (ConvNeXt-B CLIP, 200 queries; random weights) instead of the tiny "
-                        "preset.")
+                   help="Benchmark the paper's model (ConvNeXt-B CLIP, 200 queries; random weights) instead of the "
+                        "tiny preset.")
     p.add_argument("--clip_model_name", type=str, default="convnext_base_w_320",
                    help="OpenCLIP architecture of the --full_size model.")
     p.add_argument("--num_queries", type=int, default=None, help="Override the number of queries.")
@@ -173,7 +173,8 @@ def build_batches(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str,
     seeds = torch.randint(0, 2**62, (args.labeled_batch_size + args.unlabeled_batch_size,),
                           generator=torch.Generator().manual_seed(args.seed)).tolist()
     lab = collate([labeled[(i % len(ds), seeds[i])] for i in range(args.labeled_batch_size)])
-    unl = collate([unlabeled[(i % len(ds), seeds[args.labeled_batch_size + i])] for i in range(args.unlabeled_batch_size)])
+    offset = args.labeled_batch_size
+    unl = collate([unlabeled[(i % len(ds), seeds[offset + i])] for i in range(args.unlabeled_batch_size)])
 
     def to_device(batch: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -241,14 +242,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counter["step"] += 1
 
     results: dict[str, Any] = {
-        "device": str(accelerator.device) + (f" ({torch.cuda.get_device_name(accelerator.device)})" if use_cuda else ""),
+        "device": str(accelerator.device)
+        + (f" ({torch.cuda.get_device_name(accelerator.device)})" if use_cuda else ""),
         "model": "full-size " + args.clip_model_name if args.full_size else "tiny",
         "crop_size": args.crop_size, "labeled_batch_size": args.labeled_batch_size,
         "unlabeled_batch_size": args.unlabeled_batch_size, "mixed_precision": args.mixed_precision,
         "memory_method": "cuda max_memory_allocated" if use_cuda else (
             "VmHWM peak RSS" if meter.exact else "psutil RSS sampling"),
         "trainable_parameters": sum(p.numel() for p in parameters),
-        "frozen_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if not p.requires_grad),
+        "frozen_parameters": sum(
+            p.numel() for p in accelerator.unwrap_model(model).parameters() if not p.requires_grad),
     }
     bar = tqdm(total=total, desc="benchmark")
     kinds = (("supervised", supervised_step), ("ssl", ssl_step),

@@ -24,7 +24,8 @@ def _known_output(clip: bool = True):
     masks[0, 3] = BIG  # covers everything but is "no object"
     logits = torch.tensor([[[8.0, 0.0, 0.0, 0.0], [0.0, 6.0, 0.0, 0.0], [0.0, 2.0, 1.8, 0.0], [0.0, 0.0, 0.0, 9.0]]])
     clip_logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 6.0], [0.0, 0.0, 0.0]]])
-    return {"class_queries_logits": logits, "masks_queries_logits": masks, "clip_class_logits": clip_logits if clip else None}
+    return {"class_queries_logits": logits, "masks_queries_logits": masks,
+            "clip_class_logits": clip_logits if clip else None}
 
 
 def _eq6(logits: torch.Tensor, clip_logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -111,7 +112,8 @@ def test_tiny_teacher_outputs_to_targets(tiny_model):
     pixel_mask[1, 48:] = 0
     with torch.no_grad():
         out = tiny_model(pixel_values, pixel_mask=pixel_mask)
-    pseudo = panoptic_pseudo_labels(out, stuff_classes=tiny_model.config.stuff_ids, alpha=tiny_model.config.ensemble_alpha,
+    config = tiny_model.config
+    pseudo = panoptic_pseudo_labels(out, stuff_classes=config.stuff_ids, alpha=config.ensemble_alpha,
                                     image_size=(64, 64))
     assert pseudo.segmentation.shape == (2, 64, 64)
     assert (pseudo.segmentation[1, 48:] == -1).all()

@@ -22,7 +22,8 @@ SSL_PRESETS = sorted(p.stem for p in (REPO / "training" / "configs").glob("ssl_*
 
 def test_every_paper_run_has_a_preset():
     expected = {f"ssl_ade20k_{p}" for p in ("1_128", "1_64", "1_32", "1_16", "1_8")}
-    expected |= {f"ssl_{d}_{p}" for d in ("coco_panoptic", "coco_objects") for p in ("1_512", "1_256", "1_128", "1_64", "1_32")}
+    coco = ("1_512", "1_256", "1_128", "1_64", "1_32")
+    expected |= {f"ssl_{d}_{p}" for d in ("coco_panoptic", "coco_objects") for p in coco}
     assert set(SSL_PRESETS) == expected
 
 
@@ -72,7 +73,8 @@ def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     for name, value in teacher.teacher_weights().items():
         torch.testing.assert_close(value, dict(student.named_parameters())[name].detach(), rtol=0, atol=0)
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters() if p.requires_grad)
-    assert {"segments_per_image", "mean_confidence", "void_fraction", "cutmix_fraction"} <= set(out.pseudo_label_statistics)
+    stats = set(out.pseudo_label_statistics)
+    assert {"segments_per_image", "mean_confidence", "void_fraction", "cutmix_fraction"} <= stats
     assert out.pseudo_label_statistics["cutmix_fraction"] == 1.0
 
 

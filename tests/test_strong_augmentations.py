@@ -163,7 +163,8 @@ def test_cutmix_labels_fuse_stuff_and_drop_covered_segments():
     box[1:3, 1:3] = True
     is_stuff = torch.tensor([False, True, True])
     mixed, mixed_labels, scores = cutmix_panoptic_labels(
-        seg, labels, source, source_labels, box, is_stuff, torch.tensor([0.5, 0.6, 0.7]), torch.tensor([0.1, 0.9, 0.2, 0.3])
+        seg, labels, source, source_labels, box, is_stuff,
+        torch.tensor([0.5, 0.6, 0.7]), torch.tensor([0.1, 0.9, 0.2, 0.3]),
     )
     expected = torch.tensor([[1, 1, 2, 2], [1, 2, 2, 2], [3, 2, 4, -1], [3, 3, -1, -1]])
     assert torch.equal(mixed, expected)

@@ -45,7 +45,7 @@ class PanopticPseudoLabels:
 
     def statistics(self) -> dict[str, float]:
         """Batch statistics for logging: segments per image, mean segment confidence, void fraction of valid pixels."""
-        num_segments = [int(l.numel()) for l in self.labels]
+        num_segments = [int(labels.numel()) for labels in self.labels]
         scores = torch.cat([s.float().reshape(-1) for s in self.scores]) if self.scores else torch.zeros(0)
         valid = self.valid.sum().clamp_min(1)
         void = ((self.segmentation < 1) & self.valid).sum()
@@ -115,7 +115,8 @@ def panoptic_pseudo_labels(
     if unpadded_sizes is None:
         sizes = [(height, width)] * batch
     else:
-        sizes = [(int(h), int(w)) for h, w in (unpadded_sizes.tolist() if torch.is_tensor(unpadded_sizes) else unpadded_sizes)]
+        listed = unpadded_sizes.tolist() if torch.is_tensor(unpadded_sizes) else unpadded_sizes
+        sizes = [(int(h), int(w)) for h, w in listed]
     mask_stride = height / mask_logits.shape[-2]
     segments = panoptic_inference(
         probs,

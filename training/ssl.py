@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 args.pseudo_label_overlap_threshold)
 
     result = TrainingResult(final_step=start_step, start_step=start_step)
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="ssl", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="ssl",
+               disable=not accelerator.is_local_main_process)
     window: list[torch.Tensor] = []
     keys = ["loss", "loss_labeled", "loss_unlabeled", "pseudo/segments_per_image", "pseudo/mean_confidence",
             "pseudo/void_fraction", "pseudo/cutmix_fraction"]

@@ -270,7 +270,9 @@ def sample_cutmix_boxes(
     return boxes
 
 
-def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+def boxes_to_masks(
+    boxes: torch.Tensor, size: tuple[int, int], device: torch.device | str | None = None
+) -> torch.Tensor:
     """Boolean masks ``(B, H, W)`` of ``(y0, x0, y1, x1)`` boxes."""
     boxes = boxes.to(device)
     ys = torch.arange(size[0], device=device)
