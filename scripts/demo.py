@@ -54,7 +54,9 @@ def run_stage(name: str, command: list[str]) -> float:
     """Run one stage as a subprocess from the repository root; stop the demo if it fails."""
     print(f"\n=== {name} ===\n$ {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO_ROOT)
+    # One intra-op thread: on small CPU machines oversubscribed OpenMP threads made the tiny model ~10x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env)
     if result.returncode != 0:
         raise SystemExit(f"demo stage '{name}' failed with exit code {result.returncode}")
     seconds = time.perf_counter() - start
