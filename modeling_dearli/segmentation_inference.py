@@ -168,13 +168,39 @@ def _weighted(x: torch.Tensor, weights: torch.Tensor | None, k: torch.Tensor | N
 
 
 def _candidate_pairs(
-    grid: ResampleGrid, values: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, sigmoid: bool, weights
+    grid: ResampleGrid,
+    values: torch.Tensor,
+    ca: torch.Tensor,
+    cb: torch.Tensor,
+    sigmoid: bool,
+    weights,
+    corner_winners: torch.Tensor | None = None,
 ) -> _Candidates:
-    """Maps whose upper bound in the cell reaches the best lower bound there (the others lose every pixel)."""
+    """Maps whose upper bound in the cell reaches a lower bound of the per-pixel maximum there (the others lose every
+    pixel).
+
+    The lower bound is the best single map's minimum and, with ``corner_winners`` ``(N, 4)`` (the best map at each
+    corner), ``min_i w[q_i] * act(min over corners of mean_i x[q_i])``: at every pixel the maximum over the ``q_i``
+    is at least their mean, which is bilinear, hence bounded by its corners. This keeps boundary cells, where every
+    single map is low somewhere, from admitting every map as a candidate.
+    """
     lo, hi = grid.cell_bounds_at(values, ca, cb)
     if sigmoid:
         lo, hi = lo.sigmoid(), hi.sigmoid()
     max_lower = _weighted(lo, weights, None).amax(0)
+    if corner_winners is not None and ca.numel():
+        h, w = values.shape[-2:]
+        flat = values.reshape(-1)
+        y0, y1, x0, x1 = grid.cy0[ca] * w, grid.cy1[ca] * w, grid.cx0[cb], grid.cx1[cb]
+        corners = torch.stack([y0 + x0, y1 + x0, y0 + x1, y1 + x1], 1)  # (N, 4) positions
+        gathered = flat[corner_winners[:, :, None] * (h * w) + corners[:, None, :]]  # (N, winner i, corner c)
+        envelope = gathered.mean(1).amin(1)
+        envelope = envelope - 1e-5 * (envelope.abs() + 1.0)  # as widen(): rounding in the interpolation
+        if sigmoid:
+            envelope = envelope.sigmoid()
+        if weights is not None:
+            envelope = weights[corner_winners].amin(1) * envelope
+        max_lower = torch.maximum(max_lower, envelope)
     candidates = _weighted(hi, weights, None) >= max_lower[None]
     cell, k = candidates.t().nonzero(as_tuple=True)
     return _Candidates(cell, k, hi[k, cell])
@@ -222,6 +248,7 @@ def _resolve_ambiguous(
     budget: float,
     sigmoid: bool = False,
     weights: torch.Tensor | None = None,
+    corner_winners: torch.Tensor | None = None,
 ) -> _Ambiguous | None:
     """Per-pixel ``argmax_k weights[k] * act(resampled values[k])`` in cells ``(ca, cb)``, ``act`` = sigmoid or
     identity, ``weights`` positive (or none), evaluating candidates only. ``None`` when more than ``budget`` pixel
@@ -229,7 +256,7 @@ def _resolve_ambiguous(
     """
     if values.shape[0] > 1 and 2 * ca.numel() * grid.rmax * grid.cmax > budget:
         return None  # an undecided cell has at least two candidates: too much work whatever the bounds say
-    candidates = _candidate_pairs(grid, values, ca, cb, sigmoid, weights)
+    candidates = _candidate_pairs(grid, values, ca, cb, sigmoid, weights, corner_winners)
     if candidates.k.numel() * grid.rmax * grid.cmax > budget:
         return None
     return _exact_winners(grid, values, ca, cb, candidates.cell, candidates.k, sigmoid, weights)
@@ -329,9 +356,8 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_thresh
     undecided_ca, undecided_cb = (~certain).nonzero(as_tuple=True)
     budget = _dense_budget(grid, num_k, "panoptic")
     block_size = grid.rmax * grid.cmax
-    if num_k > 1 and undecided_ca.numel() * block_size > 4 * budget:
-        return None
-    cand = _candidate_pairs(grid, logits, undecided_ca, undecided_cb, sigmoid=True, weights=scores)
+    corner_winners = torch.stack([c[undecided_ca, undecided_cb] for c in q], 1)
+    cand = _candidate_pairs(grid, logits, undecided_ca, undecided_cb, True, scores, corner_winners)
     live_cell = torch.zeros(undecided_ca.numel(), dtype=torch.bool, device=device)
     live_cell[cand.cell[cand.upper >= mask_threshold - _PROB_MARGIN]] = True
     pair_live = live_cell[cand.cell]
@@ -395,6 +421,8 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_thresh
         needed = torch.zeros(undecided_ca.numel(), dtype=torch.bool, device=device)
         needed[void_cell[open_question[void_k]]] = True
         pair_needed = needed[cand.cell] & ~pair_live
+        if (int(pair_live.sum()) + int(pair_needed.sum())) * block_size > budget:
+            return None
         cells = needed.nonzero(as_tuple=True)[0]
         local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=device)
         local[cells] = torch.arange(cells.numel(), device=device)
@@ -594,7 +622,10 @@ def _semantic_sparse(grid: ResampleGrid, scores: torch.Tensor) -> torch.Tensor |
     scale = _max4(grid.corners(best.abs()))
     certain = same & (_min4(grid.corners(margin)) > _REL_MARGIN * scale + 1e-30)
     amb_ca, amb_cb = (~certain).nonzero(as_tuple=True)
-    amb = _resolve_ambiguous(grid, scores, amb_ca, amb_cb, _dense_budget(grid, num_c, "semantic"))
+    corner_winners = torch.stack([k[amb_ca, amb_cb] for k in c], 1)
+    amb = _resolve_ambiguous(
+        grid, scores, amb_ca, amb_cb, _dense_budget(grid, num_c, "semantic"), corner_winners=corner_winners
+    )
     if amb is None:
         return None
     return grid.scatter_blocks(grid.expand(winner), amb_ca, amb_cb, amb.winner)

@@ -10,6 +10,7 @@ from transformers.utils import ModelOutput
 from modeling_dearli.ensembling import class_probabilities, ensemble_class_probabilities
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
 from modeling_dearli.mask_resampling import ResampleGrid
+from modeling_dearli import segmentation_inference
 from modeling_dearli.segmentation_inference import instance_inference, panoptic_inference, semantic_inference
 
 STRIDE = 4
@@ -198,6 +199,31 @@ CASES = [
 ]
 
 
+METHODS = ["sparse", "sparse-forced", "dense"]
+
+
+@pytest.fixture
+def use_method(monkeypatch):
+    """``method`` argument for a test variant; "sparse-forced" disables the dense fallback (small test inputs would
+    otherwise take it) and fails if any dense path runs."""
+
+    def setup(variant: str) -> str:
+        if variant == "sparse-forced":
+            budgets = {task: float("inf") for task in segmentation_inference._SPARSE_MAX_FRACTION}
+            monkeypatch.setattr(segmentation_inference, "_SPARSE_MAX_FRACTION", budgets)
+            for name in ("_panoptic_pixels_dense", "_semantic_dense", "_instance_dense"):
+                monkeypatch.setattr(segmentation_inference, name, _no_dense)
+            return "sparse"
+        monkeypatch.undo()
+        return variant
+
+    return setup
+
+
+def _no_dense(*args, **kwargs):
+    raise AssertionError("dense fallback used")
+
+
 def _valid_and_out(kw, b, h, w):
     unpadded = kw.get("unpadded_sizes")
     valid = tuple(unpadded[b].tolist()) if unpadded is not None else (h * STRIDE, w * STRIDE)
@@ -206,14 +232,15 @@ def _valid_and_out(kw, b, h, w):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_panoptic_matches_reference(case, seed):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_panoptic_matches_reference(case, seed, use_method):
     kw = CASES[case]
-    logits, masks, clip = model_like_outputs(seed=seed, noise=1.0 + seed)
+    logits, masks, clip = model_like_outputs(seed=seed, noise=1.0 + seed % 3)
     probs = ensemble_class_probabilities(logits, clip, 0.6)
     stuff = {5, 6, 7}
-    threshold = 0.0 if seed != 2 else 0.4
-    for method in ("sparse", "dense"):
+    threshold = (0.0, 0.0, 0.4, 0.7)[seed]
+    for variant in METHODS:
+        method = use_method(variant)
         results = panoptic_inference(
             probs, masks, threshold=threshold, stuff_classes=stuff, method=method, **kw
         )
@@ -225,6 +252,29 @@ def test_panoptic_matches_reference(case, seed):
             assert result.was_fused.tolist() == [i["was_fused"] for i in info]
             torch.testing.assert_close(result.scores, torch.tensor([i["score"] for i in info]))
             assert result.ids.tolist() == list(range(1, len(info) + 1))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6])
+def test_sparse_path_at_model_scale_equals_dense(threshold, monkeypatch):
+    """At realistic sizes the sparse path runs without falling back, and agrees with dense evaluation."""
+    logits, masks, clip = model_like_outputs(batch=1, queries=60, classes=20, h=64, w=80, seed=7, noise=1.0,
+                                             regions=12)
+    logits[:, :12, :-1] *= 2  # like a trained model: one confident query per region,
+    logits[:, 12:, -1] += 6.0  # the duplicates mostly "no object"
+    probs = ensemble_class_probabilities(logits, clip, 0.6)
+    calls = []
+    sparse = segmentation_inference._panoptic_pixels_sparse
+    monkeypatch.setattr(segmentation_inference, "_panoptic_pixels_sparse",
+                        lambda *a, **k: calls.append(sparse(*a, **k)) or calls[-1])
+    kw = dict(threshold=threshold, stuff_classes=range(10, 20), output_sizes=[(250, 330)],
+              unpadded_sizes=torch.tensor([[250, 300]]))
+    fast = panoptic_inference(probs, masks, method="sparse", **kw)[0]
+    assert calls and (calls[0] is not None or threshold > 0)  # uncovered regions may make dense cheaper
+    slow = panoptic_inference(probs, masks, method="dense", **kw)[0]
+    assert torch.equal(fast.segmentation, slow.segmentation) and torch.equal(fast.labels, slow.labels)
+    assert len(fast.ids) >= 5
+    assert torch.equal(semantic_inference(probs, masks, method="sparse", **{k: kw[k] for k in kw if "sizes" in k})[0],
+                       semantic_inference(probs, masks, method="dense", **{k: kw[k] for k in kw if "sizes" in k})[0])
 
 
 def test_panoptic_finds_segments_and_fuses_stuff():
@@ -246,11 +296,12 @@ def test_panoptic_finds_segments_and_fuses_stuff():
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_semantic_matches_reference(case):
+def test_semantic_matches_reference(case, use_method):
     kw = CASES[case]
     logits, masks, clip = model_like_outputs(seed=5)
     probs = ensemble_class_probabilities(logits, clip, 0.6)
-    for method in ("sparse", "dense"):
+    for variant in METHODS:
+        method = use_method(variant)
         maps = semantic_inference(probs, masks, method=method, **kw)
         for b, seg in enumerate(maps):
             valid, out = _valid_and_out(kw, b, *masks.shape[-2:])
@@ -258,12 +309,13 @@ def test_semantic_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_instance_matches_reference(case):
+def test_instance_matches_reference(case, use_method):
     kw = CASES[case]
     logits, masks, clip = model_like_outputs(seed=6)
     probs = logits.softmax(-1)
     stuff = {6, 7}
-    for method in ("sparse", "dense"):
+    for variant in METHODS:
+        method = use_method(variant)
         results = instance_inference(probs, masks, threshold=0.2, stuff_classes=stuff, method=method,
                                      return_binary_masks=True, **kw)
         for b, result in enumerate(results):
