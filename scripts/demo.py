@@ -102,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         "--crop_size", "128", "--train_batch_size", "2", "--max_train_steps", str(args.dewa_steps),
         "--checkpointing_steps", "0", "--seed", str(args.seed), "--output_dir", str(out / "dewa"),
     ])
+    # The ssl_demo preset, but with all 133 COCO classes so that the model's label space matches the evaluation's.
+    import yaml
+
+    preset = yaml.safe_load((REPO_ROOT / "training" / "configs" / "ssl_demo.yaml").read_text())
+    preset["restrict_to_present_classes"] = False
+    ssl_config = out / "ssl_demo.yaml"
+    ssl_config.write_text(yaml.safe_dump(preset))
     timings["ssl"] = run_stage("3. Mean Teacher SSL", [
-        python, "training/ssl.py", "--config", "ssl_demo", "--init_from", str(out / "dewa"),
+        python, "training/ssl.py", "--config", str(ssl_config), "--init_from", str(out / "dewa"),
         "--train_images_dir", str(images), "--train_panoptic_dir", str(panoptic), "--train_annotations", str(annotations),
         "--val_images_dir", str(images), "--val_panoptic_dir", str(panoptic), "--val_annotations", str(annotations),
         "--max_train_steps", str(args.ssl_steps), "--seed", str(args.seed), "--output_dir", str(out / "ssl"),
