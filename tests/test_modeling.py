@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
-from modeling_dearli.clip_backbone import build_open_clip_model, mask_pool
+from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model, mask_pool
 from modeling_dearli.presets import TINY_CLIP_MODEL_CONFIG
 
 
@@ -162,6 +162,33 @@ def test_text_embeddings_are_template_averages_of_the_clip_text_tower(tmp_path):
     # the backbone carries the checkpoint's image tower and CLIP temperature
     assert torch.equal(model.backbone.visual.trunk.stem[0].weight, clip.visual.trunk.stem[0].weight)
     assert float(model.backbone.logit_scale) == pytest.approx(float(clip.logit_scale))
+
+
+def test_text_encoding_over_the_used_context_equals_the_full_77_token_context():
+    """encode_tokens runs the text tower only up to the longest prompt's end-of-text token; with the causal mask that
+    must give OpenCLIP's full-context encode_text exactly (up to float rounding), for prompts of different lengths."""
+    config = copy.deepcopy(TINY_CLIP_MODEL_CONFIG)
+    config["text_cfg"].update(layers=3, width=64, heads=2)
+    clip = build_open_clip_model(config)
+    torch.manual_seed(11)
+    for p in clip.parameters():
+        p.data.normal_(0, 0.05)
+    reference = copy.deepcopy(clip).eval()
+    encoder = ClipTextEncoder(clip, config["text_cfg"])
+    prompts = ["a photo of a cat.", "There is a pair of very long striped trousers with pockets in the scene", "x"]
+    tokens = encoder.tokenize(prompts)
+    assert tokens.shape[1] == 77 and int(tokens.argmax(-1).max()) + 1 < 20  # only a fraction of the context is used
+    lengths = []
+    clip.transformer.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
+                                               with_kwargs=True)
+    with torch.no_grad():
+        got = encoder.encode_tokens(tokens)
+        expected = reference.encode_text(tokens)
+    assert lengths == [int(tokens.argmax(-1).max()) + 1]  # the tower ran over the used columns only
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+    # the tower is left as it was (full positional table and causal mask)
+    assert clip.positional_embedding.shape[0] == 77 and clip.attn_mask.shape == (77, 77)
+    assert torch.equal(clip.positional_embedding, reference.positional_embedding)
 
 
 def test_mask_pooling_branch_matches_reference_and_handles_empty_masks(tiny_model):
