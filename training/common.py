@@ -212,10 +212,10 @@ def check_finite_loss(
 ) -> None:
     """Raise :class:`NonFiniteError` on every process when the loss of any process is NaN/inf (call before backward,
     so nothing non-finite reaches the weights or a checkpoint)."""
-    finite = torch.isfinite(loss.detach().float()).all().reshape(1).to(accelerator.device)
+    finite = torch.isfinite(loss.detach().float()).all().reshape(1).float().to(accelerator.device)
     if accelerator.num_processes > 1:
         finite = accelerator.gather(finite)
-    if not bool(finite.all()):
+    if not bool((finite > 0).all()):
         message = f"non-finite loss at step {step}: {float(loss.detach().float())}{_format_terms(loss_dict)}"
         logger.error(message)
         raise NonFiniteError(message, step)
