@@ -13,7 +13,11 @@ import torch
 from torch.nn import functional as F
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
-from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model, mask_pool
+from modeling_dearli.clip_backbone import (
+    ClipTextEncoder,
+    build_open_clip_model,
+    mask_pool,
+)
 from modeling_dearli.presets import TINY_CLIP_MODEL_CONFIG
 
 

@@ -1,0 +1,54 @@
+"""Supervised baseline (training/supervised.py): initialisation from a DeWa output, full loss, validation, saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.checkpointing import list_checkpoints
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _data_args(sample) -> list[str]:
+    return ["--dataset_name", "coco_panoptic", "--train_images_dir", str(sample / "images"),
+            "--train_panoptic_dir", str(sample / "panoptic"), "--train_annotations", str(sample / "panoptic_annotations.json"),
+            "--val_annotations", str(sample / "panoptic_annotations.json"), "--restrict_to_present_classes",
+            "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
+
+
+def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelerate_state):
+    """A DeWa-style initial model (one class-agnostic class, text tower kept) is switched to the dataset's classes,
+    trained with the full loss, validated and saved with its image processor."""
+    from modeling_dearli import DearliForPanopticSegmentation, tiny_model
+    from training import supervised
+
+    init = tiny_model(class_names=["segment,object,regular shape"], thing_ids=[0], keep_text_tower=True,
+                      localization_only=True, seed=3)
+    init.save_pretrained(tmp_path / "dewa")
+    out = tmp_path / "sup"
+    result = supervised.main([*_data_args(coco_sample_dir), "--init_from", str(tmp_path / "dewa"),
+                              "--train_batch_size", "2", "--crop_size", "64", "--max_train_steps", "2",
+                              "--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--eval_steps", "0",
+                              "--eval_shortest_edge", "48", "--eval_max_size", "96", "--output_dir", str(out)])
+    assert result.final_step == 2 and result.metrics is not None and "eval/PQ" in result.metrics
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
+    model = DearliForPanopticSegmentation.from_pretrained(out)
+    assert len(model.config.class_names) == 8 and not model.config.localization_only
+    assert model.config.class_names[0].startswith("person")
+    decoder_key = "transformer_module.decoder.layers.0.cross_attn.in_proj_weight"
+    assert not torch.equal(model.state_dict()[decoder_key], init.state_dict()[decoder_key])  # trained
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["num_labels"] == 8 and processor["label_ids_to_fuse"] == [4, 5, 6, 7]
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["step"] == 2 and report["report"]["num_images"] == 2
