@@ -1,0 +1,70 @@
+"""Time class-name encoding with the CLIP text tower over the used context vs OpenCLIP's full 77-token context.
+
+    python scripts/benchmark_text_encoding.py [--dataset coco_panoptic] [--num-classes 20] [--clip-model-name NAME]
+
+Builds the text tower of ``--clip-model-name`` (default: the paper's ConvNeXt-B, ``convnext_base_w``) with random
+weights (nothing is downloaded; the cost does not depend on the weights), encodes the first ``--num-classes`` class
+names of ``--dataset`` with all their synonyms and DEARLi's 14 prompt templates, once with
+``ClipTextEncoder.encode_tokens`` (what the model uses: the tower runs only up to the longest prompt's end-of-text
+token) and once with OpenCLIP's ``encode_text`` on the full context, and prints both times, the ratio and the largest
+difference between the two embeddings.
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model  # noqa: E402
+from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms  # noqa: E402
+from training.panoptic_data import load_class_names  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list in shared/data/class_names/.")
+    parser.add_argument("--num-classes", type=int, default=20, help="Encode the first N classes (0: all).")
+    parser.add_argument("--clip-model-name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
+    parser.add_argument("--batch-size", type=int, default=256, help="Prompts per forward pass.")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(load_class_names(args.dataset).names)
+    names = names[: args.num_classes] if args.num_classes else names
+    synonyms = [s for name in names for s in split_synonyms(name)]
+    templates = DearliConfig().prompt_templates
+    model_config = DearliConfig(clip_model_name=args.clip_model_name).clip_model_config
+    clip = build_open_clip_model(model_config).eval()
+    reference = copy.deepcopy(clip)
+    encoder = ClipTextEncoder(clip, model_config["text_cfg"])
+    tokens = encoder.tokenize([t.format(s) for s in synonyms for t in templates])
+    used = int(tokens.argmax(-1).max()) + 1
+    print(f"{len(names)} classes, {len(synonyms)} synonyms x {len(templates)} templates = {len(tokens)} prompts; "
+          f"longest prompt {used} of {tokens.shape[1]} tokens; {torch.get_num_threads()} threads")
+    timings, outputs = {}, {}
+    for label, encode in (("used context (ours)", encoder.encode_tokens), ("full context (OpenCLIP)", reference.encode_text)):
+        start = time.perf_counter()
+        with torch.no_grad():
+            outputs[label] = torch.cat([F.normalize(encode(tokens[i : i + args.batch_size]).float(), dim=-1)
+                                        for i in range(0, len(tokens), args.batch_size)])
+        timings[label] = time.perf_counter() - start
+        print(f"{label:>24}: {timings[label]:8.2f} s")
+    ours, full = timings["used context (ours)"], timings["full context (OpenCLIP)"]
+    difference = (outputs["used context (ours)"] - outputs["full context (OpenCLIP)"]).abs().max()
+    print(f"speed-up: {full / ours:.2f}x; max |difference| of normalised embeddings: {float(difference):.2e}")
+
+
+if __name__ == "__main__":
+    main()
