@@ -55,3 +55,14 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """Reset Accelerate's process-wide singletons after a test that ran a training loop in this process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -56,16 +56,6 @@ def sam_dir(coco_sample_dir, tmp_path_factory) -> Path:
     return _write_sam_dir(tmp_path_factory.mktemp("sam") / "masks", _sam_records(coco_sample_dir))
 
 
-@pytest.fixture()
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
     from training.sam_masks import load_sam_masks
     from training.train_datasets import SamMasksTrainDataset

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from training.checkpointing import list_checkpoints
-
-
-@pytest.fixture()
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _data_args(sample) -> list[str]:
