@@ -240,6 +240,26 @@ def _exact_winners(
     return _Ambiguous(ca, cb, winner, pair_cell, pair_k, pair_values)
 
 
+def _exact_winners_of_cells(
+    grid: ResampleGrid,
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    undecided_ca: torch.Tensor,
+    undecided_cb: torch.Tensor,
+    cand: _Candidates,
+    cell_selected: torch.Tensor,
+    pair_selected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, _Ambiguous]:
+    """Exact panoptic winners of the undecided cells flagged in `cell_selected`, among the candidate pairs flagged in
+    `pair_selected` (whose cells must be selected): returns the cells' coordinates and their winners."""
+    cells = cell_selected.nonzero(as_tuple=True)[0]
+    local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=logits.device)
+    local[cells] = torch.arange(cells.numel(), device=logits.device)
+    ca, cb = undecided_ca[cells], undecided_cb[cells]
+    winners = _exact_winners(grid, logits, ca, cb, local[cand.cell[pair_selected]], cand.k[pair_selected], True, scores)
+    return ca, cb, winners
+
+
 def _resolve_ambiguous(
     grid: ResampleGrid,
     values: torch.Tensor,
@@ -363,13 +383,8 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_thresh
     pair_live = live_cell[cand.cell]
     if int(pair_live.sum()) * block_size > budget:
         return None
-    live = live_cell.nonzero(as_tuple=True)[0]
-    local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=device)
-    local[live] = torch.arange(live.numel(), device=device)
-    amb_ca, amb_cb = undecided_ca[live], undecided_cb[live]
-    amb = _exact_winners(
-        grid, logits, amb_ca, amb_cb, local[cand.cell[pair_live]], cand.k[pair_live], True, scores
-    )
+    amb_ca, amb_cb, amb = _exact_winners_of_cells(grid, logits, scores, undecided_ca, undecided_cb, cand, live_cell,
+                                                  pair_live)
     # Void cells: each candidate may win any of their pixels.
     void_cell, void_k = cand.cell[~pair_live], cand.k[~pair_live]
     void_count = grid.row_count[undecided_ca[void_cell]] * grid.col_count[undecided_cb[void_cell]]
@@ -423,13 +438,8 @@ def _panoptic_pixels_sparse(grid, logits, scores, mask_threshold, overlap_thresh
         pair_needed = needed[cand.cell] & ~pair_live
         if (int(pair_live.sum()) + int(pair_needed.sum())) * block_size > budget:
             return None
-        cells = needed.nonzero(as_tuple=True)[0]
-        local = torch.full((undecided_ca.numel(),), -1, dtype=torch.long, device=device)
-        local[cells] = torch.arange(cells.numel(), device=device)
-        void_ca, void_cb = undecided_ca[cells], undecided_cb[cells]
-        resolved = _exact_winners(
-            grid, logits, void_ca, void_cb, local[cand.cell[pair_needed]], cand.k[pair_needed], True, scores
-        )
+        void_ca, void_cb, resolved = _exact_winners_of_cells(grid, logits, scores, undecided_ca, undecided_cb, cand,
+                                                             needed, pair_needed)
         _, _, void_valid = grid.pixel_blocks(void_ca, void_cb)
         exact = area_low + torch.bincount(resolved.winner[void_valid], minlength=num_k)
         area = torch.where(open_question, exact, area)
