@@ -6,22 +6,21 @@ processor config).
         --dataset coco_panoptic --output converted/dear-coco-panoptic-1-128
 """
 
-import os
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import hashlib
+import json
+import logging
 import sys
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from modeling_dearli import DearliConfig  # noqa: E402
-from training.reference_conversion import (  # noqa: E402
+from modeling_dearli import DearliConfig
+from training.publishing.reference_conversion import (
     KEY_GROUPS,
     REFERENCE_DATASETS,
     REFERENCE_TEST_SIZES,

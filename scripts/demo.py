@@ -20,16 +20,16 @@ would chain them:
 The tiny model's CLIP towers are random, so the numbers only show that the pipeline works, not DEARLi's accuracy.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import json
 import os
+import subprocess
 import sys
-
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def run_stage(name: str, command: list[str]) -> float:
 def write_random_tiny_sam(path: Path, seed: int) -> None:
     import torch
 
-    from training.sam_masks import build_sam_vit_tiny
+    from training.data.sam_masks import build_sam_vit_tiny
 
     torch.manual_seed(seed)
     torch.save(build_sam_vit_tiny().state_dict(), path)

@@ -3,27 +3,26 @@
     python scripts/evaluate.py --model PATH --dataset coco_panoptic --images-dir val2017 \
         --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 [--alpha 0.6] [--output report.json]
     python scripts/evaluate.py --model PATH --dataset ade20k --dataset-root ADEChallengeData2016
-    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # a dataset saved by training/panoptic_data
+    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # a dataset saved by training/data/panoptic_datasets
 
 Inference is ensembled (paper Eq. 6) with ``--alpha`` (default: the model's ``ensemble_alpha``). Runs on several
 processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import json
+import logging
 import os
-import sys
+import time
+from typing import Any
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from training.panoptic_data import (  # noqa: E402
+from training.data.panoptic_datasets import (
     ClassNames,
     dataset_class_names,
     load_ade20k_panoptic,
@@ -33,7 +32,7 @@ from training.panoptic_data import (  # noqa: E402
     panoptic_target_from_row,
     semantic_target_from_row,
 )
-from training.panoptic_quality import PanopticQuality, format_report  # noqa: E402
+from training.evaluation.panoptic_quality import PanopticQuality, format_report
 
 logger = logging.getLogger("evaluate")
 

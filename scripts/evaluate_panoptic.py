@@ -8,17 +8,16 @@ Results equal ``panopticapi.evaluation.pq_compute`` on the same files. ``--engin
 compiled evaluator when hotcoco is installed and our numpy code otherwise.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import json
+import logging
 import os
-import sys
+import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-
-from training.panoptic_quality import ENGINES, evaluate_panoptic_folders, format_report  # noqa: E402
+from training.evaluation.panoptic_quality import ENGINES, evaluate_panoptic_folders, format_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,18 +5,16 @@
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
 Resumable: rerun the same command after an interruption. Read the output with
-`training.sam_masks.load_sam_masks(output_dir)`.
+`training.data.sam_masks.load_sam_masks(output_dir)`.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import argparse
+import logging
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from training.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks  # noqa: E402
+from training.data.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks
 
 logger = logging.getLogger("generate_sam_masks")
 

@@ -10,20 +10,19 @@ Unreadable or corrupt images are reported and skipped (listed in ``skipped.json`
 ``--task semantic`` writes one segment per class, ``--task instance`` one per instance (best-scoring on top).
 """
 
-import os
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import glob
+import logging
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("predict")
 
@@ -108,9 +107,9 @@ def batches(items: list, size: int) -> Iterator[list]:
 
 
 def load_model(args: argparse.Namespace):
-    import modeling_dearli  # noqa: F401  (registers the DEARLi auto classes when the package is installed)
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
 
+    import modeling_dearli  # noqa: F401  (registers the DEARLi auto classes when the package is installed)
     from modeling_dearli import DearliImageProcessor
 
     model = AutoModelForUniversalSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -125,7 +124,7 @@ def load_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from training.visualization import (
+    from training.evaluation.visualization import (
         from_instance,
         from_panoptic,
         from_semantic,

@@ -3,18 +3,17 @@
     python scripts/prepare_ade20k.py --root /data/ADEChallengeData2016 [--splits training validation] [--num-workers 8]
 
 Writes ``ade20k_panoptic_{train,val}/`` (PNGs) and ``ade20k_panoptic_{train,val}.json`` into ``--output-dir``
-(default: ``--root``); load them with ``training.panoptic_data.load_ade20k_panoptic``.
+(default: ``--root``); load them with ``training.data.panoptic_datasets.load_ade20k_panoptic``.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import logging
 import os
-import sys
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from training.ade20k_panoptic import prepare_ade20k_panoptic  # noqa: E402
+from training.data.ade20k_conversion import prepare_ade20k_panoptic
 
 
 def main(argv: list[str] | None = None) -> int:

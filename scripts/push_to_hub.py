@@ -9,18 +9,17 @@ writes the folder.
         --eval-report outputs/dearli-ade20k-1_128/eval_report.json --dataset ade20k --partition 1_128
 """
 
-import os
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import json
+import logging
 import sys
+import tempfile
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from training.hub import (  # noqa: E402
+from training.publishing.hub import (
     DATASETS,
     CardContext,
     count_parameters,

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_config
 from modeling_dearli.clip_backbone import build_open_clip_model
-from training.reference_conversion import (
+from training.publishing.reference_conversion import (
     ReferenceCheckpointError,
     convert_reference_state_dict,
     load_reference_state_dict,
@@ -342,7 +342,7 @@ def test_convert_script_end_to_end(tmp_path, caplog):
     """The command-line converter (run in-process) with the tiny architecture and a real dataset vocabulary
     (COCO-Objects, 81 classes): a loadable folder with processor and provenance; a broken checkpoint exits non-zero."""
     from modeling_dearli.image_processing_dearli import DearliImageProcessor
-    from training.reference_conversion import dataset_vocabulary
+    from training.publishing.reference_conversion import dataset_vocabulary
 
     cli = _load_cli()
     names, things = dataset_vocabulary("coco_objects")

@@ -17,8 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from safetensors.torch import load_file
 
-from training.panoptic_quality import rgb2id
-from training.sam_masks import SAM_MASKS_SCHEMA
+from training.data.sam_masks import SAM_MASKS_SCHEMA
+from training.evaluation.panoptic_quality import rgb2id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model_preset", "tiny", "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
@@ -57,9 +57,9 @@ def sam_dir(coco_sample_dir, tmp_path_factory) -> Path:
 
 
 def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
-    from training.sam_masks import load_sam_masks
-    from training.train_datasets import SamMasksTrainDataset
-    from training.transforms import LargeScaleJitter
+    from training.data.sam_masks import load_sam_masks
+    from training.data.train_datasets import SamMasksTrainDataset
+    from training.data.transforms import LargeScaleJitter
 
     records = load_sam_masks(sam_dir)
     dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], LargeScaleJitter((96, 128), 0.5, 1.5))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.panoptic_quality import id2rgb
+from training.evaluation.panoptic_quality import id2rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -66,7 +66,7 @@ def args_for(folder: Path, model_dir: Path, out: Path, *extra: str) -> list[str]
 def in_process_report(tiny_folder, tiny_model):
     """scripts/evaluate.py's evaluate() on the session's tiny model (no reload)."""
     from modeling_dearli.image_processing_dearli import DearliImageProcessor
-    from training.panoptic_data import dataset_class_names, load_coco_panoptic
+    from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
 
     ds = load_coco_panoptic(tiny_folder / "images", tiny_folder / "panoptic", tiny_folder / "panoptic.json")
     processor = DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 64,
@@ -79,8 +79,8 @@ def in_process_report(tiny_folder, tiny_model):
 def test_evaluate_matches_manual_loop(in_process_report, tiny_model):
     import torch
 
-    from training.panoptic_data import panoptic_target_from_row, semantic_target_from_row
-    from training.panoptic_quality import PanopticQuality
+    from training.data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+    from training.evaluation.panoptic_quality import PanopticQuality
 
     report, ds, processor = in_process_report
     assert set(report) >= {"All", "Things", "Stuff", "per_class", "mIoU", "per_class_iou", "num_images"}
@@ -121,7 +121,7 @@ def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report,
 
 def test_label_space_mismatch_is_reported(tiny_model, tmp_path):
     script = load_script()
-    from training.panoptic_data import ClassNames
+    from training.data.panoptic_datasets import ClassNames
 
     names = ClassNames((1, 2), ("a", "b"), (True, False))
     with pytest.raises(SystemExit, match="3 classes, the dataset 2"):

@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
-from training.hub import (
+from training.publishing.hub import (
     CardContext,
     count_parameters,
     load_eval_report,

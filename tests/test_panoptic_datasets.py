@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.ade20k_panoptic import ADE20K_THING_IDS, convert_annotation, prepare_ade20k_panoptic
-from training.panoptic_data import (
+from training.data.ade20k_conversion import ADE20K_THING_IDS, convert_annotation, prepare_ade20k_panoptic
+from training.data.panoptic_datasets import (
     ClassNames,
     dataset_class_names,
     load_ade20k_panoptic,
@@ -31,7 +31,7 @@ from training.panoptic_data import (
     split_labeled_unlabeled,
     to_coco_objects,
 )
-from training.panoptic_quality import PanopticQuality, id2rgb, rgb2id
+from training.evaluation.panoptic_quality import PanopticQuality, id2rgb, rgb2id
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.panoptic_quality import (
+from training.evaluation.panoptic_quality import (
     PanopticQuality,
     evaluate_panoptic_folders,
     format_report,
@@ -351,7 +351,7 @@ _GATHER_WORKER = r"""
 import json, os, sys
 import numpy as np
 from accelerate import PartialState
-from training.panoptic_quality import PanopticQuality
+from training.evaluation.panoptic_quality import PanopticQuality
 state = PartialState(cpu=True)
 cats = [{"id": 0, "isthing": 1}, {"id": 1, "isthing": 0}]
 acc = PanopticQuality(cats)
@@ -467,7 +467,7 @@ def test_evaluate_metric_module(sample):
         pseg.append(ps)
         rseg.append(segs)
         acc.update(p, ps, crop, segs)
-    metric = evaluate.load(str(REPO / "metrics" / "panoptic_quality"))
+    metric = evaluate.load(str(REPO / "training" / "evaluation" / "evaluate_metric" / "panoptic_quality"))
     got = metric.compute(predictions=preds, references=refs, prediction_segments=pseg, reference_segments=rseg,
                          categories=data["categories"])
     ref = acc.compute()

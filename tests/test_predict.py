@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from modeling_dearli import DearliImageProcessor
-from training.panoptic_quality import rgb2id
-from training.visualization import Segment, SegmentationResult, class_palette, from_semantic, overlay
+from training.evaluation.panoptic_quality import rgb2id
+from training.evaluation.visualization import Segment, SegmentationResult, class_palette, from_semantic, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "coco_panoptic_sample"

@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
-import training.sam_masks as sam_masks
-from training.sam_masks import (
+import training.data.sam_masks as sam_masks
+from training.data.sam_masks import (
     SamGeneratorConfig,
     build_sam,
     build_sam_vit_tiny,

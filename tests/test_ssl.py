@@ -46,10 +46,10 @@ def test_presets_parse_with_paper_settings(preset):
 def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     from accelerate import Accelerator
 
+    from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
     from training.ema import MeanTeacher
     from training.schedules import build_optimizer, build_poly_scheduler
     from training.ssl_step import StudentViewBuilder, ssl_train_step
-    from training.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
 
     accelerator = Accelerator(cpu=True)
     student = copy.deepcopy(tiny_model).train()
@@ -140,9 +140,9 @@ def test_separate_backward_gives_the_gradient_of_the_summed_loss(tiny_model):
     """Two backward passes (the default, half the activation memory) == one backward of L_sup + L_unl."""
     from accelerate import Accelerator
 
+    from training.data.strong_augmentations import StrongAugmentation
     from training.ema import MeanTeacher
     from training.ssl_step import StudentViewBuilder, ssl_train_step
-    from training.strong_augmentations import StrongAugmentation
 
     accelerator = Accelerator(cpu=True)
     g = torch.Generator().manual_seed(1)

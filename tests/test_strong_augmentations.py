@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from training.strong_augmentations import (
+from training.data.strong_augmentations import (
     StrongAugmentation,
     StrongAugmentationConfig,
     adjust_brightness,

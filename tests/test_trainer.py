@@ -7,14 +7,14 @@ import math
 import torch
 from transformers import Trainer, TrainingArguments
 
-from training.collator import DearliDataCollator
+from training.data.collator import DearliDataCollator
 
 
 def test_trainer_runs_a_few_steps_with_finite_loss(coco_sample_dir, tmp_path):
     from modeling_dearli import tiny_model
-    from training.panoptic_data import load_class_names, load_coco_panoptic
-    from training.train_datasets import PanopticTrainDataset
-    from training.transforms import LargeScaleJitter
+    from training.data.panoptic_datasets import load_class_names, load_coco_panoptic
+    from training.data.train_datasets import PanopticTrainDataset
+    from training.data.transforms import LargeScaleJitter
 
     class_names = load_class_names("coco_panoptic")
     rows = load_coco_panoptic(coco_sample_dir / "images", coco_sample_dir / "panoptic",

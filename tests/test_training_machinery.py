@@ -7,15 +7,15 @@ import argparse
 import pytest
 import torch
 
-from training.checkpointing import NonFiniteError, assert_finite_parameters, list_checkpoints, resolve_resume_path
-from training.common import ResumableSampler, unpack_index
-from training.config_presets import (
+from training.arguments import (
     CONFIG_DIR,
     add_common_training_args,
     add_model_args,
     load_config_file,
     parse_args_with_config,
 )
+from training.checkpointing import NonFiniteError, assert_finite_parameters, list_checkpoints, resolve_resume_path
+from training.common import ResumableSampler, unpack_index
 from training.schedules import build_optimizer, build_poly_scheduler
 
 

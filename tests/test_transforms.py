@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.collator import DearliDataCollator
-from training.transforms import (
+from training.data.collator import DearliDataCollator
+from training.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     GeometricParams,
@@ -125,7 +125,7 @@ def test_panoptic_to_targets_ignores_void_crowd_and_missing():
 def test_sam_record_targets_follow_the_geometry():
     from pycocotools import mask as mask_utils
 
-    from training.transforms import sam_record_to_targets
+    from training.data.transforms import sam_record_to_targets
 
     dense = np.zeros((2, 30, 40), dtype=np.uint8)
     dense[0, 2:10, 3:20] = 1
@@ -165,7 +165,7 @@ def test_collator_pads_and_builds_pixel_mask():
 
 
 def test_collated_batch_runs_through_the_model(tiny_model):
-    from training.transforms import image_to_tensor
+    from training.data.transforms import image_to_tensor
 
     transform = LargeScaleJitter((48, 64), 0.5, 1.5)
     image, id_map = _coded_image(60, 90)

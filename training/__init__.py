@@ -1,0 +1,12 @@
+"""DEARLi training: three Accelerate loops on one shared loop, their machinery, and sub-packages by job.
+
+- Entry points: ``dewa.py`` (decoder warm-up on SAM masks), ``supervised.py`` (labeled images only), ``ssl.py``
+  (Mean Teacher with ensembled pseudo-labels); each is ``arguments`` -> set-up -> ``loop.run_training``.
+- Loop machinery: ``loop`` (the loop: resume, logging, checkpoint/evaluation timing, NaN guard, final save),
+  ``arguments`` (the one argument builder + YAML presets in ``configs/``), ``model_init``, ``ssl_step``, ``ema``,
+  ``pseudo_labels``, ``checkpointing``, ``schedules``.
+- ``data``: datasets (COCO panoptic, ADE20K, COCO-Objects; partitions, class names), ADE20K conversion, transforms,
+  strong augmentations, collation, training datasets, class-agnostic SAM masks.
+- ``evaluation``: panoptic quality and mIoU, validation during training, visualisation.
+- ``publishing``: Hub repository folders and model cards, conversion of the reference implementation's checkpoints.
+"""

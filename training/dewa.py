@@ -11,28 +11,26 @@ CLIP backbone runs under ``no_grad`` inside the model. The final model is saved 
 ``training/supervised.py``.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import argparse
+import logging
+from collections.abc import Sequence
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from accelerate.utils import set_seed
 
-from accelerate.utils import set_seed  # noqa: E402
-
-from training.common import build_image_processor, create_accelerator, setup_logging  # noqa: E402
-from training.config_presets import (  # noqa: E402
+from training.arguments import (
     add_common_training_args,
     add_model_args,
     crop_size_pair,
     parse_args_with_config,
 )
-from training.loop import TrainingResult, run_training  # noqa: E402
-from training.model_init import build_model  # noqa: E402
-from training.train_datasets import SamMasksTrainDataset  # noqa: E402
-from training.transforms import LargeScaleJitter  # noqa: E402
+from training.common import build_image_processor, create_accelerator, setup_logging
+from training.data.train_datasets import SamMasksTrainDataset
+from training.data.transforms import LargeScaleJitter
+from training.loop import TrainingResult, run_training
+from training.model_init import build_model
 
 logger = logging.getLogger("training.dewa")
 
@@ -70,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_dataset(args: argparse.Namespace) -> SamMasksTrainDataset:
     """SAM records of every --sam_masks_dir paired with its image folder, under the random scale/crop/flip."""
-    from training.sam_masks import load_sam_masks
+    from training.data.sam_masks import load_sam_masks
 
     image_dirs = args.image_dir * len(args.sam_masks_dir) if len(args.image_dir) == 1 else args.image_dir
     sources = []

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainingProgress, load_checkpoint, resolve_resume_path, save_checkpoint
-from .collator import DearliDataCollator
 from .common import (
     ResumableSampler,
     init_tracking,
@@ -27,6 +26,7 @@ from .common import (
     per_process_batch_size,
     save_final_model,
 )
+from .data.collator import DearliDataCollator
 from .schedules import build_optimizer, build_poly_scheduler
 
 __all__ = ["TrainingResult", "build_train_dataloader", "run_training"]

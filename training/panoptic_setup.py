@@ -1,8 +1,8 @@
 """Panoptic data setup shared by supervised.py and ssl.py: data arguments, labeled/validation datasets, validation.
 
 `add_panoptic_data_args` adds the dataset / partition / validation flags, `load_datasets` builds the labeled training
-set, the validation set and the label space from them (`training.panoptic_data` loaders and partitions), and
-`make_evaluator` wraps `training.validation.evaluate_panoptic` for a loop's periodic validation.
+set, the validation set and the label space from them (`training.data.panoptic_datasets` loaders and partitions), and
+`make_evaluator` wraps `training.evaluation.validation.evaluate_panoptic` for a loop's periodic validation.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .collator import DearliDataCollator
-from .validation import PanopticEvalDataset, evaluate_panoptic
+from .data.collator import DearliDataCollator
+from .evaluation.validation import PanopticEvalDataset, evaluate_panoptic
 
 __all__ = [
     "DATASETS",
@@ -80,7 +80,7 @@ def check_panoptic_data_args(parser: argparse.ArgumentParser, args: argparse.Nam
 
 def _restrict(ds: Any, class_names: Any) -> tuple[Any, Any]:
     """Keep only the classes present in `ds` (reloading would re-read files: remap the labels in place instead)."""
-    from .panoptic_data import ClassNames
+    from .data.panoptic_datasets import ClassNames
 
     present = sorted({s["category_id"] for segs in ds["segments_info"] for s in segs})
     index = class_names.id_to_label
@@ -97,7 +97,7 @@ def _restrict(ds: Any, class_names: Any) -> tuple[Any, Any]:
 
 def load_datasets(args: argparse.Namespace) -> tuple[Any, Any | None, Any]:
     """(labeled training set, validation set or None, ClassNames) from the data arguments."""
-    from . import panoptic_data as pd
+    from .data import panoptic_datasets as pd
 
     if args.dataset_name == "ade20k":
         train = pd.load_ade20k_panoptic(args.ade20k_root, "training", with_semantic=False)

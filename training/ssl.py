@@ -21,28 +21,32 @@ PQ and mIoU of the student and of the teacher. The final student is saved with `
 in ``--output_dir`` (the paper reports the student of the last iteration) and the teacher in ``--output_dir/teacher``.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import copy
+import json
+import logging
 import os
-import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from training.checkpointing import TrainingProgress, load_checkpoint, resolve_resume_path, save_checkpoint  # noqa: E402
-from training.collator import DearliDataCollator  # noqa: E402
-from training.common import (  # noqa: E402
+from training.arguments import (
+    add_common_training_args,
+    add_model_args,
+    crop_size_pair,
+    parse_args_with_config,
+)
+from training.checkpointing import TrainingProgress, load_checkpoint, resolve_resume_path, save_checkpoint
+from training.common import (
     build_image_processor,
     create_accelerator,
     init_tracking,
@@ -50,22 +54,17 @@ from training.common import (  # noqa: E402
     save_final_model,
     setup_logging,
 )
-from training.config_presets import (  # noqa: E402
-    add_common_training_args,
-    add_model_args,
-    crop_size_pair,
-    parse_args_with_config,
-)
-from training.ema import MeanTeacher  # noqa: E402
-from training.loop import TrainingResult, build_train_dataloader  # noqa: E402
-from training.model_init import adapt_class_names, build_model  # noqa: E402
-from training.schedules import build_optimizer, build_poly_scheduler  # noqa: E402
-from training.ssl_step import StudentViewBuilder, UnlabeledTrainDataset, ssl_train_step  # noqa: E402
-from training.strong_augmentations import StrongAugmentation, StrongAugmentationConfig  # noqa: E402
-from training.supervised import add_panoptic_data_args, flatten_metrics, load_datasets  # noqa: E402
-from training.train_datasets import PanopticTrainDataset  # noqa: E402
-from training.transforms import LargeScaleJitter  # noqa: E402
-from training.validation import PanopticEvalDataset, evaluate_panoptic  # noqa: E402
+from training.data.collator import DearliDataCollator
+from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
+from training.data.train_datasets import PanopticTrainDataset
+from training.data.transforms import LargeScaleJitter
+from training.ema import MeanTeacher
+from training.evaluation.validation import PanopticEvalDataset, evaluate_panoptic
+from training.loop import TrainingResult, build_train_dataloader
+from training.model_init import adapt_class_names, build_model
+from training.schedules import build_optimizer, build_poly_scheduler
+from training.ssl_step import StudentViewBuilder, UnlabeledTrainDataset, ssl_train_step
+from training.supervised import add_panoptic_data_args, flatten_metrics, load_datasets
 
 logger = logging.getLogger("training.ssl")
 
@@ -131,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def load_ssl_datasets(args: argparse.Namespace) -> tuple[Any, Any, Any | None, Any]:
     """(labeled, unlabeled, validation or None, ClassNames): the training set split by --partition/--labeled_fraction
     (loading, class restriction and validation set via `training.supervised.load_datasets`)."""
-    from training import panoptic_data as pd
+    from training.data import panoptic_datasets as pd
 
     full_args = copy.copy(args)
     full_args.partition, full_args.labeled_fraction = None, None

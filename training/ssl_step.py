@@ -1,12 +1,12 @@
 """One Mean Teacher step of DEARLi's semi-supervised stage (paper Sec. 3, Eq. 1-2), shared by ``training/ssl.py`` and
-``scripts/benchmark_training.py``.
+``scripts/benchmarks/benchmark_training.py``.
 
 Per step and process:
 
 1. **weak view** (from the data loader: random scale 0.1-2.0 of the crop size, crop, flip; RGB in ``[0, 1]``) ->
    teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors (Eq. 6) -> panoptic inference ->
    hard pseudo-labels (:mod:`training.pseudo_labels`);
-2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.strong_augmentations`), padding
+2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.data.strong_augmentations`), padding
    reset to the CLIP mean, then CutMix with the *next image of the local batch* (its strong pixels and its pseudo-label
    pasted in the box, segment ids kept distinct, stuff fused per class). Pairing within the batch avoids a second
    teacher forward per step (the reference loads and labels an extra unlabeled crop for the box instead); with one
@@ -31,10 +31,17 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import check_finite_loss, clip_and_check_gradients, unpack_index
+from .data.strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
+from .data.transforms import (
+    CLIP_MEAN,
+    LargeScaleJitter,
+    apply_to_image,
+    fixed_params,
+    normalize_image,
+    valid_pixel_mask,
+)
 from .ema import MeanTeacher
 from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segments_to_targets
-from .strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
-from .transforms import CLIP_MEAN, LargeScaleJitter, apply_to_image, fixed_params, normalize_image, valid_pixel_mask
 
 __all__ = ["UnlabeledTrainDataset", "UnlabeledTargets", "StudentViewBuilder", "SSLStepOutput", "ssl_train_step"]
 
@@ -59,7 +66,7 @@ class UnlabeledTrainDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        from .train_datasets import load_rgb_image
+        from .data.train_datasets import load_rgb_image
 
         index, seed = unpack_index(key)
         row = self.dataset[index]

@@ -12,35 +12,33 @@ clipping, periodic validation (PQ, mIoU with ensembled inference), checkpoints t
 ``save_pretrained`` (+ image processor) in ``--output_dir``.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import argparse
+import logging
+from collections.abc import Sequence
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from accelerate.utils import set_seed
 
-from accelerate.utils import set_seed  # noqa: E402
-
-from training.common import build_image_processor, create_accelerator, setup_logging  # noqa: E402
-from training.config_presets import (  # noqa: E402
+from training.arguments import (
     add_common_training_args,
     add_model_args,
     crop_size_pair,
     parse_args_with_config,
 )
-from training.loop import TrainingResult, run_training  # noqa: E402
-from training.model_init import build_model  # noqa: E402
-from training.panoptic_setup import (  # noqa: E402,F401  (re-exported: ssl.py imports them from here)
+from training.common import build_image_processor, create_accelerator, setup_logging
+from training.data.train_datasets import PanopticTrainDataset
+from training.data.transforms import LargeScaleJitter
+from training.loop import TrainingResult, run_training
+from training.model_init import build_model
+from training.panoptic_setup import (  # noqa: F401  (re-exported: ssl.py imports them from here)
     add_panoptic_data_args,
     check_panoptic_data_args,
     flatten_metrics,
     load_datasets,
     make_evaluator,
 )
-from training.train_datasets import PanopticTrainDataset  # noqa: E402
-from training.transforms import LargeScaleJitter  # noqa: E402
 
 logger = logging.getLogger("training.supervised")
 

@@ -8,30 +8,31 @@ Random outputs: ``--masks smooth`` (default) draws outputs like a trained model'
 smooth random partition, noisy duplicates that mostly predict "no object"); ``--masks noise`` uses white noise, the
 worst case for our boundary-only evaluation.
 
-    python scripts/benchmark_postprocess.py
+    python scripts/benchmarks/benchmark_postprocess.py
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import os
+
 # On a shared (oversubscribed) CPU, OpenMP's default spin-waiting makes every multi-threaded op wait for descheduled
 # threads; both processors are timed under the same setting (override by exporting OMP_WAIT_POLICY).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import logging
+import time
+from collections.abc import Callable
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import Mask2FormerImageProcessor  # noqa: E402
-from transformers.utils import ModelOutput  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import Mask2FormerImageProcessor
+from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
-from modeling_dearli.image_processing_dearli import DearliImageProcessor  # noqa: E402
+from modeling_dearli.image_processing_dearli import DearliImageProcessor
 
 logger = logging.getLogger("benchmark_postprocess")
 

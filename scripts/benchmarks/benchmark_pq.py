@@ -1,6 +1,6 @@
 """Time our PQ against panopticapi and hotcoco on the same few hundred synthetic image pairs.
 
-    python scripts/benchmark_pq.py [--num-images 300] [--workers N] [--repeats 3]
+    python scripts/benchmarks/benchmark_pq.py [--num-images 300] [--workers N] [--repeats 3]
 
 Pairs are perturbations of the shipped COCO panoptic sample (``shared/data/coco_panoptic_sample``): flipped ground
 truth, predictions shifted, with dropped, merged and relabelled segments and void holes. Two comparisons:
@@ -15,25 +15,24 @@ truth, predictions shifted, with dropped, merged and relabelled segments and voi
 Each timing is the best of ``--repeats`` runs, interleaved so background load hits every method alike.
 """
 
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
+
+# isort: split
+import argparse
+import contextlib
+import io
+import json
 import os
-import sys
+import tempfile
+import time
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from training.panoptic_data import default_shared_dir  # noqa: E402
-from training.panoptic_quality import PanopticQuality, evaluate_panoptic_folders, id2rgb, rgb2id  # noqa: E402
+from training.data.panoptic_datasets import default_shared_dir
+from training.evaluation.panoptic_quality import PanopticQuality, evaluate_panoptic_folders, id2rgb, rgb2id
 
 
 def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:

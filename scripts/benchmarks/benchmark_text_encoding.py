@@ -1,6 +1,6 @@
 """Time class-name encoding with the CLIP text tower over the used context vs OpenCLIP's full 77-token context.
 
-    python scripts/benchmark_text_encoding.py [--dataset coco_panoptic] [--num-classes 20] [--clip-model-name NAME]
+    python scripts/benchmarks/benchmark_text_encoding.py [--dataset coco_panoptic] [--num-classes 20] [--clip-model-name NAME]
 
 Builds the text tower of ``--clip-model-name`` (default: the paper's ConvNeXt-B, ``convnext_base_w``) with random
 weights (nothing is downloaded; the cost does not depend on the weights), encodes the first ``--num-classes`` class
@@ -10,21 +10,19 @@ token) and once with OpenCLIP's ``encode_text`` on the full context, and prints 
 difference between the two embeddings.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import argparse
+import copy
+import time
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import time  # noqa: E402
+import torch
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model  # noqa: E402
-from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms  # noqa: E402
-from training.panoptic_data import load_class_names  # noqa: E402
+from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
+from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms
+from training.data.panoptic_datasets import load_class_names
 
 
 def parse_args() -> argparse.Namespace:

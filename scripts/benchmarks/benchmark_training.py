@@ -1,7 +1,7 @@
 """Peak memory and seconds per step of a supervised step vs a semi-supervised (Mean Teacher) step, in one run.
 
-    python scripts/benchmark_training.py                       # tiny model, CPU, shipped COCO sample, 8 + 8 at 128x128
-    python scripts/benchmark_training.py --full_size --crop_size 640 --device cuda   # paper setting (random weights)
+    python scripts/benchmarks/benchmark_training.py                       # tiny model, CPU, shipped COCO sample, 8 + 8 at 128x128
+    python scripts/benchmarks/benchmark_training.py --full_size --crop_size 640 --device cuda   # paper setting (random weights)
 
 Both steps use the same labeled batch (``--labeled_batch_size`` crops of the shipped COCO images) and the same model
 and optimizer; the SSL step adds ``--unlabeled_batch_size`` unlabeled crops: teacher forward on the weak view, pseudo-
@@ -16,28 +16,26 @@ SSL / supervised. The issue's target is an absolute-peak ratio <= 1.6. For compa
 SSL step with one backward of the summed loss (``separate_backward=False``) instead of the default two passes.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+# isort: split
+import argparse
+import ctypes
+import json
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("benchmark_training")
 
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample"
+DEFAULT_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco_panoptic_sample"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -155,15 +153,15 @@ class CudaPeakMemory:
 # --------------------------------------------------------------------------------------------------------------------
 def build_batches(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """A labeled and an unlabeled batch of random crops of the sample images, and the dataset's class names."""
-    from training.collator import DearliDataCollator
-    from training.panoptic_data import load_coco_panoptic
+    from training.data.collator import DearliDataCollator
+    from training.data.panoptic_datasets import load_coco_panoptic
+    from training.data.train_datasets import PanopticTrainDataset
+    from training.data.transforms import LargeScaleJitter
     from training.ssl_step import UnlabeledTrainDataset
-    from training.train_datasets import PanopticTrainDataset
-    from training.transforms import LargeScaleJitter
 
     data_dir = Path(args.data_dir)
     ds = load_coco_panoptic(data_dir / "images", data_dir / "panoptic", data_dir / "panoptic_annotations.json")
-    from training.panoptic_data import dataset_class_names
+    from training.data.panoptic_datasets import dataset_class_names
 
     class_names = dataset_class_names(ds)
     transform = LargeScaleJitter(args.crop_size, 0.1, 2.0)
@@ -206,10 +204,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from training.common import optimization_step
+    from training.data.strong_augmentations import StrongAugmentation
     from training.ema import MeanTeacher
     from training.schedules import build_optimizer, build_poly_scheduler
     from training.ssl_step import StudentViewBuilder, ssl_train_step
-    from training.strong_augmentations import StrongAugmentation
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=args.mixed_precision)

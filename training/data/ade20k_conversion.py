@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.panoptic_quality import id2rgb
+from training.evaluation.panoptic_quality import id2rgb
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def category_color(category_id: int) -> list[int]:
 def ade20k_categories(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """COCO-style categories (id 1..150, name, isthing, color). ``names`` defaults to the shared class-name file."""
     if names is None:
-        from training.panoptic_data import load_class_names
+        from training.data.panoptic_datasets import load_class_names
 
         names = [n.split(",")[0] for n in load_class_names("ade20k").names]
     if len(names) != ADE20K_NUM_CLASSES:

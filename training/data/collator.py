@@ -37,7 +37,7 @@ class DearliDataCollator:
     - ``pixel_values`` are padded bottom/right with `pad_value` (0 = the CLIP mean after normalisation) to the largest
       height/width of the batch rounded up to a multiple of `size_divisor`, and stacked to (B, 3, H, W);
     - ``pixel_mask`` (B, H, W) int64 is 1 on real pixels: an example's own ``pixel_mask`` (e.g. from
-      `training.transforms.valid_pixel_mask`, which also marks a crop's padding) or its whole image, padded with 0;
+      `training.data.transforms.valid_pixel_mask`, which also marks a crop's padding) or its whole image, padded with 0;
     - ``mask_labels`` are padded with 0 to (n_i, H, W) and kept as a list (float), ``class_labels`` kept as a list
       (int64) — transformers' Mask2Former convention;
     - any other key is returned as a list (e.g. ``image_id``, ground truth for evaluation) unless `drop_extra_keys`.

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from training.panoptic_quality import VOID, rgb2id
+from training.evaluation.panoptic_quality import VOID, rgb2id
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def default_shared_dir() -> Path:
     env = os.environ.get("DEARLI_SHARED_DIR")
     if env:
         return Path(env)
-    return (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
+    return (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class ClassNames:
             raise KeyError(f"category id {category_id} is not in this label space") from None
 
     def categories(self) -> list[dict[str, Any]]:
-        """COCO-style category dicts (dataset ids) for :class:`training.panoptic_quality.PanopticQuality`."""
+        """COCO-style category dicts (dataset ids) for :class:`training.evaluation.panoptic_quality.PanopticQuality`."""
         return [{"id": c, "name": n, "isthing": int(t)} for c, n, t in zip(self.category_ids, self.first_names,
                                                                               self.is_thing)]
 
@@ -147,14 +147,14 @@ def read_class_names(
 def load_class_names(dataset: str, shared_dir: str | os.PathLike[str] | None = None) -> ClassNames:
     """Class names of ``ade20k``, ``coco_panoptic`` (alias ``coco``), ``coco_objects`` or ``sa1b`` with thing flags.
 
-    ADE20K things are the standard 100 (:data:`training.ade20k_panoptic.ADE20K_THING_IDS`); COCO things are ids
+    ADE20K things are the standard 100 (:data:`training.data.ade20k_conversion.ADE20K_THING_IDS`); COCO things are ids
     1..90; COCO-Objects' background (0) is stuff; the class-agnostic SA-1B class is a thing.
     """
     if dataset not in DATASET_CLASS_FILES:
         raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_CLASS_FILES)}")
     path = Path(shared_dir or default_shared_dir()) / "data" / "class_names" / DATASET_CLASS_FILES[dataset]
     if dataset == "ade20k":
-        from training.ade20k_panoptic import ADE20K_THING_IDS
+        from training.data.ade20k_conversion import ADE20K_THING_IDS
 
         things: Iterable[int] = ADE20K_THING_IDS
     elif dataset in ("coco", "coco_panoptic", "coco_objects"):
@@ -355,7 +355,7 @@ def load_ade20k_panoptic(
     ``annotations/<split>``) with ``ade20k_panoptic_{train,val}[.json]`` in ``panoptic_root`` (default ``root``).
     Adds the original semantic maps as ``semantic`` (for mIoU) unless ``with_semantic=False``.
     """
-    from training.ade20k_panoptic import SPLITS
+    from training.data.ade20k_conversion import SPLITS
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -547,7 +547,7 @@ class PanopticTarget:
         return np.where(np.isin(self.id_map, crowd), VOID, self.id_map)
 
     def eval_segments(self) -> list[dict[str, Any]]:
-        """Segments for :class:`~training.panoptic_quality.PanopticQuality` in the contiguous label space."""
+        """Segments for :class:`~training.evaluation.panoptic_quality.PanopticQuality` in the contiguous label space."""
         return [{"id": s["id"], "category_id": s["label"], "iscrowd": s["iscrowd"]} for s in self.segments]
 
     def semantic_map(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -571,8 +571,9 @@ def _image_array(value: Any) -> np.ndarray | None:
         with Image.open(value) as im:
             return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L", "I", "I;16") else im)
     if isinstance(value, dict):  # datasets.Image(decode=False)
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
         with Image.open(src) as im:

@@ -1,8 +1,8 @@
 """Augmented training datasets: panoptic ground truth (supervised / SSL labeled part) and SAM masks (DeWa).
 
 Both take an index or an ``(index, seed)`` pair from :class:`training.common.ResumableSampler`; the seed drives the
-geometric augmentation (:class:`training.transforms.LargeScaleJitter`), so an example is a pure function of
-``(index, seed)``. Items are dicts the :class:`training.collator.DearliDataCollator` collates::
+geometric augmentation (:class:`training.data.transforms.LargeScaleJitter`), so an example is a pure function of
+``(index, seed)``. Items are dicts the :class:`training.data.collator.DearliDataCollator` collates::
 
     {"pixel_values": (3, h, w) CLIP-normalised, "pixel_mask": (h, w) 1 = image / 0 = padding,
      "mask_labels": (n, h, w) float, "class_labels": (n,) int64, "image_id": ...}
@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .common import unpack_index
+from ..common import unpack_index
 from .transforms import (
     LargeScaleJitter,
     apply_to_id_map,
@@ -47,10 +47,10 @@ def load_rgb_image(path: str | os.PathLike, exif_transpose: bool = True) -> Imag
 
 
 class PanopticTrainDataset(Dataset):
-    """Ground-truth panoptic examples of a `training.panoptic_data` dataset under random scale / crop / flip.
+    """Ground-truth panoptic examples of a `training.data.panoptic_datasets` dataset under random scale / crop / flip.
 
     Args:
-        dataset: rows with ``image``, ``panoptic``, ``segments_info`` (see `training.panoptic_data`).
+        dataset: rows with ``image``, ``panoptic``, ``segments_info`` (see `training.data.panoptic_datasets`).
         transform: the geometric augmentation (None: the image as is).
         return_id_map: also return the augmented ``id_map`` (H, W) int64 and ``segments`` (for CutMix / debugging).
     """
@@ -64,7 +64,7 @@ class PanopticTrainDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        from .panoptic_data import panoptic_target_from_row
+        from .panoptic_datasets import panoptic_target_from_row
 
         index, seed = unpack_index(key)
         row = self.dataset[index]
@@ -100,7 +100,7 @@ class PanopticTrainDataset(Dataset):
 
 
 class SamMasksTrainDataset(Dataset):
-    """Class-agnostic DeWa examples: images with their SAM masks (`training.sam_masks.load_sam_masks` records).
+    """Class-agnostic DeWa examples: images with their SAM masks (`training.data.sam_masks.load_sam_masks` records).
 
     Args:
         sources: ``(records, image_root)`` pairs; a record's image is ``image_root / record["file_name"]`` (the

@@ -4,7 +4,7 @@
 Mask2Former's test-time ``ResizeShortestEdge``) and carries its ground truth at the original size;
 :func:`evaluate_panoptic` runs the model in eval mode and the processor's ``post_process_panoptic_segmentation`` /
 ``post_process_semantic_segmentation`` (ensembled posteriors, paper Eq. 6; standard panoptic inference) at the
-original size, and accumulates `training.panoptic_quality.PanopticQuality` across processes.
+original size, and accumulates `training.evaluation.panoptic_quality.PanopticQuality` across processes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class PanopticEvalDataset(Dataset):
-    """Validation examples of a `training.panoptic_data` dataset.
+    """Validation examples of a `training.data.panoptic_datasets` dataset.
 
     Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original (H, W)), ``gt_id_map`` (H, W) int64,
     ``gt_segments`` (contiguous ``category_id``, ``iscrowd``), ``gt_semantic`` (H, W) contiguous classes (255 ignore)
@@ -58,8 +58,8 @@ class PanopticEvalDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from .panoptic_data import panoptic_target_from_row, semantic_target_from_row
-        from .train_datasets import load_rgb_image
+        from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+        from ..data.train_datasets import load_rgb_image
 
         row = self.dataset[int(index[0] if isinstance(index, (tuple, list)) else index)]
         image = row["image"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from training.panoptic_quality import id2rgb
+from training.evaluation.panoptic_quality import id2rgb
 
 __all__ = [
     "Segment",

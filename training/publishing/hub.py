@@ -22,7 +22,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO_ROOT / "model_cards" / "dearli_model_card.md.j2"
 
 DEARLI_CITATION = """@article{martinovic2025dearli,

@@ -286,7 +286,7 @@ def dataset_vocabulary(dataset: str, shared_dir: str | Path | None = None) -> tu
     from the shared class-name files (the reference implementation's own prompt-engineered names)."""
     if dataset not in REFERENCE_DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {REFERENCE_DATASETS}")
-    from training.panoptic_data import load_class_names
+    from training.data.panoptic_datasets import load_class_names
 
     vocabulary = load_class_names(dataset, shared_dir=shared_dir)
     return list(vocabulary.names), list(vocabulary.thing_ids)

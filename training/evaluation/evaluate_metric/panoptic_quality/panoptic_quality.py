@@ -1,7 +1,7 @@
 """Panoptic quality (PQ, SQ, RQ) as a 🤗 ``evaluate`` metric, with exactly panopticapi's definitions.
 
-Load it by path: ``evaluate.load("<repo>/metrics/panoptic_quality")``. The algorithm lives in
-``training.panoptic_quality`` (the ``dearli`` package: ``pip install -e <repo>``); this module only adapts inputs.
+Load it by path: ``evaluate.load("<repo>/training/evaluation/evaluate_metric/panoptic_quality")``. The algorithm lives in
+``training.evaluation.panoptic_quality`` (the ``dearli`` package: ``pip install -e <repo>``); this module only adapts inputs.
 """
 
 import datasets
@@ -36,7 +36,7 @@ Args:
 Returns:
     dict with "All", "Things", "Stuff" ({"pq", "sq", "rq", "n"}), "per_class" (by category id) and "num_images".
 Examples:
-    >>> pq = evaluate.load("metrics/panoptic_quality")
+    >>> pq = evaluate.load("training/evaluation/evaluate_metric/panoptic_quality")
     >>> pq.compute(predictions=[[[1, 1], [2, 2]]], references=[[[1, 1], [2, 2]]],
     ...            prediction_segments=[[{"id": 1, "category_id": 0}, {"id": 2, "category_id": 1}]],
     ...            reference_segments=[[{"id": 1, "category_id": 0, "iscrowd": 0},
@@ -48,10 +48,10 @@ Examples:
 
 def _accumulator_class():
     try:
-        from training.panoptic_quality import PanopticQuality as Accumulator
+        from training.evaluation.panoptic_quality import PanopticQuality as Accumulator
     except ImportError as err:  # the metric file may have been copied into the evaluate cache
         raise ImportError(
-            "the panoptic_quality metric needs the dearli package (training.panoptic_quality): "
+            "the panoptic_quality metric needs the dearli package (training.evaluation.panoptic_quality): "
             "run `pip install -e <dearli repo>`"
         ) from err
     return Accumulator

@@ -1,0 +1,2 @@
+"""Evaluation: panoptic quality and mIoU (``panoptic_quality``; the same metric for the ``evaluate`` library in
+``evaluate_metric/panoptic_quality``), validation inside the training loops and pictures of predictions."""

@@ -1,0 +1,2 @@
+"""Publishing: Hub repository folders with model cards (``hub``) and conversion of the reference implementation's
+checkpoints (``reference_conversion``)."""

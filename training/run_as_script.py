@@ -1,0 +1,19 @@
+"""Imported by the first line of every command-line entry point (``training/{dewa,ssl,supervised}.py``, ``scripts/``).
+
+``python training/ssl.py`` (also under ``accelerate launch``) puts the script's own folder first on ``sys.path``. There,
+``training/ssl.py`` shadows the standard library's ``ssl`` for every later import (urllib, requests, huggingface_hub,
+...), and ``scripts/evaluate.py`` shadows the ``evaluate`` library. Importing this module removes the running script's
+folder from ``sys.path`` before anything else is imported; the project's own code is imported as the ``training`` and
+``modeling_dearli`` packages (installed with ``pip install -e .``, or on ``PYTHONPATH``). It does nothing when the
+entry point is imported as a module (tests, ``python -m training.ssl``).
+"""
+
+import os
+import sys
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_script = getattr(sys.modules.get("__main__"), "__file__", None)
+if _script:
+    _script_dir = os.path.dirname(os.path.abspath(_script))
+    if os.path.commonpath([_script_dir, _REPO_ROOT]) == _REPO_ROOT and _script_dir != _REPO_ROOT:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _script_dir]
