@@ -10,9 +10,12 @@ paper (alpha = 0.6). The reference implementation's ``GEOMETRIC_ENSEMBLE_ALPHA``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-__all__ = ["ensemble_class_probabilities", "class_probabilities"]
+__all__ = ["class_probabilities", "ensemble_class_probabilities", "output_field"]
 
 
 def _check_alpha(alpha: float | torch.Tensor) -> None:
@@ -78,20 +81,19 @@ def class_probabilities(outputs, alpha: float | torch.Tensor | None) -> torch.Te
     ``outputs`` is a model output (attribute or mapping access). ``alpha=None`` or missing/None CLIP logits give
     the plain decoder softmax.
     """
-    logits = _get_field(outputs, "class_queries_logits")
+    logits = output_field(outputs, "class_queries_logits")
     if logits is None:
         raise ValueError("outputs have no `class_queries_logits`")
-    clip = _get_field(outputs, "clip_class_logits")
+    clip = output_field(outputs, "clip_class_logits")
     if alpha is None or clip is None:
         return ensemble_class_probabilities(logits, None, 1.0)
     return ensemble_class_probabilities(logits, clip, alpha)
 
 
-def _get_field(outputs, name: str):
+def output_field(outputs: Any, name: str) -> Any:
+    """``outputs.<name>`` or ``outputs[name]`` (model outputs are ``ModelOutput`` objects; callers may pass plain
+    mappings), ``None`` when absent."""
     value = getattr(outputs, name, None)
-    if value is None and hasattr(outputs, "get"):
-        try:
-            value = outputs.get(name)
-        except Exception:  # noqa: BLE001 - foreign mapping types
-            value = None
+    if value is None and isinstance(outputs, Mapping):
+        value = outputs.get(name)
     return value

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from .ensembling import class_probabilities
+from .ensembling import class_probabilities, output_field
 from .segmentation_inference import (
     MASK_STRIDE,
     instance_inference,
@@ -38,7 +38,7 @@ try:  # PIL is a transformers vision dependency; keep the module importable with
 except ImportError:  # pragma: no cover
     Image = None
 
-__all__ = ["DearliImageProcessor", "CLIP_MEAN", "CLIP_STD", "rgb_to_id"]
+__all__ = ["DearliImageProcessor", "CLIP_MEAN", "CLIP_STD", "id_to_rgb", "rgb_to_id"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,10 +55,43 @@ class DearliImageProcessorKwargs(ImagesKwargs, total=False):
     mask_stride: int
 
 
-def rgb_to_id(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """COCO panoptic PNG colours ``(H, W, 3)`` to segment ids ``R + 256 G + 256^2 B`` (int64 ``(H, W)``)."""
-    rgb = torch.from_numpy(np.array(rgb, dtype=np.int64)) if not torch.is_tensor(rgb) else rgb.long()
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+def rgb_to_id(color: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG colours ``(H, W, 3+)`` -> segment ids ``R + 256 G + 256^2 B`` ``(H, W)`` (uint32 for uint8
+    input, int64 otherwise); a 2-D array is already an id map and is returned as is.
+
+    The one decoder of the colour encoding in the project (training data, PQ evaluation and this processor).
+    """
+    color = np.asarray(color)
+    if color.ndim == 2:
+        return color
+    if color.dtype == np.uint8:
+        h, w, c = color.shape
+        if c == 3 and color.flags.c_contiguous and h * w > 1:
+            # read each pixel's 3 bytes (plus the next pixel's first byte) as one little-endian uint32, then mask
+            out = np.empty(h * w, dtype=np.uint32)
+            view = np.ndarray(shape=(h * w - 1,), dtype="<u4", buffer=color, strides=(3,))
+            np.bitwise_and(view, 0xFFFFFF, out=out[:-1])
+            last = color[-1, -1].astype(np.uint32)
+            out[-1] = last[0] | (last[1] << 8) | (last[2] << 16)
+            return out.reshape(h, w)
+        out = color[..., 2].astype(np.uint32)
+        out <<= 8
+        out |= color[..., 1]
+        out <<= 8
+        out |= color[..., 0]
+        return out
+    color = color.astype(np.int64)
+    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+
+def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
+    """Segment id map ``(H, W)`` -> COCO panoptic colours ``(H, W, 3)`` uint8 (the inverse of :func:`rgb_to_id`)."""
+    id_map = np.asarray(id_map).astype(np.int64)
+    out = np.empty(id_map.shape + (3,), dtype=np.uint8)
+    out[..., 0] = id_map % 256
+    out[..., 1] = (id_map // 256) % 256
+    out[..., 2] = (id_map // (256 * 256)) % 256
+    return out
 
 
 class DearliImageProcessor(BaseImageProcessor):
@@ -279,14 +312,14 @@ class DearliImageProcessor(BaseImageProcessor):
 
     def _probs_and_sizes(self, outputs: Any, target_sizes: Any, ensemble_alpha: float | None):
         alpha = self.ensemble_alpha if ensemble_alpha is None else float(ensemble_alpha)
-        masks = _field(outputs, "masks_queries_logits")
+        masks = output_field(outputs, "masks_queries_logits")
         if masks is None:
             raise ValueError("outputs have no `masks_queries_logits`")
         probs = class_probabilities(outputs, alpha)
         num_classes = probs.shape[-1] - 1
         if self.num_labels is not None and num_classes != self.num_labels:
             raise ValueError(f"outputs have {num_classes} classes but the processor expects {self.num_labels}")
-        unpadded = _field(outputs, "unpadded_sizes")
+        unpadded = output_field(outputs, "unpadded_sizes")
         if target_sizes is not None:
             if torch.is_tensor(target_sizes):
                 target_sizes = target_sizes.tolist()
@@ -435,13 +468,6 @@ def binary_mask_to_coco_rle(mask: torch.Tensor) -> dict[str, Any]:
     return {"size": [int(height), int(width)], "counts": counts.tolist()}
 
 
-def _field(outputs: Any, name: str) -> Any:
-    value = getattr(outputs, name, None)
-    if value is None and isinstance(outputs, Mapping):
-        value = outputs.get(name)
-    return value
-
-
 def _check_size(size: dict[str, int]) -> dict[str, int]:
     if "shortest_edge" in size:
         if int(size["shortest_edge"]) <= 0:
@@ -581,7 +607,7 @@ def _map_to_ids(seg: Any, panoptic: bool) -> torch.Tensor:
     """A segmentation map -> int64 ``(H, W)`` ids (COCO RGB id-PNGs decoded with :func:`rgb_to_id`)."""
     if Image is not None and isinstance(seg, Image.Image):
         if seg.mode in ("RGB", "RGBA"):
-            return rgb_to_id(np.asarray(seg.convert("RGB")))
+            return torch.from_numpy(rgb_to_id(np.asarray(seg.convert("RGB"))).astype(np.int64))
         array = np.asarray(seg)
     elif isinstance(seg, torch.Tensor):
         array = seg.detach().cpu().numpy()
@@ -594,7 +620,7 @@ def _map_to_ids(seg: Any, panoptic: bool) -> torch.Tensor:
             raise ValueError("RGB-encoded segmentation maps must be uint8 (COCO panoptic PNG colours)")
         if not panoptic:
             raise ValueError("RGB panoptic id maps need instance_id_to_semantic_id")
-        return rgb_to_id(array[..., :3])
+        return torch.from_numpy(rgb_to_id(array[..., :3]).astype(np.int64))
     if array.ndim != 2:
         raise ValueError(f"segmentation maps must be (H, W) ids or (H, W, 3) COCO colours, got {array.shape}")
     if array.dtype.kind == "f":

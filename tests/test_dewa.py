@@ -17,8 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from safetensors.torch import load_file
 
+from modeling_dearli.image_processing_dearli import rgb_to_id
 from training.data.sam_masks import SAM_MASKS_SCHEMA
-from training.evaluation.panoptic_quality import rgb2id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model_preset", "tiny", "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
@@ -31,7 +31,7 @@ def _sam_records(sample_dir: Path, limit: int | None = None) -> list[dict]:
     records = []
     for ann in data["annotations"][:limit]:
         image = images[ann["image_id"]]
-        id_map = rgb2id(np.asarray(Image.open(sample_dir / "panoptic" / ann["file_name"]).convert("RGB")))
+        id_map = rgb_to_id(np.asarray(Image.open(sample_dir / "panoptic" / ann["file_name"]).convert("RGB")))
         masks = []
         for segment in ann["segments_info"]:
             rle = mask_utils.encode(np.asfortranarray((id_map == segment["id"]).astype(np.uint8)))

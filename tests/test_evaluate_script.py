@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.evaluation.panoptic_quality import id2rgb
+from modeling_dearli.image_processing_dearli import id_to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -49,7 +49,7 @@ def tiny_folder(tmp_path_factory) -> Path:
         img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
         img[:20] = (120, 160, 230)
         Image.fromarray(img).save(root / "images" / f"{k:012d}.jpg")
-        Image.fromarray(id2rgb(ids)).save(root / "panoptic" / f"{k:012d}.png")
+        Image.fromarray(id_to_rgb(ids)).save(root / "panoptic" / f"{k:012d}.png")
         images.append({"id": k, "file_name": f"{k:012d}.jpg", "height": 48, "width": 64})
         anns.append({"image_id": k, "file_name": f"{k:012d}.png", "segments_info": segs})
     (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))

@@ -130,7 +130,7 @@ def test_coco_panoptic_targets_round_trip():
         height, width = image.height, image.width
         assert masks.shape[1:] == out["pixel_values"].shape[2:] and masks.dtype == torch.float32
         assert not masks[:, height:].any() and not masks[:, :, width:].any()  # padding is void
-        ids = rgb_to_id(np.asarray(png))
+        ids = torch.from_numpy(rgb_to_id(np.asarray(png)).astype(np.int64))
         expected = {s["id"]: mapping[s["id"]] for s in segments if not s["iscrowd"] and (ids == s["id"]).any()}
         assert len(masks) == len(expected) and sum(s["iscrowd"] for s in segments) >= 1  # crowd dropped
         recovered = {}
@@ -151,7 +151,7 @@ def test_coco_targets_follow_the_resize():
     height, width = int(valid.any(1).sum()), int(valid.any(0).sum())
     assert (height, width) == (640, 959)
     assert masks.sum(0).max() <= 1 and not masks[:, ~valid].any()
-    resized = rgb_to_id(np.asarray(png.resize((width, height), Image.NEAREST)))
+    resized = torch.from_numpy(rgb_to_id(np.asarray(png.resize((width, height), Image.NEAREST))).astype(np.int64))
     kept = torch.tensor([i for i, c in mapping.items() if c >= 0])
     assert masks.sum() == torch.isin(resized, kept).sum()
 

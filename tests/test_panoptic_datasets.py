@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data.ade20k_conversion import ADE20K_THING_IDS, convert_annotation, prepare_ade20k_panoptic
+from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
+from training.data.ade20k_conversion import convert_annotation, prepare_ade20k_panoptic
 from training.data.panoptic_datasets import (
+    ADE20K_THING_IDS,
     ClassNames,
     dataset_class_names,
     load_ade20k_panoptic,
@@ -31,7 +33,7 @@ from training.data.panoptic_datasets import (
     split_labeled_unlabeled,
     to_coco_objects,
 )
-from training.evaluation.panoptic_quality import PanopticQuality, id2rgb, rgb2id
+from training.evaluation.panoptic_quality import PanopticQuality
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared"
@@ -75,7 +77,7 @@ def write_coco_folder(root: Path, with_unannotated: bool = True) -> dict:
                 s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
         name = f"{k:012d}"
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{name}.jpg")
-        Image.fromarray(id2rgb(ids)).save(root / "panoptic" / f"{name}.png")
+        Image.fromarray(id_to_rgb(ids)).save(root / "panoptic" / f"{name}.png")
         images.append({"id": k + 1, "file_name": f"{name}.jpg", "height": h, "width": w})
         anns.append({"image_id": k + 1, "file_name": f"{name}.png", "segments_info": segs})
     if with_unannotated:
@@ -333,7 +335,7 @@ def test_prepare_ade20k_and_load(tmp_path):
     assert len(data["categories"]) == 150 and sum(c["isthing"] for c in data["categories"]) == 100
     segs = data["annotations"][1]["segments_info"]
     assert sorted(s["category_id"] for s in segs) == [1, 3, 4, 8, 8, 20]
-    png = rgb2id(np.asarray(Image.open(root / "ade20k_panoptic_train" / "ADE_train_00000002.png")))
+    png = rgb_to_id(np.asarray(Image.open(root / "ade20k_panoptic_train" / "ADE_train_00000002.png")))
     assert set(np.unique(png).tolist()) == {0} | {s["id"] for s in segs}
 
     ds = load_ade20k_panoptic(root, "training", shared_dir=SHARED)

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
 from training.evaluation.panoptic_quality import (
     PanopticQuality,
     evaluate_panoptic_folders,
     format_report,
-    id2rgb,
     pq_image_stats,
     read_panoptic_png,
-    rgb2id,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ ENGINE_PARAMS = ["numpy", pytest.param("hotcoco", marks=pytest.mark.skipif(not _
 # --------------------------------------------------------------------------------------------------------------------
 def load_sample() -> tuple[dict, list[np.ndarray]]:
     data = json.loads((SAMPLE / "panoptic_annotations.json").read_text())
-    maps = [rgb2id(np.asarray(Image.open(SAMPLE / "panoptic" / a["file_name"]))).astype(np.int64)
+    maps = [rgb_to_id(np.asarray(Image.open(SAMPLE / "panoptic" / a["file_name"]))).astype(np.int64)
             for a in data["annotations"]]
     return data, maps
 
@@ -106,7 +105,7 @@ def make_gt_variant(ids: np.ndarray, segments: list[dict], rng: np.random.Genera
 
 def write_png(path: Path, ids: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(id2rgb(ids)).save(path)
+    Image.fromarray(id_to_rgb(ids)).save(path)
 
 
 def write_case(root: Path, gts: list[tuple[np.ndarray, list[dict]]], preds: list[tuple[np.ndarray, list[dict]]],
@@ -166,14 +165,14 @@ def perturbed_case(tmp_path_factory, sample):
 # --------------------------------------------------------------------------------------------------------------------
 # equality with panopticapi
 # --------------------------------------------------------------------------------------------------------------------
-def test_rgb2id_roundtrip():
+def test_rgb_to_id_roundtrip():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 256**3, size=(7, 9))
-    rgb = id2rgb(ids)
-    assert (rgb2id(rgb) == ids).all()
-    assert (rgb2id(np.ascontiguousarray(rgb[:, ::-1])) == ids[:, ::-1]).all()  # fast path
-    assert (rgb2id(rgb[:, ::-1]) == ids[:, ::-1]).all()  # non-contiguous path
-    assert (rgb2id(rgb.astype(np.int32)) == ids).all()
+    rgb = id_to_rgb(ids)
+    assert (rgb_to_id(rgb) == ids).all()
+    assert (rgb_to_id(np.ascontiguousarray(rgb[:, ::-1])) == ids[:, ::-1]).all()  # fast path
+    assert (rgb_to_id(rgb[:, ::-1]) == ids[:, ::-1]).all()  # non-contiguous path
+    assert (rgb_to_id(rgb.astype(np.int32)) == ids).all()
 
 
 @pytest.mark.parametrize("engine", ENGINE_PARAMS)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from modeling_dearli import segmentation_inference
 from modeling_dearli.ensembling import class_probabilities, ensemble_class_probabilities
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
 from modeling_dearli.mask_resampling import ResampleGrid
-from modeling_dearli import segmentation_inference
 from modeling_dearli.segmentation_inference import instance_inference, panoptic_inference, semantic_inference
 
 STRIDE = 4

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from modeling_dearli import DearliImageProcessor
-from training.evaluation.panoptic_quality import rgb2id
+from modeling_dearli.image_processing_dearli import rgb_to_id
 from training.evaluation.visualization import Segment, SegmentationResult, class_palette, from_semantic, overlay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_predict_panoptic_writes_png_json_overlay(model_dir, inputs, tmp_path, t
     for image_path in sorted((SAMPLE / "images").glob("*.jpg")):
         name = image_path.stem
         image = Image.open(image_path)
-        ids = rgb2id(np.asarray(Image.open(out / f"{name}.png"))).astype(np.int64)
+        ids = rgb_to_id(np.asarray(Image.open(out / f"{name}.png"))).astype(np.int64)
         assert ids.shape == (image.height, image.width)
         entry = json.loads((out / f"{name}.json").read_text())
         assert entry["file_name"] == f"{name}.png" and entry["task"] == "panoptic"
@@ -82,7 +82,7 @@ def test_predict_other_tasks(model_dir, tmp_path, task):
     entry = json.loads((out / "000000439180.json").read_text())
     assert entry["task"] == task and entry["segments_info"]
     if task == "semantic":  # one segment per class, covering the image
-        ids = rgb2id(np.asarray(Image.open(out / "000000439180.png")))
+        ids = rgb_to_id(np.asarray(Image.open(out / "000000439180.png")))
         assert (ids > 0).all()
         assert len({s["category_id"] for s in entry["segments_info"]}) == len(entry["segments_info"])
 

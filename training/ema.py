@@ -24,28 +24,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MeanTeacher", "unwrap_model", "ema_decay_at"]
+__all__ = ["MeanTeacher", "ema_decay_at"]
 
 # Sub-modules and buffers of DearliForPanopticSegmentation that never change during SSL training: shared, not copied.
 _SHARED_MODULES = ("backbone", "text_encoder", "criterion")
 _SHARED_BUFFERS = ("text_embeddings", "text_class_index")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / ``torch.compile`` wrappers (what ``accelerator.unwrap_model`` does)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ in {"DistributedDataParallel", "FullyShardedDataParallel"} and hasattr(model, "module")
-        ):
-            model = model.module
-        else:
-            return model
 
 
 def ema_decay_at(step: int, decay: float, ramp_up: bool) -> float:
@@ -79,7 +67,7 @@ class MeanTeacher:
     ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-        student = unwrap_model(student)
+        student = extract_model_from_parallel(student, keep_torch_compile=False)
         self.decay = float(decay)
         self.ramp_up = (teacher_state_dict is None) if ramp_up is None else bool(ramp_up)
         self.step = 0
@@ -136,7 +124,7 @@ class MeanTeacher:
     @torch.no_grad()
     def update(self, student: nn.Module) -> float:
         """One EMA step from the (possibly wrapped) student, after its optimizer step. Returns the decay used."""
-        student = unwrap_model(student)
+        student = extract_model_from_parallel(student, keep_torch_compile=False)
         decay = self.current_decay()
         teacher_params, student_params = self._pairs(student)
         student_params = [p.detach().to(t.dtype) for t, p in zip(teacher_params, student_params)]

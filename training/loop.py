@@ -26,15 +26,12 @@ from .common import (
     per_process_batch_size,
     save_final_model,
 )
-from .data.collator import DearliDataCollator
+from .data.collator import DearliDataCollator, model_inputs
 from .schedules import build_optimizer, build_poly_scheduler
 
 __all__ = ["TrainingResult", "build_train_dataloader", "run_training"]
 
 logger = logging.getLogger(__name__)
-
-MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
-
 
 @dataclass
 class TrainingResult:
@@ -116,7 +113,7 @@ def run_training(
     started = time.perf_counter()
     for step, epoch, batch in iterate_steps(accelerator, train_dataloader, start_step, args.max_train_steps):
         model.train()
-        outputs = model(**{k: batch[k] for k in MODEL_INPUT_KEYS if k in batch})
+        outputs = model(**model_inputs(batch))
         loss = outputs.loss
         # Errors name the 1-based step being taken (checkpoint step_N holds the state after N steps).
         grad_norm = optimization_step(accelerator, loss, optimizer, scheduler, parameters, step + 1,

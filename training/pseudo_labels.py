@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_dearli.ensembling import class_probabilities
+from modeling_dearli.ensembling import class_probabilities, output_field
 from modeling_dearli.segmentation_inference import panoptic_inference
 
 __all__ = ["PanopticPseudoLabels", "panoptic_pseudo_labels", "segments_to_targets"]
@@ -73,13 +73,6 @@ def segments_to_targets(
     return mask_labels, class_labels
 
 
-def _field(outputs, name: str):
-    value = getattr(outputs, name, None)
-    if value is None and isinstance(outputs, dict):
-        value = outputs.get(name)
-    return value
-
-
 @torch.no_grad()
 def panoptic_pseudo_labels(
     outputs,
@@ -103,7 +96,7 @@ def panoptic_pseudo_labels(
         unpadded_sizes: ``(B, 2)`` valid region per image; default ``outputs.unpadded_sizes`` or the whole input.
         threshold / overlap_threshold / mask_threshold: panoptic inference parameters (DEARLi: 0.0 / 0.8 / 0.5).
     """
-    mask_logits = _field(outputs, "masks_queries_logits")
+    mask_logits = output_field(outputs, "masks_queries_logits")
     probs = class_probabilities(outputs, alpha)
     batch = mask_logits.shape[0]
     device = mask_logits.device
@@ -111,7 +104,7 @@ def panoptic_pseudo_labels(
         image_size = (mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4)
     height, width = int(image_size[0]), int(image_size[1])
     if unpadded_sizes is None:
-        unpadded_sizes = _field(outputs, "unpadded_sizes")
+        unpadded_sizes = output_field(outputs, "unpadded_sizes")
     if unpadded_sizes is None:
         sizes = [(height, width)] * batch
     else:

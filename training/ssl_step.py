@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import check_finite_loss, clip_and_check_gradients, unpack_index
+from .data.collator import model_inputs
 from .data.strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
 from .data.transforms import (
     CLIP_MEAN,
@@ -46,9 +47,6 @@ from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segment
 __all__ = ["UnlabeledTrainDataset", "UnlabeledTargets", "StudentViewBuilder", "SSLStepOutput", "ssl_train_step"]
 
 logger = logging.getLogger(__name__)
-
-MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
-
 
 class UnlabeledTrainDataset(Dataset):
     """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
@@ -242,7 +240,7 @@ def ssl_train_step(
     targets = view_builder(unlabeled_batch["pixel_values"].float(), unlabeled_batch.get("pixel_mask"), generator,
                            teacher_context=accelerator.autocast)
 
-    labeled_inputs = {k: labeled_batch[k] for k in MODEL_INPUT_KEYS if k in labeled_batch}
+    labeled_inputs = model_inputs(labeled_batch)
     unlabeled_inputs = {"pixel_values": targets.pixel_values, "mask_labels": targets.mask_labels,
                         "class_labels": targets.class_labels}
     if separate_backward:

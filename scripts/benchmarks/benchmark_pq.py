@@ -31,8 +31,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
 from training.data.panoptic_datasets import default_shared_dir
-from training.evaluation.panoptic_quality import PanopticQuality, evaluate_panoptic_folders, id2rgb, rgb2id
+from training.evaluation.panoptic_quality import PanopticQuality, evaluate_panoptic_folders
 
 
 def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
@@ -40,7 +41,7 @@ def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
     data = json.loads((sample_dir / "panoptic_annotations.json").read_text())
     cats = data["categories"]
     cat_ids = [c["id"] for c in cats]
-    sources = [(rgb2id(np.asarray(Image.open(sample_dir / "panoptic" / a["file_name"]))).astype(np.int64), a)
+    sources = [(rgb_to_id(np.asarray(Image.open(sample_dir / "panoptic" / a["file_name"]))).astype(np.int64), a)
                for a in data["annotations"]]
     rng = np.random.default_rng(seed)
     (out_dir / "gt").mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
         for s in segs:  # areas as the JSON states them, after the flip they are unchanged
             s["bbox"] = list(s["bbox"])
         name = f"{k:06d}.png"
-        Image.fromarray(id2rgb(ids)).save(out_dir / "gt" / name)
+        Image.fromarray(id_to_rgb(ids)).save(out_dir / "gt" / name)
         images.append({"id": k, "file_name": name.replace(".png", ".jpg"), "height": ids.shape[0],
                        "width": ids.shape[1]})
         gt_anns.append({"image_id": k, "file_name": name, "segments_info": segs})
@@ -76,7 +77,7 @@ def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
         pred[y:y + 40, x:x + 40] = 0  # a void hole
         present = set(np.unique(pred).tolist())
         psegs = [s for s in psegs if s["id"] in present]
-        Image.fromarray(id2rgb(pred)).save(out_dir / "pred" / name)
+        Image.fromarray(id_to_rgb(pred)).save(out_dir / "pred" / name)
         pred_anns.append({"image_id": k, "file_name": name, "segments_info": psegs})
     (out_dir / "gt.json").write_text(json.dumps({"images": images, "annotations": gt_anns, "categories": cats}))
     (out_dir / "pred.json").write_text(json.dumps({"annotations": pred_anns}))
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     def ours_memory():
         acc = PanopticQuality(gt_data["categories"], gt_area="segments")
         for g, p in pairs:
-            acc.update(rgb2id(cache[os.path.join(pred_dir, p["file_name"])]), p["segments_info"],
-                       rgb2id(cache[os.path.join(gt_dir, g["file_name"])]), g["segments_info"])
+            acc.update(rgb_to_id(cache[os.path.join(pred_dir, p["file_name"])]), p["segments_info"],
+                       rgb_to_id(cache[os.path.join(gt_dir, g["file_name"])]), g["segments_info"])
         return acc.compute()
 
     memory_methods = {"panopticapi (1 core)": panopticapi_memory, "ours (1 core)": ours_memory}

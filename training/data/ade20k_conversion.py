@@ -32,21 +32,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.evaluation.panoptic_quality import id2rgb
+from modeling_dearli.image_processing_dearli import id_to_rgb
+
+from .panoptic_datasets import ADE20K_NUM_CLASSES, ADE20K_SPLITS, ADE20K_THING_IDS, load_class_names
 
 logger = logging.getLogger(__name__)
 
-# ADE20K-150 class ids of the 100 instance-benchmark classes, in instance-class order (instance class k -> entry k-1).
-# Source: the ADE20K instance/scene-parsing category correspondence used by the standard panoptic conversion.
-ADE20K_THING_IDS: tuple[int, ...] = (
-    8, 9, 11, 13, 15, 16, 19, 20, 21, 23, 24, 25, 28, 31, 32, 33, 34, 36, 37, 38,
-    39, 40, 42, 43, 44, 45, 46, 48, 50, 51, 54, 56, 57, 58, 59, 63, 65, 66, 67, 68,
-    70, 71, 72, 73, 74, 75, 76, 77, 79, 81, 82, 83, 84, 86, 87, 88, 89, 90, 91, 93,
-    94, 96, 98, 99, 103, 104, 105, 108, 109, 111, 112, 113, 116, 117, 119, 120, 121, 122, 124, 125,
-    126, 127, 128, 130, 131, 133, 134, 135, 136, 137, 138, 139, 140, 143, 144, 145, 147, 148, 149, 150,
-)  # fmt: skip
-ADE20K_NUM_CLASSES = 150
-SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 
 
 def category_color(category_id: int) -> list[int]:
@@ -60,8 +51,6 @@ def category_color(category_id: int) -> list[int]:
 def ade20k_categories(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """COCO-style categories (id 1..150, name, isthing, color). ``names`` defaults to the shared class-name file."""
     if names is None:
-        from training.data.panoptic_datasets import load_class_names
-
         names = [n.split(",")[0] for n in load_class_names("ade20k").names]
     if len(names) != ADE20K_NUM_CLASSES:
         raise ValueError(f"expected {ADE20K_NUM_CLASSES} ADE20K class names, got {len(names)}")
@@ -147,7 +136,7 @@ def _convert_one(
     if (height, width) != semantic.shape:
         raise ValueError(f"{sem_path}: size {semantic.shape[::-1]} differs from image {image_path} ({width}x{height})")
     id_map, segments = convert_annotation(semantic, instance, exact_areas=exact_areas, name=str(sem_path))
-    Image.fromarray(id2rgb(id_map)).save(out_dir / f"{stem}.png")
+    Image.fromarray(id_to_rgb(id_map)).save(out_dir / f"{stem}.png")
     image = {"id": stem, "file_name": image_path.name, "width": width, "height": height}
     annotation = {"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments}
     return image, annotation
@@ -168,9 +157,9 @@ def prepare_ade20k_panoptic(
     Returns the JSON path. Output defaults to ``root``.
     """
     root = Path(root)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    dirname = SPLITS[split]
+    if split not in ADE20K_SPLITS:
+        raise ValueError(f"split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
+    dirname = ADE20K_SPLITS[split]
     short = "train" if dirname == "training" else "val"
     image_dir = root / "images" / dirname
     semantic_dir = root / "annotations" / dirname

@@ -15,9 +15,15 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["DearliDataCollator", "pad_to_size"]
+__all__ = ["MODEL_INPUT_KEYS", "DearliDataCollator", "model_inputs", "pad_to_size"]
 
-_TENSOR_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
+# The keys of a collated batch that `DearliForPanopticSegmentation.forward` takes.
+MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's keyword arguments in a collated batch (extra keys such as ``image_id`` are left out)."""
+    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch}
 
 
 def pad_to_size(tensor: torch.Tensor, height: int, width: int, value: float = 0.0) -> torch.Tensor:
@@ -94,7 +100,7 @@ class DearliDataCollator:
             batch["class_labels"] = class_labels
 
         if not self.drop_extra_keys:
-            extra = {k for f in features for k in f} - set(_TENSOR_KEYS)
+            extra = {k for f in features for k in f} - set(MODEL_INPUT_KEYS)
             for key in sorted(extra):
                 batch[key] = [f.get(key) for f in features]
         return batch

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from training.evaluation.panoptic_quality import VOID, rgb2id
+from modeling_dearli.image_processing_dearli import rgb_to_id
+from training.evaluation.panoptic_quality import VOID
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ DATASET_CLASS_FILES = {
 }
 SPLIT_DIRS = {"ade20k": "ade20k", "coco": "coco", "coco_panoptic": "coco", "coco_objects": "coco"}
 COCO_MAX_THING_ID = 90  # COCO panoptic: category ids 1..90 are things, 92..200 stuff
+
+# ADE20K-150 class ids of the 100 instance-benchmark classes, in instance-class order (instance class k -> entry k-1).
+# Source: the ADE20K instance/scene-parsing category correspondence used by the standard panoptic conversion.
+ADE20K_THING_IDS: tuple[int, ...] = (
+    8, 9, 11, 13, 15, 16, 19, 20, 21, 23, 24, 25, 28, 31, 32, 33, 34, 36, 37, 38,
+    39, 40, 42, 43, 44, 45, 46, 48, 50, 51, 54, 56, 57, 58, 59, 63, 65, 66, 67, 68,
+    70, 71, 72, 73, 74, 75, 76, 77, 79, 81, 82, 83, 84, 86, 87, 88, 89, 90, 91, 93,
+    94, 96, 98, 99, 103, 104, 105, 108, 109, 111, 112, 113, 116, 117, 119, 120, 121, 122, 124, 125,
+    126, 127, 128, 130, 131, 133, 134, 135, 136, 137, 138, 139, 140, 143, 144, 145, 147, 148, 149, 150,
+)  # fmt: skip
+ADE20K_NUM_CLASSES = 150
+# ADE20K split names -> the ADEChallengeData2016 folder names.
+ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,15 +161,13 @@ def read_class_names(
 def load_class_names(dataset: str, shared_dir: str | os.PathLike[str] | None = None) -> ClassNames:
     """Class names of ``ade20k``, ``coco_panoptic`` (alias ``coco``), ``coco_objects`` or ``sa1b`` with thing flags.
 
-    ADE20K things are the standard 100 (:data:`training.data.ade20k_conversion.ADE20K_THING_IDS`); COCO things are ids
+    ADE20K things are the standard 100 (:data:`ADE20K_THING_IDS`); COCO things are ids
     1..90; COCO-Objects' background (0) is stuff; the class-agnostic SA-1B class is a thing.
     """
     if dataset not in DATASET_CLASS_FILES:
         raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_CLASS_FILES)}")
     path = Path(shared_dir or default_shared_dir()) / "data" / "class_names" / DATASET_CLASS_FILES[dataset]
     if dataset == "ade20k":
-        from training.data.ade20k_conversion import ADE20K_THING_IDS
-
         things: Iterable[int] = ADE20K_THING_IDS
     elif dataset in ("coco", "coco_panoptic", "coco_objects"):
         things = range(1, COCO_MAX_THING_ID + 1)
@@ -355,11 +367,9 @@ def load_ade20k_panoptic(
     ``annotations/<split>``) with ``ade20k_panoptic_{train,val}[.json]`` in ``panoptic_root`` (default ``root``).
     Adds the original semantic maps as ``semantic`` (for mIoU) unless ``with_semantic=False``.
     """
-    from training.data.ade20k_conversion import SPLITS
-
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    dirname = SPLITS[split]
+    if split not in ADE20K_SPLITS:
+        raise ValueError(f"split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
+    dirname = ADE20K_SPLITS[split]
     short = "train" if dirname == "training" else "val"
     root = Path(root)
     proot = Path(panoptic_root) if panoptic_root is not None else root
@@ -592,7 +602,7 @@ def panoptic_target_from_row(row: Mapping[str, Any], *, merge_stuff: bool = True
     color = _image_array(row["panoptic"])
     if color is None:
         raise ValueError(f"row {row.get('image_id')!r} has no panoptic annotation")
-    id_map = rgb2id(color).astype(np.int64)
+    id_map = rgb_to_id(color).astype(np.int64)
     segments = [
         {"id": int(s["id"]), "label": int(s["label"]), "category_id": int(s["category_id"]),
          "iscrowd": int(s["iscrowd"]), "isthing": bool(s["isthing"])}

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from modeling_dearli.image_processing_dearli import rgb_to_id
+
 logger = logging.getLogger(__name__)
 
 VOID = 0
@@ -38,8 +40,6 @@ ENGINES = ("auto", "hotcoco", "numpy")
 __all__ = [
     "VOID",
     "OFFSET",
-    "rgb2id",
-    "id2rgb",
     "read_panoptic_png",
     "pq_image_stats",
     "PanopticQuality",
@@ -49,46 +49,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# id maps
+# panoptic PNGs (colours -> ids with `modeling_dearli.image_processing_dearli.rgb_to_id`)
 # --------------------------------------------------------------------------------------------------------------------
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic colour (H, W, 3+) -> segment id map (``R + 256 G + 256^2 B``; uint32 for uint8 input).
-
-    2-D input is returned as is (already an id map).
-    """
-    color = np.asarray(color)
-    if color.ndim == 2:
-        return color
-    if color.dtype == np.uint8:
-        h, w, c = color.shape
-        if c == 3 and color.flags.c_contiguous and h * w > 1:
-            # read each pixel's 3 bytes (plus the next pixel's first byte) as one little-endian uint32, then mask
-            out = np.empty(h * w, dtype=np.uint32)
-            view = np.ndarray(shape=(h * w - 1,), dtype="<u4", buffer=color, strides=(3,))
-            np.bitwise_and(view, 0xFFFFFF, out=out[:-1])
-            last = color[-1, -1].astype(np.uint32)
-            out[-1] = last[0] | (last[1] << 8) | (last[2] << 16)
-            return out.reshape(h, w)
-        out = color[..., 2].astype(np.uint32)
-        out <<= 8
-        out |= color[..., 1]
-        out <<= 8
-        out |= color[..., 0]
-        return out
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
-
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """Segment id map (H, W) -> COCO panoptic colour (H, W, 3) uint8."""
-    id_map = np.asarray(id_map).astype(np.int64)
-    out = np.empty(id_map.shape + (3,), dtype=np.uint8)
-    out[..., 0] = id_map % 256
-    out[..., 1] = (id_map // 256) % 256
-    out[..., 2] = (id_map // (256 * 256)) % 256
-    return out
-
-
 def _decode_png(data: bytes) -> np.ndarray:
     """Decode PNG bytes with the fastest decoder available (libspng via imagecodecs, libpng via torchvision, PIL)."""
     decoder = _png_decoder()
@@ -153,7 +115,7 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
         arr = np.asarray(Image.open(io.BytesIO(data)))
     if arr.ndim == 3:
         arr = arr[..., :3]
-    return rgb2id(arr)
+    return rgb_to_id(arr)
 
 
 def _dense_index(values: np.ndarray, label_ids: np.ndarray, step: int = 1) -> np.ndarray:

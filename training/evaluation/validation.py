@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -79,10 +80,6 @@ class PanopticEvalDataset(Dataset):
         return item
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 @torch.no_grad()
 def evaluate_panoptic(
     model: nn.Module,
@@ -107,7 +104,7 @@ def evaluate_panoptic(
     Returns:
         `PanopticQuality.compute()` of all processes together (identical on every process).
     """
-    config = _unwrap(model).config
+    config = extract_model_from_parallel(model).config
     alpha = config.ensemble_alpha if alpha is None else alpha
     processor = DearliImageProcessor.from_model_config(config, ensemble_alpha=alpha)
     metric = PanopticQuality.from_class_names(config.class_names, config.thing_ids)

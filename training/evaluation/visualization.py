@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from training.evaluation.panoptic_quality import id2rgb
+from modeling_dearli.image_processing_dearli import id_to_rgb
 
 __all__ = [
     "Segment",
@@ -137,7 +137,7 @@ def from_instance(result: Mapping[str, Any], id2label: Mapping[int, str]) -> Seg
 
 def save_panoptic_png(path: str | os.PathLike, id_map: np.ndarray) -> None:
     """COCO panoptic PNG: segment id ``R + 256 G + 256^2 B`` per pixel, void = 0 (black)."""
-    Image.fromarray(id2rgb(id_map)).save(path)
+    Image.fromarray(id_to_rgb(id_map)).save(path)
 
 
 def segments_json(
