@@ -27,6 +27,8 @@ VILD_PROMPT_TEMPLATES: list[str] = [
 
 DEFAULT_CLIP_MODEL_NAME = "convnext_base_w_320"
 DEFAULT_CLIP_PRETRAINED = "laion_aesthetic_s13b_b82k_augreg"
+# Eq. 6 weight of the decoder posterior (paper: 0.6); the image processor's default too.
+DEFAULT_ENSEMBLE_ALPHA = 0.6
 
 
 def split_synonyms(class_name: str) -> list[str]:
@@ -137,7 +139,7 @@ class DearliConfig(PretrainedConfig):
         class_embed_layers: int = 3,
         logit_scale_init: float = 2.659260036932778,
         mask_pooling_threshold: float = 0.5,
-        ensemble_alpha: float = 0.6,
+        ensemble_alpha: float = DEFAULT_ENSEMBLE_ALPHA,
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,

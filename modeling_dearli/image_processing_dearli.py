@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from .ensembling import class_probabilities, output_field
+from .configuration_dearli import DEFAULT_ENSEMBLE_ALPHA
+from .ensembling import class_probabilities, output_field, resolve_ensemble_alpha
 from .segmentation_inference import (
     MASK_STRIDE,
     instance_inference,
@@ -108,7 +109,7 @@ class DearliImageProcessor(BaseImageProcessor):
         ignore_index: void value of semantic segmentation maps (used when no ``instance_id_to_semantic_id``).
         num_labels: number of classes ``C`` of the model (checked against outputs when set).
         label_ids_to_fuse: stuff class indices, fused per class in panoptic output and dropped from instance output.
-        ensemble_alpha: weight of the decoder posterior in Eq. 6 (``1 - alpha`` for CLIP); 0.6 in the paper.
+        ensemble_alpha: weight of the decoder posterior in Eq. 6 (``1 - ensemble_alpha`` for CLIP); 0.6 in the paper.
         mask_stride: input pixels per pixel of the predicted masks (4).
     """
 
@@ -128,7 +129,7 @@ class DearliImageProcessor(BaseImageProcessor):
         ignore_index: int = 255,
         num_labels: int | None = None,
         label_ids_to_fuse: Iterable[int] | None = None,
-        ensemble_alpha: float = 0.6,
+        ensemble_alpha: float = DEFAULT_ENSEMBLE_ALPHA,
         mask_stride: int = MASK_STRIDE,
         **kwargs: Any,
     ) -> None:
@@ -157,15 +158,15 @@ class DearliImageProcessor(BaseImageProcessor):
     @classmethod
     def from_model_config(cls, config: Any, **kwargs: Any) -> "DearliImageProcessor":
         """A processor matching a ``DearliConfig``: ``num_labels``, stuff classes (not in ``thing_ids``) to fuse and
-        ``ensemble_alpha``. ``kwargs`` override any setting (e.g. ``size``)."""
+        ``ensemble_alpha`` (``None`` or absent: the config's). ``kwargs`` override any setting (e.g. ``size``)."""
         num_labels = len(config.class_names)
         things = set(int(i) for i in getattr(config, "thing_ids", []) or [])
         defaults = {
             "num_labels": num_labels,
             "label_ids_to_fuse": [i for i in range(num_labels) if i not in things],
-            "ensemble_alpha": float(getattr(config, "ensemble_alpha", 0.6)),
         }
         defaults.update(kwargs)
+        defaults["ensemble_alpha"] = resolve_ensemble_alpha(kwargs.get("ensemble_alpha"), config)
         return cls(**defaults)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -311,11 +312,10 @@ class DearliImageProcessor(BaseImageProcessor):
     # Post-processing
 
     def _probs_and_sizes(self, outputs: Any, target_sizes: Any, ensemble_alpha: float | None):
-        alpha = self.ensemble_alpha if ensemble_alpha is None else float(ensemble_alpha)
         masks = output_field(outputs, "masks_queries_logits")
         if masks is None:
             raise ValueError("outputs have no `masks_queries_logits`")
-        probs = class_probabilities(outputs, alpha)
+        probs = class_probabilities(outputs, resolve_ensemble_alpha(ensemble_alpha, self))
         num_classes = probs.shape[-1] - 1
         if self.num_labels is not None and num_classes != self.num_labels:
             raise ValueError(f"outputs have {num_classes} classes but the processor expects {self.num_labels}")

@@ -1,12 +1,12 @@
 """Evaluate a DEARLi model on a validation set: PQ / SQ / RQ (All, Things, Stuff, per class) and mIoU.
 
     python scripts/evaluate.py --model PATH --dataset coco_panoptic --images-dir val2017 \
-        --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 [--alpha 0.6] [--output report.json]
+        --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
     python scripts/evaluate.py --model PATH --dataset ade20k --dataset-root ADEChallengeData2016
-    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # a dataset saved by training/data/panoptic_datasets
+    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # saved with save_to_disk
 
-Inference is ensembled (paper Eq. 6) with ``--alpha`` (default: the model's ``ensemble_alpha``). Runs on several
-processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end.
+Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``). Runs
+on several processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_dearli.ensembling import resolve_ensemble_alpha
 from training.data.panoptic_datasets import (
     ClassNames,
     dataset_class_names,
@@ -91,12 +92,13 @@ def evaluate(
     ds: Any,
     names: ClassNames,
     *,
-    alpha: float | None = None,
+    ensemble_alpha: float | None = None,
     batch_size: int = 1,
     accelerator: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``ds`` (this process's shard when ``accelerator`` spans several) and return the report."""
+    """Run ``model`` over ``ds`` (this process's shard when ``accelerator`` spans several) and return the report
+    (``ensemble_alpha``: Eq. 6 weight; ``None`` = the processor's)."""
     config = model.config
     if len(config.class_names) != len(names):
         raise SystemExit(f"the model has {len(config.class_names)} classes, the dataset {len(names)}")
@@ -117,9 +119,10 @@ def evaluate(
         with torch.no_grad():
             outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
         panoptic = processor.post_process_panoptic_segmentation(
-            outputs, threshold=0.0, label_ids_to_fuse=stuff, target_sizes=sizes, ensemble_alpha=alpha
+            outputs, threshold=0.0, label_ids_to_fuse=stuff, target_sizes=sizes, ensemble_alpha=ensemble_alpha
         )
-        semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, ensemble_alpha=alpha)
+        semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes,
+                                                                 ensemble_alpha=ensemble_alpha)
         for row, pan, sem in zip(rows, panoptic, semantic):
             target = panoptic_target_from_row(row)
             acc.update(pan["segmentation"].cpu(), pan["segments_info"], target.id_map, target.eval_segments(),
@@ -148,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
     parser.add_argument("--shared-dir", default=None, help="shared data folder with class_names/ "
                         "(default: <repo>/../shared)")
-    parser.add_argument("--alpha", type=float, default=None, help="ensembling factor of Eq. 6 (decoder weight; "
-                        "1 = decoder only, 0 = CLIP only); default: the model's ensemble_alpha")
+    parser.add_argument("--ensemble_alpha", "--ensemble-alpha", type=float, default=None,
+                        help="Eq. 6 weight of the decoder posterior (1 = decoder only, 0 = CLIP only); default: the "
+                        "model's config.ensemble_alpha")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
                         help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
@@ -172,16 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_model(args.model, device)
     if args.size is not None:
         processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
-    alpha = args.alpha if args.alpha is not None else float(getattr(model.config, "ensemble_alpha", 0.6))
+    ensemble_alpha = resolve_ensemble_alpha(args.ensemble_alpha, model.config)
     start = time.perf_counter()
-    report = evaluate(model, processor, ds, names, alpha=alpha, batch_size=args.batch_size, accelerator=accelerator,
-                      progress=not args.no_progress and accelerator.is_local_main_process)
-    report["alpha"] = alpha
+    report = evaluate(model, processor, ds, names, ensemble_alpha=ensemble_alpha, batch_size=args.batch_size,
+                      accelerator=accelerator, progress=not args.no_progress and accelerator.is_local_main_process)
+    report["ensemble_alpha"] = ensemble_alpha
     report["model"] = args.model
     report["seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
         print(format_report(report, per_class=args.per_class))
-        print(f"{report['num_images']} images, alpha={alpha}, {report['seconds']:.1f} s")
+        print(f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s")
         if args.output:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:

@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], default="panoptic",
                         help="Post-processing to run (default: panoptic).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="Eq. 6 ensembling weight of the decoder posterior (default: the model's, 0.6; "
-                             "1 = decoder only, 0 = CLIP only).")
+    parser.add_argument("--ensemble_alpha", "--ensemble-alpha", type=float, default=None,
+                        help="Eq. 6 weight of the decoder posterior (default: the image processor's, saved from the "
+                             "model's config.ensemble_alpha; 1 = decoder only, 0 = CLIP only).")
     parser.add_argument("--batch-size", type=int, default=4, help="Images per forward pass.")
     parser.add_argument("--threshold", type=float, default=None,
                         help="Minimal class probability of a segment (default: 0.0 panoptic, 0.5 instance).")
@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        parser.error("--alpha must lie in [0, 1]")
+    if args.ensemble_alpha is not None and not 0.0 <= args.ensemble_alpha <= 1.0:
+        parser.error("--ensemble_alpha must lie in [0, 1]")
     return args
 
 
@@ -175,17 +175,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.task == "panoptic":
                 raw = processor.post_process_panoptic_segmentation(
                     outputs, threshold=threshold, mask_threshold=args.mask_threshold,
-                    overlap_mask_area_threshold=args.overlap_threshold, target_sizes=sizes, ensemble_alpha=args.alpha,
+                    overlap_mask_area_threshold=args.overlap_threshold, target_sizes=sizes, ensemble_alpha=args.ensemble_alpha,
                 )
                 results = [from_panoptic(r, id2label, thing_ids) for r in raw]
             elif args.task == "semantic":
                 raw = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes,
-                                                                   ensemble_alpha=args.alpha)
+                                                                   ensemble_alpha=args.ensemble_alpha)
                 results = [from_semantic(r, id2label, thing_ids) for r in raw]
             else:
                 raw = processor.post_process_instance_segmentation(
                     outputs, threshold=threshold, mask_threshold=args.mask_threshold, target_sizes=sizes,
-                    ensemble_alpha=args.alpha,
+                    ensemble_alpha=args.ensemble_alpha,
                 )
                 results = [from_instance(r, id2label) for r in raw]
             for path, image, result in zip(kept, images, results):

@@ -71,8 +71,8 @@ def in_process_report(tiny_folder, tiny_model):
     ds = load_coco_panoptic(tiny_folder / "images", tiny_folder / "panoptic", tiny_folder / "panoptic.json")
     processor = DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 64,
                                                                                 "longest_edge": 128})
-    report = load_script().evaluate(tiny_model, processor, ds, dataset_class_names(ds), alpha=0.6, batch_size=2,
-                                    progress=False)
+    report = load_script().evaluate(tiny_model, processor, ds, dataset_class_names(ds), ensemble_alpha=0.6,
+                                    batch_size=2, progress=False)
     return report, ds, processor
 
 
@@ -103,15 +103,15 @@ def test_evaluate_matches_manual_loop(in_process_report, tiny_model):
 
 
 def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report, tmp_path):
-    """The command line on the saved model gives the in-process numbers (same weights, same alpha)."""
+    """The command line on the saved model gives the in-process numbers (same weights, same ensemble_alpha)."""
     out = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args_for(tiny_folder, tiny_model_dir, out, "--alpha", "0.6",
-                                                                  "--batch-size", "2")],
+    args = args_for(tiny_folder, tiny_model_dir, out, "--ensemble_alpha", "0.6", "--batch-size", "2")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PQ" in proc.stdout and "mIoU" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["num_images"] == 2 and report["alpha"] == 0.6
+    assert report["num_images"] == 2 and report["ensemble_alpha"] == 0.6
     expected = in_process_report[0]
     for key in ("All", "Things", "Stuff"):
         for m in ("pq", "sq", "rq", "n"):

@@ -47,7 +47,7 @@ def test_predict_panoptic_writes_png_json_overlay(model_dir, inputs, tmp_path, t
     predict = _load_script()
     out = tmp_path / "out"
     code = predict.main([str(SAMPLE / "images"), str(inputs / "*.jpg"), "--model", str(model_dir),
-                         "--output-dir", str(out), "--batch-size", "2", "--device", "cpu", "--alpha", "0.6"])
+                         "--output-dir", str(out), "--batch-size", "2", "--device", "cpu", "--ensemble_alpha", "0.6"])
     assert code == 0
     skipped = json.loads((out / "skipped.json").read_text())
     assert [Path(s["path"]).name for s in skipped] == ["corrupt.jpg"]
@@ -96,7 +96,7 @@ def test_predict_reports_missing_inputs(model_dir, tmp_path):
 def test_predict_cli_help():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), "--help"], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0 and "--alpha" in done.stdout and "--task" in done.stdout
+    assert done.returncode == 0 and "--ensemble_alpha" in done.stdout and "--task" in done.stdout
 
 
 def test_overlay_colours_outlines_and_labels():

@@ -29,11 +29,11 @@ def test_every_paper_run_has_a_preset():
 
 @pytest.mark.parametrize("preset", SSL_PRESETS)
 def test_presets_parse_with_paper_settings(preset):
-    from training.ssl import parse_args
+    from training.arguments import parse_args
 
     data = ["--ade20k_root", "ADE"] if "ade20k" in preset else [
         "--train_images_dir", "i", "--train_panoptic_dir", "p", "--train_annotations", "a.json"]
-    args = parse_args(["--config", preset, "--output_dir", "out", *data])
+    args = parse_args("ssl", ["--config", preset, "--output_dir", "out", *data])
     crop = 640 if "ade20k" in preset else 512
     assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.1, 2.0)
     assert (args.train_batch_size, args.unlabeled_batch_size, args.max_train_steps) == (8, 8, 80_000)
@@ -57,7 +57,7 @@ def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     scheduler = build_poly_scheduler(optimizer, 10)
     teacher = MeanTeacher(student, decay=0.999)
     builder = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_p=1.0)),
-                                 stuff_classes=[1, 2], num_classes=3, alpha=0.6)
+                                 stuff_classes=[1, 2], num_classes=3, ensemble_alpha=0.6)
     g = torch.Generator().manual_seed(0)
     masks = torch.zeros(2, 64, 64)
     masks[0, :32] = 1

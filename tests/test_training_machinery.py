@@ -1,4 +1,4 @@
-"""Shared training machinery: YAML presets + CLI, resumable sampler, schedule, checkpoint helpers, model init."""
+"""Loop machinery: YAML presets + the argument builder, resumable sampler, schedule, checkpoint helpers, model init."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import argparse
 
 import pytest
 import torch
+import yaml
 
 from training.arguments import (
     CONFIG_DIR,
     add_common_training_args,
     add_model_args,
+    build_parser,
     load_config_file,
     parse_args_with_config,
 )
 from training.checkpointing import NonFiniteError, assert_finite_parameters, list_checkpoints, resolve_resume_path
-from training.common import ResumableSampler, unpack_index
+from training.data.sampler import ResumableSampler, unpack_index
 from training.schedules import build_optimizer, build_poly_scheduler
 
 
@@ -60,14 +62,32 @@ def test_config_errors(tmp_path):
         parse_args_with_config(_parser(), ["--config", "no_such_preset"])
 
 
+def test_presets_inherit_from_their_bases(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("learning_rate: 0.5\ntrain_batch_size: 4\n")
+    (tmp_path / "base" / "b.yaml").write_text("_base_: a\ntrain_batch_size: 6\nseed: 3\n")
+    (tmp_path / "base" / "c.yaml").write_text("seed: 5\nlr-power: 2.0\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("_base_: [base/b, base/c]\nseed: 7\n")  # later bases win, the preset's own values win over all
+    assert load_config_file(run) == {"learning_rate": 0.5, "train_batch_size": 6, "seed": 7, "lr_power": 2.0}
+    args = parse_args_with_config(_parser(), ["--config", str(run), "--seed", "9"])
+    assert (args.learning_rate, args.train_batch_size, args.lr_power, args.seed) == (0.5, 6, 2.0, 9)
+    circular = tmp_path / "circular.yaml"
+    circular.write_text("_base_: circular\n")
+    with pytest.raises(ValueError, match="inherits from itself"):
+        load_config_file(circular)
+    # A paper run states only what differs from its stage and dataset bases.
+    run_keys = set(yaml.safe_load((CONFIG_DIR / "ssl_coco_objects_1_64.yaml").read_text()))
+    assert run_keys == {"_base_", "dataset_name", "partition", "project_name"}
+    assert load_config_file("ssl_coco_objects_1_64")["crop_size"] == [512]
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("ssl")))
 def test_packaged_presets_parse(name):
     """Every dewa/supervised preset parses with its loop's parser (the SSL presets are tested with ssl.py)."""
-    from training import dewa, supervised
-
-    module = dewa if name.startswith("dewa") else supervised
     values = load_config_file(name)
-    args = parse_args_with_config(module.build_parser(), ["--config", name, "--output_dir", "x"])
+    loop = "dewa" if name.startswith("dewa") else "supervised"
+    args = parse_args_with_config(build_parser(loop), ["--config", name, "--output_dir", "x"])
     assert args.output_dir == "x"
     for key, value in values.items():
         assert key == "output_dir" or getattr(args, key) == value, key

@@ -1,9 +1,17 @@
-"""Command-line arguments shared by the training loops, with YAML presets (`--config`) that the command line overrides.
+"""The one argument builder of the three training loops, with YAML presets (``--config``) that the command line
+overrides.
 
-Style of transformers' ``*_no_trainer.py`` examples: one argparse parser per loop, ``help=`` on every flag. A preset is
-a YAML mapping of flag names (``learning_rate`` or ``learning-rate``) to values; it replaces the parser's defaults, and
-any flag given on the command line wins over it. ``--config NAME`` without a path resolves to the packaged preset
-``training/configs/NAME.yaml``.
+Style of transformers' ``*_no_trainer.py`` examples: argparse with ``help=`` on every flag. :func:`build_parser` gives
+each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (SAM masks, or a panoptic dataset with its
+labeled partition and validation set), the semi-supervised settings (``ssl`` only), the options every loop shares
+(output, schedule, optimisation, checkpoints, tracking) and the initial model. :func:`parse_args` parses and checks
+them.
+
+A preset is a YAML mapping of flag names (``learning_rate`` or ``learning-rate``) to values; it replaces the parser's
+defaults, and any flag given on the command line wins over it. ``--config NAME`` without a path resolves to the packaged
+preset ``training/configs/NAME.yaml``. A preset may start from others, ``_base_: NAME`` or ``_base_: [NAME, ...]``
+(relative to its own folder, or packaged presets; later ones win), and state only what differs: the paper's runs
+inherit ``configs/base/<stage>.yaml`` and ``configs/base/<dataset>.yaml``.
 """
 
 from __future__ import annotations
@@ -17,15 +25,30 @@ import yaml
 
 __all__ = [
     "CONFIG_DIR",
+    "DATASETS",
+    "LOOPS",
     "add_common_training_args",
     "add_model_args",
-    "crop_size_pair",
+    "add_panoptic_data_args",
+    "add_sam_data_args",
+    "add_ssl_args",
+    "build_parser",
     "load_config_file",
+    "parse_args",
     "parse_args_with_config",
     "resolve_config_path",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BASE_KEY = "_base_"
+LOOPS = ("dewa", "supervised", "ssl")
+DATASETS = ("coco_panoptic", "coco_objects", "ade20k", "custom")
+# Defaults that differ between the loops (a --config preset overrides them, the command line overrides both).
+LOOP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dewa": {"train_batch_size": 16, "project_name": "dearli_dewa"},
+    "supervised": {"train_batch_size": 16, "project_name": "dearli_supervised"},
+    "ssl": {"train_batch_size": 8, "project_name": "dearli_ssl"},
+}
 
 
 def resolve_config_path(config: str | Path) -> Path:
@@ -40,14 +63,25 @@ def resolve_config_path(config: str | Path) -> Path:
     raise FileNotFoundError(f"Config {config!r} is neither a file nor a packaged preset (available: {available})")
 
 
-def load_config_file(config: str | Path) -> dict[str, Any]:
-    """Read a YAML preset into a dict with argparse-style keys (dashes become underscores)."""
-    path = resolve_config_path(config)
+def load_config_file(config: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML preset into a dict with argparse-style keys (dashes become underscores), its ``_base_`` presets
+    merged in first (see the module docstring)."""
+    path = resolve_config_path(config).resolve()
+    if path in _chain:
+        raise ValueError(f"Config {path} inherits from itself: {' -> '.join(str(p) for p in (*_chain, path))}")
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"Config {path} must be a YAML mapping of argument names to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    bases = data.pop(BASE_KEY, None)
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases or []:
+        local = path.parent / str(base)
+        found = next((c for c in (local, local.with_name(local.name + ".yaml")) if c.is_file()), None)
+        merged.update(load_config_file(found or str(base), (*_chain, path)))
+    merged.update(data)
+    return merged
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -90,22 +124,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     return args
 
 
-def crop_size_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    """``640`` or ``[512, 640]`` -> (height, width)."""
-    if isinstance(value, int):
-        return (value, value)
-    value = list(value)
-    if len(value) == 1:
-        return (int(value[0]), int(value[0]))
-    if len(value) != 2:
-        raise ValueError(f"crop size must be one or two ints, got {value}")
-    return (int(value[0]), int(value[1]))
-
-
 def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
     """Flags every loop shares (output, schedule, optimisation, checkpoints, tracking, data loading).
 
-    Keyword arguments override the defaults below (e.g. ``train_batch_size=16``); a `--config` preset overrides both.
+    Keyword arguments override the defaults below (e.g. ``train_batch_size=8``); a `--config` preset overrides both.
     """
     d = {
         "output_dir": None,
@@ -201,7 +223,131 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num_queries", type=int, default=None, help="Override the number of object queries of a fresh model.")
     g.add_argument("--train_num_points", type=int, default=None,
                    help="Override the number of points sampled for the mask losses (default of the config).")
+    g.add_argument("--ensemble_alpha", type=float, default=None,
+                   help="Eq. 6 weight of the decoder posterior (1 - ensemble_alpha for CLIP; 1 = decoder only), stored "
+                        "in the model's config: used by validation, the SSL teacher's pseudo-labels and the saved "
+                        "model (default: the initial model's, 0.6 for a fresh one).")
     g.add_argument("--model_config_overrides", type=str, default=None,
                    help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
                         '--init_from only loss settings such as class_weight or train_num_points).')
     return parser
+
+
+def add_sam_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeWa's data: class-agnostic SAM masks and the images they were generated from."""
+    g = parser.add_argument_group("SAM data")
+    g.add_argument("--sam_masks_dir", type=str, nargs="+", default=None,
+                   help="Output folder(s) of scripts/generate_sam_masks.py (parquet shards of SAM masks as RLE).")
+    g.add_argument("--image_dir", type=str, nargs="+", default=None,
+                   help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
+                        "one per --sam_masks_dir, or one for all.")
+    g.add_argument("--no_exif_transpose", action="store_true",
+                   help="Do not apply EXIF orientation to images (only if the masks were generated that way).")
+    return parser
+
+
+def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A panoptic dataset, its labeled partition and its validation set (supervised and semi-supervised loops)."""
+    g = parser.add_argument_group("panoptic data")
+    g.add_argument("--dataset_name", type=str, default="coco_panoptic", choices=DATASETS,
+                   help="Label space and loader: COCO panoptic (133 classes), COCO-Objects (81), ADE20K (150, "
+                        "after scripts/prepare_ade20k.py) or 'custom' (classes from the annotation JSON).")
+    g.add_argument("--ade20k_root", type=str, default=None,
+                   help="ADEChallengeData2016 folder (for --dataset_name ade20k; replaces the --train_*/--val_* "
+                        "folders).")
+    g.add_argument("--train_images_dir", type=str, default=None, help="Training images folder (COCO format).")
+    g.add_argument("--train_panoptic_dir", type=str, default=None, help="Training panoptic PNG folder.")
+    g.add_argument("--train_annotations", type=str, default=None, help="Training panoptic annotation JSON.")
+    g.add_argument("--val_images_dir", type=str, default=None, help="Validation images folder (COCO format).")
+    g.add_argument("--val_panoptic_dir", type=str, default=None, help="Validation panoptic PNG folder.")
+    g.add_argument("--val_annotations", type=str, default=None,
+                   help="Validation panoptic annotation JSON (no validation when no validation data is given).")
+    g.add_argument("--partition", type=str, default=None,
+                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K; shared/data/splits); "
+                        "supervised default: every training image is labeled. In semi-supervised training the other "
+                        "training images are the unlabeled data.")
+    g.add_argument("--labeled_fraction", type=float, default=None,
+                   help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
+    g.add_argument("--restrict_to_present_classes", action="store_true",
+                   help="Use only the classes that occur in the labeled training images (small demos).")
+    g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")
+    g.add_argument("--eval_shortest_edge", type=int, default=640,
+                   help="Validation images are resized so that their shorter side has this length.")
+    g.add_argument("--eval_max_size", type=int, default=2560, help="Cap of the longer side of validation images.")
+    g.add_argument("--eval_threshold", type=float, default=0.0,
+                   help="Panoptic inference: keep queries whose best class probability exceeds this (paper: 0).")
+    g.add_argument("--eval_overlap_threshold", type=float, default=0.8,
+                   help="Panoptic inference: minimal visible fraction of a query's mask (paper: 0.8).")
+    g.add_argument("--max_eval_images", type=int, default=None, help="Validate on at most this many images.")
+    g.add_argument("--eval_batch_size", type=int, default=1, help="Validation images per process and batch.")
+    return parser
+
+
+def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Mean Teacher, pseudo-label and strong-augmentation flags of the semi-supervised loop."""
+    g = parser.add_argument_group("semi-supervised learning")
+    g.add_argument("--unlabeled_batch_size", type=int, default=8,
+                   help="Unlabeled images per step over all processes (the labeled ones are --train_batch_size).")
+    g.add_argument("--unlabeled_weight", type=float, default=1.0,
+                   help="Weight of the unlabeled (pseudo-label) loss; the paper sums both losses (1.0).")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay gamma of the teacher (Eq. 2).")
+    g.add_argument("--teacher_init", type=str, default=None,
+                   help="Initial teacher weights (a save_pretrained DEARLi folder). Without it the teacher starts "
+                        "as a copy of the student and the decay ramps up as min(1 - 1/(t+1), gamma).")
+    g.add_argument("--pseudo_label_threshold", type=float, default=0.0,
+                   help="Teacher panoptic inference: keep queries whose best class probability exceeds this.")
+    g.add_argument("--pseudo_label_overlap_threshold", type=float, default=0.8,
+                   help="Teacher panoptic inference: minimal visible fraction of a query's mask.")
+    g.add_argument("--color_jitter_prob", type=float, default=1.0,
+                   help="Probability of colour jitter (0.8, 0.8, 0.8, 0.2) on the strong view (reference: always).")
+    g.add_argument("--grayscale_prob", type=float, default=0.2, help="Probability of grayscale on the strong view.")
+    g.add_argument("--blur_prob", type=float, default=0.5,
+                   help="Probability of Gaussian blur (sigma in [0.1, 2]) on the strong view.")
+    g.add_argument("--cutmix_prob", type=float, default=0.5,
+                   help="Probability of a CutMix box (2-40%% of the crop, aspect 0.3-3.3) per unlabeled image; 0 "
+                        "disables CutMix.")
+    g.add_argument("--final_model", type=str, default="student", choices=["student", "teacher"],
+                   help="Which model is saved in --output_dir (the other goes to a sub-folder 'teacher' or "
+                        "'student'). The paper evaluates the student of the last iteration.")
+    return parser
+
+
+def build_parser(loop: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a training loop (``"dewa"``, ``"supervised"`` or ``"ssl"``); `description` is its ``--help``."""
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; known: {LOOPS}")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if loop == "dewa":
+        add_sam_data_args(parser)
+    else:
+        add_panoptic_data_args(parser)
+    if loop == "ssl":
+        add_ssl_args(parser)
+    add_common_training_args(parser, **LOOP_DEFAULTS[loop])
+    add_model_args(parser)
+    return parser
+
+
+def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """Parse (``--config`` preset, then the command line) and check the arguments of a training loop."""
+    parser = build_parser(loop, description)
+    args = parse_args_with_config(parser, argv)
+    if not args.output_dir:
+        parser.error("--output_dir is required")
+    if loop == "dewa":
+        if not args.sam_masks_dir or not args.image_dir:
+            parser.error("--sam_masks_dir and --image_dir are required (on the command line or in --config)")
+        if len(args.image_dir) not in (1, len(args.sam_masks_dir)):
+            parser.error("give one --image_dir, or one per --sam_masks_dir")
+        return args
+    if args.dataset_name == "ade20k":
+        if not args.ade20k_root:
+            parser.error("--dataset_name ade20k needs --ade20k_root")
+    elif not (args.train_images_dir and args.train_panoptic_dir and args.train_annotations):
+        parser.error("--train_images_dir, --train_panoptic_dir and --train_annotations are required")
+    if loop == "ssl" and bool(args.partition) == bool(args.labeled_fraction):
+        parser.error("give exactly one of --partition and --labeled_fraction (the rest of the training set is the "
+                     "unlabeled data)")
+    if args.partition and args.labeled_fraction:
+        parser.error("give at most one of --partition and --labeled_fraction")
+    return args

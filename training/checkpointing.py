@@ -4,13 +4,12 @@ A checkpoint is ``<output_dir>/checkpoints/step_<N>/`` written by ``Accelerator.
 scheduler, the RNG states of every process (python, numpy, torch, cuda) and every object registered with
 ``accelerator.register_for_checkpointing`` — here a :class:`TrainingProgress` holding the step counter (plus any
 extra state a loop adds, e.g. the EMA step of the SSL teacher). The data position is derived from the step counter
-(see `training.common.ResumableSampler`), so a resumed run sees exactly the batches it would have seen.
+(see `training.data.sampler.ResumableSampler`), so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 from pathlib import Path
@@ -138,10 +137,3 @@ def load_checkpoint(accelerator: Any, path: str | Path, progress: TrainingProgre
     accelerator.load_state(str(path))
     logger.info("Resumed from %s at step %d", path, progress.step)
     return progress.step
-
-
-def is_finite_number(value: float | torch.Tensor) -> bool:
-    """True for a finite Python number or tensor (all elements)."""
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value).all())
-    return math.isfinite(float(value))

@@ -155,6 +155,16 @@ class MeanTeacher:
         squares = sum(w.double().square().sum() for w in weights)
         return torch.stack([torch.as_tensor(total), torch.as_tensor(squares)])
 
+    def check_synchronized(self, accelerator: Any) -> None:
+        """Raise if the teacher weights differ between processes (they must: every process averages the same
+        student); all processes must call it."""
+        if accelerator.num_processes == 1:
+            return
+        sums = accelerator.gather(self.checksum().to(accelerator.device)[None]).cpu()
+        if not bool((sums == sums[0]).all()):
+            raise RuntimeError(f"teacher weights differ across processes: {sums.tolist()}")
+        logger.info("Teacher weights identical on %d processes (EMA step %d)", accelerator.num_processes, self.step)
+
     def to(self, *args: Any, **kwargs: Any) -> "MeanTeacher":
         """Move the teacher's own (decoder) weights; the shared frozen parts move with the student."""
         self.teacher.to(*args, **kwargs)
@@ -200,6 +210,7 @@ class MeanTeacher:
         self.step = int(state["step"])
         self.decay = float(state.get("decay", self.decay))
         self.ramp_up = bool(state.get("ramp_up", self.ramp_up))
+        logger.info("Teacher restored at EMA step %d", self.step)
 
 
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -1,37 +1,347 @@
-"""The supervised-style Accelerate loop shared by `dewa.py` (SAM targets) and `supervised.py` (ground truth).
+"""The Accelerate training loop of all three entry points (``dewa.py``, ``supervised.py``, ``ssl.py``).
 
-One step: a batch of augmented examples -> Mask2Former loss -> guarded AdamW update (NaN/inf check, full-model
-gradient clipping) -> poly LR step. Around it: resumable data order, periodic checkpoints, logging, optional periodic
-validation, the final checkpoint and ``save_pretrained``.
+A loop is: :func:`setup_accelerator` (logging, mixed precision, trackers, seed) -> :func:`prepare_training` (one
+resumable data loader per training dataset, AdamW on the trainable parameters, poly schedule, ``accelerator.prepare``)
+-> :func:`run_training` with the loop's own step function. :func:`run_training` owns everything around the step:
+resuming (model, optimizer, scheduler, RNG, data position and any extra state such as the EMA teacher), logging
+(progress bar, windowed averages over processes, trackers), checkpoint and evaluation timing, the NaN guard (a
+non-finite loss or gradient norm raises :class:`training.checkpointing.NonFiniteError` with its step before anything
+is written) and the final ``save_pretrained`` of the model(s) with their image processor.
+
+A step function ``train_step(run, batches, step)`` gets the :class:`PreparedTraining`, one batch per dataset (by name)
+and the 1-based number of the step it takes (checkpoint ``step_N`` holds the state after N steps); it updates the
+weights (e.g. with :func:`optimization_step`) and returns a :class:`StepOutput`. :func:`supervised_step` is DeWa's and
+the supervised baseline's; :mod:`training.ssl_step` holds the semi-supervised one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpointing import TrainingProgress, load_checkpoint, resolve_resume_path, save_checkpoint
-from .common import (
-    ResumableSampler,
-    init_tracking,
-    iterate_steps,
-    optimization_step,
-    per_process_batch_size,
-    save_final_model,
+from modeling_dearli.image_processing_dearli import DearliImageProcessor
+
+from .checkpointing import (
+    NonFiniteError,
+    TrainingProgress,
+    assert_finite_parameters,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
 )
 from .data.collator import DearliDataCollator, model_inputs
+from .data.sampler import ResumableSampler
 from .schedules import build_optimizer, build_poly_scheduler
 
-__all__ = ["TrainingResult", "build_train_dataloader", "run_training"]
+__all__ = [
+    "PreparedTraining",
+    "StepOutput",
+    "TrainingResult",
+    "build_train_dataloader",
+    "check_finite_loss",
+    "clip_and_check_gradients",
+    "final_layer_terms",
+    "iterate_steps",
+    "optimization_step",
+    "per_process_batch_size",
+    "prepare_training",
+    "run_training",
+    "save_final_model",
+    "setup_accelerator",
+    "supervised_step",
+]
 
 logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Set-up: accelerator, logging, tracking
+# --------------------------------------------------------------------------------------------------------------------
+def setup_logging(accelerator: Any) -> None:
+    """transformers-example logging: INFO on the main process, errors only elsewhere."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        logging.getLogger().setLevel(logging.ERROR)
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def resolve_mixed_precision(mixed_precision: str | None) -> str:
+    """'auto' -> 'bf16' on a CUDA device with bf16 support, 'fp16' on other CUDA devices, 'no' elsewhere (CPU, or
+    ``accelerate launch --cpu``); other values are returned unchanged."""
+    if mixed_precision not in (None, "auto"):
+        return mixed_precision
+    from accelerate import PartialState
+
+    device = PartialState().device
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def setup_accelerator(args: Any, **kwargs: Any):
+    """The run's `Accelerator` (``--output_dir``, ``--mixed_precision``, ``--with_tracking``, ``--report_to``), with
+    transformers-example logging and ``--seed`` set (the same on every process, for the model initialisation).
+
+    The LR scheduler is stepped once per optimisation step whatever the number of processes
+    (``step_scheduler_with_optimizer=False``): ``--train_batch_size`` is the global batch, so the schedule length does
+    not depend on the process count. Tracker logs go to ``<output_dir>/logs``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if not args.output_dir:
+        raise ValueError("--output_dir is required")
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    log_with = None
+    if args.with_tracking:
+        log_with = [name.strip() for name in str(args.report_to).split(",") if name.strip()]
+        log_with = "all" if log_with == ["all"] else log_with
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=log_with,
+        project_config=project_config,
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    setup_logging(accelerator)
+    logger.info(accelerator.state)
+    set_seed(args.seed)
+    return accelerator
+
+
+def _hparam(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def init_tracking(accelerator: Any, args: Any) -> None:
+    """Start the trackers (``--with_tracking``) with the run's arguments as hyper-parameters."""
+    if args.with_tracking:
+        config = {k: _hparam(v) for k, v in sorted(vars(args).items())}
+        accelerator.init_trackers(args.project_name, config=config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data loaders and the step sequence
+# --------------------------------------------------------------------------------------------------------------------
+def per_process_batch_size(global_batch_size: int, num_processes: int) -> int:
+    """The per-process share of a global batch (must divide evenly)."""
+    if global_batch_size < num_processes or global_batch_size % num_processes:
+        raise ValueError(
+            f"the global batch size {global_batch_size} must be a positive multiple of the {num_processes} processes"
+        )
+    return global_batch_size // num_processes
+
+
+def build_train_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    num_processes: int,
+    *,
+    seed: int,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A drop-last loader of per-process shares of the global `batch_size` over a :class:`ResumableSampler` (epochs
+    of at least one global batch, so tiny datasets repeat)."""
+    sampler = ResumableSampler(len(dataset), seed=seed, shuffle=True, epoch_length=max(len(dataset), batch_size))
+    return DataLoader(
+        dataset,
+        batch_size=per_process_batch_size(batch_size, num_processes),
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        collate_fn=collate_fn or DearliDataCollator(),
+        # A private generator: creating loader iterators must not consume the global torch RNG, which the loss's
+        # point sampling uses and checkpoints restore.
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def iterate_steps(
+    accelerator: Any, dataloader: Any, start_step: int, max_steps: int
+) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(step, epoch, batch)`` for steps ``start_step .. max_steps - 1`` of a prepared, `drop_last` data loader
+    whose sampler is a :class:`ResumableSampler`: epoch ``step // len(dataloader)``, skipping the batches an
+    interrupted run had already consumed in that epoch (``accelerator.skip_first_batches``)."""
+    steps_per_epoch = len(dataloader)
+    if steps_per_epoch < 1:
+        raise ValueError("the training data loader yields no full batch: lower the batch size or add data")
+    step = start_step
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while step < max_steps:
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        # Accelerate's loaders call set_epoch(self.iteration) when iterated: set it on the loader we iterate.
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield step, epoch, batch
+            step += 1
+            if step >= max_steps:
+                return
+        epoch, skip = epoch + 1, 0
+
+
+@dataclass
+class PreparedTraining:
+    """What a step function works with: the Accelerate-prepared model, optimizer, scheduler and data loaders (by
+    dataset name), the trainable parameters (clipped together) and the gradient-clipping norm."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    dataloaders: dict[str, Any]
+    batch_sizes: dict[str, int]
+    parameters: list[nn.Parameter]
+    gradient_clip: float = 0.0
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def prepare_training(
+    args: Any, accelerator: Any, model: nn.Module, datasets: Mapping[str, tuple[Dataset, int]]
+) -> PreparedTraining:
+    """Data loaders for `datasets` (name -> (dataset, global batch size); the i-th draws its order and augmentation
+    seeds from ``--seed`` + i), AdamW over the trainable parameters (``--learning_rate``, ``--weight_decay``) and the
+    poly schedule (``--max_train_steps``, ``--lr_power``, ``--lr_warmup_steps``), all prepared by `accelerator`.
+
+    Re-seeds per process first (``set_seed(device_specific=True)``): the loss samples different points on each process.
+    """
+    set_seed(args.seed, device_specific=True)
+    loaders = [
+        build_train_dataloader(dataset, batch_size, accelerator.num_processes, seed=args.seed + i,
+                               num_workers=args.num_workers)
+        for i, (dataset, batch_size) in enumerate(datasets.values())
+    ]
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = build_poly_scheduler(optimizer, args.max_train_steps, args.lr_power, args.lr_warmup_steps)
+    model, optimizer, *loaders, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
+    return PreparedTraining(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dataloaders=dict(zip(datasets, loaders)),
+        batch_sizes={name: batch_size for name, (_, batch_size) in datasets.items()},
+        parameters=[p for group in optimizer.param_groups for p in group["params"]],
+        gradient_clip=args.gradient_clip,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The guarded update (NaN guard)
+# --------------------------------------------------------------------------------------------------------------------
+def final_layer_terms(loss_dict: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
+    """The final decoder layer's loss terms as floats (auxiliary ones end in ``_<layer>`` and are left out)."""
+    return {k: float(v.detach().float()) for k, v in (loss_dict or {}).items() if not k[-1].isdigit()}
+
+
+def check_finite_loss(
+    accelerator: Any, loss: torch.Tensor, step: int, loss_dict: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Raise :class:`NonFiniteError` on every process when the loss of any process is NaN/inf (call before backward,
+    so nothing non-finite reaches the weights or a checkpoint)."""
+    finite = torch.isfinite(loss.detach().float()).all().reshape(1).float().to(accelerator.device)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    if not bool((finite > 0).all()):
+        terms = final_layer_terms(loss_dict)
+        terms_text = " (" + ", ".join(f"{k}={v:.4g}" for k, v in sorted(terms.items())) + ")" if terms else ""
+        message = f"non-finite loss at step {step}: {float(loss.detach().float())}{terms_text}"
+        logger.error(message)
+        raise NonFiniteError(message, step)
+
+
+def clip_and_check_gradients(
+    accelerator: Any, parameters: Sequence[nn.Parameter], max_norm: float, step: int
+) -> float:
+    """Clip the global gradient norm of `parameters` (``max_norm <= 0``: only measure it) and return the norm before
+    clipping. A non-finite norm raises :class:`NonFiniteError` unless an fp16 grad scaler is active (it then skips the
+    step itself)."""
+    if accelerator.sync_gradients is False:
+        return float("nan")
+    if max_norm and max_norm > 0:
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    else:
+        grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+    norm = float(norm)
+    if not math.isfinite(norm) and accelerator.scaler is None:
+        message = f"non-finite gradient norm at step {step}: {norm}"
+        logger.error(message)
+        raise NonFiniteError(message, step)
+    return norm
+
+
+def optimization_step(
+    accelerator: Any,
+    loss: torch.Tensor,
+    optimizer: Any,
+    scheduler: Any,
+    parameters: Sequence[nn.Parameter],
+    step: int,
+    gradient_clip: float = 0.0,
+    loss_dict: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """One guarded update: check the loss is finite (all processes), backward, clip the full-model gradient norm
+    (raising on a non-finite norm), optimizer and LR-scheduler step, zero the gradients. Returns the gradient norm
+    before clipping."""
+    check_finite_loss(accelerator, loss, step, loss_dict)
+    accelerator.backward(loss)
+    norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Steps and the loop
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    """What one step reports for logging. `metrics` (``"loss"`` first) are averaged over the processes at every step
+    and over the logging window; `last` values (gradient norm, EMA decay, loss terms) are logged as they are."""
+
+    metrics: dict[str, float]
+    last: dict[str, float] = field(default_factory=dict)
+
+
+def supervised_step(run: PreparedTraining, batches: Mapping[str, Any], step: int) -> StepOutput:
+    """DeWa's and the supervised baseline's step: the model's Mask2Former loss on one batch -> guarded update."""
+    (batch,) = batches.values()
+    outputs = run.model(**model_inputs(batch))
+    grad_norm = optimization_step(run.accelerator, outputs.loss, run.optimizer, run.scheduler, run.parameters, step,
+                                  run.gradient_clip, outputs.loss_dict)
+    return StepOutput({"loss": float(outputs.loss.detach().float())},
+                      {"grad_norm": grad_norm, **final_layer_terms(outputs.loss_dict)})
+
 
 @dataclass
 class TrainingResult:
@@ -45,55 +355,48 @@ class TrainingResult:
     metrics: dict[str, Any] | None = None
 
 
-def build_train_dataloader(
-    dataset: Dataset, args: Any, num_processes: int, collate_fn: Callable | None = None
-) -> tuple[DataLoader, ResumableSampler]:
-    """A drop-last loader of per-process batches over a :class:`ResumableSampler` (epochs of at least one global
-    batch, so tiny datasets repeat)."""
-    batch_size = per_process_batch_size(args.train_batch_size, num_processes)
-    sampler = ResumableSampler(len(dataset), seed=args.seed, shuffle=True,
-                               epoch_length=max(len(dataset), args.train_batch_size))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=args.num_workers,
-        collate_fn=collate_fn or DearliDataCollator(),
-        # A private generator: creating loader iterators must not consume the global torch RNG, which the loss's
-        # point sampling uses and checkpoints restore.
-        generator=torch.Generator().manual_seed(args.seed),
-        persistent_workers=False,
-    )
-    return loader, sampler
+def save_final_model(accelerator: Any, model: nn.Module, output_dir: str | Path) -> None:
+    """``save_pretrained`` of the unwrapped model (safetensors; refuses non-finite weights) and of its image
+    processor (``DearliImageProcessor.from_model_config``: its classes, stuff classes and ``ensemble_alpha``) into
+    `output_dir`, from the main process."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    assert_finite_parameters(unwrapped)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir, save_function=accelerator.save, safe_serialization=True)
+        DearliImageProcessor.from_model_config(unwrapped.config).save_pretrained(output_dir)
+        logger.info("Saved the final model to %s", output_dir)
+    accelerator.wait_for_everyone()
 
 
 def run_training(
     args: Any,
-    accelerator: Any,
-    model: torch.nn.Module,
-    train_dataset: Dataset,
+    run: PreparedTraining,
+    train_step: Callable[[PreparedTraining, dict[str, Any], int], StepOutput] = supervised_step,
     *,
-    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
-    eval_steps: int = 0,
-    image_processor: Any = None,
-    collate_fn: Callable | None = None,
+    checkpointed: Sequence[Any] = (),
+    before_checkpoint: Callable[[], None] | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    final_models: Mapping[str, nn.Module] | None = None,
 ) -> TrainingResult:
-    """Train `model` on `train_dataset` for ``args.max_train_steps`` steps (resuming if asked), then save it.
+    """Run ``train_step`` for steps ``1 .. --max_train_steps`` (resuming with ``--resume_from_checkpoint``), then save.
 
-    `evaluate(model, step)` (optional) returns scalar metrics; it runs every `eval_steps` steps (0: never) and after
-    the last step. Uses ``args``: seed, train_batch_size, num_workers, learning_rate, weight_decay, lr_power,
-    lr_warmup_steps, max_train_steps, gradient_clip, checkpointing_steps, checkpoints_total_limit,
-    resume_from_checkpoint, output_dir, logging_steps, with_tracking.
+    Args:
+        checkpointed: extra state saved in every checkpoint and restored on resume (objects with ``state_dict`` /
+            ``load_state_dict``, e.g. the EMA teacher).
+        before_checkpoint: called on every process before each checkpoint (e.g. to check that the teacher is the same
+            on all processes).
+        evaluate: ``evaluate(step)`` -> scalar metrics, every ``--eval_steps`` steps (0: never) and after the last.
+        final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
+            trained model in ``--output_dir``).
+
+    Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking``.
     """
-    train_dataloader, _ = build_train_dataloader(train_dataset, args, accelerator.num_processes, collate_fn)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
-    scheduler = build_poly_scheduler(optimizer, args.max_train_steps, args.lr_power, args.lr_warmup_steps)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-
+    accelerator = run.accelerator
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
+    for state in checkpointed:
+        accelerator.register_for_checkpointing(state)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, progress)
@@ -103,49 +406,48 @@ def run_training(
     init_tracking(accelerator, args)
 
     logger.info("***** Running training *****")
-    logger.info("  Examples = %d, global batch = %d (%d processes), steps = %d (starting at %d)", len(train_dataset),
-                args.train_batch_size, accelerator.num_processes, args.max_train_steps, start_step)
-    logger.info("  Trainable parameters = %d", sum(p.numel() for p in parameters))
+    logger.info("  Examples: %s", ", ".join(f"{len(dl.dataset)} {name}" for name, dl in run.dataloaders.items()))
+    logger.info("  Per step: %s images (%d processes); steps = %d (starting at %d)",
+                " + ".join(f"{size} {name}" for name, size in run.batch_sizes.items()), accelerator.num_processes,
+                args.max_train_steps, start_step)
+    logger.info("  Trainable parameters = %d", sum(p.numel() for p in run.parameters))
 
     result = TrainingResult(final_step=start_step, start_step=start_step)
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
-    window: list[float] = []
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train",
+               disable=not accelerator.is_local_main_process)
+    window: list[torch.Tensor] = []
     started = time.perf_counter()
-    for step, epoch, batch in iterate_steps(accelerator, train_dataloader, start_step, args.max_train_steps):
-        model.train()
-        outputs = model(**model_inputs(batch))
-        loss = outputs.loss
-        # Errors name the 1-based step being taken (checkpoint step_N holds the state after N steps).
-        grad_norm = optimization_step(accelerator, loss, optimizer, scheduler, parameters, step + 1,
-                                      args.gradient_clip, outputs.loss_dict)
-        progress.step = step + 1
-        loss_value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
-        window.append(loss_value)
-        result.last_loss = loss_value
+    streams = [iterate_steps(accelerator, dl, start_step, args.max_train_steps) for dl in run.dataloaders.values()]
+    for steps in zip(*streams):
+        step, epoch = steps[0][0] + 1, steps[0][1]
+        run.model.train()
+        out = train_step(run, {name: batch for name, (_, _, batch) in zip(run.dataloaders, steps)}, step)
+        progress.step = step
+        values = torch.tensor(list(out.metrics.values()), dtype=torch.float64, device=accelerator.device)
+        window.append(accelerator.reduce(values, reduction="mean").cpu())
+        result.last_loss = float(window[-1][0])
+        lr = run.scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}")
 
-        if args.logging_steps and (progress.step % args.logging_steps == 0 or progress.step == args.max_train_steps):
-            logs = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm, "train/epoch": epoch}
-            for key, value in (outputs.loss_dict or {}).items():
-                if not key[-1].isdigit():  # final-layer terms; auxiliary ones end in _<layer>
-                    logs[f"train/{key}"] = float(value.detach().float())
+        is_last = step == args.max_train_steps
+        if args.logging_steps and (step % args.logging_steps == 0 or is_last):
+            logs = {f"train/{k}": float(v) for k, v in zip(out.metrics, torch.stack(window).mean(0))}
+            logs.update({"train/lr": lr, "train/epoch": epoch, **{f"train/{k}": v for k, v in out.last.items()}})
             window.clear()
-            result.history.append({"step": progress.step, **logs})
+            result.history.append({"step": step, **logs})
             if args.with_tracking:
-                accelerator.log(logs, step=progress.step)
-            logger.info("step %d: %s", progress.step, {k: round(v, 5) for k, v in logs.items()})
-
-        is_last = progress.step == args.max_train_steps
-        if is_last or (args.checkpointing_steps and progress.step % args.checkpointing_steps == 0):
-            save_checkpoint(accelerator, model, progress, args.output_dir, args.checkpoints_total_limit)
-        if evaluate is not None and (is_last or (eval_steps and progress.step % eval_steps == 0)):
-            metrics = evaluate(model, progress.step)
-            result.metrics = metrics
-            if args.with_tracking and metrics:
-                accelerator.log(metrics, step=progress.step)
-            logger.info("validation at step %d: %s", progress.step, metrics)
+                accelerator.log(logs, step=step)
+            logger.info("step %d: %s", step, {k: round(v, 5) for k, v in logs.items()})
+        if is_last or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+            if before_checkpoint is not None:
+                before_checkpoint()
+            save_checkpoint(accelerator, run.model, progress, args.output_dir, args.checkpoints_total_limit)
+        if evaluate is not None and (is_last or (args.eval_steps and step % args.eval_steps == 0)):
+            result.metrics = evaluate(step)
+            if args.with_tracking and result.metrics:
+                accelerator.log(result.metrics, step=step)
+            logger.info("validation at step %d: %s", step, {k: round(v, 3) for k, v in result.metrics.items()})
     bar.close()
 
     steps_done = progress.step - start_step
@@ -154,7 +456,8 @@ def run_training(
         logger.info("%d steps in %.1f s (%.3f s/step)", steps_done, steps_done * result.seconds_per_step,
                     result.seconds_per_step)
     result.final_step = progress.step
-    save_final_model(accelerator, model, args.output_dir, image_processor)
+    for folder, model in (final_models or {"": run.model}).items():
+        save_final_model(accelerator, model, Path(args.output_dir) / folder)
     if args.with_tracking:
         accelerator.end_training()
     return result

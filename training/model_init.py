@@ -36,7 +36,7 @@ def _config_overrides(args: Any) -> dict[str, Any]:
     unknown = set(overrides) - set(_COPIED_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown DearliConfig keys in --model_config_overrides: {sorted(unknown)}")
-    for key in ("num_queries", "train_num_points"):
+    for key in ("num_queries", "train_num_points", "ensemble_alpha"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
@@ -87,7 +87,7 @@ def build_model(
     args: Any, class_names: list[str], thing_ids: list[int], localization_only: bool = False
 ) -> DearliForPanopticSegmentation:
     """The initial model of a loop from its ``--model_preset`` / ``--clip_model_name`` / ``--clip_pretrained`` /
-    ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` /
+    ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` / ``--ensemble_alpha`` /
     ``--model_config_overrides`` arguments."""
     overrides = _config_overrides(args)
     keep_text_tower = bool(getattr(args, "keep_text_tower", False))

@@ -2,7 +2,7 @@
 inference -> id maps and segment classes -> Mask2Former ``mask_labels`` / ``class_labels`` for the student.
 
 Nothing here re-implements inference: the posteriors come from :func:`modeling_dearli.ensembling.class_probabilities`
-(the one Eq. 6 implementation, alpha = ``config.ensemble_alpha`` = 0.6) and the segments from
+(the one Eq. 6 implementation, with the teacher's ``ensemble_alpha``) and the segments from
 :func:`modeling_dearli.segmentation_inference.panoptic_inference` (detectron2 convention; DEARLi uses threshold 0.0,
 overlap 0.8, stuff classes fused), evaluated on the device of the teacher outputs at the input resolution. Padding
 (outside ``unpadded_sizes``) is void (``-1``).
@@ -78,7 +78,7 @@ def panoptic_pseudo_labels(
     outputs,
     *,
     stuff_classes: Iterable[int] | torch.Tensor | None,
-    alpha: float | None = 0.6,
+    ensemble_alpha: float,
     image_size: tuple[int, int] | None = None,
     unpadded_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
     threshold: float = 0.0,
@@ -89,15 +89,15 @@ def panoptic_pseudo_labels(
 
     Args:
         outputs: teacher forward output with ``class_queries_logits`` ``(B, Q, C+1)``, ``masks_queries_logits``
-            ``(B, Q, H/4, W/4)`` and ``clip_class_logits`` ``(B, Q, C)`` (``None`` or ``alpha=None`` -> plain M2F).
+            ``(B, Q, H/4, W/4)`` and ``clip_class_logits`` ``(B, Q, C)`` (``None`` -> plain M2F).
         stuff_classes: contiguous ids of stuff classes (fused into one segment per class).
-        alpha: Eq. 6 weight of the decoder posterior (paper: 0.6).
+        ensemble_alpha: Eq. 6 weight of the decoder posterior (1.0 = decoder only).
         image_size: padded input ``(H, W)``; default ``4 x`` the mask resolution.
         unpadded_sizes: ``(B, 2)`` valid region per image; default ``outputs.unpadded_sizes`` or the whole input.
         threshold / overlap_threshold / mask_threshold: panoptic inference parameters (DEARLi: 0.0 / 0.8 / 0.5).
     """
     mask_logits = output_field(outputs, "masks_queries_logits")
-    probs = class_probabilities(outputs, alpha)
+    probs = class_probabilities(outputs, ensemble_alpha)
     batch = mask_logits.shape[0]
     device = mask_logits.device
     if image_size is None:

@@ -3,9 +3,9 @@
 
 Per step and process:
 
-1. **weak view** (from the data loader: random scale 0.1-2.0 of the crop size, crop, flip; RGB in ``[0, 1]``) ->
-   teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors (Eq. 6) -> panoptic inference ->
-   hard pseudo-labels (:mod:`training.pseudo_labels`);
+1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: random scale 0.1-2.0 of the crop
+   size, crop, flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
+   (Eq. 6) -> panoptic inference -> hard pseudo-labels (:mod:`training.pseudo_labels`);
 2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.data.strong_augmentations`), padding
    reset to the CLIP mean, then CutMix with the *next image of the local batch* (its strong pixels and its pseudo-label
    pasted in the box, segment ids kept distinct, stuff fused per class). Pairing within the batch avoids a second
@@ -22,66 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
 import torch
-from torch.utils.data import Dataset
 
-from .common import check_finite_loss, clip_and_check_gradients, unpack_index
+from modeling_dearli.ensembling import resolve_ensemble_alpha
+
 from .data.collator import model_inputs
 from .data.strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
-from .data.transforms import (
-    CLIP_MEAN,
-    LargeScaleJitter,
-    apply_to_image,
-    fixed_params,
-    normalize_image,
-    valid_pixel_mask,
-)
+from .data.transforms import CLIP_MEAN, normalize_image
 from .ema import MeanTeacher
+from .loop import StepOutput, check_finite_loss, clip_and_check_gradients, final_layer_terms
 from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segments_to_targets
 
-__all__ = ["UnlabeledTrainDataset", "UnlabeledTargets", "StudentViewBuilder", "SSLStepOutput", "ssl_train_step"]
+__all__ = [
+    "SSLStepOutput",
+    "StudentViewBuilder",
+    "UnlabeledTargets",
+    "ssl_train_step",
+    "strong_augmentation_generator",
+]
 
 logger = logging.getLogger(__name__)
-
-class UnlabeledTrainDataset(Dataset):
-    """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
-    mean), "pixel_mask": (h, w), "image_id"}``. Rows need an ``image`` (PIL image or path); labels are ignored.
-
-    Takes an index or an ``(index, seed)`` pair (:class:`training.common.ResumableSampler`); the seed draws the
-    geometry, so an item is a pure function of the key.
-    """
-
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        from .data.train_datasets import load_rgb_image
-
-        index, seed = unpack_index(key)
-        row = self.dataset[index]
-        image = row["image"]
-        if isinstance(image, (str, os.PathLike)):
-            image = load_rgb_image(image)
-        height, width = image.height, image.width
-        if self.transform is None:
-            params = fixed_params((height, width))
-        else:
-            params = self.transform.sample(height, width, torch.Generator().manual_seed(seed))
-        return {
-            "pixel_values": apply_to_image(image, params),
-            "pixel_mask": valid_pixel_mask(params),
-            "image_id": row.get("image_id"),
-        }
-
 
 @dataclass
 class UnlabeledTargets:
@@ -103,7 +67,8 @@ class StudentViewBuilder:
         strong_augmentation: photometric strong augmentation and CutMix settings.
         stuff_classes: contiguous stuff class ids (fused in inference and CutMix).
         num_classes: number of classes (size of the stuff lookup).
-        alpha: Eq. 6 ensembling weight of the teacher (paper 0.6; ``None``/1.0 = decoder only).
+        ensemble_alpha: Eq. 6 weight of the teacher's decoder posterior (1.0 = decoder only); ``None`` = the teacher
+            model's ``config.ensemble_alpha``.
         threshold, overlap_threshold: panoptic inference of the teacher (paper 0.0 / 0.8).
         cutmix: enable CutMix.
     """
@@ -115,7 +80,7 @@ class StudentViewBuilder:
         *,
         stuff_classes: Iterable[int],
         num_classes: int,
-        alpha: float | None = 0.6,
+        ensemble_alpha: float | None = None,
         threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         cutmix: bool = True,
@@ -124,7 +89,7 @@ class StudentViewBuilder:
         self.strong_augmentation = strong_augmentation
         self.stuff_classes = sorted(int(c) for c in stuff_classes)
         self.num_classes = int(num_classes)
-        self.alpha = alpha
+        self.ensemble_alpha = resolve_ensemble_alpha(ensemble_alpha, teacher.teacher.config)
         self.threshold = threshold
         self.overlap_threshold = overlap_threshold
         self.cutmix = cutmix
@@ -147,12 +112,12 @@ class StudentViewBuilder:
         with (teacher_context or contextlib.nullcontext)():
             teacher_outputs = self.teacher(
                 pixel_values=normalize_image(weak_images), pixel_mask=pixel_mask,
-                output_clip_logits=self.alpha not in (None, 1.0),
+                output_clip_logits=self.ensemble_alpha < 1.0,
             )
         pseudo = panoptic_pseudo_labels(
             teacher_outputs,
             stuff_classes=self.stuff_classes,
-            alpha=self.alpha,
+            ensemble_alpha=self.ensemble_alpha,
             image_size=(height, width),
             threshold=self.threshold,
             overlap_threshold=self.overlap_threshold,
@@ -204,9 +169,19 @@ class SSLStepOutput:
     unlabeled_terms: dict[str, float]
     pseudo_label_statistics: dict[str, float]
 
+    def step_output(self) -> StepOutput:
+        """The loop's view: losses and pseudo-label statistics averaged for logging; the rest as it is."""
+        metrics = {"loss": self.loss, "loss_labeled": self.labeled_loss, "loss_unlabeled": self.unlabeled_loss}
+        metrics.update({f"pseudo/{k}": v for k, v in self.pseudo_label_statistics.items()})
+        last = {"grad_norm": self.grad_norm, "ema_decay": self.ema_decay}
+        last.update({f"labeled/{k}": v for k, v in self.labeled_terms.items()})
+        last.update({f"unlabeled/{k}": v for k, v in self.unlabeled_terms.items()})
+        return StepOutput(metrics, last)
 
-def _terms(loss_dict: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
-    return {k: float(v.detach().float()) for k, v in (loss_dict or {}).items() if not k[-1].isdigit()}
+
+def strong_augmentation_generator(seed: int, step: int, process_index: int) -> torch.Generator:
+    """The strong-augmentation RNG of one step and process (a pure function: a resumed run draws the same)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
 
 
 def ssl_train_step(
@@ -250,14 +225,15 @@ def ssl_train_step(
             labeled_loss = labeled.loss
             check_finite_loss(accelerator, labeled_loss, step, labeled.loss_dict)
             accelerator.backward(labeled_loss)
-            labeled_value, labeled_terms = float(labeled_loss.detach().float()), _terms(labeled.loss_dict)
+            labeled_value, labeled_terms = float(labeled_loss.detach().float()), final_layer_terms(labeled.loss_dict)
             del labeled, labeled_loss
         # Unlabeled half: strong views with pseudo-labels; this backward synchronises the summed gradients.
         unlabeled = model(**unlabeled_inputs)
         unlabeled_loss = unlabeled.loss * unlabeled_weight
         check_finite_loss(accelerator, unlabeled_loss, step, unlabeled.loss_dict)
         accelerator.backward(unlabeled_loss)
-        unlabeled_value, unlabeled_terms = float(unlabeled_loss.detach().float()), _terms(unlabeled.loss_dict)
+        unlabeled_value = float(unlabeled_loss.detach().float())
+        unlabeled_terms = final_layer_terms(unlabeled.loss_dict)
         del unlabeled, unlabeled_loss
     else:
         # One backward of the summed loss (both halves' activations alive at once; for comparison / benchmarks).
@@ -267,9 +243,9 @@ def ssl_train_step(
         check_finite_loss(accelerator, loss, step, {**(labeled.loss_dict or {}), **{
             f"unlabeled_{k}": v for k, v in (unlabeled.loss_dict or {}).items()}})
         accelerator.backward(loss)
-        labeled_value, labeled_terms = float(labeled.loss.detach().float()), _terms(labeled.loss_dict)
+        labeled_value, labeled_terms = float(labeled.loss.detach().float()), final_layer_terms(labeled.loss_dict)
         unlabeled_value = float(unlabeled.loss.detach().float()) * unlabeled_weight
-        unlabeled_terms = _terms(unlabeled.loss_dict)
+        unlabeled_terms = final_layer_terms(unlabeled.loss_dict)
         del labeled, unlabeled, loss
 
     grad_norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)

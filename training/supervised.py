@@ -15,67 +15,28 @@ clipping, periodic validation (PQ, mIoU with ensembled inference), checkpoints t
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
-import argparse
-import logging
 from collections.abc import Sequence
 
-from accelerate.utils import set_seed
-
-from training.arguments import (
-    add_common_training_args,
-    add_model_args,
-    crop_size_pair,
-    parse_args_with_config,
-)
-from training.common import build_image_processor, create_accelerator, setup_logging
-from training.data.train_datasets import PanopticTrainDataset
+from training.arguments import parse_args
+from training.data.train_datasets import PanopticTrainDataset, load_panoptic_training_data
 from training.data.transforms import LargeScaleJitter
-from training.loop import TrainingResult, run_training
+from training.evaluation.validation import make_evaluator
+from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
 from training.model_init import build_model
-from training.panoptic_setup import (  # noqa: F401  (re-exported: ssl.py imports them from here)
-    add_panoptic_data_args,
-    check_panoptic_data_args,
-    flatten_metrics,
-    load_datasets,
-    make_evaluator,
-)
-
-logger = logging.getLogger("training.supervised")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_panoptic_data_args(parser)
-    add_common_training_args(parser, train_batch_size=16, crop_size=[640], max_train_steps=80_000,
-                             checkpointing_steps=5_000, project_name="dearli_supervised")
-    add_model_args(parser)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parse_args_with_config(parser, argv)
-    if not args.output_dir:
-        parser.error("--output_dir is required")
-    check_panoptic_data_args(parser, args)
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> TrainingResult:
-    args = parse_args(argv)
-    accelerator = create_accelerator(args)
-    setup_logging(accelerator)
-    logger.info(accelerator.state)
-    set_seed(args.seed)
-    train, val, class_names = load_datasets(args)
-    logger.info("Supervised training on %d labeled images, %d classes", len(train), len(class_names))
-    transform = LargeScaleJitter(crop_size_pair(args.crop_size), args.min_scale, args.max_scale, args.flip_prob)
-    dataset = PanopticTrainDataset(train, transform)
-    model = build_model(args, list(class_names.names), class_names.thing_ids, localization_only=False)
-    set_seed(args.seed, device_specific=True)
-    evaluate = make_evaluator(args, accelerator, val, class_names)
-    return run_training(args, accelerator, model, dataset, evaluate=evaluate, eval_steps=args.eval_steps,
-                        image_processor=build_image_processor(model.config))
+    args = parse_args("supervised", argv, description=__doc__)
+    accelerator = setup_accelerator(args)
+
+    data = load_panoptic_training_data(args)  # the unlabeled rest of a partition is not used
+    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
+    dataset = PanopticTrainDataset(data.labeled, transform)
+    model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
+
+    run = prepare_training(args, accelerator, model, {"labeled": (dataset, args.train_batch_size)})
+    evaluate = make_evaluator(args, accelerator, data.validation, data.class_names, {"": run.model})
+    return run_training(args, run, evaluate=evaluate)
 
 
 if __name__ == "__main__":

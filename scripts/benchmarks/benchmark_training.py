@@ -6,7 +6,7 @@
 Both steps use the same labeled batch (``--labeled_batch_size`` crops of the shipped COCO images) and the same model
 and optimizer; the SSL step adds ``--unlabeled_batch_size`` unlabeled crops: teacher forward on the weak view, pseudo-
 labels, strong view + CutMix, the unlabeled loss and the EMA update (`training.ssl_step.ssl_train_step`). The
-supervised step is `training.common.optimization_step` on the labeled batch (what `training/supervised.py` runs).
+supervised step is `training.loop.optimization_step` on the labeled batch (what `training/supervised.py` runs).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measured step); on CPU the process's peak
 resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step, with glibc's mmap threshold
@@ -154,15 +154,12 @@ class CudaPeakMemory:
 def build_batches(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """A labeled and an unlabeled batch of random crops of the sample images, and the dataset's class names."""
     from training.data.collator import DearliDataCollator
-    from training.data.panoptic_datasets import load_coco_panoptic
-    from training.data.train_datasets import PanopticTrainDataset
+    from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
+    from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset
     from training.data.transforms import LargeScaleJitter
-    from training.ssl_step import UnlabeledTrainDataset
 
     data_dir = Path(args.data_dir)
     ds = load_coco_panoptic(data_dir / "images", data_dir / "panoptic", data_dir / "panoptic_annotations.json")
-    from training.data.panoptic_datasets import dataset_class_names
-
     class_names = dataset_class_names(ds)
     transform = LargeScaleJitter(args.crop_size, 0.1, 2.0)
     labeled = PanopticTrainDataset(ds, transform)
@@ -203,9 +200,10 @@ def build_model(args: argparse.Namespace, class_names: Any) -> torch.nn.Module:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from training.common import optimization_step
+    from training.data.collator import model_inputs
     from training.data.strong_augmentations import StrongAugmentation
     from training.ema import MeanTeacher
+    from training.loop import optimization_step
     from training.schedules import build_optimizer, build_poly_scheduler
     from training.ssl_step import StudentViewBuilder, ssl_train_step
 
@@ -222,8 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher = MeanTeacher(accelerator.unwrap_model(model))
     config = accelerator.unwrap_model(model).config
     builder = StudentViewBuilder(teacher, StrongAugmentation(), stuff_classes=config.stuff_ids,
-                                 num_classes=config.num_classes, alpha=config.ensemble_alpha)
-    inputs = {k: labeled[k] for k in ("pixel_values", "pixel_mask", "mask_labels", "class_labels")}
+                                 num_classes=config.num_classes)
+    inputs = model_inputs(labeled)
     counter = {"step": 0}
 
     def supervised_step() -> None:

@@ -20,7 +20,7 @@ region, nor replay exactly the same random geometry on inputs that arrive at dif
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -106,21 +106,23 @@ class LargeScaleJitter:
     """Random rescale (of the crop size) + crop/pad + horizontal flip, shared by images and their labels.
 
     Args:
-        crop_size: output (height, width), or one int for a square crop.
+        crop_size: output (height, width), or one int (or a one-element list, as ``--crop_size 640`` parses) for a
+            square crop.
         min_scale, max_scale: range of the random scale of the crop size the image is resized to fit in.
         flip_prob: probability of a horizontal flip.
     """
 
     def __init__(
         self,
-        crop_size: int | tuple[int, int],
+        crop_size: int | Sequence[int],
         min_scale: float = 0.1,
         max_scale: float = 2.0,
         flip_prob: float = 0.5,
     ) -> None:
-        if isinstance(crop_size, int):
-            crop_size = (crop_size, crop_size)
-        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        size = [crop_size] if isinstance(crop_size, int) else list(crop_size)
+        if len(size) not in (1, 2):
+            raise ValueError(f"crop_size must be one or two ints, got {crop_size}")
+        self.crop_size = (int(size[0]), int(size[-1]))
         if min(self.crop_size) < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if not 0 < min_scale <= max_scale:

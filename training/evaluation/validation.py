@@ -4,27 +4,33 @@
 Mask2Former's test-time ``ResizeShortestEdge``) and carries its ground truth at the original size;
 :func:`evaluate_panoptic` runs the model in eval mode and the processor's ``post_process_panoptic_segmentation`` /
 ``post_process_semantic_segmentation`` (ensembled posteriors, paper Eq. 6; standard panoptic inference) at the
-original size, and accumulates `training.evaluation.panoptic_quality.PanopticQuality` across processes.
+original size, and accumulates `training.evaluation.panoptic_quality.PanopticQuality` across processes;
+:func:`make_evaluator` turns it into the ``evaluate(step)`` of :func:`training.loop.run_training`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
 
+from ..data.collator import DearliDataCollator
+from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+from ..data.train_datasets import row_image
 from .panoptic_quality import PanopticQuality
 
-__all__ = ["PanopticEvalDataset", "evaluate_panoptic"]
+__all__ = ["PanopticEvalDataset", "evaluate_panoptic", "flatten_metrics", "make_evaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +65,8 @@ class PanopticEvalDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
-        from ..data.train_datasets import load_rgb_image
-
         row = self.dataset[int(index[0] if isinstance(index, (tuple, list)) else index)]
-        image = row["image"]
-        if isinstance(image, (str, os.PathLike)):
-            image = load_rgb_image(image)
+        image = row_image(row)
         target = panoptic_target_from_row(row)
         height, width = target.id_map.shape
         item = {
@@ -86,7 +87,7 @@ def evaluate_panoptic(
     dataloader: Any,
     accelerator: Any = None,
     *,
-    alpha: float | None = None,
+    ensemble_alpha: float | None = None,
     threshold: float = 0.0,
     overlap_threshold: float = 0.8,
     with_semantic: bool = True,
@@ -98,15 +99,15 @@ def evaluate_panoptic(
     Post-processing is `DearliImageProcessor.from_model_config(model.config)`'s (stuff classes fused).
 
     Args:
-        alpha: ensembling weight of Eq. 6 (default ``model.config.ensemble_alpha``; 1.0 = decoder only).
+        ensemble_alpha: Eq. 6 weight of the decoder posterior (``None``: the model's ``config.ensemble_alpha``; 1.0 =
+            decoder only).
         threshold, overlap_threshold: panoptic inference settings (DEARLi: 0.0 and 0.8).
         with_semantic: also compute mIoU from the semantic inference.
     Returns:
         `PanopticQuality.compute()` of all processes together (identical on every process).
     """
     config = extract_model_from_parallel(model).config
-    alpha = config.ensemble_alpha if alpha is None else alpha
-    processor = DearliImageProcessor.from_model_config(config, ensemble_alpha=alpha)
+    processor = DearliImageProcessor.from_model_config(config, ensemble_alpha=ensemble_alpha)
     metric = PanopticQuality.from_class_names(config.class_names, config.thing_ids)
     was_training = model.training
     model.eval()
@@ -116,7 +117,7 @@ def evaluate_panoptic(
             if max_batches is not None and i >= max_batches:
                 break
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"),
-                            output_clip_logits=alpha < 1.0)
+                            output_clip_logits=processor.ensemble_alpha < 1.0)
             sizes = [tuple(int(v) for v in s) for s in batch["target_size"]]
             panoptic = processor.post_process_panoptic_segmentation(
                 outputs, threshold=threshold, overlap_mask_area_threshold=overlap_threshold, target_sizes=sizes
@@ -137,3 +138,43 @@ def evaluate_panoptic(
     if accelerator is not None and accelerator.num_processes > 1:
         metric = metric.gather(accelerator)
     return metric.compute()
+
+
+def flatten_metrics(report: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """Scalar metrics (in %) of a `PanopticQuality.compute()` report."""
+    out = {f"{prefix}PQ": 100 * report["All"]["pq"], f"{prefix}SQ": 100 * report["All"]["sq"],
+           f"{prefix}RQ": 100 * report["All"]["rq"], f"{prefix}PQ_th": 100 * report["Things"]["pq"],
+           f"{prefix}PQ_st": 100 * report["Stuff"]["pq"]}
+    if "mIoU" in report:
+        out[f"{prefix}mIoU"] = 100 * float(report["mIoU"])
+    return out
+
+
+def make_evaluator(
+    args: Any, accelerator: Any, validation: Any, class_names: Any, models: Mapping[str, nn.Module]
+) -> Callable[[int], dict[str, float]] | None:
+    """``evaluate(step)`` for :func:`training.loop.run_training` (``None`` without validation data): PQ / mIoU of
+    each of `models` (``eval/<name>/PQ``, ...; ``eval/PQ`` for the name ``""``) with ``--eval_shortest_edge``,
+    ``--eval_max_size``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
+    written to ``<output_dir>/eval_results.json``."""
+    if validation is None or len(validation) == 0:
+        return None
+    dataset = PanopticEvalDataset(validation, args.eval_shortest_edge, args.eval_max_size, with_semantic=True,
+                                  class_names=class_names)
+    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
+                        collate_fn=DearliDataCollator())
+    loader = accelerator.prepare_data_loader(loader, device_placement=True)
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        reports = {}
+        for name, model in models.items():
+            reports[name] = evaluate_panoptic(model, loader, accelerator, threshold=args.eval_threshold,
+                                              overlap_threshold=args.eval_overlap_threshold)
+            metrics.update(flatten_metrics(reports[name], prefix=f"eval/{name}/" if name else "eval/"))
+        if accelerator.is_main_process:
+            results = {"step": step, **metrics, **({"report": reports[""]} if "" in reports else {"reports": reports})}
+            (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=1, default=str))
+        return metrics
+
+    return evaluate

@@ -1,7 +1,8 @@
 """Panoptic quality (PQ, SQ, RQ) as a 🤗 ``evaluate`` metric, with exactly panopticapi's definitions.
 
-Load it by path: ``evaluate.load("<repo>/training/evaluation/evaluate_metric/panoptic_quality")``. The algorithm lives in
-``training.evaluation.panoptic_quality`` (the ``dearli`` package: ``pip install -e <repo>``); this module only adapts inputs.
+Load it by path: ``evaluate.load("<repo>/training/evaluation/evaluate_metric/panoptic_quality")``. The algorithm
+lives in ``training.evaluation.panoptic_quality`` (the ``dearli`` package: ``pip install -e <repo>``); this module only
+adapts inputs.
 """
 
 import datasets
