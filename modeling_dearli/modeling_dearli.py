@@ -92,7 +92,8 @@ class DearliPreTrainedModel(Mask2FormerPreTrainedModel):
 
     config_class = DearliConfig
     config: DearliConfig
-    base_model_prefix = "dearli"
+    # No separate base model (as transformers' default): `model.base_model` is the model itself.
+    base_model_prefix = ""
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _keys_to_ignore_on_load_unexpected = [r"^criterion\."]
@@ -213,11 +214,38 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' ``from_pretrained``; ``id2label={0: "cat", ...}`` (with ``thing_ids=[...]`` for the thing
+        classes; default: the saved ones) switches the vocabulary: the kept CLIP text tower re-encodes the new class
+        names, and a model saved without it (``keep_text_tower=False``) is refused with a ``ValueError``."""
         model = super().from_pretrained(*args, **kwargs)
         # transformers materialises loaded parameters with requires_grad=True: re-freeze the CLIP towers.
         loaded = model[0] if isinstance(model, tuple) else model
         loaded.freeze_clip_towers()
+        loaded._follow_id2label()
         return model
+
+    def _follow_id2label(self) -> None:
+        """Make the class names and text embeddings follow ``config.id2label`` when ``from_pretrained`` set it."""
+        id2label = {int(k): str(v) for k, v in (self.config.id2label or {}).items()}
+        labels = [id2label.get(i) for i in range(len(id2label))]
+        if labels == [split_synonyms(name)[0] for name in self.config.class_names]:
+            return
+        if None in labels:
+            raise ValueError(f"id2label must map the ids 0..{len(id2label) - 1} to class names, got {sorted(id2label)}")
+        if self.text_encoder is None:
+            raise ValueError(
+                f"id2label changes the classes to {labels[:5]}{'...' if len(labels) > 5 else ''}, but this model was "
+                "saved without its CLIP text tower (config.keep_text_tower=False), so the new names cannot be encoded "
+                "and its classifier would keep the old classes. Load it without id2label, or start from a model saved "
+                "with keep_text_tower=True (e.g. DearliForPanopticSegmentation.from_open_clip(..., "
+                "keep_text_tower=True))."
+            )
+        thing_ids = list(self.config.thing_ids)
+        if any(i >= len(labels) for i in thing_ids):
+            raise ValueError(f"thing_ids {thing_ids} do not fit the {len(labels)} classes of id2label: pass "
+                             "thing_ids=[...] to from_pretrained together with id2label")
+        logger.info("Re-encoding %d class names from id2label (thing classes %s)", len(labels), thing_ids)
+        self.set_class_names(labels, thing_ids)
 
     def freeze_clip_towers(self) -> None:
         """Disable gradients of the CLIP image and text towers (they are never trained)."""

@@ -285,6 +285,52 @@ def test_set_class_names_re_encodes_with_kept_text_tower_and_fails_clearly_witho
         copy.deepcopy(tiny_model).set_class_names(["a", "b"])
 
 
+def test_from_pretrained_with_id2label_re_encodes_the_classes_or_refuses(tiny_model, tmp_path):
+    """The usual fine-tuning call: new labels re-encode the text embeddings with a kept text tower; without one they
+    are refused (labels and classifier would otherwise disagree)."""
+    from transformers import AutoModelForUniversalSegmentation
+
+    saved = tiny_model_factory(keep_text_tower=True)
+    saved.save_pretrained(tmp_path / "kept")
+    new = {0: "cat", 1: "dog,puppy", 2: "grass"}
+    reference = tiny_model_factory(class_names=["cat", "dog,puppy", "grass"], keep_text_tower=True)
+    for load in (DearliForPanopticSegmentation.from_pretrained, AutoModelForUniversalSegmentation.from_pretrained):
+        model = load(tmp_path / "kept", id2label=new, thing_ids=[0, 1])
+        assert model.config.class_names == ["cat", "dog,puppy", "grass"] and model.config.thing_ids == [0, 1]
+        assert model.config.id2label == {0: "cat", 1: "dog", 2: "grass"} and model.config.label2id["dog"] == 1
+        assert torch.allclose(model.text_embeddings, reference.text_embeddings, atol=1e-6)  # the new names
+        assert torch.equal(model.state_dict()["class_embed.0.0.weight"], saved.state_dict()["class_embed.0.0.weight"])
+        with torch.no_grad():
+            out = model.eval()(torch.randn(1, 3, 64, 64))
+        assert out.class_queries_logits.shape[-1] == 4 and out.clip_class_logits.shape[-1] == 3
+    same = DearliForPanopticSegmentation.from_pretrained(tmp_path / "kept", id2label={0: "person", 1: "sky", 2: "grass"})
+    assert same.config.class_names == saved.config.class_names  # the saved labels: synonyms and embeddings kept
+    assert torch.equal(same.text_embeddings, saved.text_embeddings)
+    with pytest.raises(ValueError, match="thing_ids"):
+        DearliForPanopticSegmentation.from_pretrained(tmp_path / "kept", id2label={0: "cat"}, thing_ids=[0, 2])
+
+    tiny_model.save_pretrained(tmp_path / "bare")  # saved without its text tower
+    with pytest.raises(ValueError, match="keep_text_tower=False"):
+        DearliForPanopticSegmentation.from_pretrained(tmp_path / "bare", id2label={0: "cat", 1: "dog"})
+    with pytest.raises(ValueError, match="keep_text_tower=False"):
+        AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "bare", id2label={0: "cat", 1: "dog"})
+
+
+def test_base_model_prefix_follows_transformers_convention_for_a_model_without_base_model(tiny_model, tmp_path):
+    """No attribute holds a separate base model: the prefix is transformers' default "" and `base_model` is the model
+    itself; loading renames no key (the round trip above compares outputs; here every weight)."""
+    assert DearliForPanopticSegmentation.base_model_prefix == ""
+    assert tiny_model.base_model is tiny_model
+    tiny_model.save_pretrained(tmp_path)
+    loaded = DearliForPanopticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    model, info = loaded
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    expected = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("criterion.")}
+    actual = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
 def tiny_model_factory(class_names=None, **kwargs):
     return tiny_model(class_names=class_names or ["person,man,woman", "sky", "grass,lawn"], thing_ids=[0], seed=0, **kwargs)
 
