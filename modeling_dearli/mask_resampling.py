@@ -140,10 +140,6 @@ class ResampleGrid:
     def num_cells(self) -> tuple[int, int]:
         return int(self.cy0.numel()), int(self.cx0.numel())
 
-    def cell_pixel_counts(self) -> torch.Tensor:
-        """``(nA, nB)`` number of output pixels in each cell (int64)."""
-        return self.row_count[:, None] * self.col_count[None, :]
-
     def cell_sum(self, mask: torch.Tensor) -> torch.Tensor:
         """Number of output pixels in the cells where ``mask`` ``(K, nA, nB)`` is true, per ``k`` (int64)."""
         per_row = mask.float() @ self.col_count.float()  # exact: at most W per entry

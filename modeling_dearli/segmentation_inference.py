@@ -577,13 +577,11 @@ def semantic_inference(
     unpadded_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
     mask_stride: float = MASK_STRIDE,
     method: str = "sparse",
-    return_scores: bool = False,
-) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> list[torch.Tensor]:
     """Semantic segmentation ``argmax_c sum_q p(c|q) sigmoid(m_q)`` for a batch.
 
     Class scores are computed on the mask grid and resampled bilinearly to the output size (after cropping the
-    padding). Returns a list of ``(H, W)`` int64 class-index maps; with ``return_scores`` also the ``(C, H, W)``
-    resampled score maps (dense, memory hungry).
+    padding). Returns a list of ``(H, W)`` int64 class-index maps.
     """
     _check_inputs(class_probs, mask_logits)
     _check_method(method)
@@ -593,20 +591,12 @@ def semantic_inference(
     sizes = _sizes(batch, mask_logits.shape[-2:], output_sizes, unpadded_sizes, mask_stride)
     # (B, C, h, w) class scores on the mask grid.
     scores = torch.einsum("bqc,bqhw->bchw", probs, mask_logits.float().sigmoid())
-    maps, score_maps = [], []
+    maps = []
     for b, (valid_size, out_size) in enumerate(sizes):
         grid = ResampleGrid(scores.shape[-2:], out_size, valid_size, mask_stride, device)
-        seg = None
-        if return_scores:
-            dense = grid.dense(scores[b])
-            score_maps.append(dense)
-            seg = dense.argmax(0)
-        elif method == "sparse":
-            seg = _semantic_sparse(grid, scores[b])
-        if seg is None:
-            seg = _semantic_dense(grid, scores[b])
-        maps.append(seg)
-    return (maps, score_maps) if return_scores else maps
+        seg = _semantic_sparse(grid, scores[b]) if method == "sparse" else None
+        maps.append(_semantic_dense(grid, scores[b]) if seg is None else seg)
+    return maps
 
 
 def _semantic_dense(grid: ResampleGrid, scores: torch.Tensor) -> torch.Tensor:
