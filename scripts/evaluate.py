@@ -13,9 +13,7 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 
 # isort: split
 import argparse
-import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -26,14 +24,12 @@ from modeling_dearli.ensembling import resolve_ensemble_alpha
 from training.data.panoptic_datasets import (
     ClassNames,
     dataset_class_names,
-    load_ade20k_panoptic,
     load_class_names,
-    load_coco_objects,
-    load_coco_panoptic,
+    load_panoptic_dataset,
     panoptic_target_from_row,
     semantic_target_from_row,
 )
-from training.evaluation.panoptic_quality import PanopticQuality, format_report
+from training.evaluation.panoptic_quality import PanopticQuality, print_report
 
 logger = logging.getLogger("evaluate")
 
@@ -53,18 +49,13 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
     if args.dataset == "ade20k":
         if not args.dataset_root:
             raise SystemExit("--dataset ade20k needs --dataset-root (ADEChallengeData2016 after prepare_ade20k.py)")
-        ds = load_ade20k_panoptic(args.dataset_root, args.split, panoptic_root=args.panoptic_root,
-                                  shared_dir=args.shared_dir)
-        return ds, load_class_names("ade20k", args.shared_dir)
-    missing = [f for f in ("images_dir", "gt_json", "gt_folder") if not getattr(args, f)]
-    if missing:
-        raise SystemExit(f"--dataset {args.dataset} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    if args.dataset == "coco_objects":
-        ds = load_coco_objects(args.images_dir, args.gt_folder, args.gt_json, shared_dir=args.shared_dir)
-        return ds, load_class_names("coco_objects", args.shared_dir)
-    names = load_class_names("coco_panoptic", args.shared_dir) if args.dataset == "coco_panoptic" else None
-    ds = load_coco_panoptic(args.images_dir, args.gt_folder, args.gt_json, class_names=names)
-    return ds, names or dataset_class_names(ds)
+    else:
+        missing = [f for f in ("images_dir", "gt_json", "gt_folder") if not getattr(args, f)]
+        if missing:
+            raise SystemExit(f"--dataset {args.dataset} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return load_panoptic_dataset(args.dataset, images_dir=args.images_dir, panoptic_dir=args.gt_folder,
+                                 annotations_json=args.gt_json, ade20k_root=args.dataset_root, split=args.split,
+                                 panoptic_root=args.panoptic_root, shared_dir=args.shared_dir)
 
 
 def load_model(path: str, device: torch.device) -> tuple[Any, Any]:
@@ -184,13 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     report["model"] = args.model
     report["seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
-        print(format_report(report, per_class=args.per_class))
-        print(f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s")
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(report, f, indent=1)
-            print(f"report written to {args.output}")
+        summary = f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s"
+        print_report(report, summary, per_class=args.per_class, output=args.output)
     return 0
 
 

@@ -12,12 +12,10 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 
 # isort: split
 import argparse
-import json
 import logging
-import os
 import time
 
-from training.evaluation.panoptic_quality import ENGINES, evaluate_panoptic_folders, format_report
+from training.evaluation.panoptic_quality import ENGINES, evaluate_panoptic_folders, print_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_panoptic_folders(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
                                        num_workers=args.num_workers, use_processes=args.processes,
                                        progress=not args.no_progress, engine=args.engine)
-    print(format_report(report, per_class=args.per_class))
-    print(f"{report['num_images']} images in {time.perf_counter() - start:.2f} s ({report['engine']} engine)")
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {args.output}")
+    summary = f"{report['num_images']} images in {time.perf_counter() - start:.2f} s ({report['engine']} engine)"
+    print_report(report, summary, per_class=args.per_class, output=args.output)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -50,6 +51,31 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_dearli")
     tiny_model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_processor_dir(tiny_model, tmp_path_factory) -> Path:
+    """The session's tiny model saved with a small-resolution image processor (shortest edge 96, longest 160)."""
+    from modeling_dearli import DearliImageProcessor
+
+    path = tmp_path_factory.mktemp("tiny_dearli_with_processor")
+    tiny_model.save_pretrained(path)
+    size = {"shortest_edge": 96, "longest_edge": 160}
+    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("predict")`` imports ``scripts/predict.py`` as a module (``scripts/`` is not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"dearli_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(autouse=True)

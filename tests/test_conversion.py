@@ -7,9 +7,9 @@ The synthetic checkpoint below is built from the reference's module definitions 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -274,38 +274,35 @@ def test_missing_unexpected_and_mismatched_keys_fail_clearly(reference, config):
     def convert(state):
         return convert_reference_state_dict(state, config, model=target)
 
-    missing = dict(reference)
-    del missing["sem_seg_head.predictor.transformer_ffn_layers.1.linear1.bias"]
+    def edited(remove: str | None = None, **replace: torch.Tensor) -> dict:
+        """The reference checkpoint without key `remove` and with `replace` (keys with "/" for ".")."""
+        state = {k: v for k, v in reference.items() if k != remove}
+        state.update({k.replace("/", "."): v for k, v in replace.items()})
+        return state
+
     with pytest.raises(
         ReferenceCheckpointError, match=r"missing reference keys \(1\)[\s\S]*transformer_ffn_layers\.1\.linear1\.bias"
     ):
-        convert(missing)
+        convert(edited("sem_seg_head.predictor.transformer_ffn_layers.1.linear1.bias"))
 
-    renamed = dict(reference)
-    renamed["sem_seg_head.predictor.class_embed.layers.9.weight"] = renamed.pop(
-        "sem_seg_head.predictor.class_embed.layers.2.weight"
-    )
+    moved = reference["sem_seg_head.predictor.class_embed.layers.2.weight"]
+    renamed = edited("sem_seg_head.predictor.class_embed.layers.2.weight",
+                     **{"sem_seg_head/predictor/class_embed/layers/9/weight": moved})
     with pytest.raises(ReferenceCheckpointError) as error:
         convert(renamed)
     assert "class_embed.layers.2.weight" in str(error.value) and "class_embed.layers.9.weight" in str(error.value)
     assert "unexpected reference keys (1)" in str(error.value)
 
-    wrong_shape = dict(reference)
-    wrong_shape["sem_seg_head.predictor.query_feat.weight"] = torch.zeros(200, config.hidden_dim)
+    wrong_shape = edited(**{"sem_seg_head/predictor/query_feat/weight": torch.zeros(200, config.hidden_dim)})
     with pytest.raises(ReferenceCheckpointError, match=r"shape mismatches[\s\S]*query_feat\.weight \(200, 64\)"):
         convert(wrong_shape)
 
-    clip_missing = dict(reference)
-    del clip_missing["backbone.clip_model.ln_final.weight"]
-    with pytest.raises(
-        ReferenceCheckpointError, match=r"missing CLIP keys[\s\S]*backbone\.clip_model\.ln_final\.weight"
-    ):
-        convert(clip_missing)
+    clip_key = "backbone.clip_model.ln_final.weight"
+    with pytest.raises(ReferenceCheckpointError, match=r"missing CLIP keys[\s\S]*" + re.escape(clip_key)):
+        convert(edited(clip_key))
 
-    wrong_classes = dict(reference)
-    wrong_classes["criterion_labeled.empty_weight"] = torch.ones(134)
     with pytest.raises(ReferenceCheckpointError, match="trained with 133 classes"):
-        convert(wrong_classes)
+        convert(edited(**{"criterion_labeled/empty_weight": torch.ones(134)}))
 
 
 def test_class_agnostic_warm_up_checkpoint_is_accepted(reference, config):
@@ -329,22 +326,13 @@ def test_detectron2_wrapper_and_unsafe_pickles(reference, tmp_path):
         load_reference_state_dict(bad)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location(
-        "convert_reference_checkpoint_cli", REPO_ROOT / "scripts" / "convert_reference_checkpoint.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
-def test_convert_script_end_to_end(tmp_path, caplog):
+def test_convert_script_end_to_end(tmp_path, caplog, load_script):
     """The command-line converter (run in-process) with the tiny architecture and a real dataset vocabulary
     (COCO-Objects, 81 classes): a loadable folder with processor and provenance; a broken checkpoint exits non-zero."""
     from modeling_dearli.image_processing_dearli import DearliImageProcessor
     from training.publishing.reference_conversion import dataset_vocabulary
 
-    cli = _load_cli()
+    cli = load_script("convert_reference_checkpoint")
     names, things = dataset_vocabulary("coco_objects")
     config = reference_config(names, things, base_config=tiny_config())
     state = reference_state_dict(config, seed=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,13 +15,6 @@ from modeling_dearli.image_processing_dearli import id_to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("dearli_evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def args_for(folder: Path, model_dir: Path, out: Path, *extra: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def in_process_report(tiny_folder, tiny_model):
+def in_process_report(tiny_folder, tiny_model, load_script):
     """scripts/evaluate.py's evaluate() on the session's tiny model (no reload)."""
     from modeling_dearli.image_processing_dearli import DearliImageProcessor
     from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
@@ -71,8 +63,8 @@ def in_process_report(tiny_folder, tiny_model):
     ds = load_coco_panoptic(tiny_folder / "images", tiny_folder / "panoptic", tiny_folder / "panoptic.json")
     processor = DearliImageProcessor.from_model_config(tiny_model.config, size={"shortest_edge": 64,
                                                                                 "longest_edge": 128})
-    report = load_script().evaluate(tiny_model, processor, ds, dataset_class_names(ds), ensemble_alpha=0.6,
-                                    batch_size=2, progress=False)
+    report = load_script("evaluate").evaluate(tiny_model, processor, ds, dataset_class_names(ds), ensemble_alpha=0.6,
+                                              batch_size=2, progress=False)
     return report, ds, processor
 
 
@@ -119,8 +111,8 @@ def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report,
     assert report["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
 
 
-def test_label_space_mismatch_is_reported(tiny_model, tmp_path):
-    script = load_script()
+def test_label_space_mismatch_is_reported(tiny_model, tmp_path, load_script):
+    script = load_script("evaluate")
     from training.data.panoptic_datasets import ClassNames
 
     names = ClassNames((1, 2), ("a", "b"), (True, False))

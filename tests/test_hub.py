@@ -4,7 +4,6 @@ uses huggingface_hub as expected (mocked, no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -49,13 +48,6 @@ CONVERSION_INFO = {
 }
 
 
-def _load_push_cli():
-    spec = importlib.util.spec_from_file_location("push_to_hub_cli", REPO_ROOT / "scripts" / "push_to_hub.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A trained-model folder as the training scripts leave it: weights, a small-resolution processor, provenance."""
@@ -72,13 +64,13 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo_dir(model_dir, tmp_path_factory) -> Path:
+def repo_dir(model_dir, tmp_path_factory, load_script) -> Path:
     """The push_to_hub CLI with --local-dir and no token: writes the folder, uploads nothing."""
     tmp = tmp_path_factory.mktemp("push")
     report = tmp / "report.json"
     report.write_text(json.dumps({**REPORT, "dataset": "ade20k", "partition": "1_128"}))
     local_dir = tmp / "repo"
-    cli = _load_push_cli()
+    cli = load_script("push_to_hub")
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr("huggingface_hub.get_token", lambda: None)  # no HF_TOKEN, no cached login
@@ -163,7 +155,7 @@ def test_report_metrics_percent_and_optional_miou(tmp_path):
         load_eval_report(path)
 
 
-def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, monkeypatch):
+def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, monkeypatch, load_script):
     calls = []
     import huggingface_hub
 
@@ -182,7 +174,7 @@ def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, 
 
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub.ModelCard, "validate", lambda self, repo_type=None: calls.append(("validate",)))
-    cli = _load_push_cli()
+    cli = load_script("push_to_hub")
     status = cli.main(["--model", str(model_dir), "--repo-id", REPO_ID, "--token", "hf_test", "--private",
                        "--revision", "v1", "--commit-message", "DEARLi tiny"])  # fmt: skip
     assert status == 0

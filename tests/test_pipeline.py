@@ -12,24 +12,13 @@ import pytest
 from PIL import Image
 from transformers import pipeline
 
-from modeling_dearli import DearliImageProcessor
-
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample"
 SAMPLE_IMAGE = SAMPLE / "images" / "000000142238.jpg"
 
 
 @pytest.fixture(scope="module")
-def saved_model(tiny_model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_dearli_with_processor")
-    tiny_model.save_pretrained(path)
-    size = {"shortest_edge": 96, "longest_edge": 160}
-    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def segmenter(saved_model):
-    return pipeline("image-segmentation", model=str(saved_model), trust_remote_code=True)
+def segmenter(tiny_model_with_processor_dir):
+    return pipeline("image-segmentation", model=str(tiny_model_with_processor_dir), trust_remote_code=True)
 
 
 @pytest.mark.parametrize("subtask", ["panoptic", "semantic", "instance"])
@@ -57,14 +46,14 @@ def test_pipeline_batch_and_default_thresholds(segmenter):
 
 
 @pytest.mark.slow
-def test_pipeline_with_remote_code_only(saved_model):
+def test_pipeline_with_remote_code_only(tiny_model_with_processor_dir):
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["modeling_dearli"] = None  # as on a machine that only has the saved folder
         from PIL import Image
         from transformers import pipeline
-        pipe = pipeline("image-segmentation", model={str(saved_model)!r}, trust_remote_code=True)
+        pipe = pipeline("image-segmentation", model={str(tiny_model_with_processor_dir)!r}, trust_remote_code=True)
         assert type(pipe.model).__module__.startswith("transformers_modules"), type(pipe.model).__module__
         assert type(pipe.image_processor).__module__.startswith("transformers_modules")
         image = Image.open({str(SAMPLE_IMAGE)!r})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,28 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_dearli import DearliImageProcessor
 from modeling_dearli.image_processing_dearli import rgb_to_id
 from training.evaluation.visualization import Segment, SegmentationResult, class_palette, from_semantic, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "coco_panoptic_sample"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("predict_script", REPO / "scripts" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("predict_model")
-    tiny_model.save_pretrained(path)
-    size = {"shortest_edge": 96, "longest_edge": 160}
-    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +25,10 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def test_predict_panoptic_writes_png_json_overlay(model_dir, inputs, tmp_path, tiny_model):
-    predict = _load_script()
+def test_predict_panoptic_writes_png_json_overlay(load_script, tiny_model_with_processor_dir, inputs, tmp_path, tiny_model):
+    predict = load_script("predict")
     out = tmp_path / "out"
-    code = predict.main([str(SAMPLE / "images"), str(inputs / "*.jpg"), "--model", str(model_dir),
+    code = predict.main([str(SAMPLE / "images"), str(inputs / "*.jpg"), "--model", str(tiny_model_with_processor_dir),
                          "--output-dir", str(out), "--batch-size", "2", "--device", "cpu", "--ensemble_alpha", "0.6"])
     assert code == 0
     skipped = json.loads((out / "skipped.json").read_text())
@@ -73,11 +55,11 @@ def test_predict_panoptic_writes_png_json_overlay(model_dir, inputs, tmp_path, t
 
 
 @pytest.mark.parametrize("task", ["semantic", "instance"])
-def test_predict_other_tasks(model_dir, tmp_path, task):
-    predict = _load_script()
+def test_predict_other_tasks(load_script, tiny_model_with_processor_dir, tmp_path, task):
+    predict = load_script("predict")
     image = SAMPLE / "images" / "000000439180.jpg"
     out = tmp_path / task
-    assert predict.main([str(image), "--model", str(model_dir), "--output-dir", str(out), "--task", task,
+    assert predict.main([str(image), "--model", str(tiny_model_with_processor_dir), "--output-dir", str(out), "--task", task,
                          "--threshold", "0.0", "--no-labels", "--device", "cpu"]) == 0
     entry = json.loads((out / "000000439180.json").read_text())
     assert entry["task"] == task and entry["segments_info"]
@@ -87,9 +69,9 @@ def test_predict_other_tasks(model_dir, tmp_path, task):
         assert len({s["category_id"] for s in entry["segments_info"]}) == len(entry["segments_info"])
 
 
-def test_predict_reports_missing_inputs(model_dir, tmp_path):
-    predict = _load_script()
-    assert predict.main([str(tmp_path / "nothing-here"), "--model", str(model_dir), "--output-dir",
+def test_predict_reports_missing_inputs(load_script, tiny_model_with_processor_dir, tmp_path):
+    predict = load_script("predict")
+    assert predict.main([str(tmp_path / "nothing-here"), "--model", str(tiny_model_with_processor_dir), "--output-dir",
                          str(tmp_path / "o")]) == 2
 
 

@@ -432,6 +432,35 @@ def load_coco_objects(
     return to_coco_objects(ds, load_class_names("coco_objects", shared_dir))
 
 
+def load_panoptic_dataset(
+    dataset_name: str,
+    *,
+    images_dir: str | os.PathLike[str] | None = None,
+    panoptic_dir: str | os.PathLike[str] | None = None,
+    annotations_json: str | os.PathLike[str] | None = None,
+    ade20k_root: str | os.PathLike[str] | None = None,
+    split: str = "validation",
+    panoptic_root: str | os.PathLike[str] | None = None,
+    with_semantic: bool = True,
+    shared_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, ClassNames]:
+    """One split of a dataset by name and its label space: ``ade20k`` (``ade20k_root``, ``split``, ``panoptic_root``,
+    ``with_semantic``), ``coco_panoptic`` / ``coco_objects`` (their fixed label spaces) or ``custom`` (the classes of
+    the annotation JSON) from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``)."""
+    if dataset_name == "ade20k":
+        ds = load_ade20k_panoptic(ade20k_root, split, panoptic_root=panoptic_root, shared_dir=shared_dir,
+                                  with_semantic=with_semantic)
+        return ds, load_class_names("ade20k", shared_dir)
+    if dataset_name == "coco_objects":
+        ds = load_coco_objects(images_dir, panoptic_dir, annotations_json, shared_dir=shared_dir)
+        return ds, load_class_names("coco_objects", shared_dir)
+    if dataset_name not in ("coco_panoptic", "custom"):
+        raise ValueError(f"unknown dataset {dataset_name!r}: coco_panoptic, coco_objects, ade20k or custom")
+    names = load_class_names("coco_panoptic", shared_dir) if dataset_name == "coco_panoptic" else None
+    ds = load_coco_panoptic(images_dir, panoptic_dir, annotations_json, class_names=names)
+    return ds, names or dataset_class_names(ds)
+
+
 def restrict_to_present_classes(ds: Any, class_names: ClassNames, validation: Any = None) -> tuple[Any, ClassNames, Any]:
     """Keep only the classes annotated in `ds` (small demos): ``(ds, restricted label space, validation)`` with the
     segments' ``label`` renumbered in place (no file is re-read); validation segments of other classes are dropped."""

@@ -25,11 +25,7 @@ from torch.utils.data import Dataset
 
 from .panoptic_datasets import (
     ClassNames,
-    dataset_class_names,
-    load_ade20k_panoptic,
-    load_class_names,
-    load_coco_objects,
-    load_coco_panoptic,
+    load_panoptic_dataset,
     panoptic_target_from_row,
     restrict_to_present_classes,
     split_labeled_unlabeled,
@@ -83,7 +79,24 @@ def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int
     return transform.sample(height, width, torch.Generator().manual_seed(seed))
 
 
-class PanopticTrainDataset(Dataset):
+class _AugmentedRows(Dataset):
+    """Rows of a `training.data.panoptic_datasets` dataset (or any rows with an ``image``) under `transform`."""
+
+    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _row(self, key: int | tuple[int, int]) -> tuple[Mapping[str, Any], Image.Image, int]:
+        """The row of `key`, its image and its augmentation seed."""
+        index, seed = unpack_index(key)
+        row = self.dataset[index]
+        return row, row_image(row), seed
+
+
+class PanopticTrainDataset(_AugmentedRows):
     """Ground-truth panoptic examples of a `training.data.panoptic_datasets` dataset under random scale / crop / flip.
 
     Args:
@@ -93,17 +106,11 @@ class PanopticTrainDataset(Dataset):
     """
 
     def __init__(self, dataset: Any, transform: LargeScaleJitter | None, return_id_map: bool = False) -> None:
-        self.dataset = dataset
-        self.transform = transform
+        super().__init__(dataset, transform)
         self.return_id_map = return_id_map
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = unpack_index(key)
-        row = self.dataset[index]
-        image = row_image(row)
+        row, image, seed = self._row(key)
         target = panoptic_target_from_row(row)
         id_map = torch.from_numpy(target.training_id_map().astype(np.int64))  # crowd -> void
         height, width = id_map.shape
@@ -178,24 +185,15 @@ class SamMasksTrainDataset(Dataset):
         }
 
 
-class UnlabeledTrainDataset(Dataset):
+class UnlabeledTrainDataset(_AugmentedRows):
     """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
     mean), "pixel_mask": (h, w), "image_id"}``. Rows need an ``image`` (PIL image or path); labels are ignored.
 
     The SSL step normalises the weak view for the teacher and derives the student's strong view from it.
     """
 
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = unpack_index(key)
-        row = self.dataset[index]
-        image = row_image(row)
+        row, image, seed = self._row(key)
         params = _sample_geometry(self.transform, image.height, image.width, seed)
         return {
             "pixel_values": apply_to_image(image, params),
@@ -241,25 +239,17 @@ def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
     With ``--restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
     labeled / unlabeled split); validation segments of other classes are dropped.
     """
-    if args.dataset_name == "ade20k":
-        train = load_ade20k_panoptic(args.ade20k_root, "training", with_semantic=False)
-        val = load_ade20k_panoptic(args.ade20k_root, "validation")
-        class_names = load_class_names("ade20k")
-    else:
-        if args.dataset_name == "coco_objects":
-            loader, class_names = load_coco_objects, load_class_names("coco_objects")
-            kwargs: dict[str, Any] = {}
-        else:
-            loader = load_coco_panoptic
-            class_names = load_class_names("coco_panoptic") if args.dataset_name == "coco_panoptic" else None
-            kwargs = {"class_names": class_names}
-        train = loader(args.train_images_dir, args.train_panoptic_dir, args.train_annotations, **kwargs)
-        val = None
-        if args.val_annotations:
-            val = loader(args.val_images_dir or args.train_images_dir, args.val_panoptic_dir or args.train_panoptic_dir,
-                         args.val_annotations, **kwargs)
-        if class_names is None:
-            class_names = dataset_class_names(train)
+    train, class_names = load_panoptic_dataset(
+        args.dataset_name, images_dir=args.train_images_dir, panoptic_dir=args.train_panoptic_dir,
+        annotations_json=args.train_annotations, ade20k_root=args.ade20k_root, split="training", with_semantic=False,
+    )
+    val = None
+    if args.dataset_name == "ade20k" or args.val_annotations:
+        val, _ = load_panoptic_dataset(
+            args.dataset_name, images_dir=args.val_images_dir or args.train_images_dir,
+            panoptic_dir=args.val_panoptic_dir or args.train_panoptic_dir, annotations_json=args.val_annotations,
+            ade20k_root=args.ade20k_root, split="validation",
+        )
     if args.restrict_to_present_classes:
         train, class_names, val = restrict_to_present_classes(train, class_names, val)
     unlabeled = None

@@ -45,6 +45,7 @@ __all__ = [
     "PanopticQuality",
     "evaluate_panoptic_folders",
     "format_report",
+    "print_report",
 ]
 
 
@@ -737,6 +738,20 @@ def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="PQ", unit="img", leave=False)
+
+
+def print_report(
+    report: Mapping[str, Any], summary: str = "", per_class: bool = False, output: str | os.PathLike[str] | None = None
+) -> None:
+    """Print :func:`format_report` and a `summary` line; with `output`, also write the report there as JSON."""
+    print(format_report(report, per_class=per_class))
+    if summary:
+        print(summary)
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"report written to {path}")
 
 
 def format_report(report: Mapping[str, Any], per_class: bool = False) -> str:

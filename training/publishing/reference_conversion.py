@@ -124,6 +124,24 @@ class _Rule:
     qkv_part: int | None = None  # 0 = query, 1 = key, 2 = value rows of a fused in_proj
 
 
+# Sub-modules of one layer whose weight and bias are renamed as they are: ours -> reference ({i}: the layer index).
+_ENCODER_LAYER = {"fc1": "linear1", "fc2": "linear2", "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"}
+_DECODER_LAYER = {
+    "self_attn.out_proj": "transformer_self_attention_layers.{i}.self_attn.out_proj",
+    "self_attn_layer_norm": "transformer_self_attention_layers.{i}.norm",
+    "cross_attn_layer_norm": "transformer_cross_attention_layers.{i}.norm",
+    "fc1": "transformer_ffn_layers.{i}.linear1",
+    "fc2": "transformer_ffn_layers.{i}.linear2",
+    "final_layer_norm": "transformer_ffn_layers.{i}.norm",
+}
+
+
+def _layer_rule(layers: str, ours: str, reference: str) -> _Rule:
+    """``<layers>.<i>.<ours>.(weight|bias)`` -> ``<reference>.(weight|bias)`` with ``{i}`` the layer index."""
+    pattern = rf"^{re.escape(layers)}\.(\d+)\.{re.escape(ours)}\.(weight|bias)$"
+    return _Rule(re.compile(pattern), reference.replace("{i}", r"\1") + r".\2")
+
+
 def _rules() -> list[_Rule]:
     pd, pr = PIXEL_DECODER_PREFIX, PREDICTOR_PREFIX
     wb = r"(weight|bias)"
@@ -142,22 +160,6 @@ def _rules() -> list[_Rule]:
             ),
             pd + r"transformer.encoder.layers.\1.self_attn.\2.\3",
         ),
-        _Rule(
-            re.compile(rf"^pixel_decoder\.encoder\.layers\.(\d+)\.fc1\.{wb}$"),
-            pd + r"transformer.encoder.layers.\1.linear1.\2",
-        ),
-        _Rule(
-            re.compile(rf"^pixel_decoder\.encoder\.layers\.(\d+)\.fc2\.{wb}$"),
-            pd + r"transformer.encoder.layers.\1.linear2.\2",
-        ),
-        _Rule(
-            re.compile(rf"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.{wb}$"),
-            pd + r"transformer.encoder.layers.\1.norm1.\2",
-        ),
-        _Rule(
-            re.compile(rf"^pixel_decoder\.encoder\.layers\.(\d+)\.final_layer_norm\.{wb}$"),
-            pd + r"transformer.encoder.layers.\1.norm2.\2",
-        ),
         _Rule(re.compile(r"^pixel_decoder\.(adapter|layer)_(\d+)\.0\.(weight|bias)$"), pd + r"\1_\2.\3"),
         _Rule(re.compile(rf"^pixel_decoder\.(adapter|layer)_(\d+)\.1\.{wb}$"), pd + r"\1_\2.norm.\3"),
         _Rule(re.compile(rf"^pixel_decoder\.mask_projection\.{wb}$"), pd + r"mask_features.\1"),
@@ -167,35 +169,11 @@ def _rules() -> list[_Rule]:
         _Rule(re.compile(r"^transformer_module\.level_embed\.weight$"), pr + "level_embed.weight"),
         _Rule(re.compile(rf"^transformer_module\.input_projections\.(\d+)\.{wb}$"), pr + r"input_proj.\1.\2"),
         _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.{wb}$"),
-            pr + r"transformer_self_attention_layers.\1.self_attn.out_proj.\2",
-        ),
-        _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.{wb}$"),
-            pr + r"transformer_self_attention_layers.\1.norm.\2",
-        ),
-        _Rule(
             re.compile(
                 r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn\."
                 r"(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$"
             ),
             pr + r"transformer_cross_attention_layers.\1.multihead_attn.\2",
-        ),
-        _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.{wb}$"),
-            pr + r"transformer_cross_attention_layers.\1.norm.\2",
-        ),
-        _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.fc1\.{wb}$"),
-            pr + r"transformer_ffn_layers.\1.linear1.\2",
-        ),
-        _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.fc2\.{wb}$"),
-            pr + r"transformer_ffn_layers.\1.linear2.\2",
-        ),
-        _Rule(
-            re.compile(rf"^transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.{wb}$"),
-            pr + r"transformer_ffn_layers.\1.norm.\2",
         ),
         _Rule(re.compile(rf"^transformer_module\.decoder\.layernorm\.{wb}$"), pr + r"decoder_norm.\1"),
         _Rule(
@@ -207,6 +185,11 @@ def _rules() -> list[_Rule]:
         _Rule(re.compile(r"^logit_scale$"), pr + "logit_scale"),
         _Rule(re.compile(r"^void_embedding\.weight$"), "void_embedding.weight"),
     ]
+    # Per-layer renames of the pixel decoder's encoder and of the transformer decoder.
+    rules += [_layer_rule("pixel_decoder.encoder.layers", ours, pd + f"transformer.encoder.layers.{{i}}.{reference}")
+              for ours, reference in _ENCODER_LAYER.items()]
+    rules += [_layer_rule("transformer_module.decoder.layers", ours, pr + reference)
+              for ours, reference in _DECODER_LAYER.items()]
     for part, name in enumerate(("q", "k", "v")):
         rules.append(
             _Rule(
@@ -293,6 +276,11 @@ def dataset_vocabulary(dataset: str, shared_dir: str | Path | None = None) -> tu
 
 
 # ----------------------------------------------------------------------------------------------- conversion
+def _key_problems(*groups: tuple[str, Any]) -> list[str]:
+    """One line ``<label> (<count>): <keys>`` per non-empty group of keys (sorted)."""
+    return [f"{label} ({len(keys)}):{_format_keys(sorted(keys))}" for label, keys in groups if keys]
+
+
 def _format_keys(keys: list[str], limit: int = 60) -> str:
     shown = "\n  ".join(keys[:limit])
     more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -312,13 +300,8 @@ def _load_clip(state_dict: Mapping[str, torch.Tensor], config: DearliConfig) -> 
         for k, v in clip_state.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     )
-    problems = []
-    if missing:
-        problems.append(f"missing CLIP keys ({len(missing)}):{_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected CLIP keys ({len(unexpected)}):{_format_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"CLIP shape mismatches ({len(mismatched)}):{_format_keys(mismatched)}")
+    problems = _key_problems(("missing CLIP keys", missing), ("unexpected CLIP keys", unexpected),
+                             ("CLIP shape mismatches", mismatched))
     if problems:
         raise ReferenceCheckpointError(
             f"The checkpoint's backbone does not match the OpenCLIP architecture {config.clip_model_name!r}:\n"
@@ -447,13 +430,8 @@ def convert_reference_state_dict(
         and not IGNORED_REFERENCE_KEYS.match(k)
         and k not in TEXT_CLASSIFIER_KEYS
     )
-    problems = []
-    if missing:
-        problems.append(f"missing reference keys ({len(missing)}):{_format_keys(sorted(missing))}")
-    if unexpected:
-        problems.append(f"unexpected reference keys ({len(unexpected)}):{_format_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}):{_format_keys(sorted(mismatched))}")
+    problems = _key_problems(("missing reference keys", missing), ("unexpected reference keys", unexpected),
+                             ("shape mismatches", mismatched))
     if problems:
         raise ReferenceCheckpointError(
             "The checkpoint does not match the reference DEARLi architecture for this configuration "
