@@ -6,7 +6,8 @@
   ``arguments`` (the one argument builder + YAML presets in ``configs/``), ``model_init``, ``ssl_step``, ``ema``,
   ``pseudo_labels``, ``checkpointing``, ``schedules``.
 - ``data``: datasets (COCO panoptic, ADE20K, COCO-Objects; partitions, class names), ADE20K conversion, transforms,
-  strong augmentations, collation, training datasets, class-agnostic SAM masks.
+  strong augmentations, the resumable sampler, collation, training datasets, class-agnostic SAM masks.
 - ``evaluation``: panoptic quality and mIoU, validation during training, visualisation.
 - ``publishing``: Hub repository folders and model cards, conversion of the reference implementation's checkpoints.
+- ``run_as_script``: imported first by every entry point (see there why).
 """
