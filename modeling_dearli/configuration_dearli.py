@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -40,9 +42,17 @@ def split_synonyms(class_name: str) -> list[str]:
 
 
 def resolve_open_clip_config(model_name: str) -> dict[str, Any]:
-    """Look up the architecture config of a built-in OpenCLIP model name (no download)."""
+    """The architecture config of a built-in OpenCLIP model name, or of an OpenCLIP model-config JSON file (a
+    ``model_configs/*.json``-style dict, or an ``open_clip_config.json`` with a ``model_cfg`` entry); no download."""
     import open_clip
 
+    if str(model_name).endswith(".json") and os.path.isfile(model_name):
+        with open(model_name) as f:
+            cfg = json.load(f)
+        cfg = cfg.get("model_cfg", cfg)
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+            raise ValueError(f"{model_name} is not an OpenCLIP model config (needs embed_dim, vision_cfg, text_cfg)")
+        return cfg
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(

@@ -1,6 +1,37 @@
-"""DEARLi in miniature: a generated panoptic world in which the method's claims can be measured on a CPU.
-``world`` generates the dataset (COCO panoptic format)."""
+"""DEARLi in miniature: a generated panoptic world and a tiny CLIP pretrained on it, so that the method's claims can be
+measured on a CPU. ``world`` generates the dataset (COCO panoptic format); ``tiny_clip`` holds the CLIP's architecture,
+caption stream, pretraining and zero-shot evaluation; ``assets/`` ships the pretrained tiny CLIP."""
 
-from .world import CLASSES, STUFF_CLASSES, THING_CLASSES, WorldSettings, generate_world, world_paths
+from .tiny_clip import (
+    SHIPPED_CONFIG,
+    SHIPPED_RECORD,
+    SHIPPED_WEIGHTS,
+    TINY_CLIP_MODEL_CONFIG,
+    dearli_on_tiny_clip,
+    world_class_names,
+    zero_shot_report,
+)
+from .world import (
+    CLASSES,
+    STUFF_CLASSES,
+    THING_CLASSES,
+    WorldSettings,
+    generate_world,
+    world_paths,
+)
 
-__all__ = ["CLASSES", "STUFF_CLASSES", "THING_CLASSES", "WorldSettings", "generate_world", "world_paths"]
+__all__ = [
+    "CLASSES",
+    "SHIPPED_CONFIG",
+    "SHIPPED_RECORD",
+    "SHIPPED_WEIGHTS",
+    "STUFF_CLASSES",
+    "THING_CLASSES",
+    "TINY_CLIP_MODEL_CONFIG",
+    "WorldSettings",
+    "dearli_on_tiny_clip",
+    "generate_world",
+    "world_class_names",
+    "world_paths",
+    "zero_shot_report",
+]
