@@ -45,19 +45,9 @@ SHIPPED_CONFIG = ASSETS_DIR / "tiny_clip_config.json"
 SHIPPED_WEIGHTS = ASSETS_DIR / "tiny_clip.safetensors"
 SHIPPED_RECORD = ASSETS_DIR / "tiny_clip_record.json"
 
-TINY_CLIP_MODEL_CONFIG: dict[str, Any] = {
-    "embed_dim": 128,
-    "vision_cfg": {
-        "timm_model_name": "convnext_atto",
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "linear",
-        "timm_drop": 0.0,
-        "timm_drop_path": 0.0,
-        "image_size": 128,
-    },
-    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
-}
+# The architecture (an OpenCLIP model config): ConvNeXt-Atto image tower, 2-layer text tower, 128-d joint space.
+# The shipped JSON is its one definition, so that the architecture and the shipped weights cannot drift apart.
+TINY_CLIP_MODEL_CONFIG: dict[str, Any] = json.loads(SHIPPED_CONFIG.read_text())
 TOKENIZER_NAME = "ViT-B-32"  # OpenCLIP's CLIP BPE tokenizer (works offline)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
