@@ -1,0 +1,101 @@
+"""The shipped tiny CLIP of the miniature world: it loads through `from_open_clip` like real weights and recognises the
+world's classes zero-shot from mask-pooled dense features; its caption stream is deterministic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_dearli.configuration_dearli import resolve_open_clip_config
+from training.miniature import tiny_clip as T
+from training.miniature import world as W
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Measured on the shipped weights with exactly these held-out sets: mask-pooled things 26.3%, stuff 66.7% (12 scenes,
+# 84 masks), crops 88.3% (60 crops); chance is 3.3%. The larger report is in assets/tiny_clip_record.json.
+MIN_MASK_THING_ACCURACY = 20.0
+MIN_MASK_STUFF_ACCURACY = 50.0
+MIN_CROP_ACCURACY = 80.0
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    return T.dearli_on_tiny_clip(T.SHIPPED_CONFIG, T.SHIPPED_WEIGHTS)
+
+
+def test_shipped_files_are_small_and_describe_the_architecture():
+    assert T.SHIPPED_WEIGHTS.stat().st_size <= 25 * 2**20
+    config = resolve_open_clip_config(str(T.SHIPPED_CONFIG))  # the OpenCLIP model-config JSON, as from_open_clip reads it
+    assert config["vision_cfg"]["timm_model_name"].startswith("convnext") and config["vision_cfg"]["timm_pool"] == ""
+    assert set(load_file(str(T.SHIPPED_WEIGHTS))) == set(T.build_tiny_clip(config).state_dict())
+    record = json.loads(T.SHIPPED_RECORD.read_text())
+    assert "scripts/pretrain_tiny_clip.py" in record["command"] and "seed" in record
+
+
+def test_loads_through_from_open_clip_with_every_weight(shipped_model):
+    state = load_file(str(T.SHIPPED_WEIGHTS))
+    visual = shipped_model.backbone.visual.state_dict()
+    for key, value in visual.items():
+        stored = state[f"visual.{key}"]
+        assert value.dtype == torch.float32  # fp16 storage, fp32 model
+        torch.testing.assert_close(value, stored.float())
+    assert float(shipped_model.backbone.logit_scale) == pytest.approx(float(state["logit_scale"].float()))
+    # the class text embeddings were encoded by the shipped text tower: not the random tower's
+    names, things = T.world_class_names()
+    assert shipped_model.config.class_names == names and shipped_model.config.thing_ids == things
+
+
+def test_mask_pooled_zero_shot_accuracy_on_held_out_ground_truth_masks(shipped_model):
+    scenes = T.probe_scenes(num_scenes=12, seed=1)  # fixed held-out scenes, classes drawn uniformly
+    report = T.evaluate_masks(shipped_model, scenes)
+    chance = 100 / len(W.CLASSES)
+    assert report["n"] > 80
+    assert report["things"] >= MIN_MASK_THING_ACCURACY > 5 * chance
+    assert report["stuff"] >= MIN_MASK_STUFF_ACCURACY
+
+
+def test_global_zero_shot_accuracy_on_held_out_crops(shipped_model):
+    report = T.evaluate_crops(shipped_model, per_class=2, seed=1)
+    assert report["all"] >= MIN_CROP_ACCURACY
+
+
+def test_random_weights_are_at_chance(tmp_path: Path):
+    """The accuracy above comes from pretraining, not from the evaluation (same code, random CLIP)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "random.safetensors"
+    T.save_open_clip_weights(T.build_tiny_clip(), weights)
+    model = T.dearli_on_tiny_clip(T.SHIPPED_CONFIG, weights, prompt_templates=["a photo of a {}."])
+    report = T.evaluate_masks(model, T.probe_scenes(num_scenes=6, seed=1))
+    assert report["things"] < 25
+
+
+def test_caption_stream_is_a_function_of_seed_and_step():
+    a = T.CaptionStream(seed=5, batch_size=4).batch(7)
+    b = T.CaptionStream(seed=5, batch_size=4, start_step=7).batch(7)
+    c = T.CaptionStream(seed=6, batch_size=4).batch(7)
+    torch.testing.assert_close(a[0], b[0])
+    assert a[2] == b[2] and a[2] != c[2]
+    assert a[0].shape == (4, 3, 128, 128) and a[1].shape == (4, T.TINY_CLIP_MODEL_CONFIG["text_cfg"]["context_length"])
+
+
+def test_captions_name_the_classes_they_show():
+    for i in range(40):
+        rng = W.scene_rng(0, "clip_pretrain", 10_000, i)
+        image, caption, _ = T.sample_pair(rng)
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        assert any(name in caption for c in W.CLASSES for name in c.names), caption
+
+
+@pytest.mark.parametrize("script", ["pretrain_tiny_clip.py", "evaluate_tiny_clip.py"])
+def test_script_help(script):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--output_dir" in out or "--output" in out
