@@ -22,8 +22,9 @@ Design decisions (and why):
   pixels or ``min_visible_fraction`` of the whole object) are removed and the image is re-rendered without them, so
   the ground truth has no void and no unlearnable crumbs.
 * **Small images, learnable in minutes.** 256x256 by default (``image_size`` scales every length: object sizes,
-  pattern periods, outlines), 3-8 things per image with diameters between 30 and 110 px (at 256): at the CLIP's
-  stride 32 almost every thing covers at least one cell centre of the 8x8 feature grid, so mask pooling sees it.
+  pattern periods, outlines), 3-8 things per image with diameters between 30 and 110 px (at 256), so that most
+  things cover a cell centre of the CLIP's 8x8 stride-32 feature grid (measured: 86% of the thing masks; the others
+  vanish when DEARLi resizes masks to that grid, and mask pooling cannot classify them).
 * **Deterministic streams.** Image ``i`` of a split is drawn from ``numpy.random.SeedSequence([world_seed, stream,
   i])`` with its own stream tag (:data:`STREAMS`); the tiny CLIP's caption stream and its evaluation probe use other
   tags, so CLIP never sees a panoptic image. A world is the same bytes for the same seed and settings.
