@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world_dir", type=str, default=None,
                         help="Also evaluate on the validation split of a world written by generate_miniature_world.py.")
     parser.add_argument("--max_world_images", type=int, default=200, help="At most this many validation images.")
+    parser.add_argument("--input_scale", type=float, default=1.0,
+                        help="Resize the scenes by this factor before mask pooling (2: the model run at 512 on the "
+                             "256 world, a 16x16 CLIP grid instead of 8x8).")
     parser.add_argument("--output", type=str, default=None, help="Write the report as JSON here.")
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     return parser
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.num_threads)
     report = tiny_clip.zero_shot_report(args.clip_model_config, args.clip_weights, crops_per_class=args.crops_per_class,
                                         num_scenes=args.num_scenes, seed=args.seed, world_dir=args.world_dir,
-                                        max_world_images=args.max_world_images)
+                                        max_world_images=args.max_world_images, input_scale=args.input_scale)
     print(tiny_clip.format_report(report))
     if args.output:
         with open(args.output, "w") as f:

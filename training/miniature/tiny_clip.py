@@ -457,13 +457,22 @@ def evaluate_crops(model: Any, per_class: int = 8, seed: int = 0) -> dict[str, A
 
 
 @torch.no_grad()
-def evaluate_masks(model: Any, scenes: Sequence[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]
-                   ) -> dict[str, Any]:
+def evaluate_masks(model: Any, scenes: Sequence[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]],
+                   input_scale: float = 1.0) -> dict[str, Any]:
     """Zero-shot accuracy of mask-pooled dense CLIP features on ground-truth masks (given at 1/4 resolution, like
-    the decoder's masks); also the share of masks too small to cover a cell of the stride-32 grid."""
+    the decoder's masks); also the share of masks too small to cover a cell of the stride-32 grid. ``input_scale``
+    resizes the images first (as a model run with a larger ``shortest_edge`` would see them: a finer CLIP grid)."""
+    from PIL import Image
+
     index = {c.category_id: i for i, c in enumerate(W.CLASSES)}
     labels, preds, empty = [], [], []
     for image, ids, segments in scenes:
+        if input_scale != 1.0:
+            size = (round(image.shape[1] * input_scale), round(image.shape[0] * input_scale))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+            ids = np.asarray(Image.fromarray(ids.astype(np.int32)).resize(size, Image.NEAREST))
+            present = set(np.unique(ids).tolist())
+            segments = [s for s in segments if s["id"] in present]
         h, w = ids.shape
         seg_ids = torch.tensor([s["id"] for s in segments])
         full = torch.from_numpy(ids.astype(np.int64))[None] == seg_ids[:, None, None]
@@ -490,15 +499,18 @@ def zero_shot_report(
     seed: int = 0,
     world_dir: str | os.PathLike[str] | None = None,
     max_world_images: int = 200,
+    input_scale: float = 1.0,
 ) -> dict[str, Any]:
     """The zero-shot report: ``crops`` (global), ``masks_balanced`` (mask-pooled GT masks of held-out scenes with
-    uniformly drawn classes) and, with ``world_dir``, ``masks_world_val`` (a written world's validation split)."""
+    uniformly drawn classes) and, with ``world_dir``, ``masks_world_val`` (a written world's validation split);
+    ``input_scale`` resizes the scenes before mask pooling (:func:`evaluate_masks`)."""
     model = dearli_on_tiny_clip(config_path, weights_path)
-    report: dict[str, Any] = {"chance": round(100 / len(W.CLASSES), 2),
+    report: dict[str, Any] = {"chance": round(100 / len(W.CLASSES), 2), "input_scale": input_scale,
                               "crops": evaluate_crops(model, crops_per_class, seed),
-                              "masks_balanced": evaluate_masks(model, probe_scenes(num_scenes, seed))}
+                              "masks_balanced": evaluate_masks(model, probe_scenes(num_scenes, seed), input_scale)}
     if world_dir is not None:
-        report["masks_world_val"] = evaluate_masks(model, world_split_scenes(world_dir, "val", max_world_images))
+        report["masks_world_val"] = evaluate_masks(model, world_split_scenes(world_dir, "val", max_world_images),
+                                                   input_scale)
     return report
 
 
@@ -522,7 +534,8 @@ def world_split_scenes(world_dir: str | os.PathLike[str], split: str = "val", ma
 
 def format_report(report: dict[str, Any], per_class: bool = True) -> str:
     """The zero-shot report as text."""
-    lines = [f"zero-shot accuracy (%) of the tiny CLIP, {len(W.CLASSES)} classes (chance {report['chance']}%)"]
+    lines = [(f"zero-shot accuracy (%) of the tiny CLIP, {len(W.CLASSES)} classes (chance {report['chance']}%); "
+              f"scenes resized x{report.get('input_scale', 1.0)} for mask pooling")]
     for key, title in (("crops", "global, held-out close-up crops"),
                        ("masks_balanced", "mask-pooled GT masks, held-out scenes (classes drawn uniformly)"),
                        ("masks_world_val", "mask-pooled GT masks, world validation split (long tail)")):
