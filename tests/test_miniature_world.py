@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.miniature import world as W
-from training.panoptic_data import (
+from modeling_dearli.image_processing_dearli import rgb_to_id
+from training.data.panoptic_datasets import (
     load_coco_panoptic,
     panoptic_target_from_row,
     read_class_names,
     split_labeled_unlabeled,
 )
-from training.panoptic_quality import evaluate_panoptic_folders, rgb2id
+from training.evaluation.panoptic_quality import evaluate_panoptic_folders
+from training.miniature import world as W
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_ground_truth_is_valid_coco_panoptic(small_world: Path):
     assert all(len(c["color"]) == 3 for c in cats.values())
     things_per_image = []
     for ann in data["annotations"]:
-        ids = rgb2id(np.asarray(Image.open(small_world / "panoptic/train" / ann["file_name"]).convert("RGB")))
+        ids = rgb_to_id(np.asarray(Image.open(small_world / "panoptic/train" / ann["file_name"]).convert("RGB")))
         listed = {s["id"]: s for s in ann["segments_info"]}
         assert set(np.unique(ids).tolist()) == set(listed)  # every pixel belongs to a listed segment: no void
         for sid, seg in listed.items():

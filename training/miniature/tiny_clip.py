@@ -519,7 +519,7 @@ def world_split_scenes(world_dir: str | os.PathLike[str], split: str = "val", ma
     """(image, id map, segments) of a written world's split (read from its files)."""
     from PIL import Image
 
-    from training.panoptic_quality import rgb2id
+    from modeling_dearli.image_processing_dearli import rgb_to_id
 
     paths = W.world_paths(world_dir, split)
     data = json.loads(paths["annotations"].read_text())
@@ -527,7 +527,7 @@ def world_split_scenes(world_dir: str | os.PathLike[str], split: str = "val", ma
     out = []
     for ann in data["annotations"][:max_images]:
         image = np.asarray(Image.open(paths["images"] / images[ann["image_id"]]["file_name"]).convert("RGB"))
-        ids = rgb2id(np.asarray(Image.open(paths["panoptic"] / ann["file_name"]).convert("RGB"))).astype(np.int64)
+        ids = rgb_to_id(np.asarray(Image.open(paths["panoptic"] / ann["file_name"]).convert("RGB"))).astype(np.int64)
         out.append((image, ids, ann["segments_info"]))
     return out
 

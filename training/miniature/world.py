@@ -28,7 +28,7 @@ Design decisions (and why):
 * **Deterministic streams.** Image ``i`` of a split is drawn from ``numpy.random.SeedSequence([world_seed, stream,
   i])`` with its own stream tag (:data:`STREAMS`); the tiny CLIP's caption stream and its evaluation probe use other
   tags, so CLIP never sees a panoptic image. A world is the same bytes for the same seed and settings.
-* **COCO panoptic format**, loaded by ``training.panoptic_data.load_coco_panoptic`` like COCO itself:
+* **COCO panoptic format**, loaded by ``training.data.panoptic_datasets.load_coco_panoptic`` like COCO itself:
   ``images/{train,val}/*.jpg``, ``panoptic/{train,val}/*.png`` (RGB-encoded ids), ``annotations/panoptic_{train,
   val}.json`` with ``categories`` (``id``, ``name``, ``isthing``, ``color``), plus ``class_names.txt``
   (``id:name,synonym,...``, the format of the shipped COCO / ADE20K class-name files).
@@ -565,7 +565,7 @@ def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int,
                  progress: bool) -> dict[str, Any]:
     from PIL import Image
 
-    from training.panoptic_quality import id2rgb
+    from modeling_dearli.image_processing_dearli import id_to_rgb
 
     paths = world_paths(output_dir, split)
     paths["images"].mkdir(parents=True, exist_ok=True)
@@ -581,7 +581,7 @@ def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int,
         image, ids, segments = render_world_image(world_seed, split, index, settings)
         stem = f"{split}_{index:06d}"
         Image.fromarray(image).save(paths["images"] / f"{stem}.jpg", quality=settings.jpeg_quality)
-        Image.fromarray(id2rgb(ids)).save(paths["panoptic"] / f"{stem}.png")
+        Image.fromarray(id_to_rgb(ids)).save(paths["panoptic"] / f"{stem}.png")
         images.append({"id": index, "file_name": f"{stem}.jpg", "width": image.shape[1], "height": image.shape[0]})
         annotations.append({"image_id": index, "file_name": f"{stem}.png",
                             "segments_info": [{k: v for k, v in s.items() if k != "isthing"} for s in segments]})
