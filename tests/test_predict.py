@@ -51,8 +51,8 @@ def test_predict_panoptic_writes_png_json_overlay(load_script, tiny_model_with_p
             x0, y0 = int(xs.min()), int(ys.min())
             assert s["bbox"] == [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
             assert s["label"] == tiny_model.config.id2label[s["category_id"]]
-        picture = Image.open(out / f"{name}_overlay.png")  # the image, and the legend on its right
-        assert picture.height == image.height and picture.width > image.width
+        picture = Image.open(out / f"{name}_overlay.png")  # the image, and the legend below it
+        assert picture.width == image.width and picture.height > image.height
 
 
 @pytest.mark.parametrize("task", ["semantic", "instance"])

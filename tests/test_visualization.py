@@ -79,8 +79,8 @@ def test_legend_lists_exactly_the_classes_shown():
     assert [name for name, _ in legend_entries(result)] == ["grass", "person"]
     image = Image.new("RGB", (160, 120), (0, 0, 0))
     picture = overlay(image, result)
-    assert picture.height == 120 and picture.width > 160
-    panel = np.asarray(picture)[:, 160:].reshape(-1, 3)
+    assert picture.width == 160 and picture.height > 120
+    panel = np.asarray(picture)[120:].reshape(-1, 3)
     shown = {tuple(c) for c in panel}
     assert tuple(class_colour(3)) in shown and tuple(class_colour(0)) in shown
     assert tuple(class_colour(1)) not in shown and tuple(class_colour(2)) not in shown  # in the vocabulary, not shown

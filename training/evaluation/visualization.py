@@ -269,27 +269,26 @@ def _draw_labels(picture: Image.Image, result: SegmentationResult, colours: Mapp
         draw.text((x + dx, y + dy), text, fill=_text_colour(fill), font=font, anchor="mm")
 
 
-def draw_legend(entries: Sequence[tuple[str, np.ndarray]], height: int, font: ImageFont.ImageFont) -> Image.Image:
-    """A white panel ``height`` pixels tall listing ``(name, colour)`` entries as colour swatches with their names, in
-    as many columns as needed."""
+def draw_legend(entries: Sequence[tuple[str, np.ndarray]], width: int, font: ImageFont.ImageFont) -> Image.Image:
+    """A white panel ``width`` pixels wide listing ``(name, colour)`` entries as colour swatches with their names, left
+    to right, in as many lines as needed."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_height = max(probe.textbbox((0, 0), name, font=font)[3] for name, _ in entries) if entries else 0
+    text_height = max((probe.textbbox((0, 0), name, font=font)[3] for name, _ in entries), default=0)
     row = max(text_height, 8) + 6
     pad = max(4, row // 3)
-    per_column = max(1, (height - 2 * pad) // row)
-    columns = [entries[i : i + per_column] for i in range(0, len(entries), per_column)]
     swatch = row - 6
-    widths = [max(probe.textlength(name, font=font) for name, _ in column) for column in columns]
-    column_widths = [int(swatch + pad + w + 2 * pad) for w in widths]
-    panel = Image.new("RGB", (sum(column_widths) + pad, max(height, 2 * pad + row)), (255, 255, 255))
+    places, x, y = [], pad, pad
+    for name, colour in entries:
+        item_width = int(swatch + pad + probe.textlength(name, font=font))
+        if x > pad and x + item_width > width - pad:
+            x, y = pad, y + row
+        places.append((x, y, name, colour))
+        x += item_width + 3 * pad
+    panel = Image.new("RGB", (width, y + row + pad), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
-    x = pad
-    for column, column_width in zip(columns, column_widths):
-        for k, (name, colour) in enumerate(column):
-            y = pad + k * row
-            draw.rectangle((x, y, x + swatch, y + swatch), fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
-            draw.text((x + swatch + pad, y + swatch / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
-        x += column_width
+    for x, y, name, colour in places:
+        draw.rectangle((x, y, x + swatch, y + swatch), fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((x + swatch + pad, y + swatch / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
     return panel
 
 
@@ -303,16 +302,17 @@ def overlay(
     legend: bool = True,
 ) -> Image.Image:
     """The image with its segments tinted in their class colours (:func:`class_colour`), white segment borders,
-    class names (with scores where known) inside the segments, and a legend of the classes shown on the right.
+    class names (with scores where known) inside the segments, and a legend of the classes shown below.
 
     Args:
         image: the segmented image (any PIL mode; converted to RGB).
         result: its segmentation, of the image's size.
-        num_classes: not used (colours follow class indices, :func:`class_colour`); accepted so that existing calls keep working.
+        num_classes: not used (colours follow class indices, :func:`class_colour`); accepted so that existing calls
+            keep working.
         alpha: opacity of the tint (1 = segment colours only).
         outline_width: border thickness in pixels (default: 1 per 300 pixels of the shorter side, at least 1).
         draw_labels: write class names into the segments.
-        legend: append the legend panel (only when there are segments), making the picture wider than the image.
+        legend: append the legend panel below (only when there are segments): the picture is taller than the image.
     """
     del num_classes
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)
@@ -345,10 +345,10 @@ def overlay(
         _draw_labels(picture, result, colours, font)
     entries = legend_entries(result)
     if legend and entries:
-        panel = draw_legend(entries, height, font)
-        framed = Image.new("RGB", (width + panel.width, max(height, panel.height)), (255, 255, 255))
+        panel = draw_legend(entries, width, font)
+        framed = Image.new("RGB", (width, height + panel.height), (255, 255, 255))
         framed.paste(picture, (0, 0))
-        framed.paste(panel, (width, 0))
+        framed.paste(panel, (0, height))
         picture = framed
     return picture
 
