@@ -115,9 +115,10 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str) -> Any:
             with gr.Column(scale=2):
                 with gr.Row():
                     decoder_only = gr.Image(label="Decoder only (ensemble_alpha = 1)", type="pil", format="png",
-                                            interactive=False, elem_id="decoder-only")
+                                            interactive=False, buttons=["download", "fullscreen"],
+                                            elem_id="decoder-only")
                     ensembled = gr.Image(label="Ensembled (ensemble_alpha from the slider)", type="pil", format="png",
-                                         interactive=False, elem_id="ensembled")
+                                         interactive=False, buttons=["download", "fullscreen"], elem_id="ensembled")
                 status = gr.Markdown(elem_id="status")
                 table = gr.Dataframe(headers=["label", "score", "area (px)"], datatype=["str", "number", "number"],
                                      label="Segments (ensembled)", interactive=False, elem_id="segments")

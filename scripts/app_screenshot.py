@@ -87,10 +87,10 @@ def _answers(url: str) -> bool:
 
 
 def segment_in_browser(url: str, image: str | os.PathLike, screenshot: str | os.PathLike, task: str = "panoptic",
-                       chromium: str | None = None, viewport: tuple[int, int] = (1400, 900),
-                       timeout_s: float = 120.0) -> dict:
-    """Open the app in headless Chromium, upload ``image``, choose ``task``, press Segment, wait for both result
-    pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label, score, area],
+                       ensemble_alpha: float | None = None, chromium: str | None = None,
+                       viewport: tuple[int, int] = (1400, 900), timeout_s: float = 120.0) -> dict:
+    """Open the app in headless Chromium, upload ``image``, choose ``task`` (and ``ensemble_alpha``), press Segment,
+    wait for both result pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label, score, area],
     ...], "pictures": [(width, height) of the result images], "status": text, "page_text": the page's text}``."""
     from playwright.sync_api import sync_playwright
 
@@ -110,6 +110,8 @@ def segment_in_browser(url: str, image: str | os.PathLike, screenshot: str | os.
             page.locator("#input-image input[type=file]").set_input_files(str(image))
             page.locator("#input-image img").first.wait_for(state="visible")
             page.locator("#task").get_by_text(task, exact=True).click()
+            if ensemble_alpha is not None:
+                page.locator("#ensemble-alpha input[type=number]").fill(str(ensemble_alpha))
             page.locator("#segment").click()
             page.locator("#status").get_by_text("ensemble_alpha =").wait_for(state="visible")  # written last
             for elem_id in ("decoder-only", "ensembled"):
@@ -142,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="Model folder or Hub id for app.py (default: the app's default).")
     parser.add_argument("--examples", default=None, help="Example images folder for app.py (default: the app's).")
     parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], default="panoptic", help="Task to run.")
+    parser.add_argument("--ensemble_alpha", type=float, default=None,
+                        help="Value for the ensemble_alpha slider (default: the model's).")
     parser.add_argument("--width", type=int, default=1400, help="Browser viewport width in pixels.")
     parser.add_argument("--height", type=int, default=900, help="Browser viewport height in pixels.")
     return parser.parse_args(argv)
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     app_args = ["--model", args.model] if args.model else []
     app_args += ["--examples", args.examples] if args.examples else []
     with tempfile.TemporaryDirectory() as tmp, serve_app(REPO_ROOT / "app.py", app_args, Path(tmp) / "app.log") as url:
-        found = segment_in_browser(url, args.image, args.output, task=args.task, viewport=(args.width, args.height))
+        found = segment_in_browser(url, args.image, args.output, task=args.task, ensemble_alpha=args.ensemble_alpha,
+                                   viewport=(args.width, args.height))
     shrink_png(args.output, max_width=args.width)
     print(f"{args.output}: {len(found['rows'])} segments; {found['status']}")
     return 0

@@ -148,15 +148,18 @@ class Segmenter:
         processor: its ``DearliImageProcessor``.
         device: where the model runs (default: the model's device).
         max_image_side: larger images are downscaled to this longest side first (the processor resizes anyway).
+        display_width: about the width in pixels at which pictures are shown; labels and legend are sized to be
+            readable there (at least 11 pixels high in the picture itself).
     """
 
     def __init__(self, model: Any, processor: Any, device: str | torch.device | None = None,
-                 max_image_side: int = 1280) -> None:
+                 max_image_side: int = 1280, display_width: int = 480) -> None:
         self.model = model.eval()
         self.processor = processor
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.max_image_side = int(max_image_side)
+        self.display_width = int(display_width)
         self._lock = threading.Lock()
         self._cached: tuple[tuple[str, tuple[str, ...]], Any] | None = None
 
@@ -266,7 +269,8 @@ class Segmenter:
             raw = self.processor.post_process_instance_segmentation(
                 outputs, threshold=_THRESHOLDS["instance"], target_sizes=sizes, ensemble_alpha=alpha)[0]
             result = from_instance(raw, id2label)
-        return Prediction(task, alpha, result, overlay(image, result))
+        font_size = max(11, round(13 * image.width / self.display_width))
+        return Prediction(task, alpha, result, overlay(image, result, font_size=font_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -300,6 +300,7 @@ def overlay(
     outline_width: int | None = None,
     draw_labels: bool = True,
     legend: bool = True,
+    font_size: int | None = None,
 ) -> Image.Image:
     """The image with its segments tinted in their class colours (:func:`class_colour`), white segment borders,
     class names (with scores where known) inside the segments, and a legend of the classes shown below.
@@ -313,6 +314,7 @@ def overlay(
         outline_width: border thickness in pixels (default: 1 per 300 pixels of the shorter side, at least 1).
         draw_labels: write class names into the segments.
         legend: append the legend panel below (only when there are segments): the picture is taller than the image.
+        font_size: text height of labels and legend in pixels (default: 1/40 of the shorter side, at least 11).
     """
     del num_classes
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)
@@ -340,7 +342,7 @@ def overlay(
     blended[edge] = 255.0
     picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
 
-    font = _font(max(11, min(height, width) // 40))
+    font = _font(font_size or max(11, min(height, width) // 40))
     if draw_labels and result.segments:
         _draw_labels(picture, result, colours, font)
     entries = legend_entries(result)
