@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
-from training.evaluation.visualization import Segment, SegmentationResult, class_palette, from_semantic, overlay
+from training.evaluation.visualization import Segment, SegmentationResult, class_colour, from_semantic, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "coco_panoptic_sample"
@@ -51,7 +51,8 @@ def test_predict_panoptic_writes_png_json_overlay(load_script, tiny_model_with_p
             x0, y0 = int(xs.min()), int(ys.min())
             assert s["bbox"] == [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
             assert s["label"] == tiny_model.config.id2label[s["category_id"]]
-        assert Image.open(out / f"{name}_overlay.png").size == image.size
+        picture = Image.open(out / f"{name}_overlay.png")  # the image, and the legend below it
+        assert picture.width == image.width and picture.height > image.height
 
 
 @pytest.mark.parametrize("task", ["semantic", "instance"])
@@ -88,12 +89,11 @@ def test_overlay_colours_outlines_and_labels():
     segments = [Segment(1, 0, "person", 0.9, True, 1400), Segment(2, 1, "sky", None, False, 1400)]
     result = SegmentationResult(id_map, segments)
     image = Image.new("RGB", (80, 60), (0, 0, 0))
-    picture = np.asarray(overlay(image, result, num_classes=2, alpha=1.0, draw_labels=False))
-    palette = class_palette(2)
+    picture = np.asarray(overlay(image, result, num_classes=2, alpha=1.0, draw_labels=False, legend=False))
     assert (picture[0, 0] == 0).all()  # void stays as is
-    assert (picture[20, 20] == palette[0]).all() and (picture[20, 60] == palette[1]).all()
+    assert (picture[20, 20] == class_colour(0)).all() and (picture[20, 60] == class_colour(1)).all()
     assert (picture[20, 39] == 255).all()  # outline between the two segments
-    labelled = np.asarray(overlay(image, result, num_classes=2, alpha=1.0))
+    labelled = np.asarray(overlay(image, result, num_classes=2, alpha=1.0, legend=False))
     assert (labelled != picture).any()  # class names drawn
     semantic = from_semantic(np.array([[0, 0, 1], [1, 1, 1]]), {0: "a", 1: "b"})
     described = [(s.id, s.label, s.area, s.bbox) for s in semantic.segments]

@@ -7,7 +7,9 @@
   ``pseudo_labels``, ``checkpointing``, ``schedules``.
 - ``data``: datasets (COCO panoptic, ADE20K, COCO-Objects; partitions, class names), ADE20K conversion, transforms,
   strong augmentations, the resumable sampler, collation, training datasets, class-agnostic SAM masks.
-- ``evaluation``: panoptic quality and mIoU, validation during training, visualisation.
-- ``publishing``: Hub repository folders and model cards, conversion of the reference implementation's checkpoints.
+- ``evaluation``: panoptic quality and mIoU, validation during training, visualisation, the web demo's
+  inference (``segmenter``, behind ``app.py``).
+- ``publishing``: Hub repository folders and model cards, the web demo's Space folder, conversion of the reference
+  implementation's checkpoints.
 - ``run_as_script``: imported first by every entry point (see there why).
 """

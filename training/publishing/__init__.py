@@ -1,2 +1,2 @@
-"""Publishing: Hub repository folders with model cards (``hub``) and conversion of the reference implementation's
-checkpoints (``reference_conversion``)."""
+"""Publishing: Hub repository folders with model cards (``hub``), the web demo as a Space folder (``space``) and
+conversion of the reference implementation's checkpoints (``reference_conversion``)."""
