@@ -8,11 +8,12 @@ checkpoints are unchanged) whose `forward` removes work that does not change the
 - the padding masks are all false (the decoder never sees a pixel mask), so the per-layer ``masked_fill`` of the
   values, the valid ratios and the reference-point arithmetic reduce to constants;
 - on a CPU without gradients, each deformable-attention layer runs its sampling as one weighted gather
-  (`deformable_sample`) instead of three ``grid_sample`` calls on re-laid-out copies and a 100 MB stack, with the
-  sampling offsets and attention weights projected by one matrix product.
+  (`DeformableSampler`) instead of three ``grid_sample`` calls on re-laid-out copies and a 100 MB stack, with the
+  per-point arithmetic laid out so that it vectorises (sampling offsets x-then-y, the attention softmax computed
+  transposed), oneDNN's fused linear(+ReLU) for the projections, and the FPN convolutions channels-last.
 
-With gradients on a CPU the layers run transformers' own code (``grid_sample``), so gradients are transformers'.
-On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
+With gradients on a CPU the layers compute transformers' arithmetic (``grid_sample`` with the same grids, so the same
+gradients; `grid_sample_attention` sums the levels' samples without stacking them first). On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
 with ``use_kernels=True`` (or setting ``model.use_kernels = True``) makes transformers swap in its fused CUDA kernel
 from the Hub (``kernels-community/deformable-detr``, needs the ``kernels`` package), as for Deformable DETR.
 """
@@ -30,10 +31,9 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerPixelDecoderOutput,
     Mask2FormerSinePositionEmbedding,
-    multi_scale_deformable_attention,
 )
 
-from .deformable_attention import DeformableSampler, reference_pixel_coordinates
+from .deformable_attention import DeformableSampler, grid_sample_attention, reference_pixel_coordinates
 from .fused_linear import linear
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
@@ -122,8 +122,8 @@ def _encoder_layer(
     spatial_shapes: tuple[tuple[int, int], ...],
     sample,
 ) -> torch.Tensor:
-    """One deformable encoder layer exactly as transformers computes it (without the no-op padding mask), with the
-    sampling done by ``sample`` (transformers' function, or its kernel-backed layer on an accelerator)."""
+    """One deformable encoder layer as transformers computes it (without the no-op padding mask), with the sampling
+    done by ``sample`` (`grid_sample_attention`, or transformers' kernel-backed layer on an accelerator)."""
     attention = layer.self_attn
     batch, length, channels = hidden.shape
     heads, levels, points = attention.n_heads, attention.n_levels, attention.n_points
@@ -197,7 +197,7 @@ class DearliPixelDecoder(Mask2FormerPixelDecoder):
             for layer in self.encoder.layers:
                 hidden = _encoder_layer_fast(layer, hidden, position, sampler)
         else:
-            sample = multi_scale_deformable_attention if hidden.device.type == "cpu" else self._kernel_sample
+            sample = grid_sample_attention if hidden.device.type == "cpu" else self._kernel_sample
             reference_points = _reference_points(spatial_shapes, batch, hidden.device, hidden.dtype)
             for layer in self.encoder.layers:
                 hidden = _encoder_layer(layer, hidden, position, reference_points, spatial_shapes, sample)

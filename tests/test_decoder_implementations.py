@@ -20,7 +20,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
-from modeling_dearli.deformable_attention import deformable_sample
+from modeling_dearli.deformable_attention import deformable_sample, grid_sample_attention
 from modeling_dearli.pixel_decoder import _encoder_layer, _reference_points
 from modeling_dearli.transformer_decoder import _attention_mask
 
@@ -149,6 +149,24 @@ def test_deformable_sampling_equals_transformers_grid_sample(integer_positions):
     expected = multi_scale_deformable_attention(value, shapes, locations, weights)
     actual = deformable_sample(value, shapes, locations * sizes - 0.5, weights)
     assert_equal_to_rounding(actual, expected, "sampled")
+
+
+@pytest.mark.parametrize("integer_positions", [False, True])
+def test_grid_sample_attention_gradients_equal_transformers(integer_positions):
+    """The training path: transformers' grid_sample arithmetic without the stacked copy; same values and gradients
+    (also on pixel centres, where grid_sample's gradient takes one side of the kink)."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = ((3, 5), (6, 10), (12, 20))
+    inputs = _sampling_case(2, shapes, generator, integer_positions)
+    grad_output = torch.randn(2, inputs[0].shape[1], inputs[0].shape[2] * inputs[0].shape[3], generator=generator)
+    results = []
+    for function in (multi_scale_deformable_attention, grid_sample_attention):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = function(leaves[0], shapes, leaves[1], leaves[2])
+        out.backward(grad_output)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, expected, actual in zip(("output", "value", "locations", "weights"), *results):
+        assert_equal_to_rounding(actual, expected, name)
 
 
 def test_accelerator_path_calls_transformers_deformable_attention_layer_like_transformers():
