@@ -10,8 +10,7 @@ zero border (one pixel before, two after, in both directions) and positions are 
 ``grid_sample``'s zero padding without per-corner validity masks.
 
 Written by hand because neither transformers nor torch has a CPU kernel for this (transformers' fused kernel is CUDA
-only, see ``DearliPixelDecoder``). With gradients, `grid_sample_attention` keeps transformers' ``grid_sample``
-arithmetic (so the same gradients) without the stacked copy. Torch only (shipped to the Hub as remote code).
+only, see ``DearliPixelDecoder``). Torch only (shipped to the Hub as remote code).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
-__all__ = ["DeformableSampler", "deformable_sample", "grid_sample_attention", "reference_pixel_coordinates"]
+__all__ = ["DeformableSampler", "deformable_sample", "reference_pixel_coordinates"]
 
 
 @lru_cache(maxsize=4)
@@ -162,26 +161,3 @@ def deformable_sample(
     sampler = DeformableSampler(spatial_shapes, batch, heads, points, dim, value.device, value.dtype)
     return sampler(value, pixel_xy[..., 0], pixel_xy[..., 1], attention_weights)
 
-
-def grid_sample_attention(
-    value: torch.Tensor,
-    spatial_shapes: tuple[tuple[int, int], ...],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """transformers' ``multi_scale_deformable_attention`` (``grid_sample`` per level, same grids, so the same
-    gradients), summing the attention-weighted samples level by level instead of first stacking all levels' samples
-    into one ``(batch * heads, D, queries, levels * points)`` copy. Used where gradients are needed."""
-    batch, _, heads, dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    values = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
-    out = None
-    for level, (height, width) in enumerate(spatial_shapes):
-        level_value = values[level].flatten(2).transpose(1, 2).reshape(batch * heads, dim, height, width)
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        samples = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        term = (samples * weights[..., level, :]).sum(-1)  # (batch * heads, D, queries)
-        out = term if out is None else out + term
-    return out.view(batch, heads * dim, queries).transpose(1, 2).contiguous()

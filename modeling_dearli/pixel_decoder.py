@@ -10,10 +10,12 @@ checkpoints are unchanged) whose `forward` removes work that does not change the
 - on a CPU without gradients, each deformable-attention layer runs its sampling as one weighted gather
   (`DeformableSampler`) instead of three ``grid_sample`` calls on re-laid-out copies and a 100 MB stack, with the
   per-point arithmetic laid out so that it vectorises (sampling offsets x-then-y, the attention softmax computed
-  transposed), oneDNN's fused linear(+ReLU) for the projections, and the FPN convolutions channels-last.
+  transposed), oneDNN's fused linear (+ReLU or residual) for the projections;
+- the FPN upsamples a contiguous copy of the encoder's 1/8 level instead of its transposed view.
 
-With gradients on a CPU the layers compute transformers' arithmetic (``grid_sample`` with the same grids, so the same
-gradients; `grid_sample_attention` sums the levels' samples without stacking them first). On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
+With gradients on a CPU the layers run transformers' arithmetic unchanged, sampling included: ``grid_sample``'s gradient
+with respect to a position jumps where the position crosses a pixel, so the gradients agree with transformers' only if
+the positions do to the last bit. On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
 with ``use_kernels=True`` (or setting ``model.use_kernels = True``) makes transformers swap in its fused CUDA kernel
 from the Hub (``kernels-community/deformable-detr``, needs the ``kernels`` package), as for Deformable DETR.
 """
@@ -31,9 +33,10 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerPixelDecoderOutput,
     Mask2FormerSinePositionEmbedding,
+    multi_scale_deformable_attention,
 )
 
-from .deformable_attention import DeformableSampler, grid_sample_attention, reference_pixel_coordinates
+from .deformable_attention import DeformableSampler, reference_pixel_coordinates
 from .fused_linear import linear
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
@@ -108,10 +111,11 @@ def _encoder_layer_fast(
     x = offsets[:, :, 0] + reference_x
     y = offsets[:, :, 1] + reference_y
     sampled = sampler(value.view(batch, length, heads, channels // heads), x, y, weights)
-    out = linear(sampled, attention.output_proj.weight, attention.output_proj.bias)
-    hidden = layer.self_attn_layer_norm(hidden + out)
-    feed_forward = linear(linear(hidden, layer.fc1.weight, layer.fc1.bias, relu=True), layer.fc2.weight, layer.fc2.bias)
-    return layer.final_layer_norm(hidden + feed_forward)
+    hidden = layer.self_attn_layer_norm(
+        linear(sampled, attention.output_proj.weight, attention.output_proj.bias, residual=hidden)
+    )
+    feed_forward = linear(hidden, layer.fc1.weight, layer.fc1.bias, relu=True)
+    return layer.final_layer_norm(linear(feed_forward, layer.fc2.weight, layer.fc2.bias, residual=hidden))
 
 
 def _encoder_layer(
@@ -123,7 +127,7 @@ def _encoder_layer(
     sample,
 ) -> torch.Tensor:
     """One deformable encoder layer as transformers computes it (without the no-op padding mask), with the sampling
-    done by ``sample`` (`grid_sample_attention`, or transformers' kernel-backed layer on an accelerator)."""
+    done by ``sample`` (transformers' function, or its kernel-backed layer on an accelerator)."""
     attention = layer.self_attn
     batch, length, channels = hidden.shape
     heads, levels, points = attention.n_heads, attention.n_levels, attention.n_points
@@ -197,7 +201,7 @@ class DearliPixelDecoder(Mask2FormerPixelDecoder):
             for layer in self.encoder.layers:
                 hidden = _encoder_layer_fast(layer, hidden, position, sampler)
         else:
-            sample = grid_sample_attention if hidden.device.type == "cpu" else self._kernel_sample
+            sample = multi_scale_deformable_attention if hidden.device.type == "cpu" else self._kernel_sample
             reference_points = _reference_points(spatial_shapes, batch, hidden.device, hidden.dtype)
             for layer in self.encoder.layers:
                 hidden = _encoder_layer(layer, hidden, position, reference_points, spatial_shapes, sample)
@@ -208,9 +212,12 @@ class DearliPixelDecoder(Mask2FormerPixelDecoder):
             x.transpose(1, 2).view(batch, -1, h, w) for x, (h, w) in zip(hidden.split(sizes, dim=1), spatial_shapes)
         ]
         for idx, feature in enumerate(features[: self.num_fpn_levels][::-1]):
-            # channels-last throughout (the encoder's output already is): the convolutions skip their layout copies
-            lateral = self.lateral_convolutions[idx](feature.contiguous(memory_format=torch.channels_last))
-            upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            lateral = self.lateral_convolutions[idx](feature)
+            # The encoder's levels are transposed views of (B, HW, C); bilinear upsampling of such a view takes
+            # several times as long as copying it to (B, C, H, W) first and upsampling that.
+            upsampled = F.interpolate(
+                outputs[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            )
             outputs.append(self.output_convolutions[idx](lateral + upsampled))
         return Mask2FormerPixelDecoderOutput(
             mask_features=self.mask_projection(outputs[-1]),

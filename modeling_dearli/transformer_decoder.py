@@ -4,13 +4,17 @@
 initialisation and checkpoints are unchanged) whose `forward` computes the same thing with less data movement:
 
 - queries stay ``(batch, queries, channels)``: no permutes and ``.contiguous()`` copies around every attention;
-- the masked cross-attention and the self-attention run through ``scaled_dot_product_attention`` with one boolean
-  mask per query broadcast over the heads (transformers repeats the mask per head, converts it to an additive float
-  mask and also computes head-averaged attention weights that nobody reads);
+- the masked cross-attention and the self-attention run through ``scaled_dot_product_attention``, with one additive
+  mask per query shared by the heads (transformers repeats a boolean mask per head, ``nn.MultiheadAttention``
+  converts it to a float mask, and also averages attention weights over the heads that nobody reads);
 - keys with their position embeddings are formed once per level instead of once per layer; the sine position
-  embeddings are computed once per size;
-- in inference, the intermediate layers' masks are not produced at full resolution when nobody asks for them: only
-  their sign at the next layer's attention resolution is needed (see `_attention_mask`).
+  embeddings are computed once per size; on a CPU without gradients, linear layers use oneDNN's fused kernel;
+- in inference, the intermediate layers' masks are not produced at full resolution when nobody asks for them
+  (``output_intermediate_masks=False``): only their sign at the next layer's attention resolution is needed.
+  Bilinear resizing and the channel sum are both linear, so the pixel embeddings are resized once per resolution
+  and the sum is taken there (1/4 to 1/64 of the pixels). The logits agree to rounding (about 1e-7 of their range);
+  like any change of rounding - transformers' own forward run on a different batch, for one - that can flip an
+  attention-mask entry whose logit is within rounding of the 0.5 threshold.
 
 ``implementation="transformers"`` and the options it does not cover (``output_attentions``, dropout) run transformers'
 forward.
@@ -43,8 +47,10 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _linear(x: torch.Tensor, module: torch.nn.Linear, relu: bool = False) -> torch.Tensor:
-    return linear(x, module.weight, module.bias, relu=relu)
+def _linear(
+    x: torch.Tensor, module: torch.nn.Linear, relu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    return linear(x, module.weight, module.bias, relu=relu, residual=residual)
 
 
 def _mlp(head, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,10 @@ def _cross_attention(
     memory: torch.Tensor,
     memory_key: torch.Tensor,
     attention_mask: torch.Tensor,
+    residual: torch.Tensor,
 ) -> torch.Tensor:
-    """``nn.MultiheadAttention`` of `layer.cross_attn` with the additive ``attention_mask`` ``(B, 1, Q, HW)``."""
+    """``residual +`` the ``nn.MultiheadAttention`` of `layer.cross_attn` with the additive ``attention_mask``
+    ``(B, 1, Q, HW)``."""
     attention = layer.cross_attn
     heads = attention.num_heads
     w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
@@ -71,26 +79,32 @@ def _cross_attention(
     k = _split_heads(linear(memory_key, w_k, b_k), heads)
     v = _split_heads(linear(memory, w_v, b_v), heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-    return _linear(_merge_heads(out), attention.out_proj)
+    return _linear(_merge_heads(out), attention.out_proj, residual=residual)
 
 
 def _self_attention(
-    layer: Mask2FormerMaskedAttentionDecoderLayer, hidden: torch.Tensor, query_position: torch.Tensor
+    layer: Mask2FormerMaskedAttentionDecoderLayer, hidden: torch.Tensor, query_position: torch.Tensor,
+    residual: torch.Tensor,
 ) -> torch.Tensor:
-    """transformers' `Mask2FormerAttention` of `layer.self_attn` (queries and keys carry the position embedding)."""
+    """``residual +`` transformers' `Mask2FormerAttention` of `layer.self_attn` (queries and keys carry the position
+    embedding)."""
     attention = layer.self_attn
     heads = attention.num_heads
     with_position = hidden + query_position
     q = _split_heads(_linear(with_position, attention.q_proj), heads)
     k = _split_heads(_linear(with_position, attention.k_proj), heads)
     v = _split_heads(_linear(hidden, attention.v_proj), heads)
-    return _linear(_merge_heads(F.scaled_dot_product_attention(q, k, v)), attention.out_proj)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return _linear(_merge_heads(out), attention.out_proj, residual=residual)
 
 
-def _feed_forward(layer: Mask2FormerMaskedAttentionDecoderLayer, hidden: torch.Tensor) -> torch.Tensor:
+def _feed_forward(
+    layer: Mask2FormerMaskedAttentionDecoderLayer, hidden: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual +`` the layer's feed-forward block."""
     if layer.activation_fn is F.relu or isinstance(layer.activation_fn, torch.nn.ReLU):
-        return _linear(_linear(hidden, layer.fc1, relu=True), layer.fc2)
-    return _linear(layer.activation_fn(_linear(hidden, layer.fc1)), layer.fc2)
+        return _linear(_linear(hidden, layer.fc1, relu=True), layer.fc2, residual=residual)
+    return _linear(layer.activation_fn(_linear(hidden, layer.fc1)), layer.fc2, residual=residual)
 
 
 def _decoder_layer(
@@ -103,16 +117,15 @@ def _decoder_layer(
 ) -> torch.Tensor:
     """transformers' `Mask2FormerMaskedAttentionDecoderLayer` (post-norm or pre-norm) on ``(B, Q, C)`` queries."""
     if layer.pre_norm:
-        hidden = hidden + _cross_attention(
-            layer, layer.cross_attn_layer_norm(hidden), query_position, memory, memory_key, attention_mask
-        )
-        hidden = hidden + _self_attention(layer, layer.self_attn_layer_norm(hidden), query_position)
-        return hidden + _feed_forward(layer, layer.final_layer_norm(hidden))
+        normed = layer.cross_attn_layer_norm(hidden)
+        hidden = _cross_attention(layer, normed, query_position, memory, memory_key, attention_mask, residual=hidden)
+        hidden = _self_attention(layer, layer.self_attn_layer_norm(hidden), query_position, residual=hidden)
+        return _feed_forward(layer, layer.final_layer_norm(hidden), residual=hidden)
     hidden = layer.cross_attn_layer_norm(
-        hidden + _cross_attention(layer, hidden, query_position, memory, memory_key, attention_mask)
+        _cross_attention(layer, hidden, query_position, memory, memory_key, attention_mask, residual=hidden)
     )
-    hidden = layer.self_attn_layer_norm(hidden + _self_attention(layer, hidden, query_position))
-    return layer.final_layer_norm(hidden + _feed_forward(layer, hidden))
+    hidden = layer.self_attn_layer_norm(_self_attention(layer, hidden, query_position, residual=hidden))
+    return layer.final_layer_norm(_feed_forward(layer, hidden, residual=hidden))
 
 
 def _attention_mask(logits: torch.Tensor) -> torch.Tensor:
@@ -207,9 +220,8 @@ class _MaskPredictor:
             if final:
                 return masks, None
             return masks, _attention_mask(F.interpolate(masks, size=size, mode="bilinear", align_corners=False))
-        # Only the attention mask is needed. Bilinear resizing and the sum over channels are both linear: resize the
-        # pixel embeddings once per size and take the sum there, at 1/4 to 1/64 of the pixels. Same logits up to
-        # rounding (about 1e-7 of their range); see the module docstring for the sign at the threshold.
+        # Only the attention mask is needed: resize the pixel embeddings once per size, then the sum over channels
+        # (see the module docstring).
         if size not in self._resized:
             self._resized[size] = F.interpolate(self.pixels, size=size, mode="bilinear", align_corners=False)
         return None, _attention_mask(torch.einsum("bqc,bchw->bqhw", embeddings, self._resized[size]))

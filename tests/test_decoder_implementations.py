@@ -1,12 +1,17 @@
 """Our decoder forwards (`DearliPixelDecoder`, `DearliTransformerModule`) against transformers' own forwards of the
 same modules (``config.decoder_implementation="transformers"``): same parameters, same outputs and gradients.
 
-Equality is checked to 1e-5 of each tensor's largest magnitude (``assert_equal_to_rounding``). One discontinuity
-needs care: the masked attention attends where ``sigmoid(mask logit) >= 0.5``, and at random initialisation the
-logits of a full-size model sit near 0 in millions of places, so a rounding-level change anywhere upstream flips a few
-attention-mask entries (transformers' own forward differs from itself by ~3e-4 between a batch of 1 and a batch of 2
-for that reason). The full-size tests therefore make every attention decision clear (`_clear_attention_decisions`);
-the tiny-model tests do not need to.
+Outputs are checked to 1e-5 of each tensor's largest magnitude (``assert_equal_to_rounding``); gradients together to
+1e-5 (relative L2 norm over all parameters) and, on the tiny model, tensor by tensor to 1e-5 as well. Two
+discontinuities decide how far "same numbers" can be asked of a full-size model, where any change of rounding
+(transformers' own forward on 1 instead of 2 threads, for one) moves some values across them:
+
+- the masked attention attends where ``sigmoid(mask logit) >= 0.5``, and at random initialisation the logits sit near
+  0 in millions of places: the full-size tests make every attention decision clear (`_clear_attention_decisions`);
+- ReLU and ``grid_sample`` have kinks: an activation or a sampling position within rounding of one changes a
+  gradient by a finite amount. Measured on the full-size test below, transformers' gradients on 1 vs 2 threads differ
+  by 8.7e-7 overall but by up to 2.2e-3 in single tensors (ours vs transformers': 6.3e-7 and 2.5e-4), so there the
+  per-tensor check is 1e-3 (it still catches a wrong term in any tensor).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
-from modeling_dearli.deformable_attention import deformable_sample, grid_sample_attention
+from modeling_dearli.deformable_attention import deformable_sample
 from modeling_dearli.pixel_decoder import _encoder_layer, _reference_points
 from modeling_dearli.transformer_decoder import _attention_mask
 
@@ -71,7 +76,7 @@ def _run(model, implementation: str, pixel_values, labels=None, **kwargs):
     return outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare(model, pixel_values, labels) -> None:
+def _compare(model, pixel_values, labels, gradient_rtol_per_tensor: float = RTOL) -> None:
     model.eval()
     for auxiliary in (False, True):  # without auxiliary outputs our decoder skips the intermediate full-size masks
         ours, _ = _run(model, "dearli", pixel_values, output_auxiliary_logits=auxiliary)
@@ -91,11 +96,16 @@ def _compare(model, pixel_values, labels) -> None:
     model.config.decoder_implementation = "dearli"
     assert_equal_to_rounding(ours.loss, theirs.loss, "loss")
     assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) > 50
+    difference = sum(((ours_grads[n].double() - g.double()) ** 2).sum() for n, g in theirs_grads.items()) ** 0.5
+    norm = sum((g.double() ** 2).sum() for g in theirs_grads.values()) ** 0.5
+    assert difference <= RTOL * norm, f"gradients: relative difference {difference / norm:.3g}"
     # The self-attention key bias has a zero gradient in exact arithmetic (softmax ignores a per-query shift): both
     # sides hold rounding noise there, hence an absolute floor far below every other gradient.
     floor = 1e-8 * max(g.abs().max().item() for g in theirs_grads.values())
     for name, grad in theirs_grads.items():
-        assert_equal_to_rounding(ours_grads[name], grad, name, floor=floor)
+        error = (ours_grads[name].double() - grad.double()).abs().max().item()
+        bound = gradient_rtol_per_tensor * grad.abs().max().item() + floor
+        assert error <= bound, f"gradient of {name}: max error {error:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
@@ -149,24 +159,6 @@ def test_deformable_sampling_equals_transformers_grid_sample(integer_positions):
     expected = multi_scale_deformable_attention(value, shapes, locations, weights)
     actual = deformable_sample(value, shapes, locations * sizes - 0.5, weights)
     assert_equal_to_rounding(actual, expected, "sampled")
-
-
-@pytest.mark.parametrize("integer_positions", [False, True])
-def test_grid_sample_attention_gradients_equal_transformers(integer_positions):
-    """The training path: transformers' grid_sample arithmetic without the stacked copy; same values and gradients
-    (also on pixel centres, where grid_sample's gradient takes one side of the kink)."""
-    generator = torch.Generator().manual_seed(5)
-    shapes = ((3, 5), (6, 10), (12, 20))
-    inputs = _sampling_case(2, shapes, generator, integer_positions)
-    grad_output = torch.randn(2, inputs[0].shape[1], inputs[0].shape[2] * inputs[0].shape[3], generator=generator)
-    results = []
-    for function in (multi_scale_deformable_attention, grid_sample_attention):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = function(leaves[0], shapes, leaves[1], leaves[2])
-        out.backward(grad_output)
-        results.append([out.detach()] + [t.grad for t in leaves])
-    for name, expected, actual in zip(("output", "value", "locations", "weights"), *results):
-        assert_equal_to_rounding(actual, expected, name)
 
 
 def test_accelerator_path_calls_transformers_deformable_attention_layer_like_transformers():
@@ -246,6 +238,6 @@ def test_full_size_model_outputs_and_gradients_equal_transformers_forwards():
     try:
         generator = torch.Generator().manual_seed(2)
         pixel_values = torch.randn(1, 3, 384, 512, generator=generator)
-        _compare(model, pixel_values, _labels(1, 384, 512, num_classes=150))
+        _compare(model, pixel_values, _labels(1, 384, 512, num_classes=150), gradient_rtol_per_tensor=1e-3)
     finally:
         handle.remove()
