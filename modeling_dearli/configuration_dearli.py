@@ -28,6 +28,7 @@ VILD_PROMPT_TEMPLATES: list[str] = [
 ]
 
 DEFAULT_CLIP_MODEL_NAME = "convnext_base_w_320"
+DECODER_IMPLEMENTATIONS = ("dearli", "transformers")
 DEFAULT_CLIP_PRETRAINED = "laion_aesthetic_s13b_b82k_augreg"
 # Eq. 6 weight of the decoder posterior (paper: 0.6); the image processor's default too.
 DEFAULT_ENSEMBLE_ALPHA = 0.6
@@ -102,6 +103,10 @@ class DearliConfig(PretrainedConfig):
         pre_norm (`bool`, *optional*, defaults to `False`): Pre-norm decoder layers.
         enforce_input_projection (`bool`, *optional*, defaults to `False`): Always project decoder inputs.
         class_embed_layers (`int`, *optional*, defaults to 3): Layers of the MLP mapping queries to CLIP space.
+        decoder_implementation (`str`, *optional*, defaults to `"dearli"`):
+            Forward of the pixel and transformer decoders: `"dearli"` (this package's faster forward,
+            `DearliPixelDecoder` / `DearliTransformerModule`) or `"transformers"` (transformers' Mask2Former forward).
+            Both use the same modules and weights and give the same outputs to rounding.
         logit_scale_init (`float`, *optional*, defaults to log(1/0.07)): Initial learnable M2F-Lang logit scale.
         mask_pooling_threshold (`float`, *optional*, defaults to 0.5):
             Sigmoid threshold of the query masks used for CLIP mask pooling.
@@ -147,6 +152,7 @@ class DearliConfig(PretrainedConfig):
         pre_norm: bool = False,
         enforce_input_projection: bool = False,
         class_embed_layers: int = 3,
+        decoder_implementation: str = "dearli",
         logit_scale_init: float = 2.659260036932778,
         mask_pooling_threshold: float = 0.5,
         ensemble_alpha: float = DEFAULT_ENSEMBLE_ALPHA,
@@ -180,6 +186,10 @@ class DearliConfig(PretrainedConfig):
                 raise ValueError(f"Prompt template must contain exactly one '{{}}': {template!r}")
         if not 0.0 <= ensemble_alpha <= 1.0:
             raise ValueError(f"ensemble_alpha must be in [0, 1], got {ensemble_alpha}")
+        if decoder_implementation not in DECODER_IMPLEMENTATIONS:
+            raise ValueError(
+                f"decoder_implementation must be one of {DECODER_IMPLEMENTATIONS}, got {decoder_implementation!r}"
+            )
         if clip_model_config is None:
             clip_model_config = resolve_open_clip_config(clip_model_name)
 
@@ -204,6 +214,7 @@ class DearliConfig(PretrainedConfig):
         self.pre_norm = pre_norm
         self.enforce_input_projection = enforce_input_projection
         self.class_embed_layers = class_embed_layers
+        self.decoder_implementation = decoder_implementation
         self.logit_scale_init = logit_scale_init
         self.mask_pooling_threshold = mask_pooling_threshold
         self.ensemble_alpha = ensemble_alpha
