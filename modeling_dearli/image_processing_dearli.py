@@ -36,6 +36,8 @@ from .segmentation_inference import (
 
 try:  # PIL is a transformers vision dependency; keep the module importable without it.
     from PIL import Image
+
+    from .image_reading import to_rgb
 except ImportError:  # pragma: no cover
     Image = None
 
@@ -196,7 +198,8 @@ class DearliImageProcessor(BaseImageProcessor):
 
         Args:
             images: a PIL image, numpy array (HW, HWC or CHW) or torch tensor (CHW or HW), or a list of them (or a
-                4-D batch). Grayscale is replicated to RGB, alpha is dropped.
+                4-D batch). Grayscale is replicated to RGB, alpha is dropped; PIL images of any mode (palette,
+                16-bit, ...) are converted by :func:`image_reading.to_rgb`.
             segmentation_maps: per image, a panoptic id map (COCO RGB id-PNG as PIL image or ``(H, W, 3)`` uint8
                 array, or an ``(H, W)`` integer array of segment ids), or a semantic map of class indices when
                 ``instance_id_to_semantic_id`` is not given. Same size as its image.
@@ -535,12 +538,7 @@ def _image_to_tensor(image: Any, data_format: str | None, do_rescale: bool, resc
     """Any supported image -> float32 ``(3, H, W)`` in [0, 1]."""
     prefer_first = False
     if Image is not None and isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16L", "I;16B"):
-            array = np.asarray(image).astype(np.uint16)
-        elif image.mode in ("I", "F"):
-            raise ValueError(f"unsupported PIL image mode {image.mode!r}; convert it to 'RGB' or 'L' first")
-        else:
-            array = np.asarray(image.convert("RGB"))
+        array = np.asarray(to_rgb(image))  # every PIL mode as the project's image reader sees it
     elif isinstance(image, np.ndarray):
         array = image
     elif isinstance(image, torch.Tensor):

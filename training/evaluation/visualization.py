@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from modeling_dearli.image_processing_dearli import id_to_rgb
+from modeling_dearli.image_reading import to_rgb
 
 __all__ = [
     "Segment",
@@ -226,7 +227,7 @@ def overlay(
     min_label_fraction: float = 0.001,
 ) -> Image.Image:
     """The image with coloured segments, white outlines and class names (with scores where known)."""
-    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    rgb = np.asarray(to_rgb(image)).astype(np.float32)
     id_map = result.id_map
     if id_map.shape != rgb.shape[:2]:
         raise ValueError(f"id map {id_map.shape} and image {rgb.shape[:2]} differ in size")
