@@ -202,6 +202,9 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="Largest random scale of the crop size the image is resized to fit in.")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
     g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
+    g.add_argument("--max_skipped_share", type=float, default=0.01,
+                   help="Training examples that cannot be read (truncated or corrupt files) are skipped, logged with "
+                        "their path and counted; the run stops when more than this share of them was skipped.")
     return parser
 
 

@@ -17,7 +17,7 @@ weight decay 0.05, poly schedule, 80k iterations. See :mod:`training.ssl_step` f
 for the teacher.
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
-(weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
+(``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
 PQ and mIoU of the student and of the teacher. The final student is saved with ``save_pretrained`` (+ image processor)
 in ``--output_dir`` (the paper reports the student of the last iteration) and the teacher in ``--output_dir/teacher``.
 """
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     other = "teacher" if args.final_model == "student" else "student"
     return run_training(
         args, run, train_step,
-        checkpointed=[teacher],
+        checkpointed={"ema_teacher": teacher},
         before_checkpoint=lambda: teacher.check_synchronized(accelerator),
         evaluate=make_evaluator(args, accelerator, data.validation, data.class_names, models),
         final_models={"": models[args.final_model], other: models[other]},
