@@ -171,6 +171,14 @@ class DearliImageProcessor(BaseImageProcessor):
         defaults["ensemble_alpha"] = resolve_ensemble_alpha(kwargs.get("ensemble_alpha"), config)
         return cls(**defaults)
 
+    def padded_size(self, height: int, width: int, size: Mapping[str, int] | None = None) -> tuple[int, int]:
+        """The ``(H, W)`` of ``pixel_values`` for one ``height x width`` image on its own (resized, then padded to a
+        multiple of ``size_divisor``). Images with the same padded size batch without extra padding, so a batch of
+        them gives the same outputs as each image alone."""
+        size = self.size if size is None else _check_size(dict(size))
+        h, w = _output_size((height, width), size) if self.do_resize else (int(height), int(width))
+        return math.ceil(h / self.size_divisor) * self.size_divisor, math.ceil(w / self.size_divisor) * self.size_divisor
+
     # ----------------------------------------------------------------------------------------------------------------
     # Preprocessing
 
@@ -496,7 +504,8 @@ def _output_size(hw: Sequence[int], size: Mapping[str, int]) -> tuple[int, int]:
     if longest is not None and max(new_h, new_w) > longest:
         scale = longest / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # At least one pixel: an extreme aspect ratio (e.g. 3 x 1000) must not round a side to zero.
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def _resize_nearest(ids: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 
 from modeling_dearli.image_reading import read_image, to_rgb
 
+from .image_files import IMAGE_EXTENSIONS
+
 if TYPE_CHECKING:
     import datasets
     from accelerate import PartialState
@@ -61,7 +63,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 ImageSource = Union[PathLike, Sequence[PathLike], "datasets.Dataset"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CONFIG_FILE = "sam_config.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
