@@ -289,16 +289,16 @@ def test_cli(image_dir, tiny_checkpoint, tmp_path):
     cmd = [
         sys.executable,
         str(REPO / "scripts" / "generate_sam_masks.py"),
-        "--image-dir", str(image_dir),
-        "--sam-checkpoint", str(tiny_checkpoint),
-        "--model-type", "vit_tiny",
-        "--points-per-side", "2",
-        "--pred-iou-thresh", "0",
-        "--stability-score-thresh", "0",
-        "--output-dir", str(out),
+        "--image_dir", str(image_dir),
+        "--sam_checkpoint", str(tiny_checkpoint),
+        "--model_type", "vit_tiny",
+        "--points_per_side", "2",
+        "--pred_iou_thresh", "0",
+        "--stability_score_thresh", "0",
+        "--output_dir", str(out),
         "--device", "cpu",
-        "--shard-size", "2",
-        "--max-images", "2",
+        "--shard_size", "2",
+        "--max_images", "2",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

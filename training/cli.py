@@ -143,13 +143,21 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def prepare_output_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (and its parents) and check that a file can be written in it; raise :class:`CliError` naming
-    the problem otherwise. Call it before loading a model, so that a bad output location fails in seconds."""
+def prepare_output_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Check that files can be written in the folder `path` (created with its parents when `create`; otherwise its
+    nearest existing ancestor is checked and nothing is created); raise :class:`CliError` naming the problem. Call it
+    before loading a model, so that a bad output location fails in seconds."""
     path = Path(path)
+    probe = path
+    if not create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write_test_"):
             pass
     except OSError as error:
         raise CliError(f"cannot write to the output directory {path}: {error.strerror or error}") from error
