@@ -41,6 +41,7 @@ from .checkpointing import (
     resolve_resume_path,
     save_checkpoint,
 )
+from .cli import prepare_output_dir
 from .data.collator import DearliDataCollator, model_inputs
 from .data.sampler import ResumableSampler
 from .schedules import build_optimizer, build_poly_scheduler
@@ -127,7 +128,7 @@ def setup_accelerator(args: Any, **kwargs: Any):
         **kwargs,
     )
     if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args.output_dir)  # created and checked for writing before any model is built
     accelerator.wait_for_everyone()
     setup_logging(accelerator)
     logger.info(accelerator.state)

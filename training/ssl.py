@@ -32,8 +32,15 @@ from typing import Any
 from torch import nn
 
 from training.arguments import parse_args
-from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
-from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset, load_panoptic_training_data
+from training.data.strong_augmentations import (
+    StrongAugmentation,
+    StrongAugmentationConfig,
+)
+from training.data.train_datasets import (
+    PanopticTrainDataset,
+    UnlabeledTrainDataset,
+    load_panoptic_training_data,
+)
 from training.data.transforms import LargeScaleJitter
 from training.ema import MeanTeacher
 from training.evaluation.validation import make_evaluator
@@ -46,7 +53,12 @@ from training.loop import (
     setup_accelerator,
 )
 from training.model_init import adapt_class_names, build_model
-from training.ssl_step import StudentViewBuilder, ssl_train_step, strong_augmentation_generator
+from training.pretrained import check_model_location
+from training.ssl_step import (
+    StudentViewBuilder,
+    ssl_train_step,
+    strong_augmentation_generator,
+)
 
 logger = logging.getLogger("training.ssl")
 
@@ -57,7 +69,7 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
     if args.teacher_init:
         from modeling_dearli import DearliForPanopticSegmentation
 
-        initial = DearliForPanopticSegmentation.from_pretrained(args.teacher_init)
+        initial = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.teacher_init))
         initial = adapt_class_names(initial, list(class_names.names), class_names.thing_ids, args.clip_pretrained)
         state = initial.state_dict()
         del initial
