@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Exit with 0 even when inputs were skipped (unreadable, not found), as long as one image "
                              "was segmented.")
     parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow the model folder's own Python code to run (only for models that are not DEARLi "
-                             "models of the installed package; review the code first).")
+                        help="Allow the model folder's own Python code to run, for a model type this package does not "
+                             "provide (DEARLi models always use the installed code); review the code first.")
     return parser.parse_args(argv)
 
 

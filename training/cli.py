@@ -5,8 +5,8 @@
 - Range-checked argument types (:func:`probability`, :func:`positive_int`, ...): a threshold of 2 or NaN is a usage
   error, not an all-void result.
 - :func:`run`: the ``__main__`` of every command. An error ends the command with ONE line on stderr
-  (``<prog>: error: <message>``) and exit code 1 (2 for usage errors, 130 when interrupted); ``--debug`` shows the
-  traceback instead.
+  (``<prog>: error: <message>``) and exit code 1 (2 for usage errors, whose line replaces argparse's usage block;
+  130 when interrupted); ``--debug`` shows the traceback instead.
 - :func:`prepare_output_dir` / :func:`check_output_file`: an output location is checked for writing before any model
   is loaded.
 """
@@ -74,6 +74,10 @@ class ArgumentParser(argparse.ArgumentParser):
             out.append(arg)
         return out
 
+    def error(self, message: str) -> NoReturn:
+        """A usage error: one line (``--help`` shows the usage) and exit code 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(self._underscore_spellings(args), namespace)
@@ -90,9 +94,9 @@ def _number(kind: Callable[[str], Any], low: float | None, high: float | None, l
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)
         if too_low or (high is not None and value > high):
-            left = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(
-                f"{text} is outside {left}{'-inf' if low is None else low:g}, {'inf' if high is None else high:g}]")
+            lowest = "-inf" if low is None else f"{low:g}"
+            highest = "inf" if high is None else f"{high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{lowest}, {highest}]")
         return value
 
     parse.__name__ = name or kind.__name__  # argparse names the type in its messages

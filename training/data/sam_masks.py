@@ -381,7 +381,8 @@ def _done_ids(output_dir: Path) -> set[str]:
 def _read_failures(path: Path) -> list[dict[str, Any]]:
     """The records of a failures log. A line that is not a JSON record with an ``image_id`` is skipped with a warning
     naming the file and line (its image is simply retried); an unterminated last line is the trace of an interrupted
-    write. More than :data:`MAX_CORRUPT_LOG_SHARE` of the lines corrupt: ``ValueError`` (not a failures log)."""
+    write (not counted). More than :data:`MAX_CORRUPT_LOG_SHARE` of the other lines corrupt: ``ValueError`` (not a
+    failures log)."""
     text = path.read_text(errors="replace")
     lines = text.splitlines()
     records, corrupt = [], []
@@ -396,7 +397,8 @@ def _read_failures(path: Path) -> list[dict[str, Any]]:
             problem = "not a record with an image_id"
         if not isinstance(record, dict) or not isinstance(record.get("image_id"), str):
             interrupted = number == len(lines) and not text.endswith("\n")
-            corrupt.append(number)
+            if not interrupted:  # an interrupted last line is the expected trace of a killed run: not counted
+                corrupt.append(number)
             logger.warning("%s:%d: skipping a corrupt line%s (%s); its image will be retried", path, number,
                            " (an interrupted write)" if interrupted else "", problem)
             continue
