@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["evaluate"] = run_stage("4. Evaluation (PQ, mIoU)", [
         python, "scripts/evaluate.py", "--model_name_or_path", str(out / "ssl"), "--dataset", "custom",
         "--images_dir", str(images), "--gt_json", str(annotations), "--gt_folder", str(panoptic),
-        "--size", "128", "256", "--device", "cpu", "--output", str(report), "--no_progress",
+        "--size", "128", "256", "--device", "cpu", "--output", str(report), "--overwrite", "--no_progress",
     ])
     if (REPO_ROOT / "scripts" / "predict.py").exists():
         timings["predict"] = run_stage("5. Prediction pictures", [

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred_folder", default=None, help="prediction PNG folder (default: --pred_json without "
                         ".json)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="auto: hotcoco (compiled, multi-threaded) "
                         "when installed, else numpy; hotcoco / numpy: force one")
     parser.add_argument("--num_workers", type=cli.non_negative_int, default=None,
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
     if args.output:
-        cli.check_output_file(args.output)
+        cli.check_output_file(args.output, overwrite=args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()

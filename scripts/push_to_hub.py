@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--license", default="mit", help="Licence id of the card metadata (default: mit).")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--local_dir", type=Path, default=None, help="Write the repository folder here (kept).")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a --local_dir that is not empty.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     parser.add_argument("--revision", default=None, help="Branch to push to (created if missing).")
     parser.add_argument("--commit_message", default=None, help="Commit message of the upload.")
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if upload and token is None:
         raise cli.CliError("no Hub token (pass --token, set HF_TOKEN or run `hf auth login`), or use --local_dir")
     if args.local_dir is not None:
+        if args.local_dir.is_dir() and any(args.local_dir.iterdir()) and not args.overwrite:
+            raise cli.CliError(f"{args.local_dir} is not empty (pass --overwrite to write into it)")
         cli.prepare_output_dir(args.local_dir)  # before the model is loaded
 
     model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)

@@ -448,7 +448,9 @@ def tampered_model_dir(tiny_model_with_processor_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tampered") / "model"
     shutil.copytree(tiny_model_with_processor_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    modules = {v.split(".")[0] for v in config["auto_map"].values()}
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    modules = {v.split(".")[0] for v in [*config["auto_map"].values(), *processor["auto_map"].values()]}
+    assert "image_processing_dearli" in modules
     assert modules and all((folder / f"{m}.py").is_file() for m in modules)
     for module in modules:
         code = (folder / f"{module}.py").read_text()
@@ -678,6 +680,11 @@ def sam_tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _pred_json_with_a_missing_png(folder: Path) -> Path:
     data = json.loads((folder / "panoptic.json").read_text())
     data["annotations"][0]["file_name"] = "missing.png"
@@ -693,6 +700,8 @@ CLI_ERRORS = {  # name -> (script, arguments built from the fixtures, words of t
                                    "broken.json is not valid JSON"),
     "evaluate_unwritable_output_before_loading": ("evaluate", lambda f: _evaluate_args(
         f["two"], f["tmp"] / "missing_model", output=f["blocker"] / "report.json"), "cannot write"),
+    "evaluate_existing_report_without_overwrite": ("evaluate", lambda f: _evaluate_args(
+        f["two"], f["model"], output=_write_text(f["tmp"] / "report.json", "{}")), "exists (pass --overwrite"),
     "evaluate_missing_local_model": ("evaluate", lambda f: _evaluate_args(f["two"], f["tmp"] / "runs" / "none"),
                                      "does not exist"),
     "evaluate_panoptic_malformed_json": ("evaluate_panoptic", lambda f: [
@@ -781,6 +790,28 @@ def test_sam_unreadable_image_fails_the_exit_code_unless_allowed(two_class_folde
     assert tree_digest(images) == before
 
 
+@pytest.mark.parametrize("kind", ["labeled", "unlabeled", "sam_masks"])
+def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
+    """Each training dataset returns the next readable example in place of an unreadable one and reports it."""
+    from training.data.panoptic_datasets import load_coco_panoptic
+    from training.data.train_datasets import PanopticTrainDataset, SamMasksTrainDataset, UnlabeledTrainDataset
+
+    rows = load_coco_panoptic(training_folder / "images", training_folder / "panoptic",
+                              training_folder / "annotations.json")
+    bad_index = list(rows["file_name"]).index("000000000001.jpg")
+    if kind == "sam_masks":
+        records = [{"image_id": Path(name).stem, "file_name": name, "height": h, "width": w, "masks": []}
+                   for name, (h, w) in zip(rows["file_name"], [(427, 640), (360, 640), (427, 640)])]
+        dataset = SamMasksTrainDataset([(records, training_folder / "images")], None)
+    else:
+        dataset = (PanopticTrainDataset if kind == "labeled" else UnlabeledTrainDataset)(rows, None)
+    item = dataset[(bad_index, 7)]
+    assert item["skipped"][0]["source"] == str(training_folder / "images" / "000000000001.jpg")
+    assert "cannot read image" in item["skipped"][0]["error"]
+    replacement = dataset[((bad_index + 1) % len(dataset), 7)]
+    assert torch.equal(item["pixel_values"], replacement["pixel_values"]) and "skipped" not in replacement
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 7. Training: an unreadable image is skipped, named and counted; too many stop the run; resume stays exact (4, 6)
 # --------------------------------------------------------------------------------------------------------------------
@@ -860,3 +891,24 @@ def test_unreadable_training_image_is_skipped_named_counted_and_resumes_exactly(
     assert code == 1
     assert_one_line_error(err, str(bad), "--max_skipped_share 0.01")
     assert tree_digest(training_folder) == before
+
+
+def test_our_models_load_without_remote_code_after_import(tampered_model_dir, tiny_model):
+    """With the package imported, the Auto classes and the pipeline use its code for our model folders (item 2)."""
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+    import modeling_dearli
+
+    marker = tampered_model_dir.parent / "MARKER"
+    marker.unlink(missing_ok=True)
+    model = AutoModelForUniversalSegmentation.from_pretrained(tampered_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tampered_model_dir)
+    segmenter = pipeline("image-segmentation", model=str(tampered_model_dir), trust_remote_code=False)
+    assert type(model) is modeling_dearli.DearliForPanopticSegmentation
+    assert type(processor) is modeling_dearli.DearliImageProcessor and type(segmenter.model) is type(model)
+    image = Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        ours, reference = model(**processor(image)), tiny_model(**processor(image))
+    assert torch.equal(ours.class_queries_logits, reference.class_queries_logits)
+    assert segmenter(image, subtask="semantic")
+    assert not marker.exists()

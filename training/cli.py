@@ -168,7 +168,7 @@ def prepare_output_dir(path: str | os.PathLike, create: bool = True) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, overwrite: bool = True) -> Path:
+def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that the file `path` can be written (its folder is created) and, unless `overwrite`, does not exist."""
     path = Path(path)
     if path.is_dir():
