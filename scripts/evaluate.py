@@ -34,6 +34,7 @@ from training.data.panoptic_datasets import (
 )
 from training.data.train_datasets import row_image, without_image_decoding
 from training.evaluation.panoptic_quality import PanopticQuality, print_report
+from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("evaluate")
 
@@ -117,12 +118,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="model folder (save_pretrained output) or Hub id")
-    parser.add_hidden_alias("--model", "--model_name_or_path")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="allow the model folder's own Python code to run (only for models that are not DEARLi "
-                        "models of the installed package; review the code first)")
+    add_model_arguments(parser)
     parser.add_argument("--dataset", default="coco_panoptic",
                         choices=["coco_panoptic", "coco_objects", "ade20k", "custom"],
                         help="label space and layout; 'custom' = any COCO panoptic folder, classes from its JSON")
@@ -153,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from accelerate import Accelerator
-
-    from training.pretrained import load_model_and_processor
 
     if args.output:
         cli.check_output_file(args.output, overwrite=args.overwrite)

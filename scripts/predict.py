@@ -38,6 +38,7 @@ from training.data.image_files import (
     find_images,
     image_size,
 )
+from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("predict")
 
@@ -48,9 +49,7 @@ RUN_FILES = ("predictions.json", "skipped.json")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="Image files, folders or glob patterns.")
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="Model folder (save_pretrained output, with its image processor) or Hub id.")
-    parser.add_hidden_alias("--model", "--model_name_or_path")
+    add_model_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="Folder for the PNG / JSON / overlay files.")
     parser.add_argument("--overwrite", action="store_true", help="Replace output files that already exist.")
     parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], default="panoptic",
@@ -79,9 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow_skips", action="store_true",
                         help="Exit with 0 even when inputs were skipped (unreadable, not found), as long as one image "
                              "was segmented.")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow the model folder's own Python code to run, for a model type this package does not "
-                             "provide (DEARLi models always use the installed code); review the code first.")
     return parser.parse_args(argv)
 
 
@@ -146,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         segments_json,
         write_json,
     )
-    from training.pretrained import load_model_and_processor
 
     paths, not_found = find_images(args.inputs, args.recursive)
     skipped = [{"path": item, "error": "matched no file" if glob.has_magic(item) else "not found"} for item in not_found]

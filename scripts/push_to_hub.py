@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from training import cli
+from training.pretrained import add_model_arguments, load_model_and_processor
 from training.publishing.hub import (
     DATASETS,
     CardContext,
@@ -40,12 +41,7 @@ logger = logging.getLogger("push_to_hub")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="DEARLi model folder (save_pretrained output) or Hub id.")
-    parser.add_hidden_alias("--model", "--model_name_or_path")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow the model folder's own Python code to run (only for models that are not DEARLi "
-                             "models of the installed package; review the code first).")
+    add_model_arguments(parser)
     parser.add_argument("--repo_id", required=True, help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
     parser.add_argument(
         "--eval_report", type=Path, default=None, help="Evaluation report JSON (All/Things/Stuff, mIoU)."
@@ -110,8 +106,6 @@ def build_context(args: argparse.Namespace, model_path: Path | None) -> CardCont
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from training.pretrained import load_model_and_processor
-
     token = None if args.no_upload else resolve_token(args.token)
     upload = not args.no_upload and (token is not None or args.local_dir is None)
     if args.no_upload and args.local_dir is None:

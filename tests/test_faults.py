@@ -670,16 +670,6 @@ def _sam_args(image_dir: Path, checkpoint: Path, out: Path, *extra: str) -> list
             "--stability_score_thresh", "0", "--device", "cpu", "--no_progress", *extra]
 
 
-@pytest.fixture(scope="module")
-def sam_tiny_checkpoint(tmp_path_factory) -> Path:
-    from training.data.sam_masks import build_sam_vit_tiny
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
-    torch.save(build_sam_vit_tiny().state_dict(), path)
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -724,14 +714,14 @@ CLI_ERRORS = {  # name -> (script, arguments built from the fixtures, words of t
 
 
 @pytest.mark.parametrize("case", sorted(CLI_ERRORS))
-def test_cli_errors_are_one_line(case, two_class_folder, tiny_model_with_processor_dir, sam_tiny_checkpoint, tmp_path,
+def test_cli_errors_are_one_line(case, two_class_folder, tiny_model_with_processor_dir, tiny_sam_checkpoint, tmp_path,
                                  load_script, capsys):
     script, build, words = CLI_ERRORS[case]
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     (tmp_path / "runs").mkdir()
     fixtures = {"two": two_class_folder, "model": tiny_model_with_processor_dir, "tmp": tmp_path,
-                "blocker": blocker, "sam": sam_tiny_checkpoint}
+                "blocker": blocker, "sam": tiny_sam_checkpoint}
     argv = build(fixtures)
     before = tree_digest(two_class_folder, tiny_model_with_processor_dir)
     code, err = run_cli(load_script(script).main, argv, capsys)
@@ -756,7 +746,7 @@ def test_dashed_spellings_are_hidden_aliases(two_class_folder, tiny_model_with_p
     assert_one_line_error(err, "the model has 3 classes")  # parsed: it got as far as comparing the label spaces
 
 
-def test_sam_failures_log_with_corrupt_lines(two_class_folder, sam_tiny_checkpoint, tmp_path, load_script, caplog):
+def test_sam_failures_log_with_corrupt_lines(two_class_folder, tiny_sam_checkpoint, tmp_path, load_script, caplog):
     images = tmp_path / "images"
     shutil.copytree(two_class_folder / "images", images)
     Image.open(images / "1.jpg").save(images / "2.jpg")
@@ -766,27 +756,27 @@ def test_sam_failures_log_with_corrupt_lines(two_class_folder, sam_tiny_checkpoi
     log.write_text('{"image_id": "1", "file_name": "1.jpg", "error": "x"}\n\x00\x00garbage\n{"image_id": "2", "fi')
     script = load_script("generate_sam_masks")
     with caplog.at_level(logging.WARNING):
-        assert script.main(_sam_args(images, sam_tiny_checkpoint, out)) == 0
+        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 0
     assert f"{log}:2: skipping a corrupt line" in caplog.text and f"{log}:3: skipping a corrupt line" in caplog.text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_images"] == 1 and manifest["failed_image_ids"] == ["1"]  # image 2 was retried and done
     # A log that is mostly garbage is not read around: one clear error naming it.
     log.write_text("garbage\n" * 5)
     with pytest.raises(ValueError, match="5 of 5 lines are corrupt"):
-        script.main(_sam_args(images, sam_tiny_checkpoint, out))
+        script.main(_sam_args(images, tiny_sam_checkpoint, out))
 
 
-def test_sam_unreadable_image_fails_the_exit_code_unless_allowed(two_class_folder, sam_tiny_checkpoint, tmp_path,
+def test_sam_unreadable_image_fails_the_exit_code_unless_allowed(two_class_folder, tiny_sam_checkpoint, tmp_path,
                                                                  load_script):
     images = tmp_path / "images"
     shutil.copytree(two_class_folder / "images", images)
     (images / "truncated.jpg").write_bytes(_jpeg_bytes()[:400])
     before = tree_digest(images)
     script = load_script("generate_sam_masks")
-    assert script.main(_sam_args(images, sam_tiny_checkpoint, tmp_path / "a")) == 1
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, tmp_path / "a")) == 1
     failures = [json.loads(line) for line in (tmp_path / "a" / "failures-r000.jsonl").read_text().splitlines()]
     assert [f["image_id"] for f in failures] == ["truncated"] and "truncated.jpg" in failures[0]["error"]
-    assert script.main(_sam_args(images, sam_tiny_checkpoint, tmp_path / "b", "--allow_skips")) == 0
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, tmp_path / "b", "--allow_skips")) == 0
     assert tree_digest(images) == before
 
 
@@ -794,7 +784,11 @@ def test_sam_unreadable_image_fails_the_exit_code_unless_allowed(two_class_folde
 def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
     """Each training dataset returns the next readable example in place of an unreadable one and reports it."""
     from training.data.panoptic_datasets import load_coco_panoptic
-    from training.data.train_datasets import PanopticTrainDataset, SamMasksTrainDataset, UnlabeledTrainDataset
+    from training.data.train_datasets import (
+        PanopticTrainDataset,
+        SamMasksTrainDataset,
+        UnlabeledTrainDataset,
+    )
 
     rows = load_coco_panoptic(training_folder / "images", training_folder / "panoptic",
                               training_folder / "annotations.json")
@@ -895,7 +889,11 @@ def test_unreadable_training_image_is_skipped_named_counted_and_resumes_exactly(
 
 def test_our_models_load_without_remote_code_after_import(tampered_model_dir, tiny_model):
     """With the package imported, the Auto classes and the pipeline use its code for our model folders (item 2)."""
-    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForUniversalSegmentation,
+        pipeline,
+    )
 
     import modeling_dearli
 

@@ -16,12 +16,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_model_location", "load_image_processor", "load_model_and_processor"]
+__all__ = ["add_model_arguments", "check_model_location", "load_image_processor", "load_model_and_processor"]
 
 logger = logging.getLogger(__name__)
 
 # What the Hub accepts as a repository id: "name" or "namespace/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def add_model_arguments(parser: Any) -> None:
+    """The command-line flags of the model to load: ``--model_name_or_path`` (``--model`` accepted, hidden) and
+    ``--trust_remote_code`` (a :class:`training.cli.ArgumentParser`)."""
+    parser.add_argument("--model_name_or_path", required=True,
+                        help="Model folder (save_pretrained output, with its image processor) or Hub id.")
+    parser.add_hidden_alias("--model", "--model_name_or_path")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow the model folder's own Python code to run, for a model type this package does not "
+                             "provide (DEARLi models always use the installed code); review the code first.")
 
 
 def check_model_location(name_or_path: str | os.PathLike) -> str:
