@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             sizes.append(None)  # read (and reported) by the loader like any other unreadable file
     batches = batches_by_padded_size(sizes, lambda h, w: processor.padded_size(h, w, size), args.batch_size)
-    workers = min(args.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(args.num_workers, cpus)
     loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_sampler=batches, num_workers=workers,
                                          collate_fn=Preprocess(processor, size))
 
