@@ -910,3 +910,15 @@ def test_our_models_load_without_remote_code_after_import(tampered_model_dir, ti
     assert torch.equal(ours.class_queries_logits, reference.class_queries_logits)
     assert segmenter(image, subtask="semantic")
     assert not marker.exists()
+
+
+def test_evaluate_and_push_to_hub_never_run_model_folder_code(tampered_model_dir, two_class_folder, tmp_path,
+                                                               load_script):
+    """evaluate.py used to fall back to trust_remote_code=True; both tools now load through training.pretrained."""
+    marker = tampered_model_dir.parent / "MARKER"
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="the model has 3 classes"):  # the model loaded, then the label spaces differ
+        load_script("evaluate").main(_evaluate_args(two_class_folder, tampered_model_dir))
+    assert load_script("push_to_hub").main(["--model_name_or_path", str(tampered_model_dir), "--repo_id", "me/x",
+                                            "--local_dir", str(tmp_path / "repo"), "--no_upload"]) == 0
+    assert (tmp_path / "repo" / "README.md").is_file() and not marker.exists()
