@@ -42,6 +42,47 @@ def split_synonyms(class_name: str) -> list[str]:
     return synonyms
 
 
+def _comparable(synonym: str) -> str:
+    """How two synonyms are compared: CLIP's tokenizer lower-cases and collapses spaces, so these encode the same."""
+    return " ".join(synonym.lower().split())
+
+
+def validate_vocabulary(class_names: Any, thing_ids: Any = None) -> tuple[list[str], list[int]]:
+    """Checked ``(class_names, thing_ids)`` of a vocabulary, or ``ValueError`` (nothing is changed anywhere).
+
+    ``class_names``: a non-empty list of entries ``"name,synonym,..."``; no name or synonym may belong to two classes
+    (``label2id`` would lose one, and their text embeddings would be the same). A synonym repeated within one class is
+    harmless (its class takes the maximum over synonyms). ``thing_ids``: distinct integer class indices in
+    ``[0, len(class_names))``; ``None`` makes every class a thing. Returns the names as strings and the sorted ids.
+    """
+    if isinstance(class_names, str) or not isinstance(class_names, (list, tuple)):
+        raise TypeError(f"class_names must be a list of class names, got {type(class_names).__name__}")
+    names = [str(name) for name in class_names]
+    if not names:
+        raise ValueError("class_names is empty: a vocabulary needs at least one class")
+    owner: dict[str, int] = {}
+    for index, name in enumerate(names):
+        for synonym in dict.fromkeys(_comparable(s) for s in split_synonyms(name)):
+            if synonym in owner:
+                other = owner[synonym]
+                raise ValueError(f"classes {other} ({names[other]!r}) and {index} ({name!r}) share the name "
+                                 f"{synonym!r}: every name and synonym must belong to one class")
+            owner[synonym] = index
+    if thing_ids is None:
+        return names, list(range(len(names)))
+    ids = []
+    for value in thing_ids:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise ValueError(f"thing_ids must be integer class indices, got {value!r}")
+        ids.append(int(value))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"thing_ids has repeated entries: {ids}")
+    bad = [i for i in ids if not 0 <= i < len(names)]
+    if bad:
+        raise ValueError(f"thing_ids {bad} are not class indices in [0, {len(names)})")
+    return names, sorted(ids)
+
+
 def resolve_open_clip_config(model_name: str) -> dict[str, Any]:
     """The architecture config of a built-in OpenCLIP model name, or of an OpenCLIP model-config JSON file (a
     ``model_configs/*.json``-style dict, or an ``open_clip_config.json`` with a ``model_cfg`` entry); no download."""
@@ -71,9 +112,11 @@ class DearliConfig(PretrainedConfig):
     Args:
         class_names (`list[str]`, *optional*):
             One entry per class (contiguous ids ``0..C-1``); each entry may hold comma-separated synonyms
-            (``"person,child,girl"``), whose text embeddings are max-pooled at classification time.
+            (``"person,child,girl"``), whose text embeddings are max-pooled at classification time. No name or
+            synonym may belong to two classes.
         thing_ids (`list[int]`, *optional*):
-            Contiguous ids of the *thing* classes; the others are *stuff* (fused in panoptic inference).
+            Contiguous ids of the *thing* classes (distinct, in ``[0, C)``; default: all); the others are *stuff*
+            (fused in panoptic inference).
         clip_model_name (`str`, *optional*, defaults to `"convnext_base_w_320"`):
             OpenCLIP architecture name.
         clip_pretrained (`str`, *optional*, defaults to `"laion_aesthetic_s13b_b82k_augreg"`):
@@ -169,16 +212,7 @@ class DearliConfig(PretrainedConfig):
         init_xavier_std: float = 1.0,
         **kwargs,
     ):
-        if class_names is None:
-            class_names = ["object"]
-        class_names = [str(name) for name in class_names]
-        for name in class_names:
-            split_synonyms(name)
-        if thing_ids is None:
-            thing_ids = list(range(len(class_names)))
-        thing_ids = sorted({int(i) for i in thing_ids})
-        if thing_ids and (thing_ids[0] < 0 or thing_ids[-1] >= len(class_names)):
-            raise ValueError(f"thing_ids must lie in [0, {len(class_names)}), got {thing_ids}")
+        class_names, thing_ids = validate_vocabulary(["object"] if class_names is None else class_names, thing_ids)
         if prompt_templates is None:
             prompt_templates = list(VILD_PROMPT_TEMPLATES)
         for template in prompt_templates:
@@ -257,12 +291,9 @@ class DearliConfig(PretrainedConfig):
         return int(self.clip_model_config["embed_dim"])
 
     def set_class_names(self, class_names: list[str], thing_ids: list[int] | None = None) -> None:
-        """Replace the vocabulary (the model's text embeddings must be re-encoded, see the model's method)."""
-        class_names = [str(name) for name in class_names]
-        for name in class_names:
-            split_synonyms(name)
-        self.class_names = class_names
-        self.thing_ids = sorted(set(thing_ids)) if thing_ids is not None else list(range(len(class_names)))
+        """Replace the vocabulary (the model's text embeddings must be re-encoded, see the model's method). Checked
+        first with :func:`validate_vocabulary`: an invalid vocabulary raises ``ValueError`` and changes nothing."""
+        self.class_names, self.thing_ids = validate_vocabulary(class_names, thing_ids)
         self._set_label_maps()
 
     def to_mask2former_config(self):

@@ -36,6 +36,8 @@ from .segmentation_inference import (
 
 try:  # PIL is a transformers vision dependency; keep the module importable without it.
     from PIL import Image
+
+    from .image_reading import to_rgb
 except ImportError:  # pragma: no cover
     Image = None
 
@@ -169,6 +171,14 @@ class DearliImageProcessor(BaseImageProcessor):
         defaults["ensemble_alpha"] = resolve_ensemble_alpha(kwargs.get("ensemble_alpha"), config)
         return cls(**defaults)
 
+    def padded_size(self, height: int, width: int, size: Mapping[str, int] | None = None) -> tuple[int, int]:
+        """The ``(H, W)`` of ``pixel_values`` for one ``height x width`` image on its own (resized, then padded to a
+        multiple of ``size_divisor``). Images with the same padded size batch without extra padding, so a batch of
+        them gives the same outputs as each image alone."""
+        size = self.size if size is None else _check_size(dict(size))
+        h, w = _output_size((height, width), size) if self.do_resize else (int(height), int(width))
+        return math.ceil(h / self.size_divisor) * self.size_divisor, math.ceil(w / self.size_divisor) * self.size_divisor
+
     # ----------------------------------------------------------------------------------------------------------------
     # Preprocessing
 
@@ -196,7 +206,8 @@ class DearliImageProcessor(BaseImageProcessor):
 
         Args:
             images: a PIL image, numpy array (HW, HWC or CHW) or torch tensor (CHW or HW), or a list of them (or a
-                4-D batch). Grayscale is replicated to RGB, alpha is dropped.
+                4-D batch). Grayscale is replicated to RGB, alpha is dropped; PIL images of any mode (palette,
+                16-bit, ...) are converted by :func:`image_reading.to_rgb`.
             segmentation_maps: per image, a panoptic id map (COCO RGB id-PNG as PIL image or ``(H, W, 3)`` uint8
                 array, or an ``(H, W)`` integer array of segment ids), or a semantic map of class indices when
                 ``instance_id_to_semantic_id`` is not given. Same size as its image.
@@ -493,7 +504,8 @@ def _output_size(hw: Sequence[int], size: Mapping[str, int]) -> tuple[int, int]:
     if longest is not None and max(new_h, new_w) > longest:
         scale = longest / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # At least one pixel: an extreme aspect ratio (e.g. 3 x 1000) must not round a side to zero.
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def _resize_nearest(ids: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -535,12 +547,7 @@ def _image_to_tensor(image: Any, data_format: str | None, do_rescale: bool, resc
     """Any supported image -> float32 ``(3, H, W)`` in [0, 1]."""
     prefer_first = False
     if Image is not None and isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16L", "I;16B"):
-            array = np.asarray(image).astype(np.uint16)
-        elif image.mode in ("I", "F"):
-            raise ValueError(f"unsupported PIL image mode {image.mode!r}; convert it to 'RGB' or 'L' first")
-        else:
-            array = np.asarray(image.convert("RGB"))
+        array = np.asarray(to_rgb(image))  # every PIL mode as the project's image reader sees it
     elif isinstance(image, np.ndarray):
         array = image
     elif isinstance(image, torch.Tensor):

@@ -22,7 +22,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .clip_backbone import ClipTextEncoder, FrozenClipBackbone, build_open_clip_model, load_open_clip_weights, mask_pool
-from .configuration_dearli import DearliConfig, split_synonyms
+from .configuration_dearli import DearliConfig, split_synonyms, validate_vocabulary
 from .pixel_decoder import DearliPixelDecoder
 from .transformer_decoder import DearliTransformerModule
 
@@ -197,15 +197,20 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         self._register_text_buffers(self.config, embeddings.to(self.logit_scale.device))
 
     def set_class_names(self, class_names: list[str], thing_ids: list[int] | None = None) -> None:
-        """Switch to a new vocabulary: re-encode the class text embeddings with the kept CLIP text tower."""
+        """Switch to a new vocabulary: re-encode the class text embeddings with the kept CLIP text tower. The
+        vocabulary is checked (``validate_vocabulary``) and encoded before anything changes: on an error the model
+        keeps its classes."""
         if self.text_encoder is None:
             raise RuntimeError(
                 "This model was saved without its CLIP text tower (config.keep_text_tower=False), so it cannot encode "
                 "new class names. Rebuild it with `DearliForPanopticSegmentation.from_open_clip(..., "
                 "keep_text_tower=True)` or load the decoder weights into such a model."
             )
+        class_names, thing_ids = validate_vocabulary(class_names, thing_ids)  # before anything changes
+        synonyms = [s for name in class_names for s in split_synonyms(name)]
+        embeddings = self.text_encoder.encode_synonyms(synonyms, self.config.prompt_templates)
         self.config.set_class_names(class_names, thing_ids)
-        self._encode_class_names(self.text_encoder)
+        self._register_text_buffers(self.config, embeddings.to(self.logit_scale.device))
         self.criterion = self._build_criterion(self.config.to_mask2former_config()).to(self.logit_scale.device)
 
     def set_localization_only(self, enabled: bool = True) -> None:

@@ -3,7 +3,7 @@ Hugging Face DEARLi folder (``save_pretrained``: safetensors weights, config wit
 processor config).
 
     python scripts/convert_reference_checkpoint.py --checkpoint checkpoints/coco-panoptic_weights/DEAR_coco_pan_1_128.pth \\
-        --dataset coco_panoptic --output converted/dear-coco-panoptic-1-128
+        --dataset coco_panoptic --output_dir converted/dear-coco-panoptic-1-128
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -13,13 +13,13 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from modeling_dearli import DearliConfig
+from training import cli
 from training.publishing.reference_conversion import (
     KEY_GROUPS,
     REFERENCE_DATASETS,
@@ -36,7 +36,7 @@ logger = logging.getLogger("convert_reference_checkpoint")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="Reference .pth checkpoint (detectron2 format).")
     parser.add_argument(
         "--dataset",
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=REFERENCE_DATASETS,
         help="Dataset the checkpoint was trained on (vocabulary).",
     )
-    parser.add_argument("--output", required=True, type=Path, help="Output folder for save_pretrained.")
+    parser.add_argument("--output_dir", required=True, type=Path, help="Output folder for save_pretrained.")
+    parser.add_hidden_alias("--output", "--output_dir")
     parser.add_argument(
         "--config",
         type=Path,
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "configuration (OpenCLIP convnext_base_w_320, 200 queries).",
     )
     parser.add_argument(
-        "--shared-dir",
+        "--shared_dir",
         type=Path,
         default=None,
         help="Folder holding data/class_names/ (default: ../shared of the repo).",
@@ -65,10 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synonyms x 14 templates with ConvNeXt-B's text tower; a GPU takes seconds).",
     )
     parser.add_argument(
-        "--verify-size", type=int, default=128, help="Side of the random image used to verify output shapes."
+        "--verify_size", type=cli.positive_int, default=128,
+        help="Side of the random image used to verify output shapes."
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty output folder.")
-    parser.add_argument("--log-level", default="INFO", help="Logging level.")
+    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                        help="Logging level.")
     return parser.parse_args(argv)
 
 
@@ -101,10 +104,11 @@ def save_image_processor(output: Path, dataset: str, config: DearliConfig) -> bo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
-        logger.error("%s is not empty (pass --overwrite)", args.output)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.output_dir.is_dir() and any(args.output_dir.iterdir()) and not args.overwrite:
+        logger.error("%s is not empty (pass --overwrite)", args.output_dir)
         return 2
+    cli.prepare_output_dir(args.output_dir, create=False)  # before the checkpoint is read and converted
 
     steps = tqdm(total=6, desc="convert", unit="step")
 
@@ -128,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     steps.close()
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(args.output)
-    has_processor = save_image_processor(args.output, args.dataset, model.config)
+    model.to("cpu").save_pretrained(args.output_dir)
+    has_processor = save_image_processor(args.output_dir, args.dataset, model.config)
     info = {
         "source_checkpoint": args.checkpoint.name,
         "source_sha256": sha256(args.checkpoint),
@@ -143,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         "image_processor": has_processor,
         "key_groups": [{"reference": ref, "ours": ours} for ref, ours in KEY_GROUPS],
     }
-    (args.output / "conversion_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    logger.info("Saved the converted model to %s (%s)", args.output, result.text_embeddings_source)
+    (args.output_dir / "conversion_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    logger.info("Saved the converted model to %s (%s)", args.output_dir, result.text_embeddings_source)
     return 0
 
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    cli.run(main)

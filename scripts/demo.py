@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = str(out / "random_tiny_sam.pt")
         write_random_tiny_sam(Path(checkpoint), args.seed)
         # Random weights: keep every candidate mask (no quality thresholds), a coarse point grid.
-        sam_args = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-                    "--box-nms-thresh", "1.0"]
+        sam_args = ["--points_per_side", "4", "--pred_iou_thresh", "0", "--stability_score_thresh", "0",
+                    "--box_nms_thresh", "1.0"]
     timings["sam_masks"] = run_stage("1. SAM class-agnostic masks", [
-        python, "scripts/generate_sam_masks.py", "--image-dir", str(images), "--sam-checkpoint", checkpoint,
-        "--model-type", args.sam_model_type, "--output-dir", str(out / "sam_masks"), "--device", "cpu", *sam_args,
+        python, "scripts/generate_sam_masks.py", "--image_dir", str(images), "--sam_checkpoint", checkpoint,
+        "--model_type", args.sam_model_type, "--output_dir", str(out / "sam_masks"), "--device", "cpu", *sam_args,
     ])
     timings["dewa"] = run_stage("2. Decoder warm-up (DeWa)", [
         python, "training/dewa.py", "--model_preset", "tiny", "--keep_text_tower",
@@ -117,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ])
     report = out / "eval_report.json"
     timings["evaluate"] = run_stage("4. Evaluation (PQ, mIoU)", [
-        python, "scripts/evaluate.py", "--model", str(out / "ssl"), "--dataset", "custom",
-        "--images-dir", str(images), "--gt-json", str(annotations), "--gt-folder", str(panoptic),
-        "--size", "128", "256", "--device", "cpu", "--output", str(report), "--no-progress",
+        python, "scripts/evaluate.py", "--model_name_or_path", str(out / "ssl"), "--dataset", "custom",
+        "--images_dir", str(images), "--gt_json", str(annotations), "--gt_folder", str(panoptic),
+        "--size", "128", "256", "--device", "cpu", "--output", str(report), "--overwrite", "--no_progress",
     ])
     if (REPO_ROOT / "scripts" / "predict.py").exists():
         timings["predict"] = run_stage("5. Prediction pictures", [
-            python, "scripts/predict.py", "--model", str(out / "ssl"), "--output-dir", str(out / "predictions"),
-            "--device", "cpu", str(images),
+            python, "scripts/predict.py", "--model_name_or_path", str(out / "ssl"), "--output_dir",
+            str(out / "predictions"), "--overwrite", "--device", "cpu", str(images),
         ])
     summary = {"timings_s": timings, "total_s": sum(timings.values())}
     if report.exists():

@@ -1,12 +1,14 @@
 """Evaluate a DEARLi model on a validation set: PQ / SQ / RQ (All, Things, Stuff, per class) and mIoU.
 
-    python scripts/evaluate.py --model PATH --dataset coco_panoptic --images-dir val2017 \
-        --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
-    python scripts/evaluate.py --model PATH --dataset ade20k --dataset-root ADEChallengeData2016
-    python scripts/evaluate.py --model PATH --from-disk saved_dataset   # saved with save_to_disk
+    python scripts/evaluate.py --model_name_or_path PATH --dataset coco_panoptic --images_dir val2017 \
+        --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
+    python scripts/evaluate.py --model_name_or_path PATH --dataset ade20k --dataset_root ADEChallengeData2016
+    python scripts/evaluate.py --model_name_or_path PATH --from_disk saved_dataset   # saved with save_to_disk
 
 Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``). Runs
-on several processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end.
+on several processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end. A dataset
+whose number of classes differs from the model's is refused; code in the model folder runs only with
+``--trust_remote_code``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -21,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
+from training import cli
 from training.data.panoptic_datasets import (
     ClassNames,
     dataset_class_names,
@@ -29,7 +32,9 @@ from training.data.panoptic_datasets import (
     panoptic_target_from_row,
     semantic_target_from_row,
 )
+from training.data.train_datasets import row_image, without_image_decoding
 from training.evaluation.panoptic_quality import PanopticQuality, print_report
+from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("evaluate")
 
@@ -43,38 +48,19 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
         names = dataset_class_names(ds)
         if names is None:
             if args.dataset == "custom":
-                raise SystemExit(f"{args.from_disk} records no label space: pass --dataset")
+                raise cli.CliError(f"{args.from_disk} records no label space: pass --dataset")
             names = load_class_names(args.dataset, args.shared_dir)
         return ds, names
     if args.dataset == "ade20k":
         if not args.dataset_root:
-            raise SystemExit("--dataset ade20k needs --dataset-root (ADEChallengeData2016 after prepare_ade20k.py)")
+            raise cli.CliError("--dataset ade20k needs --dataset_root (ADEChallengeData2016 after prepare_ade20k.py)")
     else:
         missing = [f for f in ("images_dir", "gt_json", "gt_folder") if not getattr(args, f)]
         if missing:
-            raise SystemExit(f"--dataset {args.dataset} needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+            raise cli.CliError(f"--dataset {args.dataset} needs " + ", ".join("--" + m for m in missing))
     return load_panoptic_dataset(args.dataset, images_dir=args.images_dir, panoptic_dir=args.gt_folder,
                                  annotations_json=args.gt_json, ade20k_root=args.dataset_root, split=args.split,
                                  panoptic_root=args.panoptic_root, shared_dir=args.shared_dir)
-
-
-def load_model(path: str, device: torch.device) -> tuple[Any, Any]:
-    """Model (eval mode, on ``device``) and its image processor (saved one, else built from the config)."""
-    try:
-        from modeling_dearli import DearliForPanopticSegmentation
-        from modeling_dearli.image_processing_dearli import DearliImageProcessor
-
-        model = DearliForPanopticSegmentation.from_pretrained(path)
-    except ImportError:  # only the Hub folder with remote code is available
-        from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
-
-        model = AutoModelForUniversalSegmentation.from_pretrained(path, trust_remote_code=True)
-        return model.to(device).eval(), AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
-    try:
-        processor = DearliImageProcessor.from_pretrained(path)
-    except (OSError, ValueError):
-        processor = DearliImageProcessor.from_model_config(model.config)
-    return model.to(device).eval(), processor
 
 
 def evaluate(
@@ -92,7 +78,10 @@ def evaluate(
     (``ensemble_alpha``: Eq. 6 weight; ``None`` = the processor's)."""
     config = model.config
     if len(config.class_names) != len(names):
-        raise SystemExit(f"the model has {len(config.class_names)} classes, the dataset {len(names)}")
+        raise ValueError(f"the model has {len(config.class_names)} classes, the dataset {len(names)}: evaluate a model "
+                         "on a dataset of its own label space")
+    if len(ds) == 0:
+        raise ValueError("the dataset has no images to evaluate")
     if sorted(config.thing_ids or []) != names.thing_ids:
         logger.warning("model thing_ids %s differ from the dataset's %s; using the model's",
                        config.thing_ids, names.thing_ids)
@@ -100,11 +89,12 @@ def evaluate(
     acc = PanopticQuality.from_class_names(list(config.class_names), config.thing_ids or [])
     if accelerator is not None and accelerator.num_processes > 1:
         ds = ds.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
+    ds = without_image_decoding(ds)  # images read by the project's reader, which names an unreadable file
     device = next(model.parameters()).device
     bar = tqdm(total=len(ds), desc="evaluating", unit="img", disable=not progress)
     for start in range(0, len(ds), batch_size):
         rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        images = [r["image"].convert("RGB") for r in rows]
+        images = [row_image(r) for r in rows]
         sizes = [(im.height, im.width) for im in images]
         inputs = processor(images, return_tensors="pt")
         with torch.no_grad():
@@ -127,44 +117,48 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub-style folder")
+    parser = cli.ArgumentParser(description=__doc__)
+    add_model_arguments(parser)
     parser.add_argument("--dataset", default="coco_panoptic",
                         choices=["coco_panoptic", "coco_objects", "ade20k", "custom"],
                         help="label space and layout; 'custom' = any COCO panoptic folder, classes from its JSON")
-    parser.add_argument("--dataset-root", default=None, help="ADEChallengeData2016 folder (--dataset ade20k)")
-    parser.add_argument("--panoptic-root", default=None, help="where prepare_ade20k.py wrote its output "
-                        "(default: --dataset-root)")
+    parser.add_argument("--dataset_root", default=None, help="ADEChallengeData2016 folder (--dataset ade20k)")
+    parser.add_argument("--panoptic_root", default=None, help="where prepare_ade20k.py wrote its output "
+                        "(default: --dataset_root)")
     parser.add_argument("--split", default="validation", help="ADE20K split (training / validation)")
-    parser.add_argument("--images-dir", default=None, help="images folder (COCO panoptic format)")
-    parser.add_argument("--gt-json", default=None, help="ground-truth panoptic JSON (COCO panoptic format)")
-    parser.add_argument("--gt-folder", default=None, help="ground-truth panoptic PNG folder")
-    parser.add_argument("--from-disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
-    parser.add_argument("--shared-dir", default=None, help="shared data folder with class_names/ "
+    parser.add_argument("--images_dir", default=None, help="images folder (COCO panoptic format)")
+    parser.add_argument("--gt_json", default=None, help="ground-truth panoptic JSON (COCO panoptic format)")
+    parser.add_argument("--gt_folder", default=None, help="ground-truth panoptic PNG folder")
+    parser.add_argument("--from_disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
+    parser.add_argument("--shared_dir", default=None, help="shared data folder with class_names/ "
                         "(default: <repo>/../shared)")
-    parser.add_argument("--ensemble_alpha", "--ensemble-alpha", type=float, default=None,
-                        help="Eq. 6 weight of the decoder posterior (1 = decoder only, 0 = CLIP only); default: the "
-                        "model's config.ensemble_alpha")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
+    parser.add_argument("--ensemble_alpha", type=cli.probability, default=None,
+                        help="Eq. 6 weight of the decoder posterior in [0, 1] (1 = decoder only, 0 = CLIP only); "
+                        "default: the model's config.ensemble_alpha")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=1, help="images per forward pass")
+    parser.add_argument("--size", type=cli.positive_int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
                         help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
                         "processor's (640 2560 unless saved otherwise)")
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--output", default=None, help="write the JSON report here")
-    parser.add_argument("--per-class", action="store_true", help="print per-class results")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    parser.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--output", default=None, help="write the JSON report here (checked before the model loads)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--per_class", action="store_true", help="print per-class results")
+    parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from accelerate import Accelerator
 
+    if args.output:
+        cli.check_output_file(args.output, overwrite=args.overwrite)
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else accelerator.device
     ds, names = load_dataset(args)
     if args.limit is not None:
         ds = ds.select(range(min(args.limit, len(ds))))
-    model, processor = load_model(args.model, device)
+    model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model.to(device)
     if args.size is not None:
         processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
     ensemble_alpha = resolve_ensemble_alpha(args.ensemble_alpha, model.config)
@@ -172,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(model, processor, ds, names, ensemble_alpha=ensemble_alpha, batch_size=args.batch_size,
                       accelerator=accelerator, progress=not args.no_progress and accelerator.is_local_main_process)
     report["ensemble_alpha"] = ensemble_alpha
-    report["model"] = args.model
+    report["model"] = args.model_name_or_path
     report["seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
         summary = f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s"
@@ -181,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Evaluate panopticapi-format predictions: PQ / SQ / RQ for All, Things, Stuff and per class.
 
-    python scripts/evaluate_panoptic.py --gt-json panoptic_val2017.json --gt-folder panoptic_val2017 \
-        --pred-json predictions.json --pred-folder predictions [--output report.json] [--per-class] \
+    python scripts/evaluate_panoptic.py --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 \
+        --pred_json predictions.json --pred_folder predictions [--output report.json] [--per_class] \
         [--engine {auto,hotcoco,numpy}]
 
 Results equal ``panopticapi.evaluation.pq_compute`` on the same files. ``--engine auto`` (default) runs hotcoco's
@@ -11,30 +11,33 @@ compiled evaluator when hotcoco is installed and our numpy code otherwise.
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
-import argparse
 import logging
 import time
 
+from training import cli
 from training.evaluation.panoptic_quality import ENGINES, evaluate_panoptic_folders, print_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gt-json", required=True, help="ground-truth COCO panoptic JSON")
-    parser.add_argument("--gt-folder", default=None, help="ground-truth PNG folder (default: --gt-json without .json)")
-    parser.add_argument("--pred-json", required=True, help="predictions JSON (panopticapi format)")
-    parser.add_argument("--pred-folder", default=None, help="prediction PNG folder (default: --pred-json without "
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--gt_json", required=True, help="ground-truth COCO panoptic JSON")
+    parser.add_argument("--gt_folder", default=None, help="ground-truth PNG folder (default: --gt_json without .json)")
+    parser.add_argument("--pred_json", required=True, help="predictions JSON (panopticapi format)")
+    parser.add_argument("--pred_folder", default=None, help="prediction PNG folder (default: --pred_json without "
                         ".json)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="auto: hotcoco (compiled, multi-threaded) "
                         "when installed, else numpy; hotcoco / numpy: force one")
-    parser.add_argument("--num-workers", type=int, default=None, help="numpy engine: worker threads (default: CPU "
-                        "count, 0 = serial)")
+    parser.add_argument("--num_workers", type=cli.non_negative_int, default=None,
+                        help="numpy engine: worker threads (default: CPU count, 0 = serial)")
     parser.add_argument("--processes", action="store_true", help="numpy engine: use worker processes instead of "
                         "threads")
-    parser.add_argument("--per-class", action="store_true", help="also print per-class results")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    parser.add_argument("--per_class", action="store_true", help="also print per-class results")
+    parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
+    if args.output:
+        cli.check_output_file(args.output, overwrite=args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()
@@ -47,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

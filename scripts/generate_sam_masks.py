@@ -1,11 +1,12 @@
 """Generate class-agnostic SAM masks (COCO RLE, parquet shards) for the decoder warm-up (DeWa).
 
-    python scripts/generate_sam_masks.py --image-dir coco/train2017 --sam-checkpoint sam_vit_h_4b8939.pth \
-        --output-dir sam_masks/coco
+    python scripts/generate_sam_masks.py --image_dir coco/train2017 --sam_checkpoint sam_vit_h_4b8939.pth \
+        --output_dir sam_masks/coco
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
 Resumable: rerun the same command after an interruption. Read the output with
-`training.data.sam_masks.load_sam_masks(output_dir)`.
+`training.data.sam_masks.load_sam_masks(output_dir)`. Unreadable images are logged, recorded in the output folder's
+``failures-*.jsonl`` and skipped; the exit code is then 1 unless ``--allow_skips``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -14,6 +15,7 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 import argparse
 import logging
 
+from training import cli
 from training.data.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks
 
 logger = logging.getLogger("generate_sam_masks")
@@ -21,54 +23,63 @@ logger = logging.getLogger("generate_sam_masks")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SamGeneratorConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image-dir", help="folder of images (searched recursively; id = relative path w/o suffix)")
+    source.add_argument("--image_dir", help="folder of images (searched recursively; id = relative path w/o suffix)")
     source.add_argument("--dataset", help="a 🤗 dataset saved with save_to_disk (Dataset or DatasetDict)")
     parser.add_argument("--split", default=None, help="split of a DatasetDict given with --dataset")
-    parser.add_argument("--image-column", default="image", help="image column of --dataset")
+    parser.add_argument("--image_column", default="image", help="image column of --dataset")
     parser.add_argument(
-        "--id-column", default=None, help="id column of --dataset (default: image_id or id if present, else the row)"
+        "--id_column", default=None, help="id column of --dataset (default: image_id or id if present, else the row)"
     )
-    parser.add_argument("--sam-checkpoint", required=True, help="SAM checkpoint file (nothing is downloaded)")
+    parser.add_argument("--sam_checkpoint", required=True, help="SAM checkpoint file (nothing is downloaded)")
     parser.add_argument(
-        "--model-type",
+        "--model_type",
         default=defaults.model_type,
         choices=sorted(SAM_MODEL_REGISTRY),
         help="SAM variant matching the checkpoint (vit_tiny is a test-only model)",
     )
-    parser.add_argument("--points-per-side", type=int, default=defaults.points_per_side, help="point grid per side")
+    parser.add_argument("--points_per_side", type=cli.positive_int, default=defaults.points_per_side,
+                        help="point grid per side")
     parser.add_argument(
-        "--points-per-batch",
-        type=int,
+        "--points_per_batch",
+        type=cli.positive_int,
         default=defaults.points_per_batch,
         help="points per forward pass; lower it for very large images (peak memory ~ 3*this*H*W*4 bytes)",
     )
-    parser.add_argument("--pred-iou-thresh", type=float, default=defaults.pred_iou_thresh, help="predicted IoU filter")
+    parser.add_argument("--pred_iou_thresh", type=cli.probability, default=defaults.pred_iou_thresh,
+                        help="predicted IoU filter, in [0, 1]")
+    parser.add_argument("--stability_score_thresh", type=cli.probability, default=defaults.stability_score_thresh,
+                        help="stability filter, in [0, 1]")
+    parser.add_argument("--box_nms_thresh", type=cli.probability, default=defaults.box_nms_thresh,
+                        help="box NMS IoU threshold, in [0, 1]")
+    parser.add_argument("--crop_n_layers", type=cli.non_negative_int, default=defaults.crop_n_layers,
+                        help="SAM crop layers (0 = none)")
     parser.add_argument(
-        "--stability-score-thresh", type=float, default=defaults.stability_score_thresh, help="stability filter"
-    )
-    parser.add_argument("--box-nms-thresh", type=float, default=defaults.box_nms_thresh, help="box NMS IoU threshold")
-    parser.add_argument("--crop-n-layers", type=int, default=defaults.crop_n_layers, help="SAM crop layers (0 = none)")
-    parser.add_argument(
-        "--min-mask-region-area",
-        type=int,
+        "--min_mask_region_area",
+        type=cli.non_negative_int,
         default=defaults.min_mask_region_area,
         help="remove holes/islands below this area (needs opencv; 0 = off)",
     )
-    parser.add_argument("--output-dir", required=True, help="output folder of parquet shards (resumable)")
+    parser.add_argument("--output_dir", required=True, help="output folder of parquet shards (resumable)")
     parser.add_argument("--device", default=None, help="device for SAM (default: Accelerate's device of the process)")
-    parser.add_argument("--shard-size", type=int, default=100, help="images per shard (lost at most on interruption)")
-    parser.add_argument("--retry-failed", action="store_true", help="retry images recorded as unreadable")
-    parser.add_argument("--max-images", type=int, default=None, help="process at most this many new images per process")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--shard_size", type=cli.positive_int, default=100,
+                        help="images per shard (lost at most on interruption)")
+    parser.add_argument("--retry_failed", action="store_true", help="retry images recorded as unreadable")
+    parser.add_argument("--max_images", type=cli.positive_int, default=None,
+                        help="process at most this many new images per process")
+    parser.add_argument("--allow_skips", action="store_true",
+                        help="exit with 0 even when images could not be read (they are recorded and skipped)")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper, help="logging level")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.prepare_output_dir(args.output_dir)  # before SAM is loaded
     if args.image_dir:
         source = args.image_dir
     else:
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         source = datasets.load_from_disk(args.dataset)
         if isinstance(source, datasets.DatasetDict):
             if args.split is None:
-                raise SystemExit(f"--dataset holds splits {list(source)}; choose one with --split")
+                raise cli.CliError(f"--dataset holds splits {list(source)}; choose one with --split")
             source = source[args.split]
     config = SamGeneratorConfig(
         model_type=args.model_type,
@@ -111,7 +122,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{stats.masks_per_second:.2f} masks/s -> {args.output_dir}",
             flush=True,
         )
+    if stats.num_images + stats.num_failed + stats.num_skipped == 0:
+        raise cli.CliError(f"no images found in {args.image_dir or args.dataset}")
+    if stats.num_failed and not args.allow_skips:
+        logger.error("%d images could not be read (recorded in %s/failures-*.jsonl); pass --allow_skips to exit with 0",
+                     stats.num_failed, args.output_dir)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,13 +1,21 @@
 """Segment images with a DEARLi model: per image a COCO panoptic PNG, a JSON segments file and an overlay picture.
 
-    python scripts/predict.py --model path/or/hub-id photos/ "more/*.jpg" one.png --output-dir predictions
+    python scripts/predict.py --model_name_or_path path/or/hub-id photos/ "more/*.jpg" one.png --output_dir predictions
 
 Inputs are files, folders (their images, ``--recursive`` for sub-folders) and glob patterns. For every readable image
 ``<name>.png`` (segment ids as COCO panoptic colours, void = black), ``<name>.json`` (COCO panoptic segments with class
 names and scores; ``category_id`` is the model's class index) and ``<name>_overlay.png`` (coloured segments, outlines,
-class names) are written, plus ``predictions.json`` (all annotations and the categories, COCO panoptic style).
-Unreadable or corrupt images are reported and skipped (listed in ``skipped.json``); the batch goes on.
-``--task semantic`` writes one segment per class, ``--task instance`` one per instance (best-scoring on top).
+class names) are written, plus ``predictions.json`` (all annotations and the categories, COCO panoptic style) and
+``skipped.json`` (inputs that could not be read or found). ``<name>`` is the image's file stem, with a number added
+where two inputs (or an input and another output) would share a file name. ``--task semantic`` writes one segment per
+class, ``--task instance`` one per instance (best-scoring on top).
+
+Images are decoded in ``--num_workers`` DataLoader workers and batched ``--batch_size`` at a time with images of the same
+padded size, so results equal those of one image at a time; the run reports images per second.
+
+Nothing is overwritten: an output folder that holds the inputs is refused, and so are existing output files unless
+``--overwrite``. The exit code is 1 when an input was skipped (``--allow_skips`` tolerates that) or nothing was
+segmented. Code in the model folder runs only with ``--trust_remote_code``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -16,109 +24,110 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 import argparse
 import glob
 import logging
-import sys
-from collections.abc import Iterator
+import os
+import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 from tqdm.auto import tqdm
+
+from training import cli
+from training.data.image_files import (
+    ImageFiles,
+    batches_by_padded_size,
+    find_images,
+    image_size,
+)
+from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("predict")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEFAULT_THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+RUN_FILES = ("predictions.json", "skipped.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="Image files, folders or glob patterns.")
-    parser.add_argument("--model", required=True, help="Model folder or Hub id (with its image processor).")
-    parser.add_argument("--output-dir", required=True, help="Folder for the PNG / JSON / overlay files.")
+    add_model_arguments(parser)
+    parser.add_argument("--output_dir", required=True, help="Folder for the PNG / JSON / overlay files.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace output files that already exist.")
     parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], default="panoptic",
                         help="Post-processing to run (default: panoptic).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--ensemble_alpha", "--ensemble-alpha", type=float, default=None,
-                        help="Eq. 6 weight of the decoder posterior (default: the image processor's, saved from the "
-                             "model's config.ensemble_alpha; 1 = decoder only, 0 = CLIP only).")
-    parser.add_argument("--batch-size", type=int, default=4, help="Images per forward pass.")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="Minimal class probability of a segment (default: 0.0 panoptic, 0.5 instance).")
-    parser.add_argument("--mask-threshold", type=float, default=0.5, help="Mask binarisation threshold.")
-    parser.add_argument("--overlap-threshold", type=float, default=0.8,
-                        help="Panoptic: minimal visible fraction of a segment's mask.")
-    parser.add_argument("--shortest-edge", type=int, default=None,
+    parser.add_argument("--ensemble_alpha", type=cli.probability, default=None,
+                        help="Eq. 6 weight of the decoder posterior in [0, 1] (default: the image processor's, saved "
+                             "from the model's config.ensemble_alpha; 1 = decoder only, 0 = CLIP only).")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=4,
+                        help="Images per forward pass (images of the same padded size are batched together).")
+    parser.add_argument("--num_workers", type=cli.non_negative_int, default=2,
+                        help="DataLoader worker processes that decode and preprocess images (0: in this process; "
+                             "never more than the CPUs available).")
+    parser.add_argument("--threshold", type=cli.probability, default=None,
+                        help="Minimal class probability of a segment, in [0, 1] (default: 0.0 panoptic, 0.5 "
+                             "instance).")
+    parser.add_argument("--mask_threshold", type=cli.probability, default=0.5,
+                        help="Mask binarisation threshold in [0, 1].")
+    parser.add_argument("--overlap_threshold", type=cli.probability, default=0.8,
+                        help="Panoptic: minimal visible fraction of a segment's mask, in [0, 1].")
+    parser.add_argument("--shortest_edge", type=cli.positive_int, default=None,
                         help="Resize the shorter image side to this (default: the processor's setting).")
     parser.add_argument("--recursive", action="store_true", help="Search folders recursively.")
-    parser.add_argument("--no-overlay", action="store_true", help="Do not write overlay pictures.")
-    parser.add_argument("--no-labels", action="store_true", help="Overlay without class names.")
-    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=True,
-                        help="Allow the model folder's code (needed for Hub models when dearli is not installed).")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    if args.ensemble_alpha is not None and not 0.0 <= args.ensemble_alpha <= 1.0:
-        parser.error("--ensemble_alpha must lie in [0, 1]")
-    return args
-
-
-def find_images(inputs: list[str], recursive: bool = False) -> list[Path]:
-    """Files as given (any extension), image files of folders, and glob matches; sorted, without duplicates."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found += [p for p in sorted(path.glob(pattern)) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(item):
-            found += [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
-        else:
-            logger.warning("not found: %s", item)
-    unique: dict[str, Path] = {}
-    for p in found:
-        unique.setdefault(str(p.resolve()), p)
-    return list(unique.values())
+    parser.add_argument("--no_overlay", action="store_true", help="Do not write overlay pictures.")
+    parser.add_argument("--no_labels", action="store_true", help="Overlay without class names.")
+    parser.add_argument("--allow_skips", action="store_true",
+                        help="Exit with 0 even when inputs were skipped (unreadable, not found), as long as one image "
+                             "was segmented.")
+    return parser.parse_args(argv)
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a numeric suffix."""
-    names, used = [], set()
-    for p in paths:
-        name, k = p.stem, 1
-        while name in used:
-            name, k = f"{p.stem}_{k}", k + 1
-        used.add(name)
+    """One name per input: its file stem, with ``_<k>`` added when any of its files (``<name>.png``, ``<name>.json``,
+    ``<name>_overlay.png``) would be another input's or a run file (``predictions.json``, ``skipped.json``). Compared
+    case-insensitively, as some file systems do."""
+    used = {name.lower() for name in RUN_FILES}
+    names = []
+    for path in paths:
+        k = 0
+        while True:
+            name = path.stem if k == 0 else f"{path.stem}_{k}"
+            files = {f"{name}.png".lower(), f"{name}.json".lower(), f"{name}_overlay.png".lower()}
+            if not files & used:
+                break
+            k += 1
+        used |= files
         names.append(name)
     return names
 
 
-def load_image(path: Path) -> Image.Image:
-    """RGB image with EXIF orientation applied; raises on unreadable / corrupt files."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+def plan_outputs(paths: list[Path], out_dir: Path, overwrite: bool) -> list[str]:
+    """Output names for `paths`; refuses an output folder holding an input and existing output files (unless
+    `overwrite`) before anything is loaded or written."""
+    out = out_dir.resolve()
+    inside = [p for p in paths if out == p.resolve().parent or out in p.resolve().parents]
+    if inside:
+        raise cli.CliError(f"the output directory {out_dir} holds the input {inside[0]}"
+                           f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}: choose another --output_dir")
+    names = output_names(paths)
+    planned = [out_dir / f for f in RUN_FILES]
+    planned += [out_dir / f"{n}{suffix}" for n in names for suffix in (".png", ".json", "_overlay.png")]
+    existing = [p for p in planned if p.exists()]
+    if existing and not overwrite:
+        raise cli.CliError(f"{len(existing)} output files exist already in {out_dir} (e.g. {existing[0].name}); pass "
+                           "--overwrite to replace them, or choose another --output_dir")
+    return names
 
 
-def batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class Preprocess:
+    """``collate_fn`` of the image loader: the processor's batch (run in the workers) plus the images and errors."""
 
+    def __init__(self, processor, size) -> None:
+        self.processor, self.size = processor, size
 
-def load_model(args: argparse.Namespace):
-    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
-
-    import modeling_dearli  # noqa: F401  (registers the DEARLi auto classes when the package is installed)
-    from modeling_dearli import DearliImageProcessor
-
-    model = AutoModelForUniversalSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    try:
-        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError):
-        logger.warning("no image processor in %s; using the default DEARLi processor for its config", args.model)
-        processor = DearliImageProcessor.from_model_config(model.config)
-    return model, processor
+    def __call__(self, items):
+        good = [item for item in items if item["image"] is not None]
+        inputs = self.processor([item["image"] for item in good], size=self.size) if good else None
+        return {"items": items, "good": good, "inputs": inputs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,79 +143,93 @@ def main(argv: list[str] | None = None) -> int:
         write_json,
     )
 
-    paths = find_images(args.inputs, args.recursive)
+    paths, not_found = find_images(args.inputs, args.recursive)
+    skipped = [{"path": item, "error": "matched no file" if glob.has_magic(item) else "not found"} for item in not_found]
+    for item in skipped:
+        logger.warning("skipping %s: %s", item["path"], item["error"])
     if not paths:
-        logger.error("no images found in %s", args.inputs)
-        return 2
+        raise cli.CliError(f"no images found in {' '.join(args.inputs)}")
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names = plan_outputs(paths, out_dir, args.overwrite)
+    cli.prepare_output_dir(out_dir)
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, processor = load_model(args)
-    model.to(device).eval()
+    model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model.to(device)
     config = model.config
     id2label = {int(k): v for k, v in config.id2label.items()}
     thing_ids = list(getattr(config, "thing_ids", []) or [])
-    num_classes = len(id2label)
     threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS.get(args.task)
-    size = None
-    if args.shortest_edge:
-        size = {**processor.size, "shortest_edge": args.shortest_edge}
+    size = {**processor.size, "shortest_edge": args.shortest_edge} if args.shortest_edge else None
 
-    skipped: list[dict[str, str]] = []
-    annotations = []
-    names = dict(zip(paths, output_names(paths)))
+    sizes = []
+    for path in paths:  # headers only: the batches group images of one padded size
+        try:
+            sizes.append(image_size(path))
+        except OSError:
+            sizes.append(None)  # read (and reported) by the loader like any other unreadable file
+    batches = batches_by_padded_size(sizes, lambda h, w: processor.padded_size(h, w, size), args.batch_size)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(args.num_workers, cpus)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_sampler=batches, num_workers=workers,
+                                         collate_fn=Preprocess(processor, size))
+
+    annotations: dict[int, dict] = {}  # input index -> COCO panoptic annotation
+    start = time.perf_counter()
     with tqdm(total=len(paths), desc=f"{args.task} segmentation", unit="img") as bar:
-        for chunk in batches(paths, args.batch_size):
-            images, kept = [], []
-            for path in chunk:
-                try:
-                    images.append(load_image(path))
-                    kept.append(path)
-                except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped
-                    logger.warning("skipping %s: %s", path, err)
-                    skipped.append({"path": str(path), "error": f"{type(err).__name__}: {err}"})
-            bar.update(len(chunk) - len(kept))
-            if not images:
-                continue
-            inputs = processor(images, size=size, device=device)
-            with torch.inference_mode():
-                outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-            sizes = [(im.height, im.width) for im in images]
-            if args.task == "panoptic":
-                raw = processor.post_process_panoptic_segmentation(
-                    outputs, threshold=threshold, mask_threshold=args.mask_threshold,
-                    overlap_mask_area_threshold=args.overlap_threshold, target_sizes=sizes, ensemble_alpha=args.ensemble_alpha,
-                )
-                results = [from_panoptic(r, id2label, thing_ids) for r in raw]
-            elif args.task == "semantic":
-                raw = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes,
-                                                                   ensemble_alpha=args.ensemble_alpha)
-                results = [from_semantic(r, id2label, thing_ids) for r in raw]
-            else:
-                raw = processor.post_process_instance_segmentation(
-                    outputs, threshold=threshold, mask_threshold=args.mask_threshold, target_sizes=sizes,
-                    ensemble_alpha=args.ensemble_alpha,
-                )
-                results = [from_instance(r, id2label) for r in raw]
-            for path, image, result in zip(kept, images, results):
-                name = names[path]
-                save_panoptic_png(out_dir / f"{name}.png", result.id_map)
-                entry = segments_json(result, f"{name}.png", name, {"image": str(path), "task": args.task})
-                write_json(out_dir / f"{name}.json", entry)
-                annotations.append(entry)
-                if not args.no_overlay:
-                    picture = overlay(image, result, num_classes, draw_labels=not args.no_labels)
-                    picture.save(out_dir / f"{name}_overlay.png")
-            bar.update(len(kept))
+        for batch in loader:
+            for item in batch["items"]:
+                if item["error"] is not None:
+                    logger.warning("skipping %s", item["error"])
+                    skipped.append({"path": str(paths[item["index"]]), "error": item["error"]})
+            if batch["good"]:
+                inputs = batch["inputs"]
+                with torch.inference_mode():
+                    outputs = model(pixel_values=inputs["pixel_values"].to(device),
+                                    pixel_mask=inputs["pixel_mask"].to(device))
+                images = [item["image"] for item in batch["good"]]
+                target_sizes = [(im.height, im.width) for im in images]
+                common = {"target_sizes": target_sizes, "ensemble_alpha": args.ensemble_alpha}
+                if args.task == "panoptic":
+                    raw = processor.post_process_panoptic_segmentation(
+                        outputs, threshold=threshold, mask_threshold=args.mask_threshold,
+                        overlap_mask_area_threshold=args.overlap_threshold, **common)
+                    results = [from_panoptic(r, id2label, thing_ids) for r in raw]
+                elif args.task == "semantic":
+                    raw = processor.post_process_semantic_segmentation(outputs, **common)
+                    results = [from_semantic(r, id2label, thing_ids) for r in raw]
+                else:
+                    raw = processor.post_process_instance_segmentation(
+                        outputs, threshold=threshold, mask_threshold=args.mask_threshold, **common)
+                    results = [from_instance(r, id2label) for r in raw]
+                for item, image, result in zip(batch["good"], images, results):
+                    path, name = paths[item["index"]], names[item["index"]]
+                    save_panoptic_png(out_dir / f"{name}.png", result.id_map)
+                    entry = segments_json(result, f"{name}.png", name, {"image": str(path), "task": args.task})
+                    write_json(out_dir / f"{name}.json", entry)
+                    annotations[item["index"]] = entry
+                    if not args.no_overlay:
+                        picture = overlay(image, result, len(id2label), draw_labels=not args.no_labels)
+                        picture.save(out_dir / f"{name}_overlay.png")
+            bar.update(len(batch["items"]))
+    seconds = time.perf_counter() - start
 
+    annotations = [annotations[i] for i in sorted(annotations)]  # in input order
     categories = [{"id": i, "name": id2label[i], "isthing": int(i in thing_ids)} for i in sorted(id2label)]
     write_json(out_dir / "predictions.json", {"annotations": annotations, "categories": categories})
     write_json(out_dir / "skipped.json", skipped)
-    logger.info("%d images segmented into %s, %d skipped", len(annotations), out_dir, len(skipped))
-    for item in skipped:
-        logger.warning("skipped %s (%s)", item["path"], item["error"])
+    logger.info("%d images segmented into %s in %.1f s (%.2f images/s, batch size %d, %d workers), %d skipped",
+                len(annotations), out_dir, seconds, len(annotations) / max(seconds, 1e-9), args.batch_size, workers,
+                len(skipped))
+    if not annotations:
+        raise cli.CliError(f"no image could be segmented ({len(skipped)} skipped, listed in "
+                           f"{out_dir / 'skipped.json'})")
+    if skipped and not args.allow_skips:
+        logger.error("%d inputs skipped (listed in %s); pass --allow_skips to exit with 0 anyway", len(skipped),
+                     out_dir / "skipped.json")
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

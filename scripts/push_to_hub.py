@@ -5,8 +5,11 @@ processor config, README model card filled from the config and an optional evalu
 ``huggingface_hub``. With ``--local-dir`` and no token (neither ``--token``, ``HF_TOKEN`` nor a cached login) it only
 writes the folder.
 
-    python scripts/push_to_hub.py --model outputs/dearli-ade20k-1_128 --repo-id me/dearli-ade20k-1-128 \\
-        --eval-report outputs/dearli-ade20k-1_128/eval_report.json --dataset ade20k --partition 1_128
+    python scripts/push_to_hub.py --model_name_or_path outputs/dearli-ade20k-1_128 --repo_id me/dearli-ade20k-1-128 \\
+        --eval_report outputs/dearli-ade20k-1_128/eval_report.json --dataset ade20k --partition 1_128
+
+A dataset whose number of classes differs from the model's is refused (the card would describe another model). Code
+in the model folder runs only with ``--trust_remote_code``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -15,16 +18,16 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
+from training import cli
+from training.pretrained import add_model_arguments, load_model_and_processor
 from training.publishing.hub import (
     DATASETS,
     CardContext,
     count_parameters,
     load_eval_report,
-    load_image_processor,
     normalize_dataset,
     normalize_partition,
     render_model_card,
@@ -37,33 +40,35 @@ logger = logging.getLogger("push_to_hub")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="DEARLi model folder (save_pretrained output) or Hub id.")
-    parser.add_argument("--repo-id", required=True, help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
+    parser = cli.ArgumentParser(description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--repo_id", required=True, help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
     parser.add_argument(
-        "--eval-report", type=Path, default=None, help="Evaluation report JSON (All/Things/Stuff, mIoU)."
+        "--eval_report", type=Path, default=None, help="Evaluation report JSON (All/Things/Stuff, mIoU)."
     )
     parser.add_argument(
         "--dataset",
         default=None,
         help=f"Training/evaluation dataset for the card ({', '.join(DATASETS)}); default: from the report or the "
-        "conversion info.",
+        "conversion info. Must have the model's number of classes.",
     )
     parser.add_argument("--partition", default=None, help="Labeled partition, e.g. 1_128 or 1/128.")
     parser.add_argument("--method", default=None, help="Method name shown in the card (DEARLi or DEAR).")
-    parser.add_argument("--results-source", default=None, help="Where the reported numbers come from (card text).")
-    parser.add_argument("--hub-datasets", nargs="*", default=[], help="Hub dataset ids for the card's 'datasets'.")
+    parser.add_argument("--results_source", default=None, help="Where the reported numbers come from (card text).")
+    parser.add_argument("--hub_datasets", nargs="*", default=[], help="Hub dataset ids for the card's 'datasets'.")
     parser.add_argument("--license", default="mit", help="Licence id of the card metadata (default: mit).")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--local-dir", type=Path, default=None, help="Write the repository folder here (kept).")
+    parser.add_argument("--local_dir", type=Path, default=None, help="Write the repository folder here (kept).")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a --local_dir that is not empty.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     parser.add_argument("--revision", default=None, help="Branch to push to (created if missing).")
-    parser.add_argument("--commit-message", default=None, help="Commit message of the upload.")
-    parser.add_argument("--no-upload", action="store_true", help="Only write the folder (needs --local-dir).")
+    parser.add_argument("--commit_message", default=None, help="Commit message of the upload.")
+    parser.add_argument("--no_upload", action="store_true", help="Only write the folder (needs --local_dir).")
     parser.add_argument(
-        "--skip-online-card-check", action="store_true", help="Do not validate the card with the Hub API before upload."
+        "--skip_online_card_check", action="store_true", help="Do not validate the card with the Hub API before upload."
     )
-    parser.add_argument("--log-level", default="INFO", help="Logging level.")
+    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                        help="Logging level.")
     return parser.parse_args(argv)
 
 
@@ -100,21 +105,20 @@ def build_context(args: argparse.Namespace, model_path: Path | None) -> CardCont
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from modeling_dearli import DearliForPanopticSegmentation
-
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None if args.no_upload else resolve_token(args.token)
     upload = not args.no_upload and (token is not None or args.local_dir is None)
     if args.no_upload and args.local_dir is None:
-        logger.error("--no-upload needs --local-dir")
-        return 2
+        raise cli.CliError("--no_upload needs --local_dir")
     if upload and token is None:
-        logger.error("No Hub token (pass --token, set HF_TOKEN or run `huggingface-cli login`), or use --local-dir")
-        return 2
+        raise cli.CliError("no Hub token (pass --token, set HF_TOKEN or run `hf auth login`), or use --local_dir")
+    if args.local_dir is not None:
+        if args.local_dir.is_dir() and any(args.local_dir.iterdir()) and not args.overwrite:
+            raise cli.CliError(f"{args.local_dir} is not empty (pass --overwrite to write into it)")
+        cli.prepare_output_dir(args.local_dir)  # before the model is loaded
 
-    model_path = Path(args.model) if Path(args.model).is_dir() else None
-    model = DearliForPanopticSegmentation.from_pretrained(args.model)
-    processor = load_image_processor(args.model, model.config)
+    model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model_path = Path(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else None
     context = build_context(args, model_path)
     card = render_model_card(model.config, context, count_parameters(model))
     extra = {}
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         files = write_repo_folder(model, processor, folder, card, extra_files=extra)
         logger.info("Wrote %s: %s", folder, ", ".join(files))
         if not upload:
-            logger.info("No token or --no-upload: the folder was written but not uploaded")
+            logger.info("No token or --no_upload: the folder was written but not uploaded")
             return 0
         url = upload_repo_folder(
             folder,
@@ -143,4 +147,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -82,6 +82,17 @@ def tiny_model_with_text_tower_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised test-size SAM (``vit_tiny``) saved as a checkpoint file."""
+    from training.data.sam_masks import build_sam_vit_tiny
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
+    torch.save(build_sam_vit_tiny().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def load_script():
     """``load_script("predict")`` imports ``scripts/predict.py`` as a module (``scripts/`` is not a package)."""
 

@@ -340,8 +340,8 @@ def test_convert_script_end_to_end(tmp_path, caplog, load_script):
     torch.save({"model": state, "iteration": 80000}, checkpoint)
     tiny_config().save_pretrained(tmp_path / "arch")
     output = tmp_path / "converted"
-    args = ["--dataset", "coco_objects", "--config", str(tmp_path / "arch"), "--verify-size", "64"]
-    assert cli.main(["--checkpoint", str(checkpoint), "--output", str(output), *args]) == 0
+    args = ["--dataset", "coco_objects", "--config", str(tmp_path / "arch"), "--verify_size", "64"]
+    assert cli.main(["--checkpoint", str(checkpoint), "--output_dir", str(output), *args]) == 0
 
     model = DearliForPanopticSegmentation.from_pretrained(output).eval()
     assert model.config.num_classes == 81 and model.config.thing_ids == list(range(1, 81))
@@ -360,6 +360,6 @@ def test_convert_script_end_to_end(tmp_path, caplog, load_script):
     del state["void_embedding.weight"]
     torch.save(state, broken)
     with caplog.at_level(logging.ERROR):
-        status = cli.main(["--checkpoint", str(broken), "--output", str(tmp_path / "no"), *args])
+        status = cli.main(["--checkpoint", str(broken), "--output_dir", str(tmp_path / "no"), *args])
     assert status == 1 and "missing reference keys (1)" in caplog.text and "void_embedding.weight" in caplog.text
     assert not (tmp_path / "no").exists()

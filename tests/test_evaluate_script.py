@@ -49,9 +49,9 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def args_for(folder: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model_dir), "--dataset", "custom", "--images-dir", str(folder / "images"),
-            "--gt-json", str(folder / "panoptic.json"), "--gt-folder", str(folder / "panoptic"), "--device", "cpu",
-            "--output", str(out), "--no-progress", "--size", "64", "128", *extra]
+    return ["--model_name_or_path", str(model_dir), "--dataset", "custom", "--images_dir", str(folder / "images"),
+            "--gt_json", str(folder / "panoptic.json"), "--gt_folder", str(folder / "panoptic"), "--device", "cpu",
+            "--output", str(out), "--no_progress", "--size", "64", "128", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_evaluate_matches_manual_loop(in_process_report, tiny_model):
 def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report, tmp_path):
     """The command line on the saved model gives the in-process numbers (same weights, same ensemble_alpha)."""
     out = tmp_path / "cli.json"
-    args = args_for(tiny_folder, tiny_model_dir, out, "--ensemble_alpha", "0.6", "--batch-size", "2")
+    args = args_for(tiny_folder, tiny_model_dir, out, "--ensemble_alpha", "0.6", "--batch_size", "2")
     proc = subprocess.run([sys.executable, str(SCRIPT), *args],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -116,5 +116,5 @@ def test_label_space_mismatch_is_reported(tiny_model, tmp_path, load_script):
     from training.data.panoptic_datasets import ClassNames
 
     names = ClassNames((1, 2), ("a", "b"), (True, False))
-    with pytest.raises(SystemExit, match="3 classes, the dataset 2"):
+    with pytest.raises(ValueError, match="3 classes, the dataset 2"):
         script.evaluate(tiny_model, None, [], names)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,14 +48,17 @@ CONVERSION_INFO = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A trained-model folder as the training scripts leave it: weights, a small-resolution processor, provenance."""
-    path = tmp_path_factory.mktemp("model") / "dearli"
-    shutil.copytree(tiny_model_dir, path)
-    from modeling_dearli import DearliConfig
+def model_dir(shared_dir, tmp_path_factory) -> Path:
+    """A trained-model folder as the training scripts leave it (a tiny model with ADE20K's 150 classes, as the card's
+    dataset requires): weights, a small-resolution processor, provenance."""
+    from modeling_dearli import tiny_model
+    from training.data.panoptic_datasets import load_class_names
 
-    config = DearliConfig.from_pretrained(path)
-    DearliImageProcessor.from_model_config(config, size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(
+    path = tmp_path_factory.mktemp("model") / "dearli"
+    ade20k = load_class_names("ade20k", shared_dir)
+    model = tiny_model(class_names=list(ade20k.names), thing_ids=ade20k.thing_ids, seed=0)
+    model.save_pretrained(path)
+    DearliImageProcessor.from_model_config(model.config, size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(
         path
     )
     (path / "conversion_info.json").write_text(json.dumps(CONVERSION_INFO))
@@ -79,8 +81,8 @@ def repo_dir(model_dir, tmp_path_factory, load_script) -> Path:
             raise AssertionError("must not upload without a token")
 
         mp.setattr(cli, "upload_repo_folder", no_upload)
-        status = cli.main(["--model", str(model_dir), "--repo-id", REPO_ID, "--eval-report", str(report),
-                           "--local-dir", str(local_dir)])  # fmt: skip
+        status = cli.main(["--model_name_or_path", str(model_dir), "--repo_id", REPO_ID, "--eval_report", str(report),
+                           "--local_dir", str(local_dir)])  # fmt: skip
     finally:
         mp.undo()
     assert status == 0
@@ -175,8 +177,8 @@ def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, 
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub.ModelCard, "validate", lambda self, repo_type=None: calls.append(("validate",)))
     cli = load_script("push_to_hub")
-    status = cli.main(["--model", str(model_dir), "--repo-id", REPO_ID, "--token", "hf_test", "--private",
-                       "--revision", "v1", "--commit-message", "DEARLi tiny"])  # fmt: skip
+    status = cli.main(["--model_name_or_path", str(model_dir), "--repo_id", REPO_ID, "--token", "hf_test", "--private",
+                       "--revision", "v1", "--commit_message", "DEARLi tiny"])  # fmt: skip
     assert status == 0
     names = [c[0] for c in calls]
     assert names == ["validate", "create_repo", "create_branch", "upload_folder"]
@@ -186,9 +188,12 @@ def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, 
     assert upload["revision"] == "v1" and upload["commit_message"] == "DEARLi tiny" and upload["repo_type"] == "model"
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(upload["files"])
     assert set(upload["allow_patterns"]) == set(upload["files"])  # exactly what this run wrote
-    # No token and no --local-dir: refuse instead of silently doing nothing.
+    # No token and no --local_dir: refuse instead of silently doing nothing.
+    from training.cli import CliError
+
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    assert cli.main(["--model", str(model_dir), "--repo-id", REPO_ID]) == 2
+    with pytest.raises(CliError, match="no Hub token"):
+        cli.main(["--model_name_or_path", str(model_dir), "--repo_id", REPO_ID])
 
 
 def test_repo_loads_in_a_fresh_process_without_the_project(repo_dir, model_dir, tmp_path):

@@ -328,7 +328,7 @@ def test_prepare_ade20k_and_load(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     write_ade_folder(root)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_ade20k.py"), "--root", str(root),
-                           "--num-workers", "0", "--no-progress"], capture_output=True, text=True, timeout=120)
+                           "--num_workers", "0", "--no_progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((root / "ade20k_panoptic_train.json").read_text())
     assert [i["id"] for i in data["images"]] == ["ADE_train_00000001", "ADE_train_00000002"]

@@ -436,9 +436,9 @@ def test_semantic_independent_reference():
 def test_evaluate_panoptic_cli(perturbed_case, tmp_path, engine):
     files, _, _, _ = perturbed_case
     out = tmp_path / "report.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate_panoptic.py"), "--gt-json", files[0], "--gt-folder",
-           files[2], "--pred-json", files[1], "--pred-folder", files[3], "--output", str(out), "--per-class",
-           "--no-progress", "--engine", engine]
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate_panoptic.py"), "--gt_json", files[0], "--gt_folder",
+           files[2], "--pred_json", files[1], "--pred_folder", files[3], "--output", str(out), "--per_class",
+           "--no_progress", "--engine", engine]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "All" in proc.stdout and "Things" in proc.stdout and "Stuff" in proc.stdout

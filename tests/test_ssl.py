@@ -106,9 +106,12 @@ def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
     assert "Teacher weights identical on 2 processes (EMA step 2)" in log_a
     checkpoint = run_a / "checkpoints" / "step_00000002"
     assert (checkpoint / "COMPLETE").is_file()
-    with open(checkpoint / "custom_checkpoint_1.pkl", "rb") as f:
-        teacher_state = torch.load(f, weights_only=False)
+    from training.checkpointing import load_state_files
+
+    teacher_state = load_state_files(checkpoint, "ema_teacher")  # safetensors + JSON, no pickle
     assert teacher_state["step"] == 2 and not any(k.startswith("backbone.") for k in teacher_state["teacher"])
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    assert {"rng_state_0.json", "rng_state_1.json", "training_state.json"} <= {p.name for p in checkpoint.iterdir()}
     # Validation of student and teacher at the last step, tensorboard logs, final models.
     import json
 
@@ -122,8 +125,7 @@ def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
             tmp_path / "b.log")
     log_b = (tmp_path / "b.log").read_text()
     assert "at step 2" in log_b and "Teacher restored at EMA step 2" in log_b
-    with open(run_b / "checkpoints" / "step_00000003" / "custom_checkpoint_1.pkl", "rb") as f:
-        assert torch.load(f, weights_only=False)["step"] == 3
+    assert load_state_files(run_b / "checkpoints" / "step_00000003", "ema_teacher")["step"] == 3
     for sub in ("", "teacher"):
         a, b = _weights(run_a / sub), _weights(run_b / sub)
         assert a.keys() == b.keys()

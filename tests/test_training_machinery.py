@@ -16,7 +16,13 @@ from training.arguments import (
     load_config_file,
     parse_args_with_config,
 )
-from training.checkpointing import NonFiniteError, assert_finite_parameters, list_checkpoints, resolve_resume_path
+from training.checkpointing import (
+    CheckpointError,
+    NonFiniteError,
+    assert_finite_parameters,
+    list_checkpoints,
+    resolve_resume_path,
+)
 from training.data.sampler import ResumableSampler, unpack_index
 from training.schedules import build_optimizer, build_poly_scheduler
 
@@ -135,8 +141,9 @@ def test_checkpoint_lookup_and_finite_guard(tmp_path):
         folder.mkdir(parents=True)
         if complete:
             (folder / "COMPLETE").write_text(str(step))
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]
-    assert resolve_resume_path("latest", tmp_path).name == "step_00000010"  # the incomplete one is skipped
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]  # incomplete skipped
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*model.safetensors is missing"):
+        resolve_resume_path("latest", tmp_path)  # marked complete, but empty (tests/test_faults.py: real ones)
     with pytest.raises(FileNotFoundError):
         resolve_resume_path(str(tmp_path / "missing"), tmp_path)
     layer = torch.nn.Linear(2, 2)

@@ -17,11 +17,14 @@ inherit ``configs/base/<stage>.yaml`` and ``configs/base/<dataset>.yaml``.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import cli
 
 __all__ = [
     "CONFIG_DIR",
@@ -202,6 +205,9 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="Largest random scale of the crop size the image is resized to fit in.")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
     g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
+    g.add_argument("--max_skipped_share", type=float, default=0.01,
+                   help="Training examples that cannot be read (truncated or corrupt files) are skipped, logged with "
+                        "their path and counted; the run stops when more than this share of them was skipped.")
     return parser
 
 
@@ -316,7 +322,7 @@ def build_parser(loop: str, description: str | None = None) -> argparse.Argument
     """The parser of a training loop (``"dewa"``, ``"supervised"`` or ``"ssl"``); `description` is its ``--help``."""
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; known: {LOOPS}")
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=description)
     if loop == "dewa":
         add_sam_data_args(parser)
     else:
@@ -328,12 +334,53 @@ def build_parser(loop: str, description: str | None = None) -> argparse.Argument
     return parser
 
 
+# Ranges of numeric flags, checked after the preset and the command line are merged (a value from a YAML preset is
+# checked too): (lowest, highest, lowest excluded).
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    **{name: (0.0, 1.0, False) for name in (
+        "flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "cutmix_prob", "ema_decay",
+        "max_skipped_share", "eval_threshold", "eval_overlap_threshold", "pseudo_label_threshold",
+        "pseudo_label_overlap_threshold", "ensemble_alpha")},
+    **{name: (0.0, None, True) for name in (
+        "learning_rate", "min_scale", "max_scale", "max_train_steps", "train_batch_size", "unlabeled_batch_size",
+        "eval_batch_size", "eval_shortest_edge", "eval_max_size", "max_eval_images", "num_queries",
+        "train_num_points")},
+    **{name: (0.0, None, False) for name in (
+        "weight_decay", "gradient_clip", "lr_power", "lr_warmup_steps", "checkpointing_steps",
+        "checkpoints_total_limit", "logging_steps", "num_workers", "eval_steps", "unlabeled_weight")},
+    "labeled_fraction": (0.0, 1.0, True),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> list[str]:
+    """Problems of numeric arguments outside their range (:data:`_RANGES`, crop sizes, min <= max scale)."""
+    problems = []
+    for name, (low, high, low_excluded) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (low is not None and (value <= low if low_excluded else value < low)) \
+                or (high is not None and value > high):
+            interval = f"{'(' if low_excluded else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
+            problems.append(f"--{name} must lie in {interval}, got {value!r}")
+    crop = getattr(args, "crop_size", None)
+    if crop is not None and (len(crop) not in (1, 2) or any(int(c) < 1 for c in crop)):
+        problems.append(f"--crop_size takes one or two positive sizes, got {crop}")
+    if not problems and getattr(args, "min_scale", None) and args.min_scale > args.max_scale:
+        problems.append(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
+    return problems
+
+
 def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """Parse (``--config`` preset, then the command line) and check the arguments of a training loop."""
     parser = build_parser(loop, description)
     args = parse_args_with_config(parser, argv)
     if not args.output_dir:
         parser.error("--output_dir is required")
+    problems = check_ranges(args)
+    if problems:
+        parser.error("; ".join(problems))
     if loop == "dewa":
         if not args.sam_masks_dir or not args.image_dir:
             parser.error("--sam_masks_dir and --image_dir are required (on the command line or in --config)")

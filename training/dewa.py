@@ -16,6 +16,7 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 # isort: split
 from collections.abc import Sequence
 
+from training import cli
 from training.arguments import parse_args
 from training.data.train_datasets import sam_masks_train_dataset
 from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
@@ -37,4 +38,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -41,13 +41,16 @@ from .checkpointing import (
     resolve_resume_path,
     save_checkpoint,
 )
+from .cli import prepare_output_dir
 from .data.collator import DearliDataCollator, model_inputs
 from .data.sampler import ResumableSampler
 from .schedules import build_optimizer, build_poly_scheduler
 
 __all__ = [
     "PreparedTraining",
+    "SkippedSamples",
     "StepOutput",
+    "TooManySkippedSamples",
     "TrainingResult",
     "build_train_dataloader",
     "check_finite_loss",
@@ -125,7 +128,7 @@ def setup_accelerator(args: Any, **kwargs: Any):
         **kwargs,
     )
     if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args.output_dir)  # created and checked for writing before any model is built
     accelerator.wait_for_everyone()
     setup_logging(accelerator)
     logger.info(accelerator.state)
@@ -322,6 +325,67 @@ def optimization_step(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Unreadable training examples: logged, counted, and a stop past a stated share
+# --------------------------------------------------------------------------------------------------------------------
+class TooManySkippedSamples(RuntimeError):
+    """More training examples could not be read than ``--max_skipped_share`` allows."""
+
+
+class SkippedSamples:
+    """The training examples the datasets skipped as unreadable (``batch["skipped"]``, see
+    :mod:`training.data.train_datasets`): each is logged once with its path and error by the process that met it, the
+    distinct ones are counted over all processes, and the run stops with :class:`TooManySkippedSamples` when they
+    exceed `max_share` of the `num_examples` training examples. :meth:`merge` (before each checkpoint) collects every
+    process's list into ``progress.skipped_samples``, which checkpoints keep, so the count survives resuming."""
+
+    def __init__(self, accelerator: Any, progress: TrainingProgress, num_examples: int, max_share: float) -> None:
+        self.accelerator = accelerator
+        self.progress = progress
+        self.num_examples = int(num_examples)
+        self.max_share = float(max_share)
+        self.new: dict[str, str] = {}  # skipped by this process since the last merge: source -> error
+
+    def record(self, batches: Mapping[str, Any], step: int) -> None:
+        """Log and count the skips reported in this step's batches, then check the share (all processes call it)."""
+        merged = set(self.progress.skipped_samples)
+        reports = [r for batch in batches.values() if isinstance(batch, Mapping) for r in batch.get("skipped") or []]
+        for example_reports in reports:
+            for report in example_reports or []:
+                source = str(report["source"])
+                if source not in merged and source not in self.new:
+                    self.new[source] = str(report["error"])
+                    logger.warning("step %d: skipped an unreadable training example: %s (%s)", step, source,
+                                   report["error"])
+        local = torch.tensor([len(self.new)], dtype=torch.float64, device=self.accelerator.device)
+        total = len(merged) + int(self.accelerator.reduce(local, reduction="sum").item())
+        if total > self.max_share * self.num_examples:
+            examples = [f"{s} ({e})" for s, e in self.new.items()] + list(self.progress.skipped_samples)
+            raise TooManySkippedSamples(
+                f"{total} of {self.num_examples} training examples ({100 * total / self.num_examples:.1f}%) could not "
+                f"be read, more than --max_skipped_share {self.max_share:g} allows; e.g. {'; '.join(examples[:3])}. "
+                "Fix or remove them, or raise --max_skipped_share"
+            )
+
+    def merge(self) -> None:
+        """Add every process's new skips to ``progress.skipped_samples`` (all processes must call it)."""
+        from accelerate.utils import gather_object
+
+        new = gather_object([sorted(self.new)]) if self.accelerator.num_processes > 1 else [sorted(self.new)]
+        known = set(self.progress.skipped_samples)
+        for sources in new:
+            for source in sources:
+                if source not in known:
+                    known.add(source)
+                    self.progress.skipped_samples.append(source)
+        self.new.clear()
+
+    @property
+    def count(self) -> int:
+        """Distinct examples skipped so far (after :meth:`merge`: over all processes, including before a resume)."""
+        return len(self.progress.skipped_samples) + len(self.new)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Steps and the loop
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -353,6 +417,7 @@ class TrainingResult:
     seconds_per_step: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
+    skipped_samples: int = 0  # distinct unreadable training examples skipped (all processes)
 
 
 def save_final_model(accelerator: Any, model: nn.Module, output_dir: str | Path) -> None:
@@ -374,7 +439,7 @@ def run_training(
     run: PreparedTraining,
     train_step: Callable[[PreparedTraining, dict[str, Any], int], StepOutput] = supervised_step,
     *,
-    checkpointed: Sequence[Any] = (),
+    checkpointed: Mapping[str, Any] | None = None,
     before_checkpoint: Callable[[], None] | None = None,
     evaluate: Callable[[int], dict[str, float]] | None = None,
     final_models: Mapping[str, nn.Module] | None = None,
@@ -382,27 +447,30 @@ def run_training(
     """Run ``train_step`` for steps ``1 .. --max_train_steps`` (resuming with ``--resume_from_checkpoint``), then save.
 
     Args:
-        checkpointed: extra state saved in every checkpoint and restored on resume (objects with ``state_dict`` /
-            ``load_state_dict``, e.g. the EMA teacher).
+        checkpointed: extra state saved in every checkpoint and restored on resume: name -> object with
+            ``state_dict`` / ``load_state_dict`` (tensors and JSON values), written as ``<name>.safetensors`` +
+            ``<name>.json`` (e.g. ``{"ema_teacher": teacher}``).
         before_checkpoint: called on every process before each checkpoint (e.g. to check that the teacher is the same
             on all processes).
         evaluate: ``evaluate(step)`` -> scalar metrics, every ``--eval_steps`` steps (0: never) and after the last.
         final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
             trained model in ``--output_dir``).
 
-    Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking``.
+    Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking`` and
+    ``--max_skipped_share`` (see :class:`SkippedSamples`).
     """
     accelerator = run.accelerator
+    checkpointed = dict(checkpointed or {})
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-    for state in checkpointed:
-        accelerator.register_for_checkpointing(state)
-    resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, accelerator.num_processes,
+                                      tuple(checkpointed), accelerator)
     if resume_path is not None:
-        load_checkpoint(accelerator, resume_path, progress)
+        load_checkpoint(accelerator, resume_path, progress, checkpointed)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s: starting from scratch", args.output_dir)
     start_step = progress.step
+    skips = SkippedSamples(accelerator, progress, sum(len(dl.dataset) for dl in run.dataloaders.values()),
+                           getattr(args, "max_skipped_share", 0.0))
     init_tracking(accelerator, args)
 
     logger.info("***** Running training *****")
@@ -421,7 +489,9 @@ def run_training(
     for steps in zip(*streams):
         step, epoch = steps[0][0] + 1, steps[0][1]
         run.model.train()
-        out = train_step(run, {name: batch for name, (_, _, batch) in zip(run.dataloaders, steps)}, step)
+        batches = {name: batch for name, (_, _, batch) in zip(run.dataloaders, steps)}
+        skips.record(batches, step)
+        out = train_step(run, batches, step)
         progress.step = step
         values = torch.tensor(list(out.metrics.values()), dtype=torch.float64, device=accelerator.device)
         window.append(accelerator.reduce(values, reduction="mean").cpu())
@@ -442,7 +512,9 @@ def run_training(
         if is_last or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
             if before_checkpoint is not None:
                 before_checkpoint()
-            save_checkpoint(accelerator, run.model, progress, args.output_dir, args.checkpoints_total_limit)
+            skips.merge()
+            save_checkpoint(accelerator, run.model, progress, args.output_dir, args.checkpoints_total_limit,
+                            checkpointed)
         if evaluate is not None and (is_last or (args.eval_steps and step % args.eval_steps == 0)):
             result.metrics = evaluate(step)
             if args.with_tracking and result.metrics:
@@ -456,6 +528,11 @@ def run_training(
         logger.info("%d steps in %.1f s (%.3f s/step)", steps_done, steps_done * result.seconds_per_step,
                     result.seconds_per_step)
     result.final_step = progress.step
+    skips.merge()
+    result.skipped_samples = skips.count
+    if skips.count:
+        logger.warning("%d unreadable training examples were skipped: %s", skips.count,
+                       ", ".join(progress.skipped_samples[:10]))
     for folder, model in (final_models or {"": run.model}).items():
         save_final_model(accelerator, model, Path(args.output_dir) / folder)
     if args.with_tracking:

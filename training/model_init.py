@@ -17,6 +17,8 @@ import torch
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
 
+from .pretrained import check_model_location
+
 __all__ = ["adapt_class_names", "build_model"]
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def build_model(
     keep_text_tower = bool(getattr(args, "keep_text_tower", False))
     seed = int(getattr(args, "seed", 0))
     if getattr(args, "init_from", None):
-        model = DearliForPanopticSegmentation.from_pretrained(args.init_from)
+        model = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.init_from))
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
         architecture = set(_COPIED_CONFIG_KEYS) - _LOSS_KEYS
         for key, value in overrides.items():

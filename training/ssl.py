@@ -17,7 +17,7 @@ weight decay 0.05, poly schedule, 80k iterations. See :mod:`training.ssl_step` f
 for the teacher.
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
-(weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
+(``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
 PQ and mIoU of the student and of the teacher. The final student is saved with ``save_pretrained`` (+ image processor)
 in ``--output_dir`` (the paper reports the student of the last iteration) and the teacher in ``--output_dir/teacher``.
 """
@@ -31,9 +31,17 @@ from typing import Any
 
 from torch import nn
 
+from training import cli
 from training.arguments import parse_args
-from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
-from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset, load_panoptic_training_data
+from training.data.strong_augmentations import (
+    StrongAugmentation,
+    StrongAugmentationConfig,
+)
+from training.data.train_datasets import (
+    PanopticTrainDataset,
+    UnlabeledTrainDataset,
+    load_panoptic_training_data,
+)
 from training.data.transforms import LargeScaleJitter
 from training.ema import MeanTeacher
 from training.evaluation.validation import make_evaluator
@@ -46,7 +54,12 @@ from training.loop import (
     setup_accelerator,
 )
 from training.model_init import adapt_class_names, build_model
-from training.ssl_step import StudentViewBuilder, ssl_train_step, strong_augmentation_generator
+from training.pretrained import check_model_location
+from training.ssl_step import (
+    StudentViewBuilder,
+    ssl_train_step,
+    strong_augmentation_generator,
+)
 
 logger = logging.getLogger("training.ssl")
 
@@ -57,7 +70,7 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
     if args.teacher_init:
         from modeling_dearli import DearliForPanopticSegmentation
 
-        initial = DearliForPanopticSegmentation.from_pretrained(args.teacher_init)
+        initial = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.teacher_init))
         initial = adapt_class_names(initial, list(class_names.names), class_names.thing_ids, args.clip_pretrained)
         state = initial.state_dict()
         del initial
@@ -108,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     other = "teacher" if args.final_model == "student" else "student"
     return run_training(
         args, run, train_step,
-        checkpointed=[teacher],
+        checkpointed={"ema_teacher": teacher},
         before_checkpoint=lambda: teacher.check_synchronized(accelerator),
         evaluate=make_evaluator(args, accelerator, data.validation, data.class_names, models),
         final_models={"": models[args.final_model], other: models[other]},
@@ -116,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

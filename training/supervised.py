@@ -17,6 +17,7 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 # isort: split
 from collections.abc import Sequence
 
+from training import cli
 from training.arguments import parse_args
 from training.data.train_datasets import PanopticTrainDataset, load_panoptic_training_data
 from training.data.transforms import LargeScaleJitter
@@ -40,4 +41,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

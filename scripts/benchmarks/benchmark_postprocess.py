@@ -20,7 +20,6 @@ import os
 # threads; both processors are timed under the same setting (override by exporting OMP_WAIT_POLICY).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
+from training import cli
 
 logger = logging.getLogger("benchmark_postprocess")
 
@@ -77,21 +77,21 @@ def timed(fn: Callable[[ModelOutput], object], outputs: ModelOutput) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=2, help="Images per batch.")
-    parser.add_argument("--num-batches", type=int, default=3, help="Number of batches (different random outputs).")
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch_size", type=int, default=2, help="Images per batch.")
+    parser.add_argument("--num_batches", type=int, default=3, help="Number of batches (different random outputs).")
     parser.add_argument("--queries", type=int, default=200, help="Number of queries.")
     parser.add_argument("--classes", type=int, default=133, help="Number of classes (COCO panoptic: 133).")
-    parser.add_argument("--num-stuff", type=int, default=53, help="The last N classes are stuff (fused).")
-    parser.add_argument("--mask-size", type=int, default=160, help="Mask logits resolution (square).")
-    parser.add_argument("--target-size", type=int, default=640, help="Output resolution (square).")
+    parser.add_argument("--num_stuff", type=int, default=53, help="The last N classes are stuff (fused).")
+    parser.add_argument("--mask_size", type=int, default=160, help="Mask logits resolution (square).")
+    parser.add_argument("--target_size", type=int, default=640, help="Output resolution (square).")
     parser.add_argument("--masks", choices=["smooth", "noise"], default="smooth", help="Random mask kind.")
     parser.add_argument("--repeats", type=int, default=3, help="Timing repeats; the fastest is reported.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
     parser.add_argument("--device", default="cpu", help="Device of the outputs (transformers runs there too).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.set_verbosity_error()
     if args.threads:
@@ -159,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Time our PQ against panopticapi and hotcoco on the same few hundred synthetic image pairs.
 
-    python scripts/benchmarks/benchmark_pq.py [--num-images 300] [--workers N] [--repeats 3]
+    python scripts/benchmarks/benchmark_pq.py [--num_images 300] [--workers N] [--repeats 3]
 
 Pairs are perturbations of the shipped COCO panoptic sample (``shared/data/coco_panoptic_sample``): flipped ground
 truth, predictions shifted, with dropped, merged and relabelled segments and void holes. Two comparisons:
@@ -18,7 +18,6 @@ Each timing is the best of ``--repeats`` runs, interleaved so background load hi
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
-import argparse
 import contextlib
 import io
 import json
@@ -32,8 +31,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
+from training import cli
 from training.data.panoptic_datasets import default_shared_dir
-from training.evaluation.panoptic_quality import PanopticQuality, evaluate_panoptic_folders
+from training.evaluation.panoptic_quality import (
+    PanopticQuality,
+    evaluate_panoptic_folders,
+)
 
 
 def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
@@ -97,11 +100,11 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=300, help="number of image pairs")
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--num_images", type=int, default=300, help="number of image pairs")
     parser.add_argument("--workers", type=int, default=None, help="our worker threads (default: CPU count)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the best is reported")
-    parser.add_argument("--shared-dir", default=None, help="shared data folder (default: <repo>/../shared)")
+    parser.add_argument("--shared_dir", default=None, help="shared data folder (default: <repo>/../shared)")
     parser.add_argument("--keep", default=None, help="write the pairs here and keep them (default: a temp dir)")
     parser.add_argument("--processes", action="store_true", help="also time the numpy engine with worker processes")
     args = parser.parse_args(argv)
@@ -216,4 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -1,9 +1,9 @@
 """Time class-name encoding with the CLIP text tower over the used context vs OpenCLIP's full 77-token context.
 
-    python scripts/benchmarks/benchmark_text_encoding.py [--dataset coco_panoptic] [--num-classes 20] [--clip-model-name NAME]
+    python scripts/benchmarks/benchmark_text_encoding.py [--dataset coco_panoptic] [--num_classes 20] [--clip_model_name NAME]
 
-Builds the text tower of ``--clip-model-name`` (default: the paper's ConvNeXt-B, ``convnext_base_w``) with random
-weights (nothing is downloaded; the cost does not depend on the weights), encodes the first ``--num-classes`` class
+Builds the text tower of ``--clip_model_name`` (default: the paper's ConvNeXt-B, ``convnext_base_w``) with random
+weights (nothing is downloaded; the cost does not depend on the weights), encodes the first ``--num_classes`` class
 names of ``--dataset`` with all their synonyms and DEARLi's 14 prompt templates, once with
 ``ClipTextEncoder.encode_tokens`` (what the model uses: the tower runs only up to the longest prompt's end-of-text
 token) and once with OpenCLIP's ``encode_text`` on the full context, and prints both times, the ratio and the largest
@@ -22,21 +22,22 @@ from torch.nn import functional as F
 
 from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
 from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms
+from training import cli
 from training.data.panoptic_datasets import load_class_names
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list in shared/data/class_names/.")
-    parser.add_argument("--num-classes", type=int, default=20, help="Encode the first N classes (0: all).")
-    parser.add_argument("--clip-model-name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
-    parser.add_argument("--batch-size", type=int, default=256, help="Prompts per forward pass.")
+    parser.add_argument("--num_classes", type=int, default=20, help="Encode the first N classes (0: all).")
+    parser.add_argument("--clip_model_name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
+    parser.add_argument("--batch_size", type=int, default=256, help="Prompts per forward pass.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(load_class_names(args.dataset).names)
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

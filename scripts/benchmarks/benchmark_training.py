@@ -33,13 +33,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from training import cli
+
 logger = logging.getLogger("benchmark_training")
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco_panoptic_sample"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--full_size", action="store_true",
                    help="Benchmark the paper's model (ConvNeXt-B CLIP, 200 queries; random weights) instead of the "
                         "tiny preset.")
@@ -299,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

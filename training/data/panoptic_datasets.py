@@ -243,10 +243,12 @@ def load_coco_panoptic(
     for d, what in ((images_dir, "images"), (panoptic_dir, "panoptic PNG")):
         if not d.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {d}")
-    with open(annotations_json) as f:
-        data = json.load(f)
+    try:
+        data = json.loads(annotations_json.read_text())
+    except ValueError as error:
+        raise ValueError(f"{annotations_json} is not valid JSON: {error}") from None
     for key in ("images", "annotations"):
-        if key not in data:
+        if not isinstance(data, dict) or key not in data:
             raise ValueError(f"{annotations_json} has no '{key}' list: not a COCO panoptic annotation file")
 
     if class_names is None:

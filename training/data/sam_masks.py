@@ -30,7 +30,6 @@ no area filter (as the reference implementation does).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -39,17 +38,21 @@ import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from tqdm.auto import tqdm
+
+from modeling_dearli.image_reading import read_image, to_rgb
+
+from .image_files import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     import datasets
@@ -60,11 +63,12 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 ImageSource = Union[PathLike, Sequence[PathLike], "datasets.Dataset"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CONFIG_FILE = "sam_config.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
 FAILURES_GLOB = "failures-*.jsonl"
+# Share of corrupt lines above which a failures log is refused rather than read around.
+MAX_CORRUPT_LOG_SHARE = 0.5
 _SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.parquet$")
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -140,8 +144,23 @@ def build_sam(model_type: str, checkpoint: PathLike, device: str | torch.device 
             f"SAM checkpoint {path} not found. Download the official {model_type} checkpoint from the "
             "segment-anything repository yourself; this tool downloads nothing."
         )
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable or non-weights file
+        raise ValueError(f"cannot read SAM checkpoint {path}: {str(error).splitlines()[0]}") from error
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"SAM checkpoint {path} holds a {type(state_dict).__name__}, not a state dict")
     sam = SAM_MODEL_REGISTRY[model_type]()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    expected = sam.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        example = (f"{reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} in the file, "
+                   f"{tuple(expected[reshaped[0]].shape)} in {model_type}" if reshaped else (missing or unexpected)[0])
+        raise ValueError(f"SAM checkpoint {path} does not fit --model_type {model_type}: {len(missing)} tensors "
+                         f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example}); "
+                         f"pass the model type the checkpoint was made for ({', '.join(sorted(SAM_MODEL_REGISTRY))})")
     sam.load_state_dict(state_dict)
     return sam.to(device).eval()
 
@@ -219,27 +238,21 @@ class ImageItem:
     load: Callable[[], Image.Image]
 
 
-def _open_file(path: Path | BinaryIO) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # raises here for truncated or corrupt files
-        return image.copy()
-
-
-def _load_dataset_image(dataset: "datasets.Dataset", index: int, column: str) -> Image.Image:
+def _load_dataset_image(dataset: "datasets.Dataset", index: int, column: str, exif_transpose: bool) -> Image.Image:
     value = dataset[index][column]
-    if isinstance(value, Image.Image):
-        return value
+    if isinstance(value, Image.Image):  # decoded by datasets (which applies the EXIF orientation itself)
+        return to_rgb(value)
     if isinstance(value, dict):  # an Image feature with decode=False
-        if value.get("bytes"):
-            return _open_file(io.BytesIO(value["bytes"]))
-        return _open_file(Path(value["path"]))
-    return Image.fromarray(np.asarray(value))
+        source = value["bytes"] if value.get("bytes") else Path(value["path"])
+        return read_image(source, exif_transpose=exif_transpose)
+    return to_rgb(Image.fromarray(np.asarray(value)))
 
 
 def list_image_items(
-    source: ImageSource, *, image_column: str = "image", id_column: str | None = None
+    source: ImageSource, *, image_column: str = "image", id_column: str | None = None, exif_transpose: bool = True
 ) -> list[ImageItem]:
-    """Enumerate `source` in a deterministic order.
+    """Enumerate `source` in a deterministic order; each item's ``load()`` reads its image as 8-bit RGB with the
+    project's reader (:func:`modeling_dearli.image_reading.read_image`, EXIF orientation applied if `exif_transpose`).
 
     - a folder: every image file below it (sorted); id = relative path without extension (the file stem for a flat
       folder, e.g. COCO's ``000000139``), file_name = relative path;
@@ -256,7 +269,8 @@ def list_image_items(
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for path in files:
             rel = path.relative_to(root)
-            items.append(ImageItem(rel.with_suffix("").as_posix(), rel.as_posix(), partial(_open_file, path)))
+            load = partial(read_image, path, exif_transpose=exif_transpose)
+            items.append(ImageItem(rel.with_suffix("").as_posix(), rel.as_posix(), load))
     elif hasattr(source, "column_names") and hasattr(source, "select_columns"):
         dataset = source
         if image_column not in dataset.column_names:
@@ -267,13 +281,13 @@ def list_image_items(
         names = [str(v) for v in dataset["file_name"]] if "file_name" in dataset.column_names else [""] * len(ids)
         images = dataset.select_columns([image_column])
         items = [
-            ImageItem(image_id, name, partial(_load_dataset_image, images, i, image_column))
+            ImageItem(image_id, name, partial(_load_dataset_image, images, i, image_column, exif_transpose))
             for i, (image_id, name) in enumerate(zip(ids, names))
         ]
     else:
         for p in source:
             path = Path(p)
-            items.append(ImageItem(path.stem, str(p), partial(_open_file, path)))
+            items.append(ImageItem(path.stem, str(p), partial(read_image, path, exif_transpose=exif_transpose)))
     counts: dict[str, int] = {}
     for item in items:
         counts[item.image_id] = counts.get(item.image_id, 0) + 1
@@ -283,10 +297,8 @@ def list_image_items(
     return items
 
 
-def _to_rgb_array(image: Image.Image, exif_transpose: bool) -> np.ndarray:
-    if exif_transpose:  # as datasets' Image feature does
-        image = ImageOps.exif_transpose(image)
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"Empty image of shape {array.shape}")
     return array
@@ -366,13 +378,50 @@ def _done_ids(output_dir: Path) -> set[str]:
     return done
 
 
+def _read_failures(path: Path) -> list[dict[str, Any]]:
+    """The records of a failures log. A line that is not a JSON record with an ``image_id`` is skipped with a warning
+    naming the file and line (its image is simply retried); an unterminated last line is the trace of an interrupted
+    write (not counted). More than :data:`MAX_CORRUPT_LOG_SHARE` of the other lines corrupt: ``ValueError`` (not a
+    failures log)."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records, corrupt = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            record, problem = None, str(error)
+        else:
+            problem = "not a record with an image_id"
+        if not isinstance(record, dict) or not isinstance(record.get("image_id"), str):
+            interrupted = number == len(lines) and not text.endswith("\n")
+            if not interrupted:  # an interrupted last line is the expected trace of a killed run: not counted
+                corrupt.append(number)
+            logger.warning("%s:%d: skipping a corrupt line%s (%s); its image will be retried", path, number,
+                           " (an interrupted write)" if interrupted else "", problem)
+            continue
+        records.append(record)
+    if corrupt and len(corrupt) > MAX_CORRUPT_LOG_SHARE * (len(corrupt) + len(records)):
+        raise ValueError(f"{path}: {len(corrupt)} of {len(corrupt) + len(records)} lines are corrupt (lines "
+                         f"{corrupt[:5]}): not a failures log of this tool; remove it to retry those images")
+    return records
+
+
+def _append_failure(path: Path, failure: dict[str, Any]) -> None:
+    """Append one record, first ending an interrupted last line so that the new record stays readable."""
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(failure) + "\n").encode())
+
+
 def _failed_ids(output_dir: Path) -> set[str]:
-    failed: set[str] = set()
-    for path in sorted(output_dir.glob(FAILURES_GLOB)):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                failed.add(json.loads(line)["image_id"])
-    return failed
+    return {record["image_id"] for path in sorted(output_dir.glob(FAILURES_GLOB)) for record in _read_failures(path)}
 
 
 def _next_shard_index(output_dir: Path, rank: int) -> int:
@@ -484,7 +533,8 @@ def generate_sam_masks(
     if state is not None and world > 1:
         state.wait_for_everyone()
 
-    items = list_image_items(source, image_column=image_column, id_column=id_column)[rank::world]
+    items = list_image_items(source, image_column=image_column, id_column=id_column,
+                             exif_transpose=exif_transpose)[rank::world]
     skip = _done_ids(output_dir) | (set() if retry_failed else _failed_ids(output_dir))
     todo = [item for item in items if item.image_id not in skip]
     stats = GenerationStats(num_skipped=len(items) - len(todo))
@@ -507,7 +557,7 @@ def generate_sam_masks(
         else:
             model = model.to(device).eval()
         generator = SamAutomaticMaskGenerator(model, **config.generator_kwargs())
-        _run(generator, todo, output_dir, rank, shard_size, exif_transpose, stats, progress and local_main)
+        _run(generator, todo, output_dir, rank, shard_size, stats, progress and local_main)
 
     if state is not None and world > 1:
         from accelerate.utils import gather_object
@@ -553,7 +603,6 @@ def _run(
     output_dir: Path,
     rank: int,
     shard_size: int,
-    exif_transpose: bool,
     stats: GenerationStats,
     show_progress: bool,
 ) -> None:
@@ -573,12 +622,10 @@ def _run(
     bar = tqdm(todo, desc=f"SAM masks [{rank}]", unit="img", disable=not show_progress, dynamic_ncols=True)
     for item in bar:
         try:
-            image = _to_rgb_array(item.load(), exif_transpose)
+            image = _to_rgb_array(item.load())
         except Exception as error:  # unreadable image: log, record, skip
             logger.warning("Skipping unreadable image %s (%s): %r", item.image_id, item.file_name, error)
-            with open(failures_path, "a") as f:
-                failure = {"image_id": item.image_id, "file_name": item.file_name, "error": repr(error)}
-                f.write(json.dumps(failure) + "\n")
+            _append_failure(failures_path, {"image_id": item.image_id, "file_name": item.file_name, "error": repr(error)})
             stats.num_failed += 1
             continue
         annotations = generator.generate(image)

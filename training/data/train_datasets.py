@@ -7,21 +7,29 @@ function of ``(index, seed)``. Items are dicts the :class:`training.data.collato
 
     {"pixel_values": (3, h, w) CLIP-normalised (unlabeled weak views: RGB in [0, 1]), "pixel_mask": (h, w) 1 = image /
      0 = padding, "mask_labels": (n, h, w) float, "class_labels": (n,) int64, "image_id": ...}
+
+Images are read with the project's one reader (:func:`modeling_dearli.image_reading.read_image`). An example whose
+files cannot be read (a truncated JPEG, a corrupt PNG, image and annotation of different sizes) is *skipped*: the
+dataset returns the next readable example in its place (a pure function of the index too, so resuming stays exact)
+and lists what it skipped under the item's ``"skipped"`` key (``[{"source": path, "error": message}]``), which the
+training loop logs, counts and checks against ``--max_skipped_share`` (:class:`training.loop.SkippedSamples`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
+
+from modeling_dearli.image_reading import read_image, to_rgb
 
 from .panoptic_datasets import (
     ClassNames,
@@ -44,32 +52,101 @@ from .transforms import (
 )
 
 __all__ = [
+    "MAX_REPLACEMENTS",
     "PanopticTrainDataset",
     "PanopticTrainingData",
     "SamMasksTrainDataset",
     "UnlabeledTrainDataset",
+    "UnreadableSample",
     "load_panoptic_training_data",
-    "load_rgb_image",
     "row_image",
+    "row_source",
     "sam_masks_train_dataset",
+    "without_image_decoding",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def load_rgb_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Image:
-    """Open an image as RGB, applying its EXIF orientation (as datasets' Image feature and the SAM generator do)."""
-    with Image.open(path) as image:
-        image.load()
-        if exif_transpose:
-            image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+# Readable examples a dataset tries in place of an unreadable one before it gives up.
+MAX_REPLACEMENTS = 32
+
+
+class UnreadableSample(Exception):
+    """A training example that cannot be used: its image or annotation cannot be read, or they do not fit together.
+    ``source`` names it (a file path, else its image id)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def without_image_decoding(dataset: Any) -> Any:
+    """A 🤗 dataset whose ``Image`` columns are not decoded (rows hold ``{"path", "bytes"}``), so that this module reads
+    them with the project's image reader and can name an unreadable file; other datasets are returned as they are."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def row_source(row: Mapping[str, Any]) -> str:
+    """What names a row in messages: its image file, else its file name or image id."""
+    image = row.get("image")
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, Mapping) and image.get("path"):
+        return str(image["path"])
+    return str(row.get("file_name") or row.get("image_id"))
 
 
 def row_image(row: Mapping[str, Any]) -> Image.Image:
-    """The ``image`` of a dataset row: a PIL image, or a path opened with :func:`load_rgb_image`."""
+    """The ``image`` of a dataset row as 8-bit RGB: a PIL image, a path or a ``{"path", "bytes"}`` dict (an undecoded
+    ``datasets.Image``), read with :func:`modeling_dearli.image_reading.read_image`."""
     image = row["image"]
-    return load_rgb_image(image) if isinstance(image, (str, os.PathLike)) else image
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, Mapping):
+        return read_image(image["bytes"] if image.get("bytes") else image["path"])
+    return read_image(image)
+
+
+class _SkipsUnreadable(Dataset):
+    """``__getitem__`` of a training dataset that replaces an unreadable example by the next readable one (index + 1,
+    + 2, ..., the same augmentation seed) and reports the skipped ones in the item's ``"skipped"`` list."""
+
+    def _example(self, index: int, seed: int) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = unpack_index(key)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        skipped: list[dict[str, str]] = []
+        for attempt in range(min(len(self), MAX_REPLACEMENTS + 1)):
+            try:
+                item = self._example((index + attempt) % len(self), seed)
+            except UnreadableSample as error:
+                skipped.append({"source": error.source, "error": error.reason})
+                continue
+            if skipped:
+                item["skipped"] = skipped
+            return item
+        listed = "; ".join(f"{s['source']} ({s['error']})" for s in skipped[:3])
+        raise RuntimeError(f"{len(skipped)} training examples in a row could not be read, e.g. {listed}")
+
+
+def _read_row(dataset: Any, index: int, read: Callable[[Mapping[str, Any]], Any]) -> tuple[Mapping[str, Any], Any]:
+    """``dataset[index]`` and ``read(row)``; a file that cannot be read or decoded raises :class:`UnreadableSample`."""
+    row = dataset[index]
+    try:
+        return row, read(row)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's reading errors; sizes that do not fit
+        raise UnreadableSample(row_source(row), str(error)) from error
 
 
 def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int, seed: int) -> GeometricParams:
@@ -79,21 +156,15 @@ def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int
     return transform.sample(height, width, torch.Generator().manual_seed(seed))
 
 
-class _AugmentedRows(Dataset):
+class _AugmentedRows(_SkipsUnreadable):
     """Rows of a `training.data.panoptic_datasets` dataset (or any rows with an ``image``) under `transform`."""
 
     def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
-        self.dataset = dataset
+        self.dataset = without_image_decoding(dataset)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def _row(self, key: int | tuple[int, int]) -> tuple[Mapping[str, Any], Image.Image, int]:
-        """The row of `key`, its image and its augmentation seed."""
-        index, seed = unpack_index(key)
-        row = self.dataset[index]
-        return row, row_image(row), seed
 
 
 class PanopticTrainDataset(_AugmentedRows):
@@ -109,14 +180,16 @@ class PanopticTrainDataset(_AugmentedRows):
         super().__init__(dataset, transform)
         self.return_id_map = return_id_map
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        row, image, seed = self._row(key)
-        target = panoptic_target_from_row(row)
+    def _example(self, index: int, seed: int) -> dict[str, Any]:
+        def read(row: Mapping[str, Any]) -> tuple[Image.Image, Any]:
+            image, target = row_image(row), panoptic_target_from_row(row)
+            if (image.height, image.width) != target.id_map.shape:
+                raise ValueError(f"image {image.size[::-1]} and panoptic annotation {target.id_map.shape} sizes differ")
+            return image, target
+
+        row, (image, target) = _read_row(self.dataset, index, read)
         id_map = torch.from_numpy(target.training_id_map().astype(np.int64))  # crowd -> void
         height, width = id_map.shape
-        if (image.height, image.width) != (height, width):
-            raise ValueError(f"image {row.get('image_id')!r}: image {image.size[::-1]} and panoptic {(height, width)} "
-                             "sizes differ")
         params = _sample_geometry(self.transform, height, width, seed)
         pixel_values = normalize_image(apply_to_image(image, params))
         id_map = apply_to_id_map(id_map, params)
@@ -134,7 +207,7 @@ class PanopticTrainDataset(_AugmentedRows):
         return item
 
 
-class SamMasksTrainDataset(Dataset):
+class SamMasksTrainDataset(_SkipsUnreadable):
     """Class-agnostic DeWa examples: images with their SAM masks (`training.data.sam_masks.load_sam_masks` records).
 
     Args:
@@ -158,22 +231,21 @@ class SamMasksTrainDataset(Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = unpack_index(key)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _example(self, index: int, seed: int) -> dict[str, Any]:
         source = int(np.searchsorted(self.offsets, index, side="right")) - 1
         records, root = self.sources[source]
         record = records[index - int(self.offsets[source])]
         if not record.get("file_name"):
             raise ValueError(f"SAM record {record.get('image_id')!r} has no file_name to find its image")
-        image = load_rgb_image(root / record["file_name"], self.exif_transpose)
+        path = root / record["file_name"]
         height, width = int(record["height"]), int(record["width"])
+        try:
+            image = read_image(path, exif_transpose=self.exif_transpose)
+        except OSError as error:
+            raise UnreadableSample(str(path), str(error)) from error
         if (image.height, image.width) != (height, width):
-            raise ValueError(
-                f"{root / record['file_name']}: image size {(image.height, image.width)} differs from its SAM record "
-                f"{(height, width)}"
-            )
+            raise UnreadableSample(str(path), f"image size {(image.height, image.width)} differs from its SAM record "
+                                              f"{(height, width)}")
         params = _sample_geometry(self.transform, height, width, seed)
         mask_labels, class_labels = sam_record_to_targets(record, params)
         return {
@@ -192,8 +264,8 @@ class UnlabeledTrainDataset(_AugmentedRows):
     The SSL step normalises the weak view for the teacher and derives the student's strong view from it.
     """
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        row, image, seed = self._row(key)
+    def _example(self, index: int, seed: int) -> dict[str, Any]:
+        row, image = _read_row(self.dataset, index, row_image)
         params = _sample_geometry(self.transform, image.height, image.width, seed)
         return {
             "pixel_values": apply_to_image(image, params),

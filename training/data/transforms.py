@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from modeling_dearli.image_processing_dearli import CLIP_MEAN, CLIP_STD
+from modeling_dearli.image_reading import to_rgb
 
 __all__ = [
     "CLIP_MEAN",
@@ -185,8 +186,8 @@ def image_to_tensor(image: Any) -> torch.Tensor:
         if tensor.ndim != 3 or tensor.shape[0] != 3:
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(tensor.shape)}")
     else:
-        if hasattr(image, "convert"):  # PIL
-            image = image.convert("RGB")
+        if hasattr(image, "convert"):  # PIL, any mode
+            image = to_rgb(image)
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"image array must be (H, W, 3) RGB, got {array.shape}")

@@ -591,9 +591,14 @@ def _folder_task(
 def _load_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} JSON not found: {path}") from None
+    except ValueError as error:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"{what} JSON {path} is not valid JSON: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        return data
+    raise ValueError(f"{what} JSON {path} has no 'annotations' list: not a COCO panoptic file")
 
 
 def evaluate_panoptic_folders(

@@ -27,7 +27,7 @@ from modeling_dearli.image_processing_dearli import DearliImageProcessor
 
 from ..data.collator import DearliDataCollator
 from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
-from ..data.train_datasets import row_image
+from ..data.train_datasets import row_image, without_image_decoding
 from .panoptic_quality import PanopticQuality
 
 __all__ = ["PanopticEvalDataset", "evaluate_panoptic", "flatten_metrics", "make_evaluator"]
@@ -51,7 +51,7 @@ class PanopticEvalDataset(Dataset):
         with_semantic: bool = True,
         class_names: Any = None,
     ) -> None:
-        self.dataset = dataset
+        self.dataset = without_image_decoding(dataset)  # read by the project's image reader, which names bad files
         self.shortest_edge = shortest_edge
         self.max_size = max_size
         self.with_semantic = with_semantic

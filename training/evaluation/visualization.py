@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from modeling_dearli.image_processing_dearli import id_to_rgb
+from modeling_dearli.image_reading import to_rgb
 
 __all__ = [
     "Segment",
@@ -317,7 +318,7 @@ def overlay(
         font_size: text height of labels and legend in pixels (default: 1/40 of the shorter side, at least 11).
     """
     del num_classes
-    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    rgb = np.asarray(to_rgb(image)).astype(np.float32)
     id_map = result.id_map
     if id_map.shape != rgb.shape[:2]:
         raise ValueError(f"id map {id_map.shape} and image {rgb.shape[:2]} differ in size")

@@ -43,20 +43,21 @@ class DatasetInfo:
     display_name: str
     model_index_type: str
     eval_split: str
+    num_classes: int
     labeled_images: Mapping[str, int] = field(default_factory=dict)  # partition -> number of labeled images
 
 
 DATASETS: dict[str, DatasetInfo] = {
     "ade20k": DatasetInfo(
-        "ade20k", "ADE20K panoptic (150 classes)", "ade20k_panoptic", "validation",
+        "ade20k", "ADE20K panoptic (150 classes)", "ade20k_panoptic", "validation", 150,
         {"1/128": 158, "1/64": 316, "1/32": 632, "1/16": 1263, "1/8": 2526},
     ),
     "coco_panoptic": DatasetInfo(
-        "coco_panoptic", "COCO panoptic (133 classes)", "coco_panoptic", "val2017",
+        "coco_panoptic", "COCO panoptic (133 classes)", "coco_panoptic", "val2017", 133,
         {"1/512": 232, "1/256": 463, "1/128": 925, "1/64": 1849, "1/32": 3697},
     ),
     "coco_objects": DatasetInfo(
-        "coco_objects", "COCO-Objects (80 things + background)", "coco_objects", "val2017",
+        "coco_objects", "COCO-Objects (80 things + background)", "coco_objects", "val2017", 81,
         {"1/512": 232, "1/256": 463, "1/128": 925, "1/64": 1849, "1/32": 3697},
     ),
 }  # fmt: skip
@@ -88,7 +89,12 @@ def normalize_partition(partition: str | None) -> str | None:
 def load_eval_report(path: str | Path) -> dict[str, Any]:
     """Read an evaluation report (JSON written by the evaluation tools: ``All``/``Things``/``Stuff`` with
     ``pq, sq, rq, n``, ``per_class``, optional ``mIoU``/``miou``; optional ``dataset``/``partition`` metadata)."""
-    report = json.loads(Path(path).read_text())
+    try:
+        report = json.loads(Path(path).read_text())
+    except ValueError as error:
+        raise ValueError(f"evaluation report {path} is not valid JSON: {error}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"evaluation report {path} must be a JSON object")  # noqa: TRY004 - a file's content
     for group in ("All", "Things", "Stuff"):
         if group not in report or not {"pq", "sq", "rq"} <= set(report[group]):
             raise ValueError(f"{path}: evaluation report needs '{group}' with pq, sq and rq")
@@ -262,7 +268,13 @@ def render_model_card(
     num_parameters: Mapping[str, int] | None = None,
     template_path: str | Path = DEFAULT_TEMPLATE,
 ) -> ModelCard:
-    """Render the DEARLi model card (metadata + Markdown) and validate its metadata offline."""
+    """Render the DEARLi model card (metadata + Markdown) and validate its metadata offline. A dataset whose number of
+    classes differs from the model's is refused (the card would describe another model)."""
+    info = DATASETS.get(context.dataset) if context.dataset else None
+    if info is not None and info.num_classes != config.num_classes:
+        raise ValueError(f"the model has {config.num_classes} classes but {info.display_name} has {info.num_classes}: "
+                         "the card's dataset (--dataset, the evaluation report's or the conversion's) does not "
+                         "describe this model")
     card = ModelCard.from_template(
         build_card_data(config, context),
         template_path=str(template_path),
@@ -307,18 +319,6 @@ def count_parameters(model: Any) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "frozen": total - trainable}
-
-
-def load_image_processor(model_path: str | Path, config: Any) -> Any:
-    """The model folder's DEARLi image processor, or one matching `config` (classes, stuff ids, ensembling weight)
-    when the folder has none."""
-    from modeling_dearli.image_processing_dearli import DearliImageProcessor
-
-    path = Path(model_path)
-    if path.is_dir() and not (path / "preprocessor_config.json").is_file():
-        logger.info("%s has no preprocessor_config.json: using DearliImageProcessor.from_model_config", path)
-        return DearliImageProcessor.from_model_config(config)
-    return DearliImageProcessor.from_pretrained(str(model_path))
 
 
 def write_repo_folder(

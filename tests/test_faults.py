@@ -1,0 +1,924 @@
+"""The fault suite (issue 18): bad input as a careless or hostile user gives it, table by table, each case asserting its
+outcome — a clear one-line error, a logged and counted skip, or the correct result — with the inputs unchanged.
+
+Tables: the image reader (every PIL mode, broken files), the one reader in every consumer (16-bit images), vocabularies
+(``set_class_names``, ``DearliConfig``), checkpoints (missing, unreadable, tampered and interrupted), the command lines
+(predict, evaluate, evaluate_panoptic, push_to_hub, generate_sam_masks: overwriting, names, ranges, remote code, missing
+paths, exit codes) and a training run with an unreadable image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_dearli.image_reading import read_image, to_rgb
+from training import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------------
+def tree_digest(*folders: Path) -> dict[str, str]:
+    """Every file under `folders` -> sha256, to assert that inputs are unchanged."""
+    digest = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                digest[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a command as its ``__main__`` does (:func:`training.cli.run`): ``(exit code, stderr)``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.run(main, argv)
+    code = stop.value.code
+    return (0 if code is None else code), capsys.readouterr().err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    """The error is one line, the last one (progress bars may come before it), and there is no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+class Malicious:
+    """Unpickling this object writes a marker file: what a tampered pickle could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. The image reader: one function, every mode (item 3)
+# --------------------------------------------------------------------------------------------------------------------
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+GRAY = RNG.integers(0, 256, (6, 10), dtype=np.uint8)
+GRAY16 = (np.arange(60, dtype=np.uint32).reshape(6, 10) * 1111).astype(np.uint16)  # 0 .. 65 549 -> spans 16 bits
+
+
+def _palette_image(transparent: bool) -> tuple[Image.Image, np.ndarray]:
+    palette = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = RNG.integers(0, 256, (6, 10), dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.flatten().tolist())
+    if transparent:
+        image.info["transparency"] = int(index[0, 0])
+    return image, palette[index]
+
+
+def _exif_rotated() -> tuple[Image.Image, np.ndarray, dict]:
+    image = Image.fromarray(RGB)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: the stored image must be rotated 90 degrees clockwise to be viewed
+    return image, np.rot90(RGB, k=-1), {"exif": exif.tobytes()}
+
+
+def _sixteen_bit() -> tuple[Image.Image, np.ndarray]:
+    buffer = io.BytesIO()
+    Image.fromarray(GRAY16).save(buffer, "PNG")  # a real 16-bit grayscale PNG
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    assert image.mode in ("I;16", "I;16B", "I")
+    scaled = np.rint(GRAY16 / 257.0).astype(np.uint8)
+    return image, np.repeat(scaled[..., None], 3, axis=2)
+
+
+MODES = {  # name -> (PIL image, expected 8-bit RGB from read_image, save options)
+    "rgb": lambda: (Image.fromarray(RGB), RGB),
+    "exif_orientation": _exif_rotated,
+    "palette": lambda: _palette_image(False),
+    "palette_with_transparency": lambda: _palette_image(True),
+    "grayscale": lambda: (Image.fromarray(GRAY), np.repeat(GRAY[..., None], 3, axis=2)),
+    "bilevel": lambda: (Image.fromarray(GRAY > 127), np.repeat(((GRAY > 127) * 255).astype(np.uint8)[..., None], 3, 2)),
+    "rgba_alpha_dropped": lambda: (Image.fromarray(np.dstack([RGB, GRAY])), RGB),
+    "la_alpha_dropped": lambda: (Image.fromarray(np.dstack([GRAY, GRAY[::-1]]), "LA"),
+                                 np.repeat(GRAY[..., None], 3, axis=2)),
+    "16_bit_scaled_not_clipped": _sixteen_bit,
+    "32_bit_integer_16_bit_values": lambda: (Image.fromarray(GRAY16.astype(np.int32), "I"),
+                                             np.repeat(np.rint(GRAY16 / 257.0).astype(np.uint8)[..., None], 3, 2)),
+    "float_in_0_1": lambda: (Image.fromarray(GRAY.astype(np.float32) / 255, "F"), np.repeat(GRAY[..., None], 3, 2)),
+    "cmyk": lambda: (Image.fromarray(RGB).convert("CMYK"), np.asarray(Image.fromarray(RGB).convert("CMYK")
+                                                                       .convert("RGB"))),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_reader_mode(mode, tmp_path):
+    image, expected, *options = MODES[mode]()
+    path = tmp_path / f"{mode}.{'tiff' if image.mode in ('F', 'I', 'CMYK') else 'png'}"
+    image.save(path, **(options[0] if options else {}))
+    before = tree_digest(tmp_path)
+    for result in (read_image(path), read_image(path.read_bytes())):
+        assert result.mode == "RGB" and np.array_equal(np.asarray(result), expected), mode
+    if mode != "exif_orientation":  # a decoded image is converted as it is (orientation is the file reader's job)
+        assert np.array_equal(np.asarray(to_rgb(Image.open(path))), expected)
+    assert tree_digest(tmp_path) == before
+
+
+def test_sixteen_bit_was_clipped_by_convert():
+    """The failure the reader fixes: PIL's convert("RGB") saturates 16-bit images."""
+    image, expected = _sixteen_bit()
+    clipped = np.asarray(image.convert("RGB"))
+    assert (clipped == 255).mean() > 0.9 and (expected == 255).mean() < 0.05
+
+
+BROKEN = {  # name -> (file bytes, what the message says)
+    "truncated_jpeg": (lambda: _jpeg_bytes()[:400], "cannot read image"),
+    "not_an_image": (lambda: b"hello, I am a text file", "cannot identify"),
+    "empty_file": (lambda: b"", "cannot identify"),
+    "decompression_bomb": (lambda: _bomb_bytes(), "decompression bomb"),
+}
+
+
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _bomb_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buffer, "PNG")  # 400 M pixels in a few kB: PIL refuses to decode it
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_reader_broken_file_names_it(case, tmp_path):
+    data, fragment = BROKEN[case]
+    path = tmp_path / f"{case}.jpg"
+    path.write_bytes(data())
+    with pytest.raises(OSError, match="cannot read image") as error:
+        read_image(path)
+    assert str(path) in str(error.value) and fragment.lower() in str(error.value).lower()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Every consumer reads through the one reader: a 16-bit image gives what its 8-bit version gives (item 3)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sixteen_bit_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A 16-bit grayscale PNG (48 x 64, smooth ramp) and the 8-bit RGB PNG of the same picture."""
+    folder = tmp_path_factory.mktemp("sixteen_bit")
+    ramp = (np.linspace(0, 65535, 48 * 64).reshape(48, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "deep.png")
+    eight = np.repeat(np.rint(ramp / 257.0).astype(np.uint8)[..., None], 3, axis=2)
+    (folder / "eight").mkdir()
+    Image.fromarray(eight).save(folder / "eight" / "deep.png")
+    return folder / "deep.png", folder / "eight" / "deep.png"
+
+
+def _consumer_training_dataset(path: Path) -> torch.Tensor:
+    from training.data.train_datasets import UnlabeledTrainDataset
+
+    return UnlabeledTrainDataset([{"image": str(path), "image_id": 0}], None)[0]["pixel_values"]
+
+
+def _consumer_sam_masks(path: Path) -> torch.Tensor:
+    from training.data.sam_masks import list_image_items
+
+    (item,) = list_image_items([path])
+    return torch.from_numpy(np.asarray(item.load()).copy())
+
+
+def _consumer_evaluation_row(path: Path) -> torch.Tensor:
+    import datasets
+
+    from training.data.train_datasets import row_image, without_image_decoding
+
+    rows = datasets.Dataset.from_dict({"image": [str(path)]}, features=datasets.Features({"image": datasets.Image()}))
+    return torch.from_numpy(np.asarray(row_image(without_image_decoding(rows)[0])).copy())
+
+
+def _consumer_processor(path: Path) -> torch.Tensor:
+    from modeling_dearli import DearliImageProcessor
+
+    return DearliImageProcessor(do_resize=False)(Image.open(path))["pixel_values"]
+
+
+CONSUMERS = {"training_dataset": _consumer_training_dataset, "sam_masks": _consumer_sam_masks,
+             "evaluation_rows": _consumer_evaluation_row, "image_processor": _consumer_processor}
+
+
+@pytest.mark.parametrize("consumer", sorted(CONSUMERS))
+def test_sixteen_bit_image_in_every_consumer(consumer, sixteen_bit_pair):
+    deep, eight = sixteen_bit_pair
+    got, want = CONSUMERS[consumer](deep), CONSUMERS[consumer](eight)
+    assert torch.equal(got, want), consumer
+    assert float(got.float().std()) > 0  # not a saturated, uniform picture
+
+
+def test_sixteen_bit_image_in_predict(sixteen_bit_pair, load_script, tiny_model_with_processor_dir, tmp_path):
+    deep, eight = sixteen_bit_pair
+    predict = load_script("predict")
+    for source, out in ((deep, tmp_path / "deep"), (eight, tmp_path / "eight")):
+        assert predict.main([str(source), "--model_name_or_path", str(tiny_model_with_processor_dir), "--output_dir",
+                             str(out), "--device", "cpu", "--num_workers", "0"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "deep" / "deep.png")),
+                          np.asarray(Image.open(tmp_path / "eight" / "deep.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "deep" / "deep_overlay.png")),
+                          np.asarray(Image.open(tmp_path / "eight" / "deep_overlay.png")))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Vocabularies are validated before anything changes (item 5)
+# --------------------------------------------------------------------------------------------------------------------
+BAD_VOCABULARIES = {  # name -> (class_names, thing_ids, message)
+    "empty": ([], None, "empty"),
+    "duplicate_class": (["cat", "dog", "cat"], None, "share the name 'cat'"),
+    "synonym_of_another_class": (["person,man", "woman,man"], None, "share the name 'man'"),
+    "same_name_other_case": (["Cat", "cat"], None, "share the name 'cat'"),
+    "thing_id_out_of_range": (["a", "b", "c"], [3], r"\[3\] are not class indices"),
+    "negative_thing_id": (["a", "b"], [-1], r"\[-1\] are not class indices"),
+    "repeated_thing_id": (["a", "b"], [0, 0], "repeated"),
+    "bool_thing_id": (["a", "b"], [True], "integer class indices"),
+    "float_thing_id": (["a", "b"], [0.5], "integer class indices"),
+    "a_string_not_a_list": ("cat,dog", None, "list of class names"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VOCABULARIES))
+def test_bad_vocabulary_is_refused_and_changes_nothing(case, tiny_model):
+    import copy
+
+    from modeling_dearli import DearliConfig
+
+    names, things, message = BAD_VOCABULARIES[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        DearliConfig(class_names=names, thing_ids=things, clip_model_config=tiny_model.config.clip_model_config)
+    model = copy.deepcopy(tiny_model)
+    model.text_encoder = model.text_encoder or _tiny_text_encoder()
+    before = (model.config.to_json_string(), model.text_embeddings.clone(), model.text_class_index.clone())
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.set_class_names(names, things)
+    assert model.config.to_json_string() == before[0]
+    assert torch.equal(model.text_embeddings, before[1]) and torch.equal(model.text_class_index, before[2])
+    with torch.no_grad():  # the model still works with its old classes
+        out = model(torch.zeros(1, 3, 64, 64))
+    assert out.class_queries_logits.shape[-1] == len(model.config.class_names) + 1
+
+
+def _tiny_text_encoder():
+    from modeling_dearli import tiny_model
+
+    return tiny_model(class_names=["x"], keep_text_tower=True, seed=0).text_encoder
+
+
+def test_repeated_synonym_within_one_class_is_accepted():
+    """ADE20K's own list repeats "kitchen range" inside the stove class: harmless (max over synonyms), accepted."""
+    from modeling_dearli import DearliConfig
+    from modeling_dearli.presets import TINY_CLIP_MODEL_CONFIG
+
+    config = DearliConfig(class_names=["stove,kitchen range,kitchen range", "wall"], thing_ids=[0],
+                          clip_model_config=TINY_CLIP_MODEL_CONFIG)
+    assert config.label2id == {"stove": 0, "wall": 1}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Checkpoints: all or nothing, no pickled objects, exact random streams (items 2 and 6)
+# --------------------------------------------------------------------------------------------------------------------
+class Counter:
+    """Extra checkpointed state of a loop (like the EMA teacher): tensors and JSON values."""
+
+    def __init__(self) -> None:
+        self.weights = {"w": torch.zeros(3)}
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"weights": {k: v.clone() for k, v in self.weights.items()}, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.step = dict(state["weights"]), int(state["step"])
+
+
+def _tiny_run(seed: int):
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return accelerator, model, optimizer, scheduler
+
+
+@pytest.fixture()
+def saved_run(tmp_path, fresh_accelerate_state):
+    """A real checkpoint after two optimiser steps (model, optimizer, scheduler, RNG, progress, extra state) and the
+    random numbers the saved run draws next."""
+    from training.checkpointing import TrainingProgress, save_checkpoint
+
+    accelerator, model, optimizer, scheduler = _tiny_run(0)
+    for _ in range(2):
+        model(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    progress, counter = TrainingProgress(), Counter()
+    progress.step, progress.skipped_samples = 2, ["bad.jpg"]
+    counter.weights["w"] += 1.5
+    counter.step = 2
+    path = save_checkpoint(accelerator, model, progress, tmp_path / "run", states={"counter": counter})
+    expected = {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "draw": (torch.rand(4), np.random.rand(3), __import__("random").random())}
+    return path, expected
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+TAMPERINGS = {  # name -> (what is done to the checkpoint folder, the refusal's words; None = resumes exactly)
+    "intact": (lambda c: None, None),
+    "missing_rng_state": (lambda c: (c / "rng_state_0.json").unlink(), "rng_state_0.json is missing"),
+    "missing_accelerate_random_states": (lambda c: (c / "random_states_0.pkl").unlink(),
+                                         "random_states_0.pkl is missing"),
+    "missing_model_weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors is missing"),
+    "truncated_model_weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors cannot be read"),
+    "truncated_optimizer": (lambda c: _truncate(c / "optimizer.bin"), "optimizer.bin cannot be read"),
+    "corrupt_training_state": (lambda c: (c / "training_state.json").write_text("{"),
+                               "training_state.json cannot be read"),
+    "missing_extra_state": (lambda c: (c / "counter.safetensors").unlink(), "counter.safetensors is missing"),
+    "interrupted_save": (lambda c: (c / "COMPLETE").unlink(), "COMPLETE is missing"),
+    "pickled_custom_state": (lambda c: (c / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Malicious(
+        c.parent.parent / "MARKER"))), "custom_checkpoint_0.pkl is a pickle"),
+    "raw_pickle_as_random_states": (lambda c: (c / "random_states_0.pkl").write_bytes(pickle.dumps(Malicious(
+        c.parent.parent / "MARKER"))), "random_states_0.pkl cannot be read (not a torch archive)"),
+    # A well-formed torch archive holding a malicious object: accelerate loads it with weights_only=True, which
+    # refuses it (and only logs that); our own rng_state_0.json restores the random streams exactly.
+    "malicious_torch_archive_as_random_states": (lambda c: torch.save({"x": Malicious(c.parent.parent / "MARKER")},
+                                                                      c / "random_states_0.pkl"), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERINGS))
+def test_checkpoint_tampering(case, saved_run, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from training.checkpointing import (
+        CheckpointError,
+        TrainingProgress,
+        load_checkpoint,
+        resolve_resume_path,
+    )
+
+    path, expected = saved_run
+    tamper, refusal = TAMPERINGS[case]
+    tamper(path)
+    marker = path.parent.parent / "MARKER"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    accelerator, model, _, _ = _tiny_run(seed=1)  # other weights, other random state
+    progress, counter = TrainingProgress(), Counter()
+    if refusal is not None:
+        with pytest.raises(CheckpointError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
+            resolve_resume_path(str(path), None, 1, ("counter",), accelerator)
+        with pytest.raises(CheckpointError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
+            load_checkpoint(accelerator, path, progress, {"counter": counter})
+        assert progress.step == 0 and counter.step == 0  # nothing was restored
+    else:
+        assert resolve_resume_path(str(path), None, 1, ("counter",), accelerator) == path
+        assert load_checkpoint(accelerator, path, progress, {"counter": counter}) == 2
+        assert progress.skipped_samples == ["bad.jpg"] and counter.step == 2
+        assert torch.equal(counter.weights["w"], torch.full((3,), 1.5))
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, expected["weights"][key]), key
+        draw = (torch.rand(4), np.random.rand(3), __import__("random").random())
+        assert torch.equal(draw[0], expected["draw"][0]) and np.array_equal(draw[1], expected["draw"][1])
+        assert draw[2] == expected["draw"][2]
+    assert not marker.exists()
+
+
+def test_latest_falls_back_to_the_newest_usable_checkpoint(saved_run, caplog):
+    from training.checkpointing import CheckpointError, resolve_resume_path
+
+    path, _ = saved_run
+    run = path.parent.parent
+    newer = path.parent / "step_00000004"
+    shutil.copytree(path, newer)
+    (newer / "optimizer.bin").unlink()
+    with caplog.at_level(logging.WARNING, logger="training.checkpointing"):
+        assert resolve_resume_path("latest", run, 1, ("counter",)) == path
+    assert "step_00000004 passed over (optimizer.bin is missing)" in caplog.text
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        resolve_resume_path("latest", run, 1, ("counter",))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. predict.py: nothing overwritten, names that never collide, ranges, exit codes, remote code (items 1, 2, 5, 7)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def photos(coco_sample_dir, tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in sorted((coco_sample_dir / "images").glob("*.jpg")):
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tampered_model_dir(tiny_model_with_processor_dir, tmp_path_factory) -> Path:
+    """Our saved model with Python added to its remote-code modules that writes a marker file when imported."""
+    folder = tmp_path_factory.mktemp("tampered") / "model"
+    shutil.copytree(tiny_model_with_processor_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    modules = {v.split(".")[0] for v in [*config["auto_map"].values(), *processor["auto_map"].values()]}
+    assert "image_processing_dearli" in modules
+    assert modules and all((folder / f"{m}.py").is_file() for m in modules)
+    for module in modules:
+        code = (folder / f"{module}.py").read_text()
+        (folder / f"{module}.py").write_text(f"{code}\nimport pathlib\n\npathlib.Path({str(folder.parent / 'MARKER')!r})"
+                                             ".write_text('model folder code ran')\n")
+    return folder
+
+
+def _predict_args(inputs: list[str], model: Path, out: Path, *extra: str) -> list[str]:
+    return [*inputs, "--model_name_or_path", str(model), "--output_dir", str(out), "--device", "cpu",
+            "--num_workers", "0", *extra]
+
+
+PREDICT_ERRORS = {  # name -> (arguments after the inputs, exit code, words of the one-line error)
+    "threshold_above_one": (["--threshold", "2"], 2, "outside [0, 1]"),
+    "mask_threshold_nan": (["--mask_threshold", "nan"], 2, "not a finite number"),
+    "overlap_threshold_negative": (["--overlap_threshold", "-0.1"], 2, "outside [0, 1]"),
+    "batch_size_zero": (["--batch_size", "0"], 2, "outside [1, inf]"),
+    "ensemble_alpha_above_one": (["--ensemble_alpha", "1.5"], 2, "outside [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_ERRORS))
+def test_predict_range_errors(case, photos, tiny_model_with_processor_dir, tmp_path, load_script, capsys):
+    extra, code, words = PREDICT_ERRORS[case]
+    before = tree_digest(photos)
+    got, err = run_cli(load_script("predict").main,
+                       _predict_args([str(photos)], tiny_model_with_processor_dir, tmp_path / "out", *extra), capsys)
+    assert got == code
+    assert_one_line_error(err, words)
+    assert not (tmp_path / "out").exists() and tree_digest(photos) == before
+
+
+def test_predict_refuses_an_output_folder_holding_its_inputs(photos, tiny_model_with_processor_dir, load_script,
+                                                             capsys):
+    before = tree_digest(photos)
+    code, err = run_cli(load_script("predict").main,
+                        _predict_args([str(photos)], tiny_model_with_processor_dir, photos), capsys)
+    assert code == 1
+    assert_one_line_error(err, "holds the input")
+    assert tree_digest(photos) == before  # nothing written over the inputs
+
+
+def test_predict_names_never_collide(photos, tiny_model_with_processor_dir, tmp_path, load_script):
+    image = Image.open(next(photos.glob("*.jpg"))).resize((64, 48))
+    for name in ("predictions.jpg", "skipped.png", "cat.jpg", "cat.png", "cat_overlay.png", "cat_1.jpg"):
+        image.save(photos / name)
+    before = tree_digest(photos)
+    out = tmp_path / "out"
+    assert load_script("predict").main(_predict_args([str(photos)], tiny_model_with_processor_dir, out)) == 0
+    entries = json.loads((out / "predictions.json").read_text())["annotations"]
+    assert len(entries) == 8 and len({e["file_name"] for e in entries}) == 8
+    for entry in entries:  # each input has its own three files, and each file names its own input
+        name = entry["image_id"]
+        assert json.loads((out / f"{name}.json").read_text())["image"] == entry["image"]
+        assert (out / f"{name}.png").is_file() and (out / f"{name}_overlay.png").is_file()
+    files = {p.name for p in out.iterdir()}
+    assert len(files) == 3 * 8 + 2 and json.loads((out / "skipped.json").read_text()) == []
+    assert tree_digest(photos) == before
+
+
+def test_predict_refuses_to_replace_outputs_without_overwrite(photos, tiny_model_with_processor_dir, tmp_path,
+                                                               load_script, capsys):
+    predict = load_script("predict")
+    out = tmp_path / "out"
+    assert predict.main(_predict_args([str(photos)], tiny_model_with_processor_dir, out)) == 0
+    finished = tree_digest(out)
+    code, err = run_cli(predict.main, _predict_args([str(photos)], tiny_model_with_processor_dir, out), capsys)
+    assert code == 1
+    assert_one_line_error(err, "exist already", "--overwrite")
+    assert tree_digest(out) == finished  # finished work kept
+    assert predict.main(_predict_args([str(photos)], tiny_model_with_processor_dir, out, "--overwrite")) == 0
+
+
+SKIPS = {  # name -> (extra inputs, expected skipped entries' words)
+    "truncated_jpeg": (lambda d: [_write(d / "truncated.jpg", _jpeg_bytes()[:400])], ["cannot read image"]),
+    "decompression_bomb": (lambda d: [_write(d / "bomb.png", _bomb_bytes())], ["decompression bomb"]),
+    "missing_file": (lambda d: [str(d / "no_such.jpg")], ["not found"]),
+    "glob_matching_nothing": (lambda d: [str(d / "*.tiff")], ["matched no file"]),
+}
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(SKIPS))
+def test_predict_skips_are_named_and_fail_the_exit_code(case, photos, tiny_model_with_processor_dir, tmp_path,
+                                                        load_script):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    extra_inputs = SKIPS[case][0](bad)
+    predict = load_script("predict")
+    before = tree_digest(photos, bad)
+    out = tmp_path / "out"
+    assert predict.main(_predict_args([str(photos), *extra_inputs], tiny_model_with_processor_dir, out)) == 1
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert len(skipped) == 1 and all(w in skipped[0]["error"] for w in SKIPS[case][1])
+    assert len(json.loads((out / "predictions.json").read_text())["annotations"]) == 2  # the others were segmented
+    assert predict.main(_predict_args([str(photos), *extra_inputs], tiny_model_with_processor_dir, out, "--overwrite",
+                                      "--allow_skips")) == 0
+    assert tree_digest(photos, bad) == before
+
+
+def test_predict_with_every_input_skipped_is_an_error(tiny_model_with_processor_dir, tmp_path, load_script, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write(bad / "truncated.jpg", _jpeg_bytes()[:400])
+    code, err = run_cli(load_script("predict").main,
+                        _predict_args([str(bad), "--allow_skips"], tiny_model_with_processor_dir, tmp_path / "o"),
+                        capsys)
+    assert code == 1
+    assert_one_line_error(err, "no image could be segmented")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 1000), (1000, 2), (31, 33)])
+def test_predict_tiny_and_thin_images(size, tiny_model_with_processor_dir, tmp_path, load_script):
+    """Images smaller than the network's stride, or of extreme aspect ratio: a prediction of the image's size."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(RNG.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / "small.png")
+    out = tmp_path / "out"
+    assert load_script("predict").main(_predict_args([str(folder)], tiny_model_with_processor_dir, out)) == 0
+    assert np.asarray(Image.open(out / "small.png")).shape[:2] == size
+
+
+def test_predict_output_location_checked_before_the_model_loads(photos, tmp_path, load_script, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(load_script("predict").main,
+                        _predict_args([str(photos)], tmp_path / "no_model_here", blocker / "out"), capsys)
+    assert code == 1
+    assert_one_line_error(err, "cannot write to the output directory")  # not a model-loading error: checked first
+
+
+def test_missing_local_model_is_reported_without_a_hub_attempt(photos, tmp_path, load_script, capsys, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub must not be asked for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr("transformers.utils.hub.hf_hub_download", no_hub, raising=False)
+    for missing in (tmp_path / "runs" / "model", "./model", tmp_path / "a" / "b" / "c"):
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        code, err = run_cli(load_script("predict").main,
+                            _predict_args([str(photos)], missing, tmp_path / "out"), capsys)
+        assert code == 1
+        assert_one_line_error(err, "does not exist", str(missing))
+
+
+def test_model_folder_code_never_runs_unasked(photos, tampered_model_dir, tmp_path, load_script, capsys):
+    marker = tampered_model_dir.parent / "MARKER"
+    predict = load_script("predict")
+    before = tree_digest(tampered_model_dir)
+    # Our own model type: the installed package's code is used, even with --trust_remote_code (transformers prefers
+    # explicitly registered classes).
+    for extra in ([], ["--trust_remote_code"]):
+        assert predict.main(_predict_args([str(photos)], tampered_model_dir, tmp_path / f"out{len(extra)}", *extra)) == 0
+        assert not marker.exists()
+    # A model type this package does not provide: refused unless --trust_remote_code, in one line.
+    other = tmp_path / "other_model"
+    shutil.copytree(tampered_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "dearli_fork"}))
+    code, err = run_cli(predict.main, _predict_args([str(photos)], other, tmp_path / "out_other"), capsys)
+    assert code == 1
+    assert_one_line_error(err, "--trust_remote_code")
+    assert not marker.exists() and tree_digest(tampered_model_dir) == before
+    # Control, in a fresh process without this package (as on a machine where it is not installed): trusting the
+    # folder does run its code, so the checks above are not vacuous.
+    check = ("import sys; sys.modules['modeling_dearli'] = None\n"
+             "from transformers import AutoModelForUniversalSegmentation\n"
+             f"AutoModelForUniversalSegmentation.from_pretrained({str(tampered_model_dir)!r}, trust_remote_code=True)\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.read_text() == "model folder code ran"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. evaluate.py, evaluate_panoptic.py, push_to_hub.py, generate_sam_masks.py: one clear line (items 5, 7)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_class_folder(tmp_path_factory) -> Path:
+    """A COCO panoptic folder with two classes (sky, grass) and one 32 x 48 image."""
+    from modeling_dearli.image_processing_dearli import id_to_rgb
+
+    root = tmp_path_factory.mktemp("two_classes")
+    (root / "images").mkdir()
+    (root / "panoptic").mkdir()
+    ids = np.full((32, 48), 1, np.int64)
+    ids[16:] = 2
+    Image.fromarray(RNG.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / "images" / "1.jpg")
+    Image.fromarray(id_to_rgb(ids)).save(root / "panoptic" / "1.png")
+    data = {"images": [{"id": 1, "file_name": "1.jpg", "height": 32, "width": 48}],
+            "annotations": [{"image_id": 1, "file_name": "1.png",
+                             "segments_info": [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 768},
+                                               {"id": 2, "category_id": 2, "iscrowd": 0, "area": 768}]}],
+            "categories": [{"id": 1, "name": "sky", "isthing": 0}, {"id": 2, "name": "grass", "isthing": 0}]}
+    (root / "panoptic.json").write_text(json.dumps(data))
+    (root / "broken.json").write_text('{"images": [')
+    return root
+
+
+def _evaluate_args(folder: Path, model: Path, gt_json: str = "panoptic.json", output: Path | None = None) -> list[str]:
+    return ["--model_name_or_path", str(model), "--dataset", "custom", "--images_dir", str(folder / "images"),
+            "--gt_json", str(folder / gt_json), "--gt_folder", str(folder / "panoptic"), "--device", "cpu",
+            "--no_progress", *(["--output", str(output)] if output else [])]
+
+
+def _sam_args(image_dir: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["--image_dir", str(image_dir), "--sam_checkpoint", str(checkpoint), "--output_dir", str(out),
+            "--model_type", "vit_tiny", "--points_per_side", "2", "--pred_iou_thresh", "0",
+            "--stability_score_thresh", "0", "--device", "cpu", "--no_progress", *extra]
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _pred_json_with_a_missing_png(folder: Path) -> Path:
+    data = json.loads((folder / "panoptic.json").read_text())
+    data["annotations"][0]["file_name"] = "missing.png"
+    path = folder.parent / "pred_missing.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+CLI_ERRORS = {  # name -> (script, arguments built from the fixtures, words of the one-line error)
+    "evaluate_class_count_mismatch": ("evaluate", lambda f: _evaluate_args(f["two"], f["model"]),
+                                      "the model has 3 classes, the dataset 2"),
+    "evaluate_malformed_gt_json": ("evaluate", lambda f: _evaluate_args(f["two"], f["model"], "broken.json"),
+                                   "broken.json is not valid JSON"),
+    "evaluate_unwritable_output_before_loading": ("evaluate", lambda f: _evaluate_args(
+        f["two"], f["tmp"] / "missing_model", output=f["blocker"] / "report.json"), "cannot write"),
+    "evaluate_existing_report_without_overwrite": ("evaluate", lambda f: _evaluate_args(
+        f["two"], f["model"], output=_write_text(f["tmp"] / "report.json", "{}")), "exists (pass --overwrite"),
+    "evaluate_missing_local_model": ("evaluate", lambda f: _evaluate_args(f["two"], f["tmp"] / "runs" / "none"),
+                                     "does not exist"),
+    "evaluate_panoptic_malformed_json": ("evaluate_panoptic", lambda f: [
+        "--gt_json", str(f["two"] / "panoptic.json"), "--gt_folder", str(f["two"] / "panoptic"),
+        "--pred_json", str(f["two"] / "broken.json"), "--pred_folder", str(f["two"] / "panoptic"), "--no_progress"],
+        "broken.json is not valid JSON"),
+    "evaluate_panoptic_missing_png": ("evaluate_panoptic", lambda f: [
+        "--gt_json", str(f["two"] / "panoptic.json"), "--gt_folder", str(f["two"] / "panoptic"),
+        "--pred_json", str(_pred_json_with_a_missing_png(f["two"])), "--pred_folder", str(f["two"] / "panoptic"),
+        "--no_progress", "--engine", "numpy"], "missing.png"),
+    "push_to_hub_dataset_contradicts_the_model": ("push_to_hub", lambda f: [
+        "--model_name_or_path", str(f["model"]), "--repo_id", "me/x", "--dataset", "coco_panoptic", "--local_dir",
+        str(f["tmp"] / "repo"), "--no_upload"], "the model has 3 classes but COCO panoptic (133 classes) has 133"),
+    "sam_wrong_model_type": ("generate_sam_masks", lambda f: [
+        *_sam_args(f["two"] / "images", f["sam"], f["tmp"] / "sam"), "--model_type", "vit_b"],
+        "does not fit --model_type vit_b"),
+    "sam_empty_image_folder": ("generate_sam_masks", lambda f: _sam_args(f["tmp"], f["sam"], f["tmp"] / "sam2"),
+                               "no images found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_cli_errors_are_one_line(case, two_class_folder, tiny_model_with_processor_dir, tiny_sam_checkpoint, tmp_path,
+                                 load_script, capsys):
+    script, build, words = CLI_ERRORS[case]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    (tmp_path / "runs").mkdir()
+    fixtures = {"two": two_class_folder, "model": tiny_model_with_processor_dir, "tmp": tmp_path,
+                "blocker": blocker, "sam": tiny_sam_checkpoint}
+    argv = build(fixtures)
+    before = tree_digest(two_class_folder, tiny_model_with_processor_dir)
+    code, err = run_cli(load_script(script).main, argv, capsys)
+    assert code == 1
+    assert_one_line_error(err, words)
+    assert tree_digest(two_class_folder, tiny_model_with_processor_dir) == before
+    assert not (tmp_path / "repo" / "README.md").exists()  # push_to_hub: no card that lies
+
+
+def test_debug_shows_the_traceback(two_class_folder, tiny_model_with_processor_dir, load_script):
+    with pytest.raises(ValueError, match="the model has 3 classes"):
+        cli.run(load_script("evaluate").main, [*_evaluate_args(two_class_folder, tiny_model_with_processor_dir),
+                                               "--debug"])
+
+
+def test_dashed_spellings_are_hidden_aliases(two_class_folder, tiny_model_with_processor_dir, load_script, capsys):
+    old_style = ["--model", str(tiny_model_with_processor_dir), "--dataset", "custom", "--images-dir",
+                 str(two_class_folder / "images"), "--gt-json", str(two_class_folder / "panoptic.json"),
+                 "--gt-folder", str(two_class_folder / "panoptic"), "--no-progress"]
+    code, err = run_cli(load_script("evaluate").main, old_style, capsys)
+    assert code == 1
+    assert_one_line_error(err, "the model has 3 classes")  # parsed: it got as far as comparing the label spaces
+
+
+def test_sam_failures_log_with_corrupt_lines(two_class_folder, tiny_sam_checkpoint, tmp_path, load_script, caplog):
+    images = tmp_path / "images"
+    shutil.copytree(two_class_folder / "images", images)
+    Image.open(images / "1.jpg").save(images / "2.jpg")
+    out = tmp_path / "sam"
+    out.mkdir()
+    log = out / "failures-r000.jsonl"  # an earlier run: image 1 failed, then a line was damaged, then one cut off
+    log.write_text('{"image_id": "1", "file_name": "1.jpg", "error": "x"}\n\x00\x00garbage\n{"image_id": "2", "fi')
+    script = load_script("generate_sam_masks")
+    with caplog.at_level(logging.WARNING):
+        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 0
+    assert f"{log}:2: skipping a corrupt line" in caplog.text and f"{log}:3: skipping a corrupt line" in caplog.text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_images"] == 1 and manifest["failed_image_ids"] == ["1"]  # image 2 was retried and done
+    # A log that is mostly garbage is not read around: one clear error naming it.
+    log.write_text("garbage\n" * 5)
+    with pytest.raises(ValueError, match="5 of 5 lines are corrupt"):
+        script.main(_sam_args(images, tiny_sam_checkpoint, out))
+
+
+def test_sam_unreadable_image_fails_the_exit_code_unless_allowed(two_class_folder, tiny_sam_checkpoint, tmp_path,
+                                                                 load_script):
+    images = tmp_path / "images"
+    shutil.copytree(two_class_folder / "images", images)
+    (images / "truncated.jpg").write_bytes(_jpeg_bytes()[:400])
+    before = tree_digest(images)
+    script = load_script("generate_sam_masks")
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, tmp_path / "a")) == 1
+    failures = [json.loads(line) for line in (tmp_path / "a" / "failures-r000.jsonl").read_text().splitlines()]
+    assert [f["image_id"] for f in failures] == ["truncated"] and "truncated.jpg" in failures[0]["error"]
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, tmp_path / "b", "--allow_skips")) == 0
+    assert tree_digest(images) == before
+
+
+@pytest.mark.parametrize("kind", ["labeled", "unlabeled", "sam_masks"])
+def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
+    """Each training dataset returns the next readable example in place of an unreadable one and reports it."""
+    from training.data.panoptic_datasets import load_coco_panoptic
+    from training.data.train_datasets import (
+        PanopticTrainDataset,
+        SamMasksTrainDataset,
+        UnlabeledTrainDataset,
+    )
+
+    rows = load_coco_panoptic(training_folder / "images", training_folder / "panoptic",
+                              training_folder / "annotations.json")
+    bad_index = list(rows["file_name"]).index("000000000001.jpg")
+    if kind == "sam_masks":
+        records = [{"image_id": Path(name).stem, "file_name": name, "height": h, "width": w, "masks": []}
+                   for name, (h, w) in zip(rows["file_name"], [(427, 640), (360, 640), (427, 640)])]
+        dataset = SamMasksTrainDataset([(records, training_folder / "images")], None)
+    else:
+        dataset = (PanopticTrainDataset if kind == "labeled" else UnlabeledTrainDataset)(rows, None)
+    item = dataset[(bad_index, 7)]
+    assert item["skipped"][0]["source"] == str(training_folder / "images" / "000000000001.jpg")
+    assert "cannot read image" in item["skipped"][0]["error"]
+    replacement = dataset[((bad_index + 1) % len(dataset), 7)]
+    assert torch.equal(item["pixel_values"], replacement["pixel_values"]) and "skipped" not in replacement
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. Training: an unreadable image is skipped, named and counted; too many stop the run; resume stays exact (4, 6)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def training_folder(coco_sample_dir, tmp_path) -> Path:
+    """The shipped COCO sample plus a third image whose JPEG is truncated (its annotation is intact)."""
+    root = tmp_path / "coco"
+    shutil.copytree(coco_sample_dir / "images", root / "images")
+    shutil.copytree(coco_sample_dir / "panoptic", root / "panoptic")
+    data = json.loads((coco_sample_dir / "panoptic_annotations.json").read_text())
+    first_image, first_annotation = data["images"][0], data["annotations"][0]
+    (root / "images" / "000000000001.jpg").write_bytes((root / "images" / first_image["file_name"]).read_bytes()[:3000])
+    shutil.copy(root / "panoptic" / first_annotation["file_name"], root / "panoptic" / "000000000001.png")
+    data["images"].append({**first_image, "id": 1, "file_name": "000000000001.jpg"})
+    data["annotations"].append({**first_annotation, "image_id": 1, "file_name": "000000000001.png"})
+    (root / "annotations.json").write_text(json.dumps(data))
+    return root
+
+
+def _supervised(folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_preset", "tiny", "--mixed_precision", "no", "--num_workers", "0", "--seed", "0",
+            "--dataset_name", "custom", "--restrict_to_present_classes", "--train_images_dir", str(folder / "images"),
+            "--train_panoptic_dir", str(folder / "panoptic"), "--train_annotations", str(folder / "annotations.json"),
+            "--train_batch_size", "3", "--crop_size", "48", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "0", "--logging_steps", "1", "--output_dir", str(out), *extra]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_unreadable_training_image_is_skipped_named_counted_and_resumes_exactly(training_folder, tmp_path, caplog,
+                                                                              capsys, fresh_accelerate_state):
+    from safetensors.torch import load_file
+
+    from training import supervised
+    from training.checkpointing import CheckpointError
+    from training.loop import TooManySkippedSamples
+
+    bad = training_folder / "images" / "000000000001.jpg"
+    before = tree_digest(training_folder)
+    straight = tmp_path / "straight"
+    with caplog.at_level(logging.WARNING, logger="training.loop"):
+        result = supervised.main(_supervised(training_folder, straight, "--max_skipped_share", "0.5"))
+    assert result.final_step == 2 and result.skipped_samples == 1
+    assert f"skipped an unreadable training example: {bad}" in caplog.text
+    state = json.loads((straight / "checkpoints" / "step_00000002" / "training_state.json").read_text())
+    assert state["skipped_samples"] == [str(bad)]
+
+    # Resumed from step 1 in another folder: the same final weights (the replacement example is a pure function of
+    # the index), and the count carried over.
+    _reset_accelerate()
+    resumed = tmp_path / "resumed"
+    checkpoint = straight / "checkpoints" / "step_00000001"
+    result = supervised.main(_supervised(training_folder, resumed, "--max_skipped_share", "0.5",
+                                         "--resume_from_checkpoint", str(checkpoint)))
+    assert result.start_step == 1 and result.skipped_samples == 1
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # A missing random state is an error naming the file, not an INFO line and another random stream.
+    _reset_accelerate()
+    (checkpoint / "rng_state_0.json").unlink()
+    with pytest.raises(CheckpointError, match="rng_state_0.json is missing"):
+        supervised.main(_supervised(training_folder, tmp_path / "again", "--resume_from_checkpoint", str(checkpoint)))
+
+    # Past the stated share (default 1%: here 1 of 3): the run stops with one line naming the file.
+    _reset_accelerate()
+    with pytest.raises(TooManySkippedSamples, match="1 of 3 training examples"):
+        supervised.main(_supervised(training_folder, tmp_path / "strict"))
+    _reset_accelerate()
+    code, err = run_cli(supervised.main, _supervised(training_folder, tmp_path / "strict_cli"), capsys)
+    assert code == 1
+    assert_one_line_error(err, str(bad), "--max_skipped_share 0.01")
+    assert tree_digest(training_folder) == before
+
+
+def test_our_models_load_without_remote_code_after_import(tampered_model_dir, tiny_model):
+    """With the package imported, the Auto classes and the pipeline use its code for our model folders (item 2)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForUniversalSegmentation,
+        pipeline,
+    )
+
+    import modeling_dearli
+
+    marker = tampered_model_dir.parent / "MARKER"
+    marker.unlink(missing_ok=True)
+    model = AutoModelForUniversalSegmentation.from_pretrained(tampered_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tampered_model_dir)
+    segmenter = pipeline("image-segmentation", model=str(tampered_model_dir), trust_remote_code=False)
+    assert type(model) is modeling_dearli.DearliForPanopticSegmentation
+    assert type(processor) is modeling_dearli.DearliImageProcessor and type(segmenter.model) is type(model)
+    image = Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        ours, reference = model(**processor(image)), tiny_model(**processor(image))
+    assert torch.equal(ours.class_queries_logits, reference.class_queries_logits)
+    assert segmenter(image, subtask="semantic")
+    assert not marker.exists()
+
+
+def test_evaluate_and_push_to_hub_never_run_model_folder_code(tampered_model_dir, two_class_folder, tmp_path,
+                                                               load_script):
+    """evaluate.py used to fall back to trust_remote_code=True; both tools now load through training.pretrained."""
+    marker = tampered_model_dir.parent / "MARKER"
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="the model has 3 classes"):  # the model loaded, then the label spaces differ
+        load_script("evaluate").main(_evaluate_args(two_class_folder, tampered_model_dir))
+    assert load_script("push_to_hub").main(["--model_name_or_path", str(tampered_model_dir), "--repo_id", "me/x",
+                                            "--local_dir", str(tmp_path / "repo"), "--no_upload"]) == 0
+    assert (tmp_path / "repo" / "README.md").is_file() and not marker.exists()
