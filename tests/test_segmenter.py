@@ -109,7 +109,7 @@ def test_load_segmenter_refuses_what_it_cannot_run(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "mask2former"}))
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    with pytest.raises(ValueError, match="not DEARLi"):
         load_segmenter(other)
 
 

@@ -53,7 +53,8 @@ def check_model_location(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def load_image_processor(name_or_path: str, config: Any, trust_remote_code: bool = False) -> Any:
+def load_image_processor(name_or_path: str, config: Any, trust_remote_code: bool = False,
+                         revision: str | None = None) -> Any:
     """The model's saved image processor, or ``DearliImageProcessor.from_model_config(config)`` (its classes, stuff
     classes and ensembling weight) when the folder has none."""
     from transformers import AutoImageProcessor
@@ -64,23 +65,25 @@ def load_image_processor(name_or_path: str, config: Any, trust_remote_code: bool
     if path.is_dir() and not (path / "preprocessor_config.json").is_file():
         logger.info("%s has no preprocessor_config.json: using DearliImageProcessor.from_model_config", path)
         return DearliImageProcessor.from_model_config(config)
-    return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def load_model_and_processor(name_or_path: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``(model, image processor)`` of a saved DEARLi in eval mode; see the module docstring."""
+def load_model_and_processor(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False,
+                             revision: str | None = None) -> tuple[Any, Any]:
+    """``(model, image processor)`` of a saved DEARLi in eval mode; see the module docstring. `revision` pins a Hub
+    commit (review remote code at that commit before trusting it)."""
     from transformers import AutoConfig, AutoModelForUniversalSegmentation
 
     import modeling_dearli  # noqa: F401  (registers the DEARLi Auto classes: our models need no remote code)
 
     location = check_model_location(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, revision=revision)
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise
         raise ValueError(f"{location} holds a model whose code lives in its folder (not a DEARLi model of this "
                          "package); it is only run with --trust_remote_code, after you have reviewed it") from error
-    model = AutoModelForUniversalSegmentation.from_pretrained(location, config=config,
+    model = AutoModelForUniversalSegmentation.from_pretrained(location, config=config, revision=revision,
                                                               trust_remote_code=trust_remote_code)
-    return model.eval(), load_image_processor(location, model.config, trust_remote_code)
+    return model.eval(), load_image_processor(location, model.config, trust_remote_code, revision)

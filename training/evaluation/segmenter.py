@@ -277,54 +277,26 @@ class Segmenter:
 # Loading
 
 
-def _check_local_path(name_or_path: str) -> None:
-    """A clear error for a local path that does not exist (instead of a failed Hub lookup): anything that cannot be
-    a Hub id (``name`` or ``namespace/name``) or whose first component is an existing folder."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name_or_path} has no config.json: not a saved model folder")
-        return
-    parts = name_or_path.replace("\\", "/").split("/")
-    if len(parts) > 2 or name_or_path.startswith((".", "/", "~")) or (len(parts) == 2 and Path(parts[0]).is_dir()):
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
-
-
 def load_segmenter(
     name_or_path: str | os.PathLike,
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ) -> Segmenter:
-    """A :class:`Segmenter` for a saved DEARLi folder or Hub id.
+    """A :class:`Segmenter` for a saved DEARLi folder or Hub id, loaded by
+    :func:`training.pretrained.load_model_and_processor`: our own models run the installed ``modeling_dearli`` code;
+    code saved with a model runs only with ``trust_remote_code=True`` (review it, and pin it with ``revision``)."""
+    from transformers import PretrainedConfig
 
-    A DEARLi checkpoint (``model_type`` ``"dearli"``) runs the installed ``modeling_dearli`` code; with
-    ``trust_remote_code=True`` the Auto classes load whatever code the folder or Hub repository carries (review it,
-    and pin it with ``revision``). A folder without ``preprocessor_config.json`` gets the processor matching its
-    config."""
-    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, PretrainedConfig
+    from modeling_dearli import DearliConfig
+    from training.pretrained import check_model_location, load_model_and_processor
 
-    from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, DearliImageProcessor
-
-    location = os.fspath(name_or_path)
-    _check_local_path(location)
-    config_dict, _ = PretrainedConfig.get_config_dict(location, revision=revision)
-    model_type = config_dict.get("model_type")
-    if trust_remote_code:
-        model = AutoModelForUniversalSegmentation.from_pretrained(location, revision=revision, trust_remote_code=True)
-    elif model_type == DearliConfig.model_type:
-        model = DearliForPanopticSegmentation.from_pretrained(location, revision=revision)
-    else:
-        raise ValueError(f"{location} holds a {model_type!r} model, not DEARLi; code saved with a model runs only with "
-                         "trust_remote_code=True (--trust_remote_code), after you have reviewed it")
-    try:
-        if trust_remote_code:
-            processor = AutoImageProcessor.from_pretrained(location, revision=revision, trust_remote_code=True)
-        else:
-            processor = DearliImageProcessor.from_pretrained(location, revision=revision)
-    except OSError:
-        logger.info("%s has no image processor: using DearliImageProcessor.from_model_config", location)
-        processor = DearliImageProcessor.from_model_config(model.config)
+    location = check_model_location(name_or_path)
+    model_type = PretrainedConfig.get_config_dict(location, revision=revision)[0].get("model_type")
+    if model_type != DearliConfig.model_type:
+        raise ValueError(f"{location} holds a {model_type!r} model, not DEARLi: the demo needs DEARLi's CLIP "
+                         "ensembling and vocabulary")
+    model, processor = load_model_and_processor(location, trust_remote_code=trust_remote_code, revision=revision)
     return Segmenter(model, processor, device=device)
 
 
