@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped data folder and tiny DEARLi models (built once per session)."""
+"""Shared fixtures: the shipped COCO sample and tiny DEARLi models (built once per session)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` beside the repository (the shipped COCO sample, class names, partitions)."""
-    if not SHARED_DIR.is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED_DIR}")
-    return SHARED_DIR
+def coco_sample_dir() -> Path:
+    """The two-image COCO panoptic sample that ships in the package (``training/data/assets/coco_panoptic_sample``)."""
+    from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
-
-@pytest.fixture(scope="session")
-def coco_sample_dir(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "coco_panoptic_sample"
+    return COCO_PANOPTIC_SAMPLE.root
 
 
 @pytest.fixture(scope="session")

@@ -263,9 +263,9 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--val_annotations", type=str, default=None,
                    help="Validation panoptic annotation JSON (no validation when no validation data is given).")
     g.add_argument("--partition", type=str, default=None,
-                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K; shared/data/splits); "
-                        "supervised default: every training image is labeled. In semi-supervised training the other "
-                        "training images are the unlabeled data.")
+                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
+                        "training/data/assets/splits); supervised default: every training image is labeled. In "
+                        "semi-supervised training the other training images are the unlabeled data.")
     g.add_argument("--labeled_fraction", type=float, default=None,
                    help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
     g.add_argument("--restrict_to_present_classes", action="store_true",
