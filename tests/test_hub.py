@@ -96,11 +96,13 @@ def test_repo_folder_has_everything_remote_code_needs(repo_dir):
         "README.md",
         "conversion_info.json",
     } <= names
-    assert {"modeling_dearli.py", "configuration_dearli.py", "clip_backbone.py", "image_processing_dearli.py"} <= names
+    assert {"modeling_dearli.py", "configuration_dearli.py", "clip_backbone.py", "image_processing_dearli.py",
+            "pipeline_dearli.py"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     config = json.loads((repo_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForUniversalSegmentation"] == "modeling_dearli.DearliForPanopticSegmentation"
     assert config["auto_map"]["AutoModelForImageSegmentation"] == "modeling_dearli.DearliForPanopticSegmentation"
+    assert config["custom_pipelines"]["image-segmentation"]["impl"] == "pipeline_dearli.DearliImageSegmentationPipeline"
     processor = json.loads((repo_dir / "preprocessor_config.json").read_text())
     assert processor["auto_map"]["AutoImageProcessor"] == "image_processing_dearli.DearliImageProcessor"
     assert processor["size"] == {"shortest_edge": 64, "longest_edge": 128}
