@@ -201,7 +201,8 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--max_scale", type=float, default=d["max_scale"],
                    help="Largest random scale of the crop size the image is resized to fit in.")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
-    g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
+    g.add_argument("--num_workers", type=int, default=d["num_workers"],
+                   help="DataLoader worker processes (at most the CPUs available: larger values are lowered).")
     return parser
 
 
