@@ -193,6 +193,7 @@ def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, 
     assert cli.main(["--model", str(model_dir), "--repo-id", REPO_ID]) == 2
 
 
+@pytest.mark.slow
 def test_repo_loads_in_a_fresh_process_without_the_project(repo_dir, model_dir, tmp_path):
     """Auto classes, the pipeline and the card's snippets, with `modeling_dearli` unimportable and the Hub offline;
     every output equals the source model's."""

@@ -234,6 +234,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_remote_code_loads_in_a_fresh_process_without_the_package(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     pixel_values = torch.randn(1, 3, 64, 64)
