@@ -27,7 +27,8 @@ from training.data.panoptic_datasets import load_class_names
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list in shared/data/class_names/.")
+    parser.add_argument("--dataset", default="coco_panoptic",
+                        help="Class-name list shipped in training/data/assets/class_names/.")
     parser.add_argument("--num-classes", type=int, default=20, help="Encode the first N classes (0: all).")
     parser.add_argument("--clip-model-name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
     parser.add_argument("--batch-size", type=int, default=256, help="Prompts per forward pass.")
