@@ -82,6 +82,9 @@ def setup_logging(accelerator: Any) -> None:
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
+        # accelerate logs every file of a checkpoint (8-11 INFO lines); training.checkpointing logs one per checkpoint.
+        for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     else:
         logging.getLogger().setLevel(logging.ERROR)
         datasets.utils.logging.set_verbosity_error()
