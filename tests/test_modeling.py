@@ -142,7 +142,7 @@ def test_text_classifier_matches_independent_computation(tiny_model):
     # synonyms per class: person,man,woman / sky / grass,lawn
     assert tiny_model.text_class_index.tolist() == [0, 0, 0, 1, 2, 2]
     assert torch.allclose(tiny_model.text_embeddings.norm(dim=-1), torch.ones(6), atol=1e-5)
-    assert float(tiny_model.logit_scale) == pytest.approx(2.659260036932778)
+    assert tiny_model.logit_scale.item() == pytest.approx(2.659260036932778)
 
 
 def test_text_embeddings_are_template_averages_of_the_clip_text_tower(tmp_path):
