@@ -21,7 +21,9 @@ for _auto in (AutoModel, AutoModelForImageSegmentation, AutoModelForUniversalSeg
 # One torch implementation serves both backends that AutoImageProcessor may request ("torchvision" when torchvision
 # is installed, else "pil"); registering only one made transformers warn that the other "is not available".
 AutoImageProcessor.register(
-    DearliConfig, image_processor_classes={"torchvision": DearliImageProcessor, "pil": DearliImageProcessor}, exist_ok=True
+    DearliConfig,
+    image_processor_classes={"torchvision": DearliImageProcessor, "pil": DearliImageProcessor},
+    exist_ok=True,
 )
 register_pipeline()
 DearliConfig.register_for_auto_class()
