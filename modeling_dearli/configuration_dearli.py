@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -32,6 +33,15 @@ DECODER_IMPLEMENTATIONS = ("dearli", "transformers")
 DEFAULT_CLIP_PRETRAINED = "laion_aesthetic_s13b_b82k_augreg"
 # Eq. 6 weight of the decoder posterior (paper: 0.6); the image processor's default too.
 DEFAULT_ENSEMBLE_ALPHA = 0.6
+# transformers' custom-pipeline entry, saved in config.json: `pipeline("image-segmentation", model=folder,
+# trust_remote_code=True)` loads this class from the folder's pipeline_dearli.py (see there).
+CUSTOM_PIPELINES: dict[str, dict[str, Any]] = {
+    "image-segmentation": {
+        "impl": "pipeline_dearli.DearliImageSegmentationPipeline",
+        "pt": ["AutoModelForImageSegmentation"],
+        "type": "image",
+    }
+}
 
 
 def split_synonyms(class_name: str) -> list[str]:
@@ -267,8 +277,26 @@ class DearliConfig(PretrainedConfig):
         kwargs.pop("id2label", None)
         kwargs.pop("label2id", None)
         kwargs.pop("num_labels", None)
+        kwargs.pop("custom_pipelines", None)  # fixed by the code: see the property
         super().__init__(**kwargs)
         self._set_label_maps()
+
+    @property
+    def custom_pipelines(self) -> dict[str, dict[str, Any]]:
+        """What ``pipeline()`` reads as this model's custom pipelines: :data:`CUSTOM_PIPELINES` (the class is then
+        loaded from the saved folder, with ``trust_remote_code=True``), less the tasks that the installed package
+        already routes to DEARLi's pipeline (``pipeline()`` would otherwise demand ``trust_remote_code`` for installed
+        code). ``config.json`` always carries :data:`CUSTOM_PIPELINES`."""
+        pipelines = sys.modules.get("transformers.pipelines")
+        registry = pipelines.PIPELINE_REGISTRY.supported_tasks if pipelines is not None else {}
+        served = {task for task, entry in registry.items() if getattr(entry["impl"], "serves_model_type", None)
+                  == self.model_type}
+        return {task: copy.deepcopy(entry) for task, entry in CUSTOM_PIPELINES.items() if task not in served}
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
+        return output
 
     def _set_label_maps(self) -> None:
         self.id2label = {i: split_synonyms(name)[0] for i, name in enumerate(self.class_names)}

@@ -23,6 +23,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from .clip_backbone import ClipTextEncoder, FrozenClipBackbone, build_open_clip_model, load_open_clip_weights, mask_pool
 from .configuration_dearli import DearliConfig, split_synonyms, validate_vocabulary
+from .pipeline_dearli import DearliImageSegmentationPipeline  # noqa: F401  (saved beside the model: custom_pipelines)
 from .pixel_decoder import DearliPixelDecoder
 from .transformer_decoder import DearliTransformerModule
 

@@ -54,10 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "configuration (OpenCLIP convnext_base_w_320, 200 queries).",
     )
     parser.add_argument(
-        "--shared_dir",
+        "--data_dir",
         type=Path,
         default=None,
-        help="Folder holding data/class_names/ (default: ../shared of the repo).",
+        help="Folder holding class_names/ of your own (default: the data that ships in training/data/assets).",
     )
     parser.add_argument(
         "--device",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         progress("reading the checkpoint")
         state_dict = load_reference_state_dict(args.checkpoint)
-        class_names, thing_ids = dataset_vocabulary(args.dataset, shared_dir=args.shared_dir)
+        class_names, thing_ids = dataset_vocabulary(args.dataset, args.data_dir)
         config = reference_config(class_names, thing_ids, base_config=load_base_config(args.config))
         progress("mapping the weights")
         result = convert_reference_state_dict(state_dict, config, device=args.device, progress=progress)

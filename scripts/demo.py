@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.data.package_data import COCO_PANOPTIC_SAMPLE, CocoPanopticFolder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,9 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo", help="Folder for every stage's outputs.")
     parser.add_argument(
-        "--shared_dir",
-        default=str(REPO_ROOT.parent / "shared"),
-        help="The shared data folder holding data/coco_panoptic_sample (default: ../shared beside the repository).",
+        "--data_dir",
+        default=str(COCO_PANOPTIC_SAMPLE.root),
+        help="A COCO panoptic folder (images/, panoptic/, panoptic_annotations.json); default: the two-image COCO "
+        "sample that ships in the package (training/data/assets/coco_panoptic_sample).",
     )
     parser.add_argument("--sam_checkpoint", default=None, help="A real SAM checkpoint (default: a random tiny SAM).")
     parser.add_argument("--sam_model_type", default="vit_tiny", help="SAM model type of --sam_checkpoint.")
@@ -77,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sample = Path(args.shared_dir).resolve() / "data" / "coco_panoptic_sample"
-    if not sample.is_dir():
-        raise SystemExit(f"shipped sample not found at {sample} (pass --shared_dir)")
-    images, panoptic, annotations = sample / "images", sample / "panoptic", sample / "panoptic_annotations.json"
+    sample = CocoPanopticFolder(Path(args.data_dir).resolve())
+    missing = [str(p) for p in (sample.images, sample.panoptic, sample.annotations) if not p.exists()]
+    if missing:
+        raise SystemExit(f"--data_dir {args.data_dir} is not a COCO panoptic folder: {', '.join(missing)} not found")
+    images, panoptic, annotations = sample.images, sample.panoptic, sample.annotations
     python = sys.executable
     timings: dict[str, float] = {}
 

@@ -49,7 +49,7 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
         if names is None:
             if args.dataset == "custom":
                 raise cli.CliError(f"{args.from_disk} records no label space: pass --dataset")
-            names = load_class_names(args.dataset, args.shared_dir)
+            names = load_class_names(args.dataset, args.data_dir)
         return ds, names
     if args.dataset == "ade20k":
         if not args.dataset_root:
@@ -60,7 +60,7 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
             raise cli.CliError(f"--dataset {args.dataset} needs " + ", ".join("--" + m for m in missing))
     return load_panoptic_dataset(args.dataset, images_dir=args.images_dir, panoptic_dir=args.gt_folder,
                                  annotations_json=args.gt_json, ade20k_root=args.dataset_root, split=args.split,
-                                 panoptic_root=args.panoptic_root, shared_dir=args.shared_dir)
+                                 panoptic_root=args.panoptic_root, data_dir=args.data_dir)
 
 
 def evaluate(
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt_json", default=None, help="ground-truth panoptic JSON (COCO panoptic format)")
     parser.add_argument("--gt_folder", default=None, help="ground-truth panoptic PNG folder")
     parser.add_argument("--from_disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
-    parser.add_argument("--shared_dir", default=None, help="shared data folder with class_names/ "
-                        "(default: <repo>/../shared)")
+    parser.add_argument("--data_dir", default=None, help="folder with class_names/ and splits/ of your own "
+                        "(default: the data that ships in training/data/assets)")
     parser.add_argument("--ensemble_alpha", type=cli.probability, default=None,
                         help="Eq. 6 weight of the decoder posterior in [0, 1] (1 = decoder only, 0 = CLIP only); "
                         "default: the model's config.ensemble_alpha")

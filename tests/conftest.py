@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped data folder and tiny DEARLi models (built once per session)."""
+"""Shared fixtures: the shipped COCO sample and tiny DEARLi models (built once per session)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` beside the repository (the shipped COCO sample, class names, partitions)."""
-    if not SHARED_DIR.is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED_DIR}")
-    return SHARED_DIR
+def coco_sample_dir() -> Path:
+    """The two-image COCO panoptic sample that ships in the package (``training/data/assets/coco_panoptic_sample``)."""
+    from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
-
-@pytest.fixture(scope="session")
-def coco_sample_dir(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "coco_panoptic_sample"
+    return COCO_PANOPTIC_SAMPLE.root
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +83,44 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
     torch.save(build_sam_vit_tiny().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model_dir(coco_sample_dir, tmp_path_factory) -> Path:
+    """A tiny model trained for 150 steps on the first shipped image (its 8 present COCO classes), saved with its image
+    processor (96-160 px) and ``ensemble_alpha=1.0`` (its CLIP is random): confident like a trained model, so that
+    every subtask has segments under the processor's default thresholds (measured: 8 panoptic segments, 10
+    instances with score >= 0.5; about 20 s on one thread)."""
+    from modeling_dearli import DearliImageProcessor
+    from modeling_dearli import tiny_model as build_tiny_model
+    from training.data.panoptic_datasets import (
+        load_class_names,
+        load_coco_panoptic,
+        panoptic_target_from_row,
+        restrict_to_present_classes,
+    )
+
+    sample = coco_sample_dir
+    rows = load_coco_panoptic(sample / "images", sample / "panoptic", sample / "panoptic_annotations.json",
+                              class_names=load_class_names("coco_panoptic"))
+    rows, names, _ = restrict_to_present_classes(rows, load_class_names("coco_panoptic"))
+    model = build_tiny_model(class_names=list(names.names), thing_ids=names.thing_ids, ensemble_alpha=1.0, seed=0)
+    processor = DearliImageProcessor.from_model_config(model.config, size={"shortest_edge": 96, "longest_edge": 160})
+    target = panoptic_target_from_row(rows[0])
+    batch = processor(rows[0]["image"], segmentation_maps=[target.id_map],
+                      instance_id_to_semantic_id=target.instance_id_to_semantic_id(), return_tensors="pt")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
+    model.train()
+    for _ in range(150):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 0.01)
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("trained_tiny_dearli")
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 

@@ -87,7 +87,7 @@ def test_localization_only_loss_ignores_classes():
     def loss_terms() -> dict[str, float]:
         torch.manual_seed(0)  # same loss point sampling
         out = model(pixel_values, mask_labels=mask_labels, class_labels=class_labels)
-        return {k: float(v) for k, v in out.loss_dict.items()}
+        return {k: v.item() for k, v in out.loss_dict.items()}
 
     before = loss_terms()
     assert all(v == 0 for k, v in before.items() if k.startswith("loss_cross_entropy"))

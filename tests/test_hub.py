@@ -48,14 +48,14 @@ CONVERSION_INFO = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(shared_dir, tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory) -> Path:
     """A trained-model folder as the training scripts leave it (a tiny model with ADE20K's 150 classes, as the card's
     dataset requires): weights, a small-resolution processor, provenance."""
     from modeling_dearli import tiny_model
     from training.data.panoptic_datasets import load_class_names
 
     path = tmp_path_factory.mktemp("model") / "dearli"
-    ade20k = load_class_names("ade20k", shared_dir)
+    ade20k = load_class_names("ade20k")
     model = tiny_model(class_names=list(ade20k.names), thing_ids=ade20k.thing_ids, seed=0)
     model.save_pretrained(path)
     DearliImageProcessor.from_model_config(model.config, size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(
@@ -98,11 +98,13 @@ def test_repo_folder_has_everything_remote_code_needs(repo_dir):
         "README.md",
         "conversion_info.json",
     } <= names
-    assert {"modeling_dearli.py", "configuration_dearli.py", "clip_backbone.py", "image_processing_dearli.py"} <= names
+    assert {"modeling_dearli.py", "configuration_dearli.py", "clip_backbone.py", "image_processing_dearli.py",
+            "pipeline_dearli.py"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     config = json.loads((repo_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForUniversalSegmentation"] == "modeling_dearli.DearliForPanopticSegmentation"
     assert config["auto_map"]["AutoModelForImageSegmentation"] == "modeling_dearli.DearliForPanopticSegmentation"
+    assert config["custom_pipelines"]["image-segmentation"]["impl"] == "pipeline_dearli.DearliImageSegmentationPipeline"
     processor = json.loads((repo_dir / "preprocessor_config.json").read_text())
     assert processor["auto_map"]["AutoImageProcessor"] == "image_processing_dearli.DearliImageProcessor"
     assert processor["size"] == {"shortest_edge": 64, "longest_edge": 128}
@@ -196,6 +198,7 @@ def test_upload_creates_repo_branch_and_uploads_the_folder(model_dir, tmp_path, 
         cli.main(["--model_name_or_path", str(model_dir), "--repo_id", REPO_ID])
 
 
+@pytest.mark.slow
 def test_repo_loads_in_a_fresh_process_without_the_project(repo_dir, model_dir, tmp_path):
     """Auto classes, the pipeline and the card's snippets, with `modeling_dearli` unimportable and the Hub offline;
     every output equals the source model's."""

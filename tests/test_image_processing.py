@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from modeling_dearli.image_processing_dearli import CLIP_MEAN, CLIP_STD, DearliImageProcessor, rgb_to_id
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample"
+SAMPLE = COCO_PANOPTIC_SAMPLE.root
 
 
 def coco_sample():

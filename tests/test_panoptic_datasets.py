@@ -16,6 +16,7 @@ from PIL import Image
 
 from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
 from training.data.ade20k_conversion import convert_annotation, prepare_ade20k_panoptic
+from training.data.package_data import COCO_PANOPTIC_SAMPLE, DATA_DIR
 from training.data.panoptic_datasets import (
     ADE20K_THING_IDS,
     ClassNames,
@@ -36,8 +37,7 @@ from training.data.panoptic_datasets import (
 from training.evaluation.panoptic_quality import PanopticQuality
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / ".." / "shared"
-SAMPLE = SHARED / "data" / "coco_panoptic_sample"
+SAMPLE = COCO_PANOPTIC_SAMPLE.root
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,27 +118,27 @@ def write_ade_folder(root: Path) -> None:
 # class names
 # --------------------------------------------------------------------------------------------------------------------
 def test_class_names_of_the_benchmarks():
-    ade = load_class_names("ade20k", SHARED)
+    ade = load_class_names("ade20k")
     assert len(ade) == 150 and len(ade.thing_ids) == 100
     assert ade.category_ids == tuple(range(1, 151))
     assert ade.first_names[0] == "wall" and "walls" in ade.names[0].split(",")
     assert ade.is_thing[ade.label(8)] and not ade.is_thing[ade.label(1)]  # bed thing, wall stuff
 
-    coco = load_class_names("coco_panoptic", SHARED)
+    coco = load_class_names("coco_panoptic")
     assert len(coco) == 133 and len(coco.thing_ids) == 80
     cats = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
     assert list(coco.category_ids) == [c["id"] for c in cats]
     assert [coco.is_thing[i] for i in range(len(coco))] == [bool(c["isthing"]) for c in cats]
-    from_json = read_class_names(SHARED / "data" / "class_names" / "coco_panoptic.txt",
+    from_json = read_class_names(DATA_DIR / "class_names" / "coco_panoptic.txt",
                                  categories_json=SAMPLE / "panoptic_coco_categories.json")
     assert from_json.is_thing == coco.is_thing
 
-    objects = load_class_names("coco_objects", SHARED)
+    objects = load_class_names("coco_objects")
     assert len(objects) == 81 and objects.category_ids[0] == 0 and objects.first_names[0] == "background"
     assert objects.thing_ids == list(range(1, 81))
-    assert load_class_names("sa1b", SHARED).thing_ids == [0]
+    assert load_class_names("sa1b").thing_ids == [0]
     with pytest.raises(ValueError, match="unknown dataset"):
-        load_class_names("cityscapes", SHARED)
+        load_class_names("cityscapes")
 
 
 def test_class_name_file_errors(tmp_path):
@@ -154,7 +154,7 @@ def test_class_name_file_errors(tmp_path):
 # COCO panoptic format
 # --------------------------------------------------------------------------------------------------------------------
 def test_shipped_coco_sample_loads():
-    coco = load_class_names("coco_panoptic", SHARED)
+    coco = load_class_names("coco_panoptic")
     ds = load_coco_panoptic(SAMPLE / "images", SAMPLE / "panoptic", SAMPLE / "panoptic_annotations.json",
                             class_names=coco)
     data = json.loads((SAMPLE / "panoptic_annotations.json").read_text())
@@ -174,7 +174,7 @@ def test_shipped_coco_sample_loads():
 
 def test_masks_and_labels_ignore_crowd_and_void():
     ds = load_coco_panoptic(SAMPLE / "images", SAMPLE / "panoptic", SAMPLE / "panoptic_annotations.json",
-                            class_names=load_class_names("coco_panoptic", SHARED))
+                            class_names=load_class_names("coco_panoptic"))
     row = ds[0]
     target = panoptic_target_from_row(row)
     mapping = target.instance_id_to_label()
@@ -255,9 +255,8 @@ def test_save_to_disk_embeds_images(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def test_coco_objects_remap(tmp_path):
     write_coco_folder(tmp_path)
-    objects = load_class_names("coco_objects", SHARED)
-    ds = load_coco_objects(tmp_path / "images", tmp_path / "panoptic", tmp_path / "panoptic.json",
-                           shared_dir=SHARED)
+    objects = load_class_names("coco_objects")
+    ds = load_coco_objects(tmp_path / "images", tmp_path / "panoptic", tmp_path / "panoptic.json")
     assert dataset_class_names(ds).names == objects.names
     row = ds[0]
     by_id = {s["id"]: s for s in row["segments_info"]}
@@ -280,7 +279,7 @@ def test_coco_objects_remap(tmp_path):
     assert rep["All"]["pq"] == 1.0 and rep["Stuff"]["n"] == 1
     # the in-place remap of an already loaded COCO-Panoptic dataset gives the same rows
     coco_ds = load_coco_panoptic(tmp_path / "images", tmp_path / "panoptic", tmp_path / "panoptic.json",
-                                 class_names=load_class_names("coco_panoptic", SHARED))
+                                 class_names=load_class_names("coco_panoptic"))
     assert to_coco_objects(coco_ds, objects)[0]["segments_info"] == row["segments_info"]
 
 
@@ -291,7 +290,7 @@ def test_ade20k_thing_list():
     assert len(ADE20K_THING_IDS) == 100 and len(set(ADE20K_THING_IDS)) == 100
     assert list(ADE20K_THING_IDS) == sorted(ADE20K_THING_IDS)
     assert all(1 <= i <= 150 for i in ADE20K_THING_IDS)
-    names = load_class_names("ade20k", SHARED).first_names
+    names = load_class_names("ade20k").first_names
     things = {names[i - 1] for i in ADE20K_THING_IDS}
     assert {"bed", "person", "car", "chair", "flag"} <= things
     assert not {"wall", "sky", "floor", "road", "grass"} & things
@@ -338,16 +337,16 @@ def test_prepare_ade20k_and_load(tmp_path):
     png = rgb_to_id(np.asarray(Image.open(root / "ade20k_panoptic_train" / "ADE_train_00000002.png")))
     assert set(np.unique(png).tolist()) == {0} | {s["id"] for s in segs}
 
-    ds = load_ade20k_panoptic(root, "training", shared_dir=SHARED)
+    ds = load_ade20k_panoptic(root, "training")
     assert len(ds) == 2 and ds.features["image_id"].dtype == "string"
     row = ds[1]
-    ade = load_class_names("ade20k", SHARED)
+    ade = load_class_names("ade20k")
     sem = semantic_target_from_row(row, ade)
     raw = np.asarray(Image.open(root / "annotations" / "training" / "ADE_train_00000002.png")).astype(int)
     np.testing.assert_array_equal(sem, np.where(raw == 0, 255, raw - 1))  # ADE ids 1..150 -> 0..149
     target = panoptic_target_from_row(row)
     assert sorted(target.instance_id_to_label().values()) == sorted(ade.label(s["category_id"]) for s in segs)
-    assert len(load_ade20k_panoptic(root, "validation", shared_dir=SHARED, with_semantic=False)) == 1
+    assert len(load_ade20k_panoptic(root, "validation", with_semantic=False)) == 1
     with pytest.raises(FileNotFoundError, match="prepare_ade20k"):
         load_ade20k_panoptic(tmp_path / "elsewhere", "training")
 
@@ -370,15 +369,15 @@ def test_prepare_ade20k_missing_instance_file(tmp_path):
 )
 def test_standard_partition_files_resolve(dataset, sizes, val):
     for partition, n in sizes.items():
-        keys = partition_keys(dataset, partition, SHARED)
+        keys = partition_keys(dataset, partition)
         assert len(keys) == n == len(set(keys))
-    assert len(partition_keys(dataset, "val", SHARED)) == val
-    small = set(partition_keys(dataset, min(sizes, key=sizes.get), SHARED))
+    assert len(partition_keys(dataset, "val")) == val
+    small = set(partition_keys(dataset, min(sizes, key=sizes.get)))
     assert small and all(k.startswith("ADE_train_") if dataset == "ade20k" else k.isdigit() for k in small)
-    pairs = read_split_file(SHARED / "data" / "splits" / dataset / "val.txt")
+    pairs = read_split_file(DATA_DIR / "splits" / dataset / "val.txt")
     assert all(Path(img).stem == Path(ann).stem for img, ann in pairs)
     with pytest.raises(FileNotFoundError, match="1_3"):
-        partition_keys(dataset, "1_3", SHARED)
+        partition_keys(dataset, "1_3")
 
 
 def test_split_labeled_unlabeled(tmp_path):
@@ -393,14 +392,14 @@ def test_split_labeled_unlabeled(tmp_path):
     b, _ = split_labeled_unlabeled(ds, fraction=0.5, seed=7)
     assert a["file_name"] == b["file_name"] and len(a) == 2
     with pytest.raises(KeyError, match="ADE_train_00001609"):
-        split_labeled_unlabeled(ds, dataset="ade20k", partition="1_128", shared_dir=SHARED)
+        split_labeled_unlabeled(ds, dataset="ade20k", partition="1_128")
     with pytest.raises(ValueError, match="exactly one"):
         split_labeled_unlabeled(ds, ["000000000001"], fraction=0.5)
 
 
 def test_standard_partition_on_a_dataset_with_those_images(tmp_path):
     """A tiny training set named after a real partition: labeled = listed images, unlabeled = the rest."""
-    keys = partition_keys("ade20k", "1_128", SHARED)[:2] + ["ADE_train_99999999"]
+    keys = partition_keys("ade20k", "1_128")[:2] + ["ADE_train_99999999"]
     root = tmp_path / "ade"
     (root / "img").mkdir(parents=True)
     (root / "pan").mkdir()
@@ -413,7 +412,7 @@ def test_standard_partition_on_a_dataset_with_those_images(tmp_path):
     (root / "p.json").write_text(json.dumps({"images": images, "annotations": anns,
                                              "categories": [{"id": 1, "name": "wall", "isthing": 0}]}))
     ds = load_coco_panoptic(root / "img", root / "pan", root / "p.json")
-    lab, unl = split_labeled_unlabeled(ds, dataset="ade20k", partition="1_128", shared_dir=SHARED, strict=False)
+    lab, unl = split_labeled_unlabeled(ds, dataset="ade20k", partition="1_128", strict=False)
     assert lab["image_id"] == keys[:2] and unl["image_id"] == ["ADE_train_99999999"]
 
 

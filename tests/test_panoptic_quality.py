@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
 from training.evaluation.panoptic_quality import (
     PanopticQuality,
     evaluate_panoptic_folders,
@@ -25,7 +26,7 @@ from training.evaluation.panoptic_quality import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / ".." / "shared" / "data" / "coco_panoptic_sample"
+SAMPLE = COCO_PANOPTIC_SAMPLE.root
 TOL = 1e-9
 
 pa = pytest.importorskip("panopticapi.evaluation")

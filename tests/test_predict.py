@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
 from training.evaluation.visualization import Segment, SegmentationResult, class_colour, from_semantic, overlay
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "coco_panoptic_sample"
+SAMPLE = COCO_PANOPTIC_SAMPLE.root
 
 
 @pytest.fixture(scope="module")

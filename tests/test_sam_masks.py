@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
 import training.data.sam_masks as sam_masks
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
 from training.data.sam_masks import (
     SamGeneratorConfig,
     build_sam,
@@ -27,8 +28,7 @@ from training.data.sam_masks import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SAMPLE_IMAGES = SHARED / "data" / "coco_panoptic_sample" / "images"
+SAMPLE_IMAGES = COCO_PANOPTIC_SAMPLE.images
 
 # Random weights: no mask passes SAM's quality thresholds, so they are off; no box NMS keeps every point's 3 masks.
 TINY = SamGeneratorConfig(

@@ -98,6 +98,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     _launch(["--output_dir", str(run_a)], tmp_path / "a.log")

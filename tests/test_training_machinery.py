@@ -177,3 +177,24 @@ def test_init_from_adapts_class_names(tmp_path):
         if name.startswith(("pixel_decoder.", "transformer_module.", "class_embed.", "backbone.")):
             assert torch.equal(tensor, rebuilt.state_dict()[name]), name
     assert adapt_class_names(rebuilt, ["a", "b"], [0, 1]) is rebuilt and rebuilt.config.thing_ids == [0, 1]
+
+
+def test_dataloader_workers_never_exceed_the_cpus(monkeypatch, caplog):
+    """The default (4) and any --num_workers are lowered to the CPUs this process may use, with one log line; the
+    loader then builds without DataLoader's "creates N worker processes" warning."""
+    import warnings
+
+    from training import loop
+
+    monkeypatch.setattr(loop, "available_cpus", lambda: 2)
+    with caplog.at_level("INFO", logger=loop.__name__):
+        assert loop.clamp_num_workers(4) == 2
+    assert [r.getMessage() for r in caplog.records] == ["DataLoader workers: 4 requested, 2 CPUs available: using 2"]
+    caplog.clear()
+    assert loop.clamp_num_workers(2) == 2 and loop.clamp_num_workers(0) == 0 and not caplog.records
+    monkeypatch.undo()
+    cpus = loop.available_cpus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DataLoader warns (UserWarning) when workers exceed the CPUs
+        loader = loop.build_train_dataloader(list(range(8)), 2, 1, seed=0, num_workers=loop.clamp_num_workers(cpus + 3))
+    assert loader.num_workers == cpus

@@ -1,10 +1,9 @@
 """Supervised baseline (training/supervised.py): initialisation from a DeWa output, and a tiny model overfitting the
-two shipped COCO images to PQ >= 0.8 with our evaluator."""
+two shipped COCO images to PQ >= 0.7 with our evaluator."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -49,22 +48,19 @@ def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelera
 
 @pytest.mark.slow
 def test_tiny_model_overfits_the_two_shipped_images(coco_sample_dir, tmp_path, fresh_accelerate_state):
-    """supervised.py with the supervised_demo preset (a tiny model on a random frozen CLIP, the 8 classes present)
-    overfits the two shipped COCO images: PQ >= 0.8 on them with our evaluator, at their original size."""
+    """supervised.py with the supervised_overfit preset (a tiny model on a random frozen CLIP, the 8 classes present,
+    800 steps at 160x240, one thread: about 190 CPU-seconds) learns the two shipped COCO images: PQ >= 0.7 and
+    PQ(things) >= 0.5 on them with our evaluator (measured 0.83 / 0.77 and 0.83 / 0.79 with seeds 0 and 1; a model that
+    has learned only the stuff classes scores about 0.3 / 0.0)."""
     import yaml
 
     from training import supervised
 
-    preset = yaml.safe_load((Path(supervised.__file__).parent / "configs" / "supervised_demo.yaml").read_text())
+    preset = yaml.safe_load((Path(supervised.__file__).parent / "configs" / "supervised_overfit.yaml").read_text())
     out = tmp_path / "overfit"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # nothing else runs beside this test
-    try:
-        result = supervised.main([*_data_args(coco_sample_dir), "--config", "supervised_demo", "--output_dir", str(out),
-                                  "--checkpointing_steps", "0", "--eval_steps", "0"])
-    finally:
-        torch.set_num_threads(threads)
-    assert result.start_step == 0 and result.final_step == preset["max_train_steps"]
+    result = supervised.main([*_data_args(coco_sample_dir), "--config", "supervised_overfit", "--output_dir", str(out)])
+    assert result.start_step == 0 and result.final_step == preset["max_train_steps"] == 800
     report = json.loads((out / "eval_results.json").read_text())["report"]
     assert report["num_images"] == 2 and len(report["per_class"]) == 8
-    assert report["All"]["pq"] >= 0.8, {v["name"]: round(v["pq"], 3) for v in report["per_class"].values()}
+    per_class = {v["name"]: round(v["pq"], 3) for v in report["per_class"].values()}
+    assert report["All"]["pq"] >= 0.7 and report["Things"]["pq"] >= 0.5, per_class

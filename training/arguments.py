@@ -204,7 +204,8 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--max_scale", type=float, default=d["max_scale"],
                    help="Largest random scale of the crop size the image is resized to fit in.")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
-    g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
+    g.add_argument("--num_workers", type=int, default=d["num_workers"],
+                   help="DataLoader worker processes (at most the CPUs available: larger values are lowered).")
     g.add_argument("--max_skipped_share", type=float, default=0.01,
                    help="Training examples that cannot be read (truncated or corrupt files) are skipped, logged with "
                         "their path and counted; the run stops when more than this share of them was skipped.")
@@ -269,9 +270,9 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--val_annotations", type=str, default=None,
                    help="Validation panoptic annotation JSON (no validation when no validation data is given).")
     g.add_argument("--partition", type=str, default=None,
-                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K; shared/data/splits); "
-                        "supervised default: every training image is labeled. In semi-supervised training the other "
-                        "training images are the unlabeled data.")
+                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
+                        "training/data/assets/splits); supervised default: every training image is labeled. In "
+                        "semi-supervised training the other training images are the unlabeled data.")
     g.add_argument("--labeled_fraction", type=float, default=None,
                    help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
     g.add_argument("--restrict_to_present_classes", action="store_true",

@@ -22,7 +22,7 @@ from training.data.train_datasets import sam_masks_train_dataset
 from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
 from training.model_init import build_model
 
-# The single class of the class-agnostic targets (shared/data/class_names/sa1b.txt).
+# The single class of the class-agnostic targets (training/data/assets/class_names/sa1b.txt).
 DEWA_CLASS_NAMES = ["segment,object,regular shape"]
 
 

@@ -52,8 +52,10 @@ __all__ = [
     "StepOutput",
     "TooManySkippedSamples",
     "TrainingResult",
+    "available_cpus",
     "build_train_dataloader",
     "check_finite_loss",
+    "clamp_num_workers",
     "clip_and_check_gradients",
     "final_layer_terms",
     "iterate_steps",
@@ -83,6 +85,9 @@ def setup_logging(accelerator: Any) -> None:
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
+        # accelerate logs every file of a checkpoint (8-11 INFO lines); training.checkpointing logs one per checkpoint.
+        for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     else:
         logging.getLogger().setLevel(logging.ERROR)
         datasets.utils.logging.set_verbosity_error()
@@ -132,8 +137,27 @@ def setup_accelerator(args: Any, **kwargs: Any):
     accelerator.wait_for_everyone()
     setup_logging(accelerator)
     logger.info(accelerator.state)
+    args.num_workers = clamp_num_workers(args.num_workers)
     set_seed(args.seed)
     return accelerator
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what `DataLoader` checks its worker count against), else
+    ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def clamp_num_workers(requested: int) -> int:
+    """``--num_workers`` limited to the CPUs available (one log line when it is lowered)."""
+    cpus = available_cpus()
+    if requested > cpus:
+        logger.info("DataLoader workers: %d requested, %d CPUs available: using %d", requested, cpus, cpus)
+        return cpus
+    return requested
 
 
 def _hparam(value: Any) -> Any:
@@ -485,42 +509,44 @@ def run_training(
                disable=not accelerator.is_local_main_process)
     window: list[torch.Tensor] = []
     started = time.perf_counter()
-    streams = [iterate_steps(accelerator, dl, start_step, args.max_train_steps) for dl in run.dataloaders.values()]
-    for steps in zip(*streams):
-        step, epoch = steps[0][0] + 1, steps[0][1]
-        run.model.train()
-        batches = {name: batch for name, (_, _, batch) in zip(run.dataloaders, steps)}
-        skips.record(batches, step)
-        out = train_step(run, batches, step)
-        progress.step = step
-        values = torch.tensor(list(out.metrics.values()), dtype=torch.float64, device=accelerator.device)
-        window.append(accelerator.reduce(values, reduction="mean").cpu())
-        result.last_loss = float(window[-1][0])
-        lr = run.scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}")
+    try:  # closed on errors too (a NaN stop), or its last line is printed when the interpreter exits
+        streams = [iterate_steps(accelerator, dl, start_step, args.max_train_steps) for dl in run.dataloaders.values()]
+        for steps in zip(*streams):
+            step, epoch = steps[0][0] + 1, steps[0][1]
+            run.model.train()
+            batches = {name: batch for name, (_, _, batch) in zip(run.dataloaders, steps)}
+            skips.record(batches, step)
+            out = train_step(run, batches, step)
+            progress.step = step
+            values = torch.tensor(list(out.metrics.values()), dtype=torch.float64, device=accelerator.device)
+            window.append(accelerator.reduce(values, reduction="mean").cpu())
+            result.last_loss = float(window[-1][0])
+            lr = run.scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lr:.2e}")
 
-        is_last = step == args.max_train_steps
-        if args.logging_steps and (step % args.logging_steps == 0 or is_last):
-            logs = {f"train/{k}": float(v) for k, v in zip(out.metrics, torch.stack(window).mean(0))}
-            logs.update({"train/lr": lr, "train/epoch": epoch, **{f"train/{k}": v for k, v in out.last.items()}})
-            window.clear()
-            result.history.append({"step": step, **logs})
-            if args.with_tracking:
-                accelerator.log(logs, step=step)
-            logger.info("step %d: %s", step, {k: round(v, 5) for k, v in logs.items()})
-        if is_last or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
-            if before_checkpoint is not None:
-                before_checkpoint()
-            skips.merge()
-            save_checkpoint(accelerator, run.model, progress, args.output_dir, args.checkpoints_total_limit,
-                            checkpointed)
-        if evaluate is not None and (is_last or (args.eval_steps and step % args.eval_steps == 0)):
-            result.metrics = evaluate(step)
-            if args.with_tracking and result.metrics:
-                accelerator.log(result.metrics, step=step)
-            logger.info("validation at step %d: %s", step, {k: round(v, 3) for k, v in result.metrics.items()})
-    bar.close()
+            is_last = step == args.max_train_steps
+            if args.logging_steps and (step % args.logging_steps == 0 or is_last):
+                logs = {f"train/{k}": float(v) for k, v in zip(out.metrics, torch.stack(window).mean(0))}
+                logs.update({"train/lr": lr, "train/epoch": epoch, **{f"train/{k}": v for k, v in out.last.items()}})
+                window.clear()
+                result.history.append({"step": step, **logs})
+                if args.with_tracking:
+                    accelerator.log(logs, step=step)
+                logger.info("step %d: %s", step, {k: round(v, 5) for k, v in logs.items()})
+            if is_last or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+                if before_checkpoint is not None:
+                    before_checkpoint()
+                skips.merge()
+                save_checkpoint(accelerator, run.model, progress, args.output_dir, args.checkpoints_total_limit,
+                                checkpointed)
+            if evaluate is not None and (is_last or (args.eval_steps and step % args.eval_steps == 0)):
+                result.metrics = evaluate(step)
+                if args.with_tracking and result.metrics:
+                    accelerator.log(result.metrics, step=step)
+                logger.info("validation at step %d: %s", step, {k: round(v, 3) for k, v in result.metrics.items()})
+    finally:
+        bar.close()
 
     steps_done = progress.step - start_step
     if steps_done:

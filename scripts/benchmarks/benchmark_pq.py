@@ -2,8 +2,8 @@
 
     python scripts/benchmarks/benchmark_pq.py [--num_images 300] [--workers N] [--repeats 3]
 
-Pairs are perturbations of the shipped COCO panoptic sample (``shared/data/coco_panoptic_sample``): flipped ground
-truth, predictions shifted, with dropped, merged and relabelled segments and void holes. Two comparisons:
+Pairs are perturbations of the shipped COCO panoptic sample (``training/data/assets/coco_panoptic_sample``): flipped
+ground truth, predictions shifted, with dropped, merged and relabelled segments and void holes. Two comparisons:
 
 * files: JSON + PNG folders in, report out (PNG decoding included): ``panopticapi.evaluation.pq_compute`` (its
   multiprocessing pool), ``hotcoco.panoptic.pq_compute`` (Rust) and ``evaluate_panoptic_folders`` (ours) with
@@ -32,11 +32,8 @@ from tqdm.auto import tqdm
 
 from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
 from training import cli
-from training.data.panoptic_datasets import default_shared_dir
-from training.evaluation.panoptic_quality import (
-    PanopticQuality,
-    evaluate_panoptic_folders,
-)
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
+from training.evaluation.panoptic_quality import PanopticQuality, evaluate_panoptic_folders
 
 
 def make_pairs(sample_dir: Path, out_dir: Path, n: int, seed: int = 0) -> None:
@@ -104,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_images", type=int, default=300, help="number of image pairs")
     parser.add_argument("--workers", type=int, default=None, help="our worker threads (default: CPU count)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the best is reported")
-    parser.add_argument("--shared_dir", default=None, help="shared data folder (default: <repo>/../shared)")
+    parser.add_argument("--data_dir", default=str(COCO_PANOPTIC_SAMPLE.root),
+                        help="COCO panoptic folder whose annotations are perturbed (default: the shipped sample)")
     parser.add_argument("--keep", default=None, help="write the pairs here and keep them (default: a temp dir)")
     parser.add_argument("--processes", action="store_true", help="also time the numpy engine with worker processes")
     args = parser.parse_args(argv)
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         hp = None
         print("hotcoco not installed: skipping it")
 
-    sample = Path(args.shared_dir or default_shared_dir()) / "data" / "coco_panoptic_sample"
+    sample = Path(args.data_dir)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
     make_pairs(sample, root, args.num_images)

@@ -28,7 +28,7 @@ from training.data.panoptic_datasets import load_class_names
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list in shared/data/class_names/.")
+    parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list shipped in training/data/assets/class_names/.")
     parser.add_argument("--num_classes", type=int, default=20, help="Encode the first N classes (0: all).")
     parser.add_argument("--clip_model_name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
     parser.add_argument("--batch_size", type=int, default=256, help="Prompts per forward pass.")

@@ -34,10 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from training import cli
+from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
 logger = logging.getLogger("benchmark_training")
-
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco_panoptic_sample"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Where to run ('auto': CUDA when available).")
     p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16", "fp16"],
                    help="Autocast precision of both steps (accelerate's mixed_precision).")
-    p.add_argument("--data_dir", type=str, default=str(DEFAULT_SAMPLE),
+    p.add_argument("--data_dir", type=str, default=str(COCO_PANOPTIC_SAMPLE.root),
                    help="COCO-panoptic-format folder with images/, panoptic/ and panoptic_annotations.json "
                         "(default: the shipped sample).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model, crops and augmentation.")

@@ -12,9 +12,10 @@ Follows the standard ADE20K panoptic benchmark conversion (Mask2Former's ``datas
   instances are pasted (so evaluating against these JSON files reproduces published numbers); pass
   ``exact_areas=True`` to measure them on the final map instead.
 
-Differences, on purpose: category ids are the ADE20K class ids 1..150 (the semantic PNG values and the ids of
-``shared/data/class_names/ade20k_150.txt``; the reference used 0..149), segment ids are deterministic
-(``category_id + 256 * k``, k = 0 for stuff, 1.. for the instances of a class) and colours are generated.
+Differences, on purpose: category ids are the ADE20K class ids 1..150 (the semantic PNG values and the ids of the
+shipped ``training/data/assets/class_names/ade20k_150.txt``; the reference used 0..149), segment ids are
+deterministic (``category_id + 256 * k``, k = 0 for stuff, 1.. for the instances of a class) and colours are
+generated.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def category_color(category_id: int) -> list[int]:
 
 
 def ade20k_categories(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """COCO-style categories (id 1..150, name, isthing, color). ``names`` defaults to the shared class-name file."""
+    """COCO-style categories (id 1..150, name, isthing, color). ``names`` defaults to the shipped class-name file."""
     if names is None:
         names = [n.split(",")[0] for n in load_class_names("ade20k").names]
     if len(names) != ADE20K_NUM_CLASSES:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
+from training.data.package_data import DATA_DIR
 from training.evaluation.panoptic_quality import VOID
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,8 @@ ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# shared data and class names
+# class names
 # --------------------------------------------------------------------------------------------------------------------
-def default_shared_dir() -> Path:
-    """``$DEARLI_SHARED_DIR``, else ``<repo>/../shared`` (where the project keeps its shared data)."""
-    env = os.environ.get("DEARLI_SHARED_DIR")
-    if env:
-        return Path(env)
-    return (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
-
 
 @dataclass(frozen=True)
 class ClassNames:
@@ -154,19 +148,20 @@ def read_class_names(
             cats = json.load(f)
         cats = cats["categories"] if isinstance(cats, dict) else cats
         thing_category_ids = [c["id"] for c in cats if int(c.get("isthing", 0)) == 1]
-    things = set(int(t) for t in thing_category_ids) if thing_category_ids is not None else set()
+    things = {int(t) for t in thing_category_ids} if thing_category_ids is not None else set()
     return ClassNames(tuple(ids), tuple(names), tuple(c in things for c in ids))
 
 
-def load_class_names(dataset: str, shared_dir: str | os.PathLike[str] | None = None) -> ClassNames:
+def load_class_names(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> ClassNames:
     """Class names of ``ade20k``, ``coco_panoptic`` (alias ``coco``), ``coco_objects`` or ``sa1b`` with thing flags.
 
     ADE20K things are the standard 100 (:data:`ADE20K_THING_IDS`); COCO things are ids
-    1..90; COCO-Objects' background (0) is stuff; the class-agnostic SA-1B class is a thing.
+    1..90; COCO-Objects' background (0) is stuff; the class-agnostic SA-1B class is a thing. The files are read from
+    ``data_dir/class_names/`` (default: the package's own, :data:`training.data.package_data.DATA_DIR`).
     """
     if dataset not in DATASET_CLASS_FILES:
         raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_CLASS_FILES)}")
-    path = Path(shared_dir or default_shared_dir()) / "data" / "class_names" / DATASET_CLASS_FILES[dataset]
+    path = Path(data_dir or DATA_DIR) / "class_names" / DATASET_CLASS_FILES[dataset]
     if dataset == "ade20k":
         things: Iterable[int] = ADE20K_THING_IDS
     elif dataset in ("coco", "coco_panoptic", "coco_objects"):
@@ -362,7 +357,7 @@ def load_ade20k_panoptic(
     split: str = "validation",
     *,
     panoptic_root: str | os.PathLike[str] | None = None,
-    shared_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     with_semantic: bool = True,
 ) -> Any:
     """ADE20K after ``scripts/prepare_ade20k.py``: ``root`` = ADEChallengeData2016 (``images/<split>``,
@@ -382,7 +377,7 @@ def load_ade20k_panoptic(
         root / "images" / dirname,
         proot / f"ade20k_panoptic_{short}",
         ann,
-        class_names=load_class_names("ade20k", shared_dir),
+        class_names=load_class_names("ade20k", data_dir),
         semantic_dir=(root / "annotations" / dirname) if with_semantic else None,
     )
 
@@ -428,10 +423,10 @@ def load_coco_objects(
     **kwargs: Any,
 ) -> Any:
     """COCO panoptic folder loaded with the 133 COCO classes, then remapped by :func:`to_coco_objects`."""
-    shared_dir = kwargs.pop("shared_dir", None)
+    data_dir = kwargs.pop("data_dir", None)
     ds = load_coco_panoptic(images_dir, panoptic_dir, annotations_json,
-                            class_names=load_class_names("coco_panoptic", shared_dir), **kwargs)
-    return to_coco_objects(ds, load_class_names("coco_objects", shared_dir))
+                            class_names=load_class_names("coco_panoptic", data_dir), **kwargs)
+    return to_coco_objects(ds, load_class_names("coco_objects", data_dir))
 
 
 def load_panoptic_dataset(
@@ -444,21 +439,22 @@ def load_panoptic_dataset(
     split: str = "validation",
     panoptic_root: str | os.PathLike[str] | None = None,
     with_semantic: bool = True,
-    shared_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, ClassNames]:
     """One split of a dataset by name and its label space: ``ade20k`` (``ade20k_root``, ``split``, ``panoptic_root``,
     ``with_semantic``), ``coco_panoptic`` / ``coco_objects`` (their fixed label spaces) or ``custom`` (the classes of
-    the annotation JSON) from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``)."""
+    the annotation JSON) from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``).
+    ``data_dir``: class names as in :func:`load_class_names`."""
     if dataset_name == "ade20k":
-        ds = load_ade20k_panoptic(ade20k_root, split, panoptic_root=panoptic_root, shared_dir=shared_dir,
+        ds = load_ade20k_panoptic(ade20k_root, split, panoptic_root=panoptic_root, data_dir=data_dir,
                                   with_semantic=with_semantic)
-        return ds, load_class_names("ade20k", shared_dir)
+        return ds, load_class_names("ade20k", data_dir)
     if dataset_name == "coco_objects":
-        ds = load_coco_objects(images_dir, panoptic_dir, annotations_json, shared_dir=shared_dir)
-        return ds, load_class_names("coco_objects", shared_dir)
+        ds = load_coco_objects(images_dir, panoptic_dir, annotations_json, data_dir=data_dir)
+        return ds, load_class_names("coco_objects", data_dir)
     if dataset_name not in ("coco_panoptic", "custom"):
         raise ValueError(f"unknown dataset {dataset_name!r}: coco_panoptic, coco_objects, ade20k or custom")
-    names = load_class_names("coco_panoptic", shared_dir) if dataset_name == "coco_panoptic" else None
+    names = load_class_names("coco_panoptic", data_dir) if dataset_name == "coco_panoptic" else None
     ds = load_coco_panoptic(images_dir, panoptic_dir, annotations_json, class_names=names)
     return ds, names or dataset_class_names(ds)
 
@@ -501,9 +497,9 @@ def read_split_file(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def split_file(dataset: str, partition: str, shared_dir: str | os.PathLike[str] | None = None) -> Path:
+def split_file(dataset: str, partition: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Path of ``labeled.txt`` for ``partition`` (e.g. ``1_128``) or of ``val.txt`` for ``partition="val"``."""
-    base = Path(shared_dir or default_shared_dir()) / "data" / "splits" / SPLIT_DIRS.get(dataset, dataset)
+    base = Path(data_dir or DATA_DIR) / "splits" / SPLIT_DIRS.get(dataset, dataset)
     path = base / "val.txt" if partition == "val" else base / partition / "labeled.txt"
     if not path.is_file():
         avail = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
@@ -511,9 +507,9 @@ def split_file(dataset: str, partition: str, shared_dir: str | os.PathLike[str] 
     return path
 
 
-def partition_keys(dataset: str, partition: str, shared_dir: str | os.PathLike[str] | None = None) -> list[str]:
+def partition_keys(dataset: str, partition: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Image keys (file stems, e.g. ``ADE_train_00001609`` / ``000000283213``) of a standard partition."""
-    return [Path(img).stem for img, _ in read_split_file(split_file(dataset, partition, shared_dir))]
+    return [Path(img).stem for img, _ in read_split_file(split_file(dataset, partition, data_dir))]
 
 
 def row_key(file_name: str) -> str:
@@ -529,7 +525,7 @@ def split_labeled_unlabeled(
     partition: str | None = None,
     fraction: float | None = None,
     seed: int = 0,
-    shared_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     strict: bool = True,
 ) -> tuple[Any, Any]:
     """Split a training dataset into (labeled, unlabeled = the rest).
@@ -545,7 +541,7 @@ def split_labeled_unlabeled(
     if partition is not None:
         if dataset is None:
             raise ValueError("partition= needs dataset= ('ade20k' or 'coco')")
-        labeled = partition_keys(dataset, partition, shared_dir)
+        labeled = partition_keys(dataset, partition, data_dir)
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -685,7 +686,12 @@ def decode_sam_masks(record: Mapping[str, Any]) -> np.ndarray:
     ]
     if not rles:
         return np.zeros((0, height, width), dtype=np.uint8)
-    dense = mask_utils.decode(rles)  # (H, W, n), Fortran order
+    with warnings.catch_warnings():
+        # pycocotools (2.0.11) calls np.array(copy=False) on its own mask type, whose __array__ lacks numpy 2's `copy`
+        # keyword: "DeprecationWarning: __array__ implementation doesn't accept a copy keyword" on every call.
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        dense = mask_utils.decode(rles)  # (H, W, n), Fortran order
     if dense.shape[:2] != (height, width):
         raise ValueError(f"RLE size {dense.shape[:2]} differs from the record's image size {(height, width)}")
     return np.ascontiguousarray(dense.transpose(2, 0, 1))

@@ -53,7 +53,7 @@ __all__ = [
 # panoptic PNGs (colours -> ids with `modeling_dearli.image_processing_dearli.rgb_to_id`)
 # --------------------------------------------------------------------------------------------------------------------
 def _decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes with the fastest decoder available (libspng via imagecodecs, libpng via torchvision, PIL)."""
+    """Decode PNG bytes with the fastest decoder available (libspng via imagecodecs, else PIL)."""
     decoder = _png_decoder()
     return decoder(data)
 
@@ -75,19 +75,9 @@ def _png_decoder():
         return dec
     except ImportError:
         pass
-    try:
-        import torch
-        from torchvision.io import ImageReadMode, decode_png
 
-        def dec(data: bytes) -> np.ndarray:
-            t = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-            return t.permute(1, 2, 0).numpy() if t.shape[0] > 1 else t[0].numpy()
-
-        _DECODER = dec
-        return dec
-    except Exception:  # noqa: BLE001 - any torchvision import/ABI problem: fall back to PIL
-        pass
-
+    # Not torchvision.io.decode_png: its decoders are deprecated since torchvision 0.29 (a DeprecationWarning on every
+    # call) and will be removed; it was 1.3x faster than PIL here (1.65 vs 2.2 ms per 640x427 COCO panoptic PNG).
     def dec(data: bytes) -> np.ndarray:
         import io
 
@@ -199,7 +189,7 @@ def pq_image_stats(
     gt_labels = np.array(sorted(set(gt_segms) | {VOID}), dtype=np.int64)
     # VOID gets its own prediction column even when it is not a segment, so void pixels are not "unlisted"
     pred_all = np.array(sorted(set(pred_segms) | {VOID}), dtype=np.int64)
-    n_gt, n_all = len(gt_labels), len(pred_all)
+    n_gt = len(gt_labels)
 
     counts = _pair_counts(gt_id_map, pred_id_map, gt_labels, pred_all)
 

@@ -362,8 +362,12 @@ def check_repo_folder(local_dir: str | Path) -> None:
         processor = json.loads((local_dir / "preprocessor_config.json").read_text())
         if "AutoImageProcessor" not in processor.get("auto_map", {}):
             problems.append("preprocessor_config.json auto_map lacks AutoImageProcessor")
+        if "image-segmentation" not in config.get("custom_pipelines", {}):
+            problems.append("config.json custom_pipelines lacks image-segmentation")
+        pipelines = [entry["impl"] for entry in config.get("custom_pipelines", {}).values()]
         modules = {
-            str(v).split("--")[-1].split(".")[0] for v in [*auto_map.values(), *processor.get("auto_map", {}).values()]
+            str(v).split("--")[-1].split(".")[0]
+            for v in [*auto_map.values(), *processor.get("auto_map", {}).values(), *pipelines]
         }
         for module in modules:
             if not (local_dir / f"{module}.py").is_file():

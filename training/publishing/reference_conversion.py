@@ -70,8 +70,8 @@ KEY_GROUPS: tuple[tuple[str, str], ...] = (
     ("sem_seg_head.pixel_decoder.input_proj.{i}.{0,1}", "pixel_decoder.input_projections.{i}.{0,1}"),
     ("sem_seg_head.pixel_decoder.transformer.level_embed", "pixel_decoder.level_embed"),
     (
-        "sem_seg_head.pixel_decoder.transformer.encoder.layers.{i}.self_attn.{sampling_offsets,attention_weights,"
-        "value_proj,output_proj}",
+        ("sem_seg_head.pixel_decoder.transformer.encoder.layers.{i}.self_attn.{sampling_offsets,attention_weights,"
+        "value_proj,output_proj}"),
         "pixel_decoder.encoder.layers.{i}.self_attn.* (same names)",
     ),
     (
@@ -264,14 +264,17 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary
-def dataset_vocabulary(dataset: str, shared_dir: str | Path | None = None) -> tuple[list[str], list[int]]:
+def dataset_vocabulary(
+    dataset: str, data_dir: str | Path | None = None
+) -> tuple[list[str], list[int]]:
     """Class names (with synonyms, in the reference's contiguous order) and thing ids of a reference dataset, read
-    from the shared class-name files (the reference implementation's own prompt-engineered names)."""
+    from the class-name files that ship with the package (the reference implementation's own prompt-engineered names),
+    or from ``data_dir/class_names/``."""
     if dataset not in REFERENCE_DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {REFERENCE_DATASETS}")
     from training.data.panoptic_datasets import load_class_names
 
-    vocabulary = load_class_names(dataset, shared_dir=shared_dir)
+    vocabulary = load_class_names(dataset, data_dir)
     return list(vocabulary.names), list(vocabulary.thing_ids)
 
 
