@@ -227,6 +227,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Eq. 6 weight of the decoder posterior (1 - ensemble_alpha for CLIP; 1 = decoder only), stored "
                         "in the model's config: used by validation, the SSL teacher's pseudo-labels and the saved "
                         "model (default: the initial model's, 0.6 for a fresh one).")
+    g.add_argument("--decoder_init", type=str, default="reference", choices=["reference", "normal"],
+                   help="Initial decoder weights of a fresh model: 'reference' = transformers' Mask2Former init with "
+                        "the reference's pixel-decoder fills (deformable sampling grid, Xavier); 'normal' = N(0, 0.02) "
+                        "everywhere and no sampling grid, what models got before that was fixed (for comparisons).")
     g.add_argument("--model_config_overrides", type=str, default=None,
                    help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
                         '--init_from only loss settings such as class_weight or train_num_points).')
