@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from .data.resolutions import evaluation_size
+
 __all__ = [
     "CONFIG_DIR",
     "DATASETS",
@@ -275,9 +277,13 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--restrict_to_present_classes", action="store_true",
                    help="Use only the classes that occur in the labeled training images (small demos).")
     g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")
-    g.add_argument("--eval_shortest_edge", type=int, default=640,
-                   help="Validation images are resized so that their shorter side has this length.")
-    g.add_argument("--eval_max_size", type=int, default=2560, help="Cap of the longer side of validation images.")
+    g.add_argument("--eval_shortest_edge", type=int, default=None,
+                   help="Validation images are resized so that their shorter side has this length; also the size of "
+                        "the image processor saved with the model (default: the dataset's test size, ADE20K 640, COCO "
+                        "512, otherwise 640).")
+    g.add_argument("--eval_max_size", type=int, default=None,
+                   help="Cap of the longer side of validation images and of the saved image processor (default: the "
+                        "dataset's, ADE20K 2560, COCO 2048, otherwise 2560).")
     g.add_argument("--eval_threshold", type=float, default=0.0,
                    help="Panoptic inference: keep queries whose best class probability exceeds this (paper: 0).")
     g.add_argument("--eval_overlap_threshold", type=float, default=0.8,
@@ -344,6 +350,11 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
         if len(args.image_dir) not in (1, len(args.sam_masks_dir)):
             parser.error("give one --image_dir, or one per --sam_masks_dir")
         return args
+    size = evaluation_size(args.dataset_name)
+    if args.eval_shortest_edge is None:
+        args.eval_shortest_edge = size["shortest_edge"]
+    if args.eval_max_size is None:
+        args.eval_max_size = size["longest_edge"]
     if args.dataset_name == "ade20k":
         if not args.ade20k_root:
             parser.error("--dataset_name ade20k needs --ade20k_root")

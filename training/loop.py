@@ -355,16 +355,19 @@ class TrainingResult:
     metrics: dict[str, Any] | None = None
 
 
-def save_final_model(accelerator: Any, model: nn.Module, output_dir: str | Path) -> None:
+def save_final_model(
+    accelerator: Any, model: nn.Module, output_dir: str | Path, image_size: Mapping[str, int] | None = None
+) -> None:
     """``save_pretrained`` of the unwrapped model (safetensors; refuses non-finite weights) and of its image
-    processor (``DearliImageProcessor.from_model_config``: its classes, stuff classes and ``ensemble_alpha``) into
-    `output_dir`, from the main process."""
+    processor (``DearliImageProcessor.from_model_config``: its classes, stuff classes and ``ensemble_alpha``; resized
+    to `image_size`, default the processor's 640 / 2560) into `output_dir`, from the main process."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     assert_finite_parameters(unwrapped)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, save_function=accelerator.save, safe_serialization=True)
-        DearliImageProcessor.from_model_config(unwrapped.config).save_pretrained(output_dir)
+        size = {"size": dict(image_size)} if image_size else {}
+        DearliImageProcessor.from_model_config(unwrapped.config, **size).save_pretrained(output_dir)
         logger.info("Saved the final model to %s", output_dir)
     accelerator.wait_for_everyone()
 
@@ -388,7 +391,8 @@ def run_training(
             on all processes).
         evaluate: ``evaluate(step)`` -> scalar metrics, every ``--eval_steps`` steps (0: never) and after the last.
         final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
-            trained model in ``--output_dir``).
+            trained model in ``--output_dir``), each with its image processor at the validation size
+            (``--eval_shortest_edge`` / ``--eval_max_size``: the dataset's test size) when the loop has one.
 
     Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking``.
     """
@@ -456,8 +460,11 @@ def run_training(
         logger.info("%d steps in %.1f s (%.3f s/step)", steps_done, steps_done * result.seconds_per_step,
                     result.seconds_per_step)
     result.final_step = progress.step
+    image_size = None
+    if getattr(args, "eval_shortest_edge", None) is not None:
+        image_size = {"shortest_edge": args.eval_shortest_edge, "longest_edge": args.eval_max_size}
     for folder, model in (final_models or {"": run.model}).items():
-        save_final_model(accelerator, model, Path(args.output_dir) / folder)
+        save_final_model(accelerator, model, Path(args.output_dir) / folder, image_size)
     if args.with_tracking:
         accelerator.end_training()
     return result

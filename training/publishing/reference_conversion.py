@@ -32,16 +32,14 @@ from modeling_dearli import DearliConfig, DearliForPanopticSegmentation
 from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
 from modeling_dearli.configuration_dearli import split_synonyms
 
+from ..data.resolutions import EVALUATION_SIZES
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_DATASETS: tuple[str, ...] = ("ade20k", "coco_panoptic", "coco_objects")
 
 # Inference resolution of the reference configs (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
-REFERENCE_TEST_SIZES: dict[str, dict[str, int]] = {
-    "ade20k": {"shortest_edge": 640, "longest_edge": 2560},
-    "coco_panoptic": {"shortest_edge": 512, "longest_edge": 2048},
-    "coco_objects": {"shortest_edge": 512, "longest_edge": 2048},
-}
+REFERENCE_TEST_SIZES: dict[str, dict[str, int]] = {name: EVALUATION_SIZES[name] for name in REFERENCE_DATASETS}
 
 # The reference's GEOMETRIC_ENSEMBLE_ALPHA (0.4) weights the CLIP posterior; our `ensemble_alpha` weights the decoder
 # posterior (P = P_M2F^a * P_CLIP^(1-a)), hence 1 - 0.4.
