@@ -35,7 +35,8 @@ def test_presets_parse_with_paper_settings(preset):
         "--train_images_dir", "i", "--train_panoptic_dir", "p", "--train_annotations", "a.json"]
     args = parse_args("ssl", ["--config", preset, "--output_dir", "out", *data])
     crop = 640 if "ade20k" in preset else 512
-    assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.1, 2.0)
+    assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.5, 2.0)
+    assert args.scale_augmentation == "shortest_edge" and args.train_max_size == 4 * crop
     assert (args.train_batch_size, args.unlabeled_batch_size, args.max_train_steps) == (8, 8, 80_000)
     assert (args.learning_rate, args.weight_decay, args.ema_decay) == (1e-4, 0.05, 0.999)
     assert (args.pseudo_label_threshold, args.pseudo_label_overlap_threshold, args.cutmix_prob) == (0.0, 0.8, 0.5)

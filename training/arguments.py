@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .data.resolutions import evaluation_size
+from .data.transforms import SCALE_AUGMENTATIONS
 
 __all__ = [
     "CONFIG_DIR",
@@ -146,8 +147,7 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
         "gradient_clip": 0.01,
         "train_batch_size": 16,
         "crop_size": [640],
-        "min_scale": 0.1,
-        "max_scale": 2.0,
+        "scale_augmentation": "shortest_edge",
         "flip_prob": 0.5,
         "num_workers": 4,
         "report_to": "tensorboard",
@@ -198,10 +198,17 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="Training images per step over all processes (divided among them).")
     g.add_argument("--crop_size", type=int, nargs="+", default=d["crop_size"],
                    help="Training crop size: one int (square) or height width.")
-    g.add_argument("--min_scale", type=float, default=d["min_scale"],
-                   help="Smallest random scale of the crop size the image is resized to fit in.")
-    g.add_argument("--max_scale", type=float, default=d["max_scale"],
-                   help="Largest random scale of the crop size the image is resized to fit in.")
+    g.add_argument("--scale_augmentation", type=str, default=d["scale_augmentation"], choices=SCALE_AUGMENTATIONS,
+                   help="Random scale before the crop: 'shortest_edge' = the released configs' (shorter side drawn "
+                        "from min_scale..max_scale x the crop in steps of 0.1, longer side capped at "
+                        "--train_max_size); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
+                        "s x the crop, s ~ U(min_scale, max_scale): smaller objects, more padding).")
+    g.add_argument("--min_scale", type=float, default=None,
+                   help="Smallest scale of the crop size (default: 0.5 for shortest_edge, 0.1 for lsj).")
+    g.add_argument("--max_scale", type=float, default=None, help="Largest scale of the crop size (default: 2.0).")
+    g.add_argument("--train_max_size", type=int, default=None,
+                   help="shortest_edge only: cap of the longer side of the resized training image (default: 4 x the "
+                        "crop, as the released configs: 2560 for crop 640, 2048 for 512).")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
     g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
     return parser

@@ -33,8 +33,12 @@ from torch import nn
 
 from training.arguments import parse_args
 from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
-from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset, load_panoptic_training_data
-from training.data.transforms import LargeScaleJitter
+from training.data.train_datasets import (
+    PanopticTrainDataset,
+    UnlabeledTrainDataset,
+    geometric_augmentation,
+    load_panoptic_training_data,
+)
 from training.ema import MeanTeacher
 from training.evaluation.validation import make_evaluator
 from training.loop import (
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     if data.unlabeled is None or len(data.labeled) == 0 or len(data.unlabeled) == 0:
         raise ValueError(f"need labeled and unlabeled images, got {len(data.labeled)} and "
                          f"{0 if data.unlabeled is None else len(data.unlabeled)}")
-    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
+    transform = geometric_augmentation(args)
     datasets = {"labeled": (PanopticTrainDataset(data.labeled, transform), args.train_batch_size),
                 "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform), args.unlabeled_batch_size)}
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)

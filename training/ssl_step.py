@@ -3,8 +3,8 @@
 
 Per step and process:
 
-1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: random scale 0.1-2.0 of the crop
-   size, crop, flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
+1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: the loop's random scale, crop and
+   flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
    (Eq. 6) -> panoptic inference -> hard pseudo-labels (:mod:`training.pseudo_labels`);
 2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.data.strong_augmentations`), padding
    reset to the CLIP mean, then CutMix with the *next image of the local batch* (its strong pixels and its pseudo-label

@@ -2,8 +2,8 @@
 images (SSL) and SAM masks (DeWa), and the functions that build them from the loops' arguments.
 
 The datasets take an index or an ``(index, seed)`` pair from :class:`training.data.sampler.ResumableSampler`; the seed
-drives the geometric augmentation (:class:`training.data.transforms.LargeScaleJitter`), so an example is a pure
-function of ``(index, seed)``. Items are dicts the :class:`training.data.collator.DearliDataCollator` collates::
+drives the geometric augmentation (a scale scheme of :mod:`training.data.transforms`, :func:`geometric_augmentation`),
+so an example is a pure function of ``(index, seed)``. Items are dicts the :class:`training.data.collator.DearliDataCollator` collates::
 
     {"pixel_values": (3, h, w) CLIP-normalised (unlabeled weak views: RGB in [0, 1]), "pixel_mask": (h, w) 1 = image /
      0 = padding, "mask_labels": (n, h, w) float, "class_labels": (n,) int64, "image_id": ...}
@@ -32,10 +32,11 @@ from .panoptic_datasets import (
 )
 from .sampler import unpack_index
 from .transforms import (
+    GeometricAugmentation,
     GeometricParams,
-    LargeScaleJitter,
     apply_to_id_map,
     apply_to_image,
+    build_geometric_augmentation,
     fixed_params,
     normalize_image,
     panoptic_to_targets,
@@ -48,6 +49,7 @@ __all__ = [
     "PanopticTrainingData",
     "SamMasksTrainDataset",
     "UnlabeledTrainDataset",
+    "geometric_augmentation",
     "load_panoptic_training_data",
     "load_rgb_image",
     "row_image",
@@ -72,7 +74,7 @@ def row_image(row: Mapping[str, Any]) -> Image.Image:
     return load_rgb_image(image) if isinstance(image, (str, os.PathLike)) else image
 
 
-def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int, seed: int) -> GeometricParams:
+def _sample_geometry(transform: GeometricAugmentation | None, height: int, width: int, seed: int) -> GeometricParams:
     """The augmentation of one example: drawn from its own seed, or the identity without a transform."""
     if transform is None:
         return fixed_params((height, width))
@@ -82,7 +84,7 @@ def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int
 class _AugmentedRows(Dataset):
     """Rows of a `training.data.panoptic_datasets` dataset (or any rows with an ``image``) under `transform`."""
 
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
+    def __init__(self, dataset: Any, transform: GeometricAugmentation | None) -> None:
         self.dataset = dataset
         self.transform = transform
 
@@ -105,7 +107,7 @@ class PanopticTrainDataset(_AugmentedRows):
         return_id_map: also return the augmented ``id_map`` (H, W) int64 and ``segments`` (for CutMix / debugging).
     """
 
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None, return_id_map: bool = False) -> None:
+    def __init__(self, dataset: Any, transform: GeometricAugmentation | None, return_id_map: bool = False) -> None:
         super().__init__(dataset, transform)
         self.return_id_map = return_id_map
 
@@ -147,7 +149,7 @@ class SamMasksTrainDataset(Dataset):
     def __init__(
         self,
         sources: Sequence[tuple[Any, str | os.PathLike]],
-        transform: LargeScaleJitter | None,
+        transform: GeometricAugmentation | None,
         exif_transpose: bool = True,
     ) -> None:
         self.sources = [(records, Path(root)) for records, root in sources]
@@ -205,9 +207,16 @@ class UnlabeledTrainDataset(_AugmentedRows):
 # --------------------------------------------------------------------------------------------------------------------
 # From the loops' arguments (training.arguments)
 # --------------------------------------------------------------------------------------------------------------------
+def geometric_augmentation(args: Any) -> GeometricAugmentation:
+    """The scale / crop / flip of ``--scale_augmentation``, ``--crop_size``, ``--min_scale``, ``--max_scale``,
+    ``--train_max_size``, ``--flip_prob``."""
+    return build_geometric_augmentation(args.scale_augmentation, args.crop_size, args.min_scale, args.max_scale,
+                                        args.train_max_size, args.flip_prob)
+
+
 def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
     """DeWa's data: the SAM records of every ``--sam_masks_dir`` paired with its ``--image_dir``, under the random
-    scale / crop / flip of ``--crop_size``, ``--min_scale``, ``--max_scale``, ``--flip_prob``."""
+    scale / crop / flip of :func:`geometric_augmentation`."""
     from .sam_masks import load_sam_masks
 
     image_dirs = args.image_dir * len(args.sam_masks_dir) if len(args.image_dir) == 1 else args.image_dir
@@ -217,8 +226,7 @@ def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
         if len(records) == 0:
             raise ValueError(f"no SAM masks in {masks_dir}: run scripts/generate_sam_masks.py first")
         sources.append((records, image_dir))
-    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
-    return SamMasksTrainDataset(sources, transform, exif_transpose=not args.no_exif_transpose)
+    return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose)
 
 
 @dataclass
