@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .data.color_augmentation import COLOR_AUGMENTATIONS
 from .data.resolutions import evaluation_size
 from .data.transforms import SCALE_AUGMENTATIONS
 
@@ -148,6 +149,7 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
         "train_batch_size": 16,
         "crop_size": [640],
         "scale_augmentation": "shortest_edge",
+        "color_augmentation": "ssd",
         "flip_prob": 0.5,
         "num_workers": 4,
         "report_to": "tensorboard",
@@ -210,6 +212,11 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="shortest_edge only: cap of the longer side of the resized training image (default: 4 x the "
                         "crop, as the released configs: 2560 for crop 640, 2048 for 512).")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
+    g.add_argument("--color_augmentation", type=str, default=d["color_augmentation"], choices=COLOR_AUGMENTATIONS,
+                   help="Photometric augmentation of the images trained with ground truth (DeWa's SAM images, the "
+                        "labeled images of SSL and of the supervised baseline): 'ssd' = detectron2's COLOR_AUG_SSD "
+                        "(brightness, contrast, saturation, hue; the released configs), 'none'. Unlabeled images "
+                        "never get it (their strong view has its own colour jitter).")
     g.add_argument("--num_workers", type=int, default=d["num_workers"], help="DataLoader worker processes.")
     return parser
 

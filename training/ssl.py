@@ -36,6 +36,7 @@ from training.data.strong_augmentations import StrongAugmentation, StrongAugment
 from training.data.train_datasets import (
     PanopticTrainDataset,
     UnlabeledTrainDataset,
+    color_augmentation,
     geometric_augmentation,
     load_panoptic_training_data,
 )
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         raise ValueError(f"need labeled and unlabeled images, got {len(data.labeled)} and "
                          f"{0 if data.unlabeled is None else len(data.unlabeled)}")
     transform = geometric_augmentation(args)
-    datasets = {"labeled": (PanopticTrainDataset(data.labeled, transform), args.train_batch_size),
+    labeled = PanopticTrainDataset(data.labeled, transform, color_augmentation=color_augmentation(args))
+    datasets = {"labeled": (labeled, args.train_batch_size),
                 "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform), args.unlabeled_batch_size)}
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
 

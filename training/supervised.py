@@ -18,7 +18,12 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 from collections.abc import Sequence
 
 from training.arguments import parse_args
-from training.data.train_datasets import PanopticTrainDataset, geometric_augmentation, load_panoptic_training_data
+from training.data.train_datasets import (
+    PanopticTrainDataset,
+    color_augmentation,
+    geometric_augmentation,
+    load_panoptic_training_data,
+)
 from training.evaluation.validation import make_evaluator
 from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
 from training.model_init import build_model
@@ -29,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     accelerator = setup_accelerator(args)
 
     data = load_panoptic_training_data(args)  # the unlabeled rest of a partition is not used
-    dataset = PanopticTrainDataset(data.labeled, geometric_augmentation(args))
+    dataset = PanopticTrainDataset(data.labeled, geometric_augmentation(args),
+                                   color_augmentation=color_augmentation(args))
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
 
     run = prepare_training(args, accelerator, model, {"labeled": (dataset, args.train_batch_size)})

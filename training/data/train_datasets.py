@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .color_augmentation import ColorAugSSD
 from .panoptic_datasets import (
     ClassNames,
     load_panoptic_dataset,
@@ -49,6 +50,7 @@ __all__ = [
     "PanopticTrainingData",
     "SamMasksTrainDataset",
     "UnlabeledTrainDataset",
+    "color_augmentation",
     "geometric_augmentation",
     "load_panoptic_training_data",
     "load_rgb_image",
@@ -74,11 +76,25 @@ def row_image(row: Mapping[str, Any]) -> Image.Image:
     return load_rgb_image(image) if isinstance(image, (str, os.PathLike)) else image
 
 
-def _sample_geometry(transform: GeometricAugmentation | None, height: int, width: int, seed: int) -> GeometricParams:
-    """The augmentation of one example: drawn from its own seed, or the identity without a transform."""
+def _sample_geometry(
+    transform: GeometricAugmentation | None, height: int, width: int, generator: torch.Generator
+) -> GeometricParams:
+    """The geometry of one example: drawn from its generator, or the identity without a transform."""
     if transform is None:
         return fixed_params((height, width))
-    return transform.sample(height, width, torch.Generator().manual_seed(seed))
+    return transform.sample(height, width, generator)
+
+
+def _augmented_image(
+    image: Image.Image, params: GeometricParams, color: ColorAugSSD | None, generator: torch.Generator
+) -> torch.Tensor:
+    """The image under `params` (RGB in [0, 1], padding = CLIP mean), with the colour augmentation of its real
+    (not padded) content when given."""
+    pixels = apply_to_image(image, params)
+    if color is not None:
+        h, w = params.valid_size
+        pixels[:, :h, :w] = color(pixels[:, :h, :w], generator)
+    return pixels
 
 
 class _AugmentedRows(Dataset):
@@ -91,11 +107,11 @@ class _AugmentedRows(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _row(self, key: int | tuple[int, int]) -> tuple[Mapping[str, Any], Image.Image, int]:
-        """The row of `key`, its image and its augmentation seed."""
+    def _row(self, key: int | tuple[int, int]) -> tuple[Mapping[str, Any], Image.Image, torch.Generator]:
+        """The row of `key`, its image and the generator of its augmentation (seeded by the sampler)."""
         index, seed = unpack_index(key)
         row = self.dataset[index]
-        return row, row_image(row), seed
+        return row, row_image(row), torch.Generator().manual_seed(seed)
 
 
 class PanopticTrainDataset(_AugmentedRows):
@@ -105,22 +121,30 @@ class PanopticTrainDataset(_AugmentedRows):
         dataset: rows with ``image``, ``panoptic``, ``segments_info`` (see `training.data.panoptic_datasets`).
         transform: the geometric augmentation (None: the image as is).
         return_id_map: also return the augmented ``id_map`` (H, W) int64 and ``segments`` (for CutMix / debugging).
+        color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
     """
 
-    def __init__(self, dataset: Any, transform: GeometricAugmentation | None, return_id_map: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        transform: GeometricAugmentation | None,
+        return_id_map: bool = False,
+        color_augmentation: ColorAugSSD | None = None,
+    ) -> None:
         super().__init__(dataset, transform)
         self.return_id_map = return_id_map
+        self.color_augmentation = color_augmentation
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        row, image, seed = self._row(key)
+        row, image, generator = self._row(key)
         target = panoptic_target_from_row(row)
         id_map = torch.from_numpy(target.training_id_map().astype(np.int64))  # crowd -> void
         height, width = id_map.shape
         if (image.height, image.width) != (height, width):
             raise ValueError(f"image {row.get('image_id')!r}: image {image.size[::-1]} and panoptic {(height, width)} "
                              "sizes differ")
-        params = _sample_geometry(self.transform, height, width, seed)
-        pixel_values = normalize_image(apply_to_image(image, params))
+        params = _sample_geometry(self.transform, height, width, generator)
+        pixel_values = normalize_image(_augmented_image(image, params, self.color_augmentation, generator))
         id_map = apply_to_id_map(id_map, params)
         mask_labels, class_labels = panoptic_to_targets(id_map, target.instance_id_to_label())
         item = {
@@ -144,6 +168,7 @@ class SamMasksTrainDataset(Dataset):
             folder `scripts/generate_sam_masks.py` read). Several pairs are concatenated (e.g. labeled + unlabeled).
         transform: the geometric augmentation applied to the image and every mask.
         exif_transpose: apply EXIF orientation (must match the SAM generation setting, default True).
+        color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
     """
 
     def __init__(
@@ -151,11 +176,13 @@ class SamMasksTrainDataset(Dataset):
         sources: Sequence[tuple[Any, str | os.PathLike]],
         transform: GeometricAugmentation | None,
         exif_transpose: bool = True,
+        color_augmentation: ColorAugSSD | None = None,
     ) -> None:
         self.sources = [(records, Path(root)) for records, root in sources]
         self.offsets = np.cumsum([0] + [len(records) for records, _ in self.sources])
         self.transform = transform
         self.exif_transpose = exif_transpose
+        self.color_augmentation = color_augmentation
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -176,10 +203,11 @@ class SamMasksTrainDataset(Dataset):
                 f"{root / record['file_name']}: image size {(image.height, image.width)} differs from its SAM record "
                 f"{(height, width)}"
             )
-        params = _sample_geometry(self.transform, height, width, seed)
+        generator = torch.Generator().manual_seed(seed)
+        params = _sample_geometry(self.transform, height, width, generator)
         mask_labels, class_labels = sam_record_to_targets(record, params)
         return {
-            "pixel_values": normalize_image(apply_to_image(image, params)),
+            "pixel_values": normalize_image(_augmented_image(image, params, self.color_augmentation, generator)),
             "pixel_mask": valid_pixel_mask(params),
             "mask_labels": mask_labels,
             "class_labels": class_labels,
@@ -195,8 +223,8 @@ class UnlabeledTrainDataset(_AugmentedRows):
     """
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        row, image, seed = self._row(key)
-        params = _sample_geometry(self.transform, image.height, image.width, seed)
+        row, image, generator = self._row(key)
+        params = _sample_geometry(self.transform, image.height, image.width, generator)
         return {
             "pixel_values": apply_to_image(image, params),
             "pixel_mask": valid_pixel_mask(params),
@@ -214,9 +242,14 @@ def geometric_augmentation(args: Any) -> GeometricAugmentation:
                                         args.train_max_size, args.flip_prob)
 
 
+def color_augmentation(args: Any) -> ColorAugSSD | None:
+    """The photometric augmentation of images with ground truth (``--color_augmentation``)."""
+    return ColorAugSSD() if args.color_augmentation == "ssd" else None
+
+
 def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
     """DeWa's data: the SAM records of every ``--sam_masks_dir`` paired with its ``--image_dir``, under the random
-    scale / crop / flip of :func:`geometric_augmentation`."""
+    scale / crop / flip of :func:`geometric_augmentation` and the :func:`color_augmentation`."""
     from .sam_masks import load_sam_masks
 
     image_dirs = args.image_dir * len(args.sam_masks_dir) if len(args.image_dir) == 1 else args.image_dir
@@ -226,7 +259,8 @@ def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
         if len(records) == 0:
             raise ValueError(f"no SAM masks in {masks_dir}: run scripts/generate_sam_masks.py first")
         sources.append((records, image_dir))
-    return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose)
+    return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose,
+                                color_augmentation=color_augmentation(args))
 
 
 @dataclass
