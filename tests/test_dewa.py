@@ -57,21 +57,29 @@ def sam_dir(coco_sample_dir, tmp_path_factory) -> Path:
 
 
 def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
+    """Every SAM mask is one class-0 target; as in the released DeWa, masks the crop leaves empty stay as (empty)
+    targets, unless drop_empty_masks (--drop_empty_sam_masks)."""
     from training.data.sam_masks import load_sam_masks
     from training.data.train_datasets import SamMasksTrainDataset
-    from training.data.transforms import LargeScaleJitter
+    from training.data.transforms import ResizeShortestEdgeJitter
 
     records = load_sam_masks(sam_dir)
-    dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], LargeScaleJitter((96, 128), 0.5, 1.5))
+    transform = ResizeShortestEdgeJitter((96, 128), 1.5, 2.0)  # 144..192 shorter side: the crop cuts masks away
+    dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform)
     item = dataset[(1, 123)]
     assert item["pixel_values"].shape == (3, 96, 128)
-    assert item["mask_labels"].shape[1:] == (96, 128) and len(item["mask_labels"]) > 5
+    assert item["mask_labels"].shape[1:] == (96, 128) and len(item["mask_labels"]) == records[1]["num_masks"]
     assert item["class_labels"].tolist() == [0] * len(item["mask_labels"])
-    assert item["mask_labels"].flatten(1).any(1).all()  # masks cropped away are dropped
+    non_empty = item["mask_labels"].flatten(1).any(1)
+    assert 5 < int(non_empty.sum()) < len(non_empty)  # some masks were cropped away and are kept, empty
     assert (item["mask_labels"] * (1 - item["pixel_mask"])).sum() == 0  # nothing in the padding
     again = dataset[(1, 123)]
     assert torch.equal(item["pixel_values"], again["pixel_values"]) and torch.equal(item["mask_labels"],
                                                                                      again["mask_labels"])
+    dropping = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform, drop_empty_masks=True)
+    dropped = dropping[(1, 123)]
+    assert torch.equal(dropped["mask_labels"], item["mask_labels"][non_empty])
+    assert torch.equal(dropped["pixel_values"], item["pixel_values"])
 
 
 def test_localization_only_loss_ignores_classes():

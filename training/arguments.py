@@ -261,6 +261,10 @@ def add_sam_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--image_dir", type=str, nargs="+", default=None,
                    help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
                         "one per --sam_masks_dir, or one for all.")
+    g.add_argument("--drop_empty_sam_masks", action="store_true",
+                   help="Drop the SAM masks that the crop leaves empty. By default they stay as empty targets, as in "
+                        "the released DeWa: they count in the loss normalisation and teach the queries matched to "
+                        "them to predict nothing.")
     g.add_argument("--no_exif_transpose", action="store_true",
                    help="Do not apply EXIF orientation to images (only if the masks were generated that way).")
     return parser

@@ -169,6 +169,8 @@ class SamMasksTrainDataset(Dataset):
         transform: the geometric augmentation applied to the image and every mask.
         exif_transpose: apply EXIF orientation (must match the SAM generation setting, default True).
         color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
+        drop_empty_masks: drop the masks the crop leaves empty. The released DeWa keeps them as empty targets (the
+            default): they count in the loss normalisation and teach the queries matched to them to predict nothing.
     """
 
     def __init__(
@@ -177,12 +179,14 @@ class SamMasksTrainDataset(Dataset):
         transform: GeometricAugmentation | None,
         exif_transpose: bool = True,
         color_augmentation: ColorAugSSD | None = None,
+        drop_empty_masks: bool = False,
     ) -> None:
         self.sources = [(records, Path(root)) for records, root in sources]
         self.offsets = np.cumsum([0] + [len(records) for records, _ in self.sources])
         self.transform = transform
         self.exif_transpose = exif_transpose
         self.color_augmentation = color_augmentation
+        self.drop_empty_masks = drop_empty_masks
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -205,7 +209,7 @@ class SamMasksTrainDataset(Dataset):
             )
         generator = torch.Generator().manual_seed(seed)
         params = _sample_geometry(self.transform, height, width, generator)
-        mask_labels, class_labels = sam_record_to_targets(record, params)
+        mask_labels, class_labels = sam_record_to_targets(record, params, drop_empty=self.drop_empty_masks)
         return {
             "pixel_values": normalize_image(_augmented_image(image, params, self.color_augmentation, generator)),
             "pixel_mask": valid_pixel_mask(params),
@@ -260,7 +264,8 @@ def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
             raise ValueError(f"no SAM masks in {masks_dir}: run scripts/generate_sam_masks.py first")
         sources.append((records, image_dir))
     return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose,
-                                color_augmentation=color_augmentation(args))
+                                color_augmentation=color_augmentation(args),
+                                drop_empty_masks=args.drop_empty_sam_masks)
 
 
 @dataclass

@@ -430,9 +430,12 @@ def panoptic_to_targets(
     return masks.float(), classes
 
 
-def sam_record_to_targets(record: Mapping[str, Any], params: GeometricParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sam_record_to_targets(
+    record: Mapping[str, Any], params: GeometricParams, drop_empty: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-agnostic DeWa targets of a SAM record under a geometry: every mask is one target of class 0 (overlaps
-    kept, no area filter, masks cropped away dropped). Decoding is `training.data.sam_masks.sam_masks_to_targets`."""
+    kept, no area filter; masks cropped away dropped unless ``drop_empty=False``). Decoding is
+    `training.data.sam_masks.sam_masks_to_targets`."""
     from .sam_masks import sam_masks_to_targets
 
-    return sam_masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params))
+    return sam_masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params), drop_empty=drop_empty)
