@@ -143,6 +143,8 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
         "mixed_precision": "auto",
         "learning_rate": 1e-4,
         "weight_decay": 0.05,
+        "weight_decay_norm": 0.0,
+        "weight_decay_embed": 0.0,
         "lr_power": 0.9,
         "lr_warmup_steps": 0,
         "gradient_clip": 0.01,
@@ -189,6 +191,12 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given.")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="AdamW peak learning rate.")
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW weight decay.")
+    g.add_argument("--weight_decay_norm", type=float, default=d["weight_decay_norm"],
+                   help="Weight decay of normalisation-layer parameters (the released configs: 0; equal to "
+                        "--weight_decay decays them like everything else, the old behaviour).")
+    g.add_argument("--weight_decay_embed", type=float, default=d["weight_decay_embed"],
+                   help="Weight decay of nn.Embedding parameters: object queries, decoder level embedding, no-object "
+                        "embedding (the released configs: 0; equal to --weight_decay: the old behaviour).")
     g.add_argument("--lr_power", type=float, default=d["lr_power"],
                    help="Power of the poly learning-rate schedule lr * (1 - step / max_steps) ** power.")
     g.add_argument("--lr_warmup_steps", type=int, default=d["lr_warmup_steps"],

@@ -228,7 +228,8 @@ def prepare_training(
     args: Any, accelerator: Any, model: nn.Module, datasets: Mapping[str, tuple[Dataset, int]]
 ) -> PreparedTraining:
     """Data loaders for `datasets` (name -> (dataset, global batch size); the i-th draws its order and augmentation
-    seeds from ``--seed`` + i), AdamW over the trainable parameters (``--learning_rate``, ``--weight_decay``) and the
+    seeds from ``--seed`` + i), AdamW over the trainable parameters (``--learning_rate``, ``--weight_decay``,
+    ``--weight_decay_norm``, ``--weight_decay_embed``) and the
     poly schedule (``--max_train_steps``, ``--lr_power``, ``--lr_warmup_steps``), all prepared by `accelerator`.
 
     Re-seeds per process first (``set_seed(device_specific=True)``): the loss samples different points on each process.
@@ -239,7 +240,8 @@ def prepare_training(
                                num_workers=args.num_workers)
         for i, (dataset, batch_size) in enumerate(datasets.values())
     ]
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.weight_decay_norm,
+                                args.weight_decay_embed)
     scheduler = build_poly_scheduler(optimizer, args.max_train_steps, args.lr_power, args.lr_warmup_steps)
     model, optimizer, *loaders, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
     return PreparedTraining(
