@@ -329,7 +329,12 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay gamma of the teacher (Eq. 2).")
     g.add_argument("--teacher_init", type=str, default=None,
                    help="Initial teacher weights (a save_pretrained DEARLi folder). Without it the teacher starts "
-                        "as a copy of the student and the decay ramps up as min(1 - 1/(t+1), gamma).")
+                        "as a copy of the initial student (with --init_from: those weights, e.g. DeWa's).")
+    g.add_argument("--ema_schedule", type=str, default="auto", choices=["auto", "constant", "ramp_up"],
+                   help="EMA decay of the teacher: 'constant' = gamma from step 0; 'ramp_up' = min(1 - 1/(t+1), gamma) "
+                        "(the first update copies the student); 'auto' = as the reference: constant when the teacher "
+                        "starts from given weights (--init_from or --teacher_init: DEARLi starts student and teacher "
+                        "from DeWa), ramp-up when it starts from a fresh model (DEAR from scratch).")
     g.add_argument("--pseudo_label_threshold", type=float, default=0.0,
                    help="Teacher panoptic inference: keep queries whose best class probability exceeds this.")
     g.add_argument("--pseudo_label_overlap_threshold", type=float, default=0.8,

@@ -10,7 +10,8 @@ pseudo-labels, with Accelerate.
 
 Every step takes ``--train_batch_size`` labeled crops (ground truth) and ``--unlabeled_batch_size`` unlabeled crops
 (the training images outside the labeled ``--partition``). The teacher (EMA of the student's decoder, gamma 0.999,
-sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
+sharing the frozen CLIP backbone; student and teacher both start from ``--init_from``, the DeWa output, with a
+constant decay from step 0, as the reference's DEARLi runs; from a fresh model the decay ramps up) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
 -> panoptic inference (threshold 0.0, overlap 0.8) -> hard pseudo-labels; the student learns them on the strong view
 (colour jitter, grayscale, blur, CutMix). Loss = Mask2Former loss on labeled + on pseudo-labeled images; AdamW 1e-4,
 weight decay 0.05, poly schedule, 80k iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema`
@@ -57,7 +58,14 @@ logger = logging.getLogger("training.ssl")
 
 
 def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeacher:
-    """The EMA teacher of the (unwrapped) student, optionally from --teacher_init weights."""
+    """The EMA teacher of the (unwrapped) student: a copy of it, or --teacher_init weights; EMA decay by
+    --ema_schedule (``auto``: constant when the teacher starts from given weights, --init_from or --teacher_init,
+    as the reference's DEARLi runs; ramp-up from a fresh model)."""
+    schedule = getattr(args, "ema_schedule", "auto")
+    if schedule not in ("auto", "constant", "ramp_up"):
+        raise ValueError(f"unknown ema_schedule {schedule!r}")
+    given = bool(args.teacher_init or getattr(args, "init_from", None))
+    ramp_up = not given if schedule == "auto" else schedule == "ramp_up"
     state = None
     if args.teacher_init:
         from modeling_dearli import DearliForPanopticSegmentation
@@ -66,9 +74,10 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
         initial = adapt_class_names(initial, list(class_names.names), class_names.thing_ids, args.clip_pretrained)
         state = initial.state_dict()
         del initial
-    teacher = MeanTeacher(student, decay=args.ema_decay, teacher_state_dict=state)
-    logger.info("Teacher: EMA decay %.4f (%s), %d own parameters, backbone shared with the student", args.ema_decay,
-                "ramp-up min(1 - 1/(t+1), gamma)" if teacher.ramp_up else "given weights, constant decay",
+    teacher = MeanTeacher(student, decay=args.ema_decay, ramp_up=ramp_up, teacher_state_dict=state)
+    logger.info("Teacher: EMA decay %.4f (%s), from %s, %d own parameters, backbone shared with the student",
+                args.ema_decay, "ramp-up min(1 - 1/(t+1), gamma)" if teacher.ramp_up else "constant from step 0",
+                args.teacher_init or getattr(args, "init_from", None) or "the fresh student",
                 sum(v.numel() for v in teacher.teacher_weights().values()))
     return teacher
 
