@@ -51,7 +51,7 @@ DATASETS = ("coco_panoptic", "coco_objects", "ade20k", "custom")
 LOOP_DEFAULTS: dict[str, dict[str, Any]] = {
     "dewa": {"train_batch_size": 16, "project_name": "dearli_dewa"},
     "supervised": {"train_batch_size": 16, "project_name": "dearli_supervised"},
-    "ssl": {"train_batch_size": 8, "project_name": "dearli_ssl"},
+    "ssl": {"train_batch_size": 8, "project_name": "dearli_ssl", "mixed_precision": "no"},
 }
 
 
@@ -188,7 +188,11 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--logging_steps", type=int, default=d["logging_steps"],
                    help="Log training losses every N steps.")
     g.add_argument("--mixed_precision", type=str, default=d["mixed_precision"], choices=["auto", "no", "fp16", "bf16"],
-                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given.")
+                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given. "
+                        "Default 'no' (fp32) for ssl.py, as the released SSL runs: bf16 roughly halves activation "
+                        "memory and speeds up recent GPUs, but the teacher's pseudo-labels and the student's updates "
+                        "then differ from the reference's (not measured); DeWa and the supervised loop default to "
+                        "'auto' (the reference trains DeWa with fp16 AMP).")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="AdamW peak learning rate.")
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW weight decay.")
     g.add_argument("--weight_decay_norm", type=float, default=d["weight_decay_norm"],
@@ -347,6 +351,12 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cutmix_prob", type=float, default=0.5,
                    help="Probability of a CutMix box (2-40%% of the crop, aspect 0.3-3.3) per unlabeled image; 0 "
                         "disables CutMix.")
+    g.add_argument("--cutmix_source", type=str, default="separate_image", choices=["separate_image", "same_batch"],
+                   help="Where CutMix boxes come from: 'separate_image' = another random unlabeled crop, labelled by a "
+                        "second teacher pass (the reference; about 1.5x the teacher compute and one more image to load "
+                        "per unlabeled image); 'same_batch' = the next image of the batch with its pseudo-label (no "
+                        "extra teacher pass or image, but fewer distinct images per step and boxes may cover the "
+                        "source's padding; skipped with one unlabeled image per process).")
     g.add_argument("--final_model", type=str, default="student", choices=["student", "teacher"],
                    help="Which model is saved in --output_dir (the other goes to a sub-folder 'teacher' or "
                         "'student'). The paper evaluates the student of the last iteration.")

@@ -10,12 +10,13 @@ pseudo-labels, with Accelerate.
 
 Every step takes ``--train_batch_size`` labeled crops (ground truth) and ``--unlabeled_batch_size`` unlabeled crops
 (the training images outside the labeled ``--partition``). The teacher (EMA of the student's decoder, gamma 0.999,
-sharing the frozen CLIP backbone; student and teacher both start from ``--init_from``, the DeWa output, with a
-constant decay from step 0, as the reference's DEARLi runs; from a fresh model the decay ramps up) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
+sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
 -> panoptic inference (threshold 0.0, overlap 0.8) -> hard pseudo-labels; the student learns them on the strong view
-(colour jitter, grayscale, blur, CutMix). Loss = Mask2Former loss on labeled + on pseudo-labeled images; AdamW 1e-4,
-weight decay 0.05, poly schedule, 80k iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema`
-for the teacher.
+(colour jitter, grayscale, blur, CutMix with a box of a separate unlabeled crop and its teacher pseudo-label). As in
+the reference's DEARLi runs, student and teacher both start from ``--init_from`` (the DeWa output) with a constant
+EMA decay from step 0 (from a fresh model the decay ramps up), and training is fp32. Loss = Mask2Former loss on
+labeled + on pseudo-labeled images; AdamW 1e-4, weight decay 0.05 (none on norms and embeddings), poly schedule, 80k
+iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema` for the teacher.
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
 (weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
@@ -92,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                          f"{0 if data.unlabeled is None else len(data.unlabeled)}")
     transform = geometric_augmentation(args)
     labeled = PanopticTrainDataset(data.labeled, transform, color_augmentation=color_augmentation(args))
+    separate_cutmix = args.cutmix_prob > 0 and args.cutmix_source == "separate_image"
     datasets = {"labeled": (labeled, args.train_batch_size),
-                "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform), args.unlabeled_batch_size)}
+                "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform, cutmix_source=separate_cutmix),
+                              args.unlabeled_batch_size)}
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
 
     run = prepare_training(args, accelerator, model, datasets)
@@ -106,10 +109,11 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     view_builder = StudentViewBuilder(
         teacher, strong, stuff_classes=config.stuff_ids, num_classes=config.num_classes,
         threshold=args.pseudo_label_threshold, overlap_threshold=args.pseudo_label_overlap_threshold,
-        cutmix=args.cutmix_prob > 0,
+        cutmix=args.cutmix_prob > 0, cutmix_source=args.cutmix_source,
     )
-    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f", view_builder.ensemble_alpha,
-                args.pseudo_label_threshold, args.pseudo_label_overlap_threshold)
+    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f; CutMix p %.2f from %s",
+                view_builder.ensemble_alpha, args.pseudo_label_threshold, args.pseudo_label_overlap_threshold,
+                args.cutmix_prob, args.cutmix_source)
 
     def train_step(run: PreparedTraining, batches: dict[str, Any], step: int) -> StepOutput:
         generator = strong_augmentation_generator(args.seed, step, accelerator.process_index)

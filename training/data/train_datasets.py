@@ -223,17 +223,29 @@ class UnlabeledTrainDataset(_AugmentedRows):
     """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
     mean), "pixel_mask": (h, w), "image_id"}``. Rows need an ``image`` (PIL image or path); labels are ignored.
 
-    The SSL step normalises the weak view for the teacher and derives the student's strong view from it.
+    The SSL step normalises the weak view for the teacher and derives the student's strong view from it. With
+    `cutmix_source` an item also carries the weak view of another unlabeled image drawn at random (with replacement,
+    from the item's seed), with its own scale / crop / flip: ``cutmix_pixel_values``, ``cutmix_pixel_mask``,
+    ``cutmix_image_id`` -- the source of the reference's CutMix boxes.
     """
+
+    def __init__(self, dataset: Any, transform: GeometricAugmentation | None, cutmix_source: bool = False) -> None:
+        super().__init__(dataset, transform)
+        self.cutmix_source = cutmix_source
+
+    def _weak_view(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        params = _sample_geometry(self.transform, image.height, image.width, generator)
+        return apply_to_image(image, params), valid_pixel_mask(params)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         row, image, generator = self._row(key)
-        params = _sample_geometry(self.transform, image.height, image.width, generator)
-        return {
-            "pixel_values": apply_to_image(image, params),
-            "pixel_mask": valid_pixel_mask(params),
-            "image_id": row.get("image_id"),
-        }
+        pixel_values, pixel_mask = self._weak_view(image, generator)
+        item = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "image_id": row.get("image_id")}
+        if self.cutmix_source:
+            source = self.dataset[int(torch.randint(len(self.dataset), (1,), generator=generator))]
+            item["cutmix_pixel_values"], item["cutmix_pixel_mask"] = self._weak_view(row_image(source), generator)
+            item["cutmix_image_id"] = source.get("image_id")
+        return item
 
 
 # --------------------------------------------------------------------------------------------------------------------
