@@ -304,6 +304,10 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                         "training images are the unlabeled data.")
     g.add_argument("--labeled_fraction", type=float, default=None,
                    help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
+    g.add_argument("--coco_objects_void", type=str, default="background", choices=["background", "void"],
+                   help="COCO-Objects: unlabeled (void) pixels become background in training and in the validation "
+                        "ground truth, as the reference's prepare_coco_objects.py ('background'), or stay void "
+                        "('void': no target, not evaluated; the old behaviour).")
     g.add_argument("--restrict_to_present_classes", action="store_true",
                    help="Use only the classes that occur in the labeled training images (small demos).")
     g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")

@@ -293,21 +293,23 @@ class PanopticTrainingData:
 
 def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
     """The panoptic data arguments (``--dataset_name``, the folders, ``--partition`` / ``--labeled_fraction``,
-    ``--restrict_to_present_classes``, ``--max_eval_images``) -> :class:`PanopticTrainingData`.
+    ``--restrict_to_present_classes``, ``--max_eval_images``, ``--coco_objects_void``) -> :class:`PanopticTrainingData`.
 
     With ``--restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
     labeled / unlabeled split); validation segments of other classes are dropped.
     """
+    void_to_background = getattr(args, "coco_objects_void", "background") == "background"
     train, class_names = load_panoptic_dataset(
         args.dataset_name, images_dir=args.train_images_dir, panoptic_dir=args.train_panoptic_dir,
         annotations_json=args.train_annotations, ade20k_root=args.ade20k_root, split="training", with_semantic=False,
+        coco_objects_void_to_background=void_to_background,
     )
     val = None
     if args.dataset_name == "ade20k" or args.val_annotations:
         val, _ = load_panoptic_dataset(
             args.dataset_name, images_dir=args.val_images_dir or args.train_images_dir,
             panoptic_dir=args.val_panoptic_dir or args.train_panoptic_dir, annotations_json=args.val_annotations,
-            ade20k_root=args.ade20k_root, split="validation",
+            ade20k_root=args.ade20k_root, split="validation", coco_objects_void_to_background=void_to_background,
         )
     if args.restrict_to_present_classes:
         train, class_names, val = restrict_to_present_classes(train, class_names, val)
