@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerLoss,
@@ -23,6 +24,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from .clip_backbone import ClipTextEncoder, FrozenClipBackbone, build_open_clip_model, load_open_clip_weights, mask_pool
 from .configuration_dearli import DearliConfig, split_synonyms, validate_vocabulary
+from .initialization import init_pixel_decoder
 from .pipeline_dearli import DearliImageSegmentationPipeline  # noqa: F401  (saved beside the model: custom_pipelines)
 from .pixel_decoder import DearliPixelDecoder
 from .transformer_decoder import DearliTransformerModule
@@ -89,7 +91,8 @@ def synonym_logits_to_class_logits(logits: torch.Tensor, class_index: torch.Tens
 
 
 class DearliPreTrainedModel(Mask2FormerPreTrainedModel):
-    """Weight initialisation of the Mask2Former parts (transformers'); the CLIP towers keep their own weights."""
+    """Weight initialisation of the decoder: transformers' Mask2Former scheme, with the pixel decoder initialised by
+    parameter role as the reference does (:mod:`.initialization`); the CLIP towers keep their own weights."""
 
     config_class = DearliConfig
     config: DearliConfig
@@ -99,9 +102,19 @@ class DearliPreTrainedModel(Mask2FormerPreTrainedModel):
     input_modalities = ("image",)
     _keys_to_ignore_on_load_unexpected = [r"^criterion\."]
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats a model defined outside its package as "custom code" and then skips `_init_weights` for
+        # every module without parameters of its own -- Mask2Former's attention layers, decoder layers and MLPs,
+        # which would keep the generic N(0, 0.02). Our `_init_weights` writes only through
+        # `transformers.initialization` (which leaves loaded parameters alone), so the library's path is safe here.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, DearliForPanopticSegmentation):
-            nn.init.constant_(module.logit_scale, module.config.logit_scale_init)
+            init.constant_(module.logit_scale, module.config.logit_scale_init)
+            return
+        if module is getattr(self, "pixel_decoder", None):
+            init_pixel_decoder(module, num_heads=self.config.num_attention_heads)
             return
         super()._init_weights(module)
 

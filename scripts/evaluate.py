@@ -33,6 +33,7 @@ from training.data.panoptic_datasets import (
     semantic_target_from_row,
 )
 from training.data.train_datasets import row_image, without_image_decoding
+from training.data.resolutions import EVALUATION_SIZES, evaluation_size
 from training.evaluation.panoptic_quality import PanopticQuality, print_report
 from training.pretrained import add_model_arguments, load_model_and_processor
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=cli.positive_int, default=1, help="images per forward pass")
     parser.add_argument("--size", type=cli.positive_int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
                         help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
-                        "processor's (640 2560 unless saved otherwise)")
+                        "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom'")
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     parser.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
     parser.add_argument("--output", default=None, help="write the JSON report here (checked before the model loads)")
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     if args.size is not None:
         processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
+    elif args.dataset in EVALUATION_SIZES:  # the paper's test resolution of a standard dataset
+        processor.size = evaluation_size(args.dataset)
     ensemble_alpha = resolve_ensemble_alpha(args.ensemble_alpha, model.config)
     start = time.perf_counter()
     report = evaluate(model, processor, ds, names, ensemble_alpha=ensemble_alpha, batch_size=args.batch_size,

@@ -151,3 +151,34 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def check_saved_processor():
+    """``check_saved_processor(folder, size)``: the image processor a training loop saved in ``folder`` equals the one
+    built from the saved model config at ``size`` (the dataset's test size), and its panoptic post-processing fuses
+    two segments of one stuff class into one (when the model has stuff classes)."""
+
+    def check(folder: Path, size: dict[str, int]) -> None:
+        from modeling_dearli import DearliConfig, DearliImageProcessor
+        from modeling_dearli.modeling_dearli import DearliPanopticOutput
+
+        saved = DearliImageProcessor.from_pretrained(folder)
+        config = DearliConfig.from_pretrained(folder)
+        settings = {k: v for k, v in saved.to_dict().items() if k != "auto_map"}  # auto_map: written on save
+        assert settings == DearliImageProcessor.from_model_config(config, size=size).to_dict()
+        assert saved.size == size and saved.num_labels == config.num_classes
+        if not config.stuff_ids:
+            return
+        stuff, classes = config.stuff_ids[0], config.num_classes
+        logits = torch.full((1, 2, classes + 1), -20.0)
+        logits[0, :, stuff] = 20.0
+        masks = torch.full((1, 2, 8, 8), -20.0)
+        masks[0, 0, :, :4] = 20.0
+        masks[0, 1, :, 4:] = 20.0
+        outputs = DearliPanopticOutput(class_queries_logits=logits, masks_queries_logits=masks)
+        (result,) = saved.post_process_panoptic_segmentation(outputs, target_sizes=[(32, 32)], ensemble_alpha=1.0)
+        assert [(s["label_id"], s["was_fused"]) for s in result["segments_info"]] == [(stuff, True)]
+        assert int((result["segmentation"] == result["segments_info"][0]["id"]).sum()) == 32 * 32
+
+    return check

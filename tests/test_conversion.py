@@ -147,6 +147,39 @@ def test_reference_config_keeps_architecture_and_sets_vocabulary(config):
     assert full.clip_model_name == "convnext_base_w_320" and full.num_queries == 200 and full.decoder_layers == 10
 
 
+def test_reference_config_takes_only_the_architecture_from_a_base_config():
+    """--config is architecture only: the converted model keeps the reference's 14 prompt templates (its text
+    embeddings follow them), its ensembling weight and loss settings, whatever the base config says."""
+    from modeling_dearli.configuration_dearli import VILD_PROMPT_TEMPLATES
+
+    base = tiny_config(prompt_templates=["a {}."], ensemble_alpha=0.9, train_num_points=77, num_queries=12)
+    config = reference_config(CLASS_NAMES, THING_IDS, base_config=base)
+    assert config.prompt_templates == list(VILD_PROMPT_TEMPLATES) and len(config.prompt_templates) == 14
+    assert config.ensemble_alpha == pytest.approx(0.6) and config.train_num_points == 12544
+    assert config.num_queries == 12 and config.clip_model_config == base.clip_model_config
+    assert config.hidden_dim == base.hidden_dim and config.decoder_layers == base.decoder_layers
+    assert reference_config(CLASS_NAMES, THING_IDS, base_config=base, ensemble_alpha=0.5).ensemble_alpha == 0.5
+
+
+def _text_tower_keys(reference: dict) -> set[str]:
+    clip = "backbone.clip_model."
+    return {k for k in reference if k.startswith(clip) and not k.startswith((clip + "visual.", clip + "logit_scale"))}
+
+
+def test_converted_keys_counts_each_copied_reference_tensor_once(converted, reference, config):
+    """conversion_info's count: every key copied into our model, once (the image tower and logit_scale were counted
+    twice, and the text tower counted although only read to encode the class names)."""
+    ignored = {k for k in reference if k.startswith("criterion")}
+    text_tower = _text_tower_keys(reference)
+    assert text_tower and converted.converted_keys == len(reference) - len(ignored) - len(text_tower)
+    # A kept text tower is copied (counted); a checkpoint text classifier is copied too.
+    kept = reference_config(CLASS_NAMES, THING_IDS, base_config=tiny_config(), keep_text_tower=True)
+    with_tower = convert_reference_state_dict(reference, kept)
+    assert with_tower.converted_keys == len(reference) - len(ignored)
+    classifier = {**reference, "text_classifier": torch.randn(7, config.clip_embed_dim)}
+    assert convert_reference_state_dict(classifier, config).converted_keys == converted.converted_keys + 1
+
+
 def test_round_trip_copies_every_reference_tensor(converted, reference, config):
     ours = converted.model.state_dict()
     h = config.hidden_dim
@@ -354,6 +387,8 @@ def test_convert_script_end_to_end(tmp_path, caplog, load_script):
     info = json.loads((output / "conversion_info.json").read_text())
     assert info["dataset"] == "coco_objects" and info["source_checkpoint"] == checkpoint.name
     assert len(info["source_sha256"]) == 64 and not info["class_agnostic_warm_up"]
+    copied = [k for k in state if not k.startswith("criterion") and k not in _text_tower_keys(state)]
+    assert info["reference_tensors_converted"] == len(copied) < len(state)
 
     # A broken checkpoint: non-zero exit status, the offending key in the log and nothing written.
     broken = tmp_path / "broken.pth"

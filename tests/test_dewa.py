@@ -57,21 +57,29 @@ def sam_dir(coco_sample_dir, tmp_path_factory) -> Path:
 
 
 def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
+    """Every SAM mask is one class-0 target; as in the released DeWa, masks the crop leaves empty stay as (empty)
+    targets, unless drop_empty_masks (--drop_empty_sam_masks)."""
     from training.data.sam_masks import load_sam_masks
     from training.data.train_datasets import SamMasksTrainDataset
-    from training.data.transforms import LargeScaleJitter
+    from training.data.transforms import ResizeShortestEdgeJitter
 
     records = load_sam_masks(sam_dir)
-    dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], LargeScaleJitter((96, 128), 0.5, 1.5))
+    transform = ResizeShortestEdgeJitter((96, 128), 1.5, 2.0)  # 144..192 shorter side: the crop cuts masks away
+    dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform)
     item = dataset[(1, 123)]
     assert item["pixel_values"].shape == (3, 96, 128)
-    assert item["mask_labels"].shape[1:] == (96, 128) and len(item["mask_labels"]) > 5
+    assert item["mask_labels"].shape[1:] == (96, 128) and len(item["mask_labels"]) == records[1]["num_masks"]
     assert item["class_labels"].tolist() == [0] * len(item["mask_labels"])
-    assert item["mask_labels"].flatten(1).any(1).all()  # masks cropped away are dropped
+    non_empty = item["mask_labels"].flatten(1).any(1)
+    assert 5 < int(non_empty.sum()) < len(non_empty)  # some masks were cropped away and are kept, empty
     assert (item["mask_labels"] * (1 - item["pixel_mask"])).sum() == 0  # nothing in the padding
     again = dataset[(1, 123)]
     assert torch.equal(item["pixel_values"], again["pixel_values"]) and torch.equal(item["mask_labels"],
                                                                                      again["mask_labels"])
+    dropping = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform, drop_empty_masks=True)
+    dropped = dropping[(1, 123)]
+    assert torch.equal(dropped["mask_labels"], item["mask_labels"][non_empty])
+    assert torch.equal(dropped["pixel_values"], item["pixel_values"])
 
 
 def test_localization_only_loss_ignores_classes():
@@ -112,7 +120,7 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_accelerate_launch_checkpoint_and_exact_resume(sam_dir, coco_sample_dir, tmp_path):
+def test_accelerate_launch_checkpoint_and_exact_resume(sam_dir, coco_sample_dir, tmp_path, check_saved_processor):
     common = [*TINY, "--sam_masks_dir", str(sam_dir), "--image_dir", str(coco_sample_dir / "images"),
               "--train_batch_size", "2", "--crop_size", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--checkpoints_total_limit", "0", "--logging_steps", "1", "--with_tracking", "--report_to", "tensorboard"]
@@ -121,7 +129,7 @@ def test_accelerate_launch_checkpoint_and_exact_resume(sam_dir, coco_sample_dir,
     steps = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert steps == ["step_00000002", "step_00000004"]
     assert (straight / "model.safetensors").is_file() and (straight / "config.json").is_file()
-    assert (straight / "preprocessor_config.json").is_file()
+    check_saved_processor(straight, {"shortest_edge": 640, "longest_edge": 2560})  # one class-agnostic thing class
     assert list((straight / "logs").rglob("events.out.tfevents.*"))  # tensorboard, offline
 
     # Resume the same run from its step-2 checkpoint in another folder: it continues at step 2 and ends exactly where
@@ -184,8 +192,8 @@ def test_tiny_model_overfits_one_image_of_sam_masks(coco_sample_dir, tmp_path, f
     assert len(records[0]["masks"]) == 4
     sam_one = _write_sam_dir(tmp_path / "one", records)
     result = dewa.main([*TINY, "--sam_masks_dir", str(sam_one), "--image_dir", str(coco_sample_dir / "images"),
-                        "--train_batch_size", "1", "--crop_size", "96", "144", "--min_scale", "1", "--max_scale", "1",
-                        "--flip_prob", "0", "--learning_rate", "0.001", "--max_train_steps", "90",
+                        "--train_batch_size", "1", "--crop_size", "96", "144", "--scale_augmentation", "lsj",
+                        "--min_scale", "1", "--max_scale", "1", "--flip_prob", "0", "--color_augmentation", "none", "--learning_rate", "0.001", "--max_train_steps", "90",
                         "--checkpointing_steps", "0", "--logging_steps", "1", "--output_dir", str(tmp_path / "out")])
     losses = [h["train/loss"] for h in result.history]
     assert len(losses) == 90

@@ -146,3 +146,28 @@ def test_given_teacher_weights_disable_ramp_up_and_wrappers_are_unwrapped(studen
     assert not mean_teacher.ramp_up
     torch.testing.assert_close(mean_teacher.teacher_weights()["logit_scale"], weights["logit_scale"])
     assert mean_teacher.update(nn.DataParallel(student)) == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize(("init_from", "schedule", "ramped"), [
+    ("dewa", "auto", False), (None, "auto", True), ("dewa", "ramp_up", True), (None, "constant", False)])
+def test_ssl_teacher_schedule_follows_the_reference(student, init_from, schedule, ramped):
+    """DEARLi (student from DeWa, --init_from): teacher = the same DeWa weights, constant 0.999 from step 0, so after
+    the first update theta_t = 0.999 theta_DeWa + 0.001 theta_s(1); DEAR (fresh): ramp-up, theta_t = theta_s(1)."""
+    from types import SimpleNamespace
+
+    from training.ssl import build_teacher
+
+    args = SimpleNamespace(teacher_init=None, init_from=init_from, ema_schedule=schedule, ema_decay=0.999)
+    initial = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    teacher = build_teacher(args, student, class_names=None)
+    assert teacher.ramp_up is ramped
+    moved = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in moved.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert teacher.update(moved) == (0.0 if ramped else 0.999)
+    for name, value in teacher.teacher_weights().items():
+        if name in initial:
+            expected = initial[name] + 1.0 if ramped else 0.999 * initial[name] + 0.001 * (initial[name] + 1.0)
+            torch.testing.assert_close(value, expected, msg=name)

@@ -118,3 +118,23 @@ def test_label_space_mismatch_is_reported(tiny_model, tmp_path, load_script):
     names = ClassNames((1, 2), ("a", "b"), (True, False))
     with pytest.raises(ValueError, match="3 classes, the dataset 2"):
         script.evaluate(tiny_model, None, [], names)
+
+
+@pytest.mark.parametrize(("dataset", "expected"), [("coco_panoptic", (512, 2048)), ("coco_objects", (512, 2048)),
+                                                   ("ade20k", (640, 2560)), ("custom", (96, 160))])
+def test_default_resolution_is_the_datasets_test_size(dataset, expected, tiny_model_with_processor_dir, load_script,
+                                                      monkeypatch):
+    """Without --size a standard dataset is evaluated at the reference's test size (COCO 512 / 2048, not the
+    processor default 640 / 2560); a custom dataset at the size of the processor saved with the model."""
+    script = load_script("evaluate")
+    seen = {}
+
+    def fake_evaluate(model, processor, *args, **kwargs):
+        seen["size"] = processor.size
+        raise KeyboardInterrupt  # stop before the report
+
+    monkeypatch.setattr(script, "load_dataset", lambda args: ([], None))
+    monkeypatch.setattr(script, "evaluate", fake_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--model", str(tiny_model_with_processor_dir), "--dataset", dataset, "--device", "cpu"])
+    assert (seen["size"]["shortest_edge"], seen["size"]["longest_edge"]) == expected

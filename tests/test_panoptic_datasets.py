@@ -25,6 +25,7 @@ from training.data.panoptic_datasets import (
     load_class_names,
     load_coco_objects,
     load_coco_panoptic,
+    load_panoptic_dataset,
     masks_and_labels,
     panoptic_target_from_row,
     partition_keys,
@@ -281,6 +282,72 @@ def test_coco_objects_remap(tmp_path):
     coco_ds = load_coco_panoptic(tmp_path / "images", tmp_path / "panoptic", tmp_path / "panoptic.json",
                                  class_names=load_class_names("coco_panoptic"))
     assert to_coco_objects(coco_ds, objects)[0]["segments_info"] == row["segments_info"]
+
+
+def _write_objects_case(root: Path) -> None:
+    """Image 1: thing 5 (person), stuff 7 (tree) and 9 (sky), void; image 2: things 1 and 2 (car) and void only;
+    image 3: thing 4 and stuff 6, no void."""
+    (root / "images").mkdir(parents=True)
+    (root / "panoptic").mkdir()
+    cases = [
+        [(5, 1, np.s_[2:5, 2:5]), (7, 184, np.s_[6:, :]), (9, 187, np.s_[:2, :])],
+        [(1, 3, np.s_[:4, :4]), (2, 3, np.s_[5:, 5:])],
+        [(4, 1, np.s_[:5, :]), (6, 187, np.s_[5:, :])],
+    ]
+    images, anns = [], []
+    for k, segments in enumerate(cases):
+        ids = np.zeros((8, 8), np.int64)
+        for sid, _, region in segments:
+            ids[region] = sid
+        segs = [{"id": sid, "category_id": cat, "iscrowd": 0, "area": int((ids == sid).sum()), "bbox": [0, 0, 1, 1]}
+                for sid, cat, _ in segments]
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(root / "images" / f"{k}.jpg")
+        Image.fromarray(id_to_rgb(ids)).save(root / "panoptic" / f"{k}.png")
+        images.append({"id": k, "file_name": f"{k}.jpg", "height": 8, "width": 8})
+        anns.append({"image_id": k, "file_name": f"{k}.png", "segments_info": segs})
+    cats = [{"id": 1, "name": "person", "isthing": 1}, {"id": 3, "name": "car", "isthing": 1},
+            {"id": 184, "name": "tree-merged", "isthing": 0}, {"id": 187, "name": "sky-other-merged", "isthing": 0}]
+    (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def test_coco_objects_void_becomes_background_as_the_reference(tmp_path):
+    """prepare_coco_objects.py: stuff and void pixels form one background segment (the first stuff segment's id); an
+    image with things and void only gets a new background segment (smallest unused positive id); the ground truth
+    then has no void, in training targets and in evaluation. coco_objects_void_to_background=False: the old void."""
+    _write_objects_case(tmp_path)
+    args = (tmp_path / "images", tmp_path / "panoptic", tmp_path / "panoptic.json")
+    ds = load_coco_objects(*args)
+    raw = [rgb_to_id(np.asarray(Image.open(tmp_path / "panoptic" / f"{k}.png").convert("RGB"))) for k in range(3)]
+
+    first = panoptic_target_from_row(ds[0])
+    assert sorted((s["id"], s["category_id"], s["isthing"]) for s in first.segments) == [(5, 1, True), (7, 0, False)]
+    np.testing.assert_array_equal(first.id_map == 7, np.isin(raw[0], [0, 7, 9]))  # stuff + void
+    np.testing.assert_array_equal(first.id_map == 5, raw[0] == 5)
+    second = panoptic_target_from_row(ds[1])
+    assert sorted((s["id"], s["category_id"]) for s in second.segments) == [(1, 3), (2, 3), (3, 0)]  # new id 3
+    np.testing.assert_array_equal(second.id_map == 3, raw[1] == 0)
+    third = panoptic_target_from_row(ds[2])
+    assert sorted((s["id"], s["category_id"]) for s in third.segments) == [(4, 1), (6, 0)]
+    for target in (first, second, third):
+        assert (target.id_map != 0).all()  # no void left
+        mask_labels, class_labels = masks_and_labels(target.training_id_map(), target.instance_id_to_label())
+        assert int(mask_labels.sum()) == target.id_map.size  # every pixel is in a training target
+        assert 0 in class_labels.tolist()
+    # evaluation: a prediction that leaves the former void unlabeled now loses background quality
+    objects = load_class_names("coco_objects")
+    acc = PanopticQuality(objects.contiguous_categories())
+    segs = first.eval_segments()
+    prediction = np.where(raw[0] == 0, 0, first.id_map)
+    acc.update(prediction, segs, first.id_map, segs)
+    assert acc.compute()["Stuff"]["sq"] < 1.0
+
+    old = load_coco_objects(*args, void_to_background=False)
+    kept = panoptic_target_from_row(old[1])
+    assert sorted(s["id"] for s in kept.segments) == [1, 2] and (kept.id_map == 0).sum() == (raw[1] == 0).sum()
+    data, names = load_panoptic_dataset("coco_objects", images_dir=args[0], panoptic_dir=args[1],
+                                        annotations_json=args[2],
+                                        coco_objects_void_to_background=False)
+    assert (panoptic_target_from_row(data[0]).id_map == 0).any() and len(names) == 81
 
 
 # --------------------------------------------------------------------------------------------------------------------

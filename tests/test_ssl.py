@@ -35,7 +35,8 @@ def test_presets_parse_with_paper_settings(preset):
         "--train_images_dir", "i", "--train_panoptic_dir", "p", "--train_annotations", "a.json"]
     args = parse_args("ssl", ["--config", preset, "--output_dir", "out", *data])
     crop = 640 if "ade20k" in preset else 512
-    assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.1, 2.0)
+    assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.5, 2.0)
+    assert args.scale_augmentation == "shortest_edge" and args.train_max_size == 4 * crop
     assert (args.train_batch_size, args.unlabeled_batch_size, args.max_train_steps) == (8, 8, 80_000)
     assert (args.learning_rate, args.weight_decay, args.ema_decay) == (1e-4, 0.05, 0.999)
     assert (args.pseudo_label_threshold, args.pseudo_label_overlap_threshold, args.cutmix_prob) == (0.0, 0.8, 0.5)
@@ -64,7 +65,9 @@ def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     masks[1, 32:] = 1
     labeled = {"pixel_values": torch.randn(2, 3, 64, 64, generator=g), "mask_labels": [masks, masks.flip(-1)],
                "class_labels": [torch.tensor([0, 1]), torch.tensor([2, 0])]}
-    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g), "pixel_mask": torch.ones(2, 64, 64)}
+    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g), "pixel_mask": torch.ones(2, 64, 64),
+                 "cutmix_pixel_values": list(torch.rand(2, 3, 64, 64, generator=g)),
+                 "cutmix_pixel_mask": list(torch.ones(2, 64, 64))}
     before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     out = ssl_train_step(accelerator, student, teacher, builder, optimizer, scheduler, labeled, unlabeled, g, 0,
                          gradient_clip=0.01)
@@ -99,7 +102,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
+def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path, check_saved_processor):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     _launch(["--output_dir", str(run_a)], tmp_path / "a.log")
     log_a = (tmp_path / "a.log").read_text()
@@ -119,7 +122,8 @@ def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path):
     metrics = json.loads((run_a / "eval_results.json").read_text())
     assert metrics["step"] == 3 and "eval/student/PQ" in metrics and "eval/teacher/mIoU" in metrics
     assert list((run_a / "logs").rglob("events.out.tfevents*"))
-    assert (run_a / "preprocessor_config.json").is_file() and (run_a / "teacher" / "config.json").is_file()
+    for folder in (run_a, run_a / "teacher"):  # the demo's validation size (ssl_demo.yaml)
+        check_saved_processor(folder, {"shortest_edge": 128, "longest_edge": 256})
 
     # Resume from step 2 into a new folder: same step count, same teacher, same final weights.
     _launch(["--output_dir", str(run_b), "--resume_from_checkpoint", str(checkpoint), "--val_annotations="],
@@ -154,7 +158,8 @@ def test_separate_backward_gives_the_gradient_of_the_summed_loss(tiny_model):
     masks[0, 1, :, 20:] = 1
     labeled = {"pixel_values": torch.randn(1, 3, 64, 64, generator=g), "mask_labels": [masks[0]],
                "class_labels": [torch.tensor([0, 1])]}
-    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g)}
+    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g),
+                 "cutmix_pixel_values": list(torch.rand(2, 3, 64, 64, generator=g))}
     results = []
     for separate in (True, False):
         student = copy.deepcopy(tiny_model).train()
@@ -171,3 +176,93 @@ def test_separate_backward_gives_the_gradient_of_the_summed_loss(tiny_model):
     assert out_a.unlabeled_loss == pytest.approx(out_b.unlabeled_loss, rel=1e-5)
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _constant_batch(values: list[float], size: int = 64) -> torch.Tensor:
+    return torch.stack([torch.full((3, size, size), v) for v in values])
+
+
+def _class_map(mask_labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """(H, W) class of each pixel's target (-1: no target)."""
+    out = torch.full(mask_labels.shape[-2:], -1, dtype=torch.long)
+    for mask, label in zip(mask_labels, class_labels):
+        out[mask.bool()] = int(label)
+    return out
+
+
+def _pseudo_classes(pseudo, b: int) -> torch.Tensor:
+    """(H, W) pseudo-label class of image b (-1: void)."""
+    lookup = torch.cat([torch.tensor([-1]), pseudo.labels[b].long()])
+    return lookup[pseudo.segmentation[b].clamp_min(0)]
+
+
+@pytest.mark.parametrize("source", ["separate_image", "same_batch"])
+def test_cutmix_pastes_a_box_and_its_pseudo_label_from_the_source(tiny_model, source):
+    """Reference CutMix (separate_image): the box lies inside the separate crop's real content, the student sees that
+    crop's pixels there and learns the teacher's pseudo-label *of that crop* (a second teacher pass on the crops that
+    got a box); outside the box, the image's own pixels and pseudo-label. same_batch pastes the next image instead."""
+    from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
+    from training.data.transforms import normalize_image
+    from training.ema import MeanTeacher
+    from training.pseudo_labels import panoptic_pseudo_labels
+    from training.ssl_step import StudentViewBuilder
+
+    teacher = MeanTeacher(copy.deepcopy(tiny_model))
+    calls = []
+    forward = teacher.teacher.forward
+    teacher.teacher.forward = lambda *a, **k: calls.append(k["pixel_values"].shape[0]) or forward(*a, **k)
+    photometric_off = StrongAugmentationConfig(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, cutmix_p=1.0)
+    builder = StudentViewBuilder(teacher, StrongAugmentation(photometric_off), stuff_classes=[1, 2], num_classes=3,
+                                 ensemble_alpha=1.0, cutmix_source=source)
+    g = torch.Generator().manual_seed(3)
+    weak = torch.rand(3, 3, 64, 64, generator=g) * 0.3  # dark images; the sources are bright
+    sources = 0.7 + torch.rand(3, 3, 64, 64, generator=g) * 0.3
+    source_mask = torch.zeros(3, 64, 64, dtype=torch.long)
+    source_mask[:, :40, :48] = 1  # the sources' real content; the rest is padding
+    out = builder(weak, torch.ones(3, 64, 64, dtype=torch.long), torch.Generator().manual_seed(0),
+                  cutmix_images=sources if source == "separate_image" else None, cutmix_pixel_mask=source_mask)
+    assert out.cutmix_applied == 3
+    pixels = out.pixel_values
+    if source == "same_batch":
+        assert calls == [3]
+        donors, donor_images = torch.roll(torch.arange(3), -1), weak
+    else:
+        assert calls == [3, 3]  # the batch, then the three crops with a box
+        donors, donor_images = torch.arange(3), sources
+    own_pseudo = panoptic_pseudo_labels(teacher(pixel_values=normalize_image(weak)), stuff_classes=[1, 2],
+                                        ensemble_alpha=1.0, image_size=(64, 64))
+    donor_pseudo = own_pseudo if source == "same_batch" else panoptic_pseudo_labels(
+        teacher(pixel_values=normalize_image(sources), pixel_mask=source_mask), stuff_classes=[1, 2],
+        ensemble_alpha=1.0, image_size=(64, 64))
+    labelled = 0
+    for b in range(3):
+        box = (pixels[b] - normalize_image(weak[b])).abs().amax(0) > 1e-5
+        assert box.any() and not box.all()
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert int(box.sum()) == len(rows) * len(cols)  # one rectangle
+        if source == "separate_image":
+            assert int(rows.max()) < 40 and int(cols.max()) < 48  # inside the source's real content
+        j = int(donors[b])
+        torch.testing.assert_close(pixels[b][:, box], normalize_image(donor_images[j])[:, box])
+        classes = _class_map(out.mask_labels[b], out.class_labels[b])
+        own, donor = _pseudo_classes(own_pseudo, b), _pseudo_classes(donor_pseudo, j)
+        assert torch.equal(classes[box], donor[box]) and torch.equal(classes[~box], own[~box])
+        labelled += int((donor[box] >= 0).sum())
+    assert labelled > 0
+
+
+def test_unlabeled_items_carry_a_separate_cutmix_crop(coco_sample_dir):
+    from training.data.panoptic_datasets import load_coco_panoptic
+    from training.data.train_datasets import UnlabeledTrainDataset
+    from training.data.transforms import ResizeShortestEdgeJitter
+
+    ds = load_coco_panoptic(coco_sample_dir / "images", coco_sample_dir / "panoptic",
+                            coco_sample_dir / "panoptic_annotations.json")
+    dataset = UnlabeledTrainDataset(ds, ResizeShortestEdgeJitter(128), cutmix_source=True)
+    items = [dataset[(0, seed)] for seed in range(8)]
+    assert all(item["cutmix_pixel_values"].shape == (3, 128, 128) for item in items)
+    assert {item["cutmix_image_id"] for item in items} == set(ds["image_id"])  # drawn at random, with replacement
+    assert any(not torch.equal(i["cutmix_pixel_values"], i["pixel_values"]) for i in items)
+    again = dataset[(0, 5)]
+    assert torch.equal(again["cutmix_pixel_values"], items[5]["cutmix_pixel_values"])
+    assert "cutmix_pixel_values" not in UnlabeledTrainDataset(ds, ResizeShortestEdgeJitter(128))[(0, 1)]

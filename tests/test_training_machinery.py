@@ -198,3 +198,34 @@ def test_dataloader_workers_never_exceed_the_cpus(monkeypatch, caplog):
         warnings.simplefilter("error")  # DataLoader warns (UserWarning) when workers exceed the CPUs
         loader = loop.build_train_dataloader(list(range(8)), 2, 1, seed=0, num_workers=loop.clamp_num_workers(cpus + 3))
     assert loader.num_workers == cpus
+
+
+def test_weight_decay_spares_norms_and_embeddings_as_the_reference(tiny_model):
+    """detectron2's WEIGHT_DECAY_NORM = WEIGHT_DECAY_EMBED = 0: normalisation layers and nn.Embedding parameters are
+    not decayed; everything else, biases, the pixel decoder's level_embed parameter and logit_scale included, is."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    optimizer = build_optimizer(model, 1e-2, 0.05)
+    decay = {name: group["weight_decay"] for group in optimizer.param_groups for name in group["names"]}
+    assert set(decay) == {n for n, p in model.named_parameters() if p.requires_grad}
+    zero = {n for n, d in decay.items() if d == 0.0}
+    norms = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+    embeddings = {"transformer_module.queries_embedder.weight", "transformer_module.queries_features.weight",
+                  "transformer_module.level_embed.weight", "void_embedding.weight"}
+    assert zero == {n for n in decay if n.rsplit(".", 1)[0] in norms} | embeddings and len(zero) > 20
+    for name in ("logit_scale", "pixel_decoder.level_embed", "transformer_module.decoder.layers.0.fc1.bias",
+                 "transformer_module.decoder.layers.0.cross_attn.in_proj_weight", "class_embed.0.0.weight"):
+        assert decay[name] == 0.05, name
+    # AdamW's decoupled decay on a zero gradient: only the decayed parameters shrink, by lr * 0.05.
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name in before:
+            torch.testing.assert_close(param.detach(), before[name] * (1 - 1e-2 * decay[name]), msg=name)
+    # --weight_decay_norm / --weight_decay_embed equal to --weight_decay: one group, every parameter decayed.
+    uniform = build_optimizer(model, 1e-4, 0.05, weight_decay_norm=0.05, weight_decay_embed=0.05)
+    assert [g["weight_decay"] for g in uniform.param_groups] == [0.05]

@@ -19,7 +19,7 @@ def _data_args(sample) -> list[str]:
             "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
 
 
-def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelerate_state):
+def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelerate_state, check_saved_processor):
     """A DeWa-style initial model (one class-agnostic class, text tower kept) is switched to the dataset's classes,
     trained with the full loss, validated and saved with its image processor."""
     from modeling_dearli import DearliForPanopticSegmentation, tiny_model
@@ -42,6 +42,7 @@ def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelera
     assert not torch.equal(model.state_dict()[decoder_key], init.state_dict()[decoder_key])  # trained
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["num_labels"] == 8 and processor["label_ids_to_fuse"] == [4, 5, 6, 7]
+    check_saved_processor(out, {"shortest_edge": 48, "longest_edge": 96})
     report = json.loads((out / "eval_results.json").read_text())
     assert report["step"] == 2 and report["report"]["num_images"] == 2
 

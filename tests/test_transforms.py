@@ -12,12 +12,15 @@ from training.data.transforms import (
     CLIP_STD,
     GeometricParams,
     LargeScaleJitter,
+    ResizeShortestEdgeJitter,
     apply_to_id_map,
     apply_to_image,
     apply_to_masks,
     fixed_params,
     normalize_image,
     panoptic_to_targets,
+    shortest_edge_output_shape,
+    shortest_edge_sizes,
     valid_pixel_mask,
 )
 
@@ -37,9 +40,13 @@ def test_constants_match_the_contract():
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_image_and_labels_stay_aligned(seed):
+@pytest.mark.parametrize("scheme", ["lsj", "shortest_edge"])
+def test_image_and_labels_stay_aligned(seed, scheme):
     image, id_map = _coded_image(96, 144)
-    transform = LargeScaleJitter((64, 80), min_scale=0.3, max_scale=2.0, flip_prob=0.5)
+    if scheme == "lsj":
+        transform = LargeScaleJitter((64, 80), min_scale=0.3, max_scale=2.0, flip_prob=0.5)
+    else:
+        transform = ResizeShortestEdgeJitter((64, 80), min_scale=0.5, max_scale=2.0, flip_prob=0.5)
     params = transform.sample(96, 144, torch.Generator().manual_seed(seed))
     out_image = apply_to_image(image, params, pad_value=0.0)
     out_ids = apply_to_id_map(id_map, params)
@@ -91,6 +98,44 @@ def test_sampling_is_deterministic_and_covers_the_range():
     for p in a:
         assert 0 <= p.crop_top <= max(p.resized_size[0] - 64, 0)
         assert 0 <= p.crop_left <= max(p.resized_size[1] - 64, 0)
+
+
+def test_shortest_edge_choices_are_the_released_configs():
+    """``[int(x * 0.1 * C) for x in range(5, 21)]`` (mask2former configs: MIN_SIZE_TRAIN, sampling "choice")."""
+    assert shortest_edge_sizes(640) == list(range(320, 1281, 64))
+    assert shortest_edge_sizes(512) == [256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972,
+                                        1024]
+    assert shortest_edge_sizes(640, 1.0, 1.0) == [640]
+
+
+@pytest.mark.parametrize(("size", "short_edge", "max_size", "expected"), [
+    ((600, 800), 320, 2560, (320, 427)),  # shorter side to 320, aspect kept, rounded half up
+    ((600, 1500), 1280, 2560, (1024, 2560)),  # 1280 x 3200 exceeds 2560: both scaled by 2560 / 3200
+    ((480, 640), 307, 2048, (307, 409)),
+    ((800, 600), 320, 2560, (427, 320)),  # portrait
+])
+def test_shortest_edge_resize_is_detectron2s(size, short_edge, max_size, expected):
+    assert shortest_edge_output_shape(*size, short_edge, max_size) == expected
+
+
+def test_shortest_edge_jitter_draws_the_list_crops_uniformly_and_pads_only_small_draws():
+    transform = ResizeShortestEdgeJitter(640, flip_prob=0.5)
+    assert transform.max_size == 2560 and len(transform.sizes) == 16
+    draws = [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
+    assert draws == [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
+    short_sides = [p.resized_size[0] for p in draws]
+    assert set(short_sides) == set(transform.sizes)  # every choice appears, nothing else
+    assert max(short_sides.count(v) for v in transform.sizes) < 3 * 400 / 16
+    for p in draws:
+        h, w = p.resized_size
+        assert (h, w) == shortest_edge_output_shape(600, 800, h, 2560)
+        assert p.output_size == (640, 640) and 0 <= p.crop_top <= max(h - 640, 0) and 0 <= p.crop_left <= max(w - 640, 0)
+        assert p.valid_size == (min(h, 640), min(w, 640))  # padding only where the resized image is smaller
+    lefts = [p.crop_left / max(p.resized_size[1] - 640, 1) for p in draws if p.resized_size[1] > 1000]
+    assert min(lefts) < 0.1 and max(lefts) > 0.9 and 0.35 < float(np.mean(lefts)) < 0.65  # uniform offsets
+    assert 150 < sum(p.flip for p in draws) < 250
+    padded = sum(p.valid_size != (640, 640) for p in draws) / len(draws)
+    assert 0.2 < padded < 0.45  # 5 of the 16 shorter sides are below the crop
 
 
 def test_identity_geometry_is_exact():

@@ -25,6 +25,9 @@ from typing import Any
 import yaml
 
 from . import cli
+from .data.color_augmentation import COLOR_AUGMENTATIONS
+from .data.resolutions import evaluation_size
+from .data.transforms import SCALE_AUGMENTATIONS
 
 __all__ = [
     "CONFIG_DIR",
@@ -50,7 +53,7 @@ DATASETS = ("coco_panoptic", "coco_objects", "ade20k", "custom")
 LOOP_DEFAULTS: dict[str, dict[str, Any]] = {
     "dewa": {"train_batch_size": 16, "project_name": "dearli_dewa"},
     "supervised": {"train_batch_size": 16, "project_name": "dearli_supervised"},
-    "ssl": {"train_batch_size": 8, "project_name": "dearli_ssl"},
+    "ssl": {"train_batch_size": 8, "project_name": "dearli_ssl", "mixed_precision": "no"},
 }
 
 
@@ -142,13 +145,15 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
         "mixed_precision": "auto",
         "learning_rate": 1e-4,
         "weight_decay": 0.05,
+        "weight_decay_norm": 0.0,
+        "weight_decay_embed": 0.0,
         "lr_power": 0.9,
         "lr_warmup_steps": 0,
         "gradient_clip": 0.01,
         "train_batch_size": 16,
         "crop_size": [640],
-        "min_scale": 0.1,
-        "max_scale": 2.0,
+        "scale_augmentation": "shortest_edge",
+        "color_augmentation": "ssd",
         "flip_prob": 0.5,
         "num_workers": 4,
         "report_to": "tensorboard",
@@ -185,9 +190,19 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--logging_steps", type=int, default=d["logging_steps"],
                    help="Log training losses every N steps.")
     g.add_argument("--mixed_precision", type=str, default=d["mixed_precision"], choices=["auto", "no", "fp16", "bf16"],
-                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given.")
+                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given. "
+                        "Default 'no' (fp32) for ssl.py, as the released SSL runs: bf16 roughly halves activation "
+                        "memory and speeds up recent GPUs, but the teacher's pseudo-labels and the student's updates "
+                        "then differ from the reference's (not measured); DeWa and the supervised loop default to "
+                        "'auto' (the reference trains DeWa with fp16 AMP).")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="AdamW peak learning rate.")
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW weight decay.")
+    g.add_argument("--weight_decay_norm", type=float, default=d["weight_decay_norm"],
+                   help="Weight decay of normalisation-layer parameters (the released configs: 0; equal to "
+                        "--weight_decay decays them like everything else, the old behaviour).")
+    g.add_argument("--weight_decay_embed", type=float, default=d["weight_decay_embed"],
+                   help="Weight decay of nn.Embedding parameters: object queries, decoder level embedding, no-object "
+                        "embedding (the released configs: 0; equal to --weight_decay: the old behaviour).")
     g.add_argument("--lr_power", type=float, default=d["lr_power"],
                    help="Power of the poly learning-rate schedule lr * (1 - step / max_steps) ** power.")
     g.add_argument("--lr_warmup_steps", type=int, default=d["lr_warmup_steps"],
@@ -199,11 +214,23 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
                    help="Training images per step over all processes (divided among them).")
     g.add_argument("--crop_size", type=int, nargs="+", default=d["crop_size"],
                    help="Training crop size: one int (square) or height width.")
-    g.add_argument("--min_scale", type=float, default=d["min_scale"],
-                   help="Smallest random scale of the crop size the image is resized to fit in.")
-    g.add_argument("--max_scale", type=float, default=d["max_scale"],
-                   help="Largest random scale of the crop size the image is resized to fit in.")
+    g.add_argument("--scale_augmentation", type=str, default=d["scale_augmentation"], choices=SCALE_AUGMENTATIONS,
+                   help="Random scale before the crop: 'shortest_edge' = the released configs' (shorter side drawn "
+                        "from min_scale..max_scale x the crop in steps of 0.1, longer side capped at "
+                        "--train_max_size); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
+                        "s x the crop, s ~ U(min_scale, max_scale): smaller objects, more padding).")
+    g.add_argument("--min_scale", type=float, default=None,
+                   help="Smallest scale of the crop size (default: 0.5 for shortest_edge, 0.1 for lsj).")
+    g.add_argument("--max_scale", type=float, default=None, help="Largest scale of the crop size (default: 2.0).")
+    g.add_argument("--train_max_size", type=int, default=None,
+                   help="shortest_edge only: cap of the longer side of the resized training image (default: 4 x the "
+                        "crop, as the released configs: 2560 for crop 640, 2048 for 512).")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
+    g.add_argument("--color_augmentation", type=str, default=d["color_augmentation"], choices=COLOR_AUGMENTATIONS,
+                   help="Photometric augmentation of the images trained with ground truth (DeWa's SAM images, the "
+                        "labeled images of SSL and of the supervised baseline): 'ssd' = detectron2's COLOR_AUG_SSD "
+                        "(brightness, contrast, saturation, hue; the released configs), 'none'. Unlabeled images "
+                        "never get it (their strong view has its own colour jitter).")
     g.add_argument("--num_workers", type=int, default=d["num_workers"],
                    help="DataLoader worker processes (at most the CPUs available: larger values are lowered).")
     g.add_argument("--max_skipped_share", type=float, default=0.01,
@@ -234,6 +261,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Eq. 6 weight of the decoder posterior (1 - ensemble_alpha for CLIP; 1 = decoder only), stored "
                         "in the model's config: used by validation, the SSL teacher's pseudo-labels and the saved "
                         "model (default: the initial model's, 0.6 for a fresh one).")
+    g.add_argument("--decoder_init", type=str, default="reference", choices=["reference", "normal"],
+                   help="Initial decoder weights of a fresh model: 'reference' = transformers' Mask2Former init with "
+                        "the reference's pixel-decoder fills (deformable sampling grid, Xavier); 'normal' = N(0, 0.02) "
+                        "everywhere and no sampling grid, what models got before that was fixed (for comparisons).")
     g.add_argument("--model_config_overrides", type=str, default=None,
                    help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
                         '--init_from only loss settings such as class_weight or train_num_points).')
@@ -248,6 +279,10 @@ def add_sam_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--image_dir", type=str, nargs="+", default=None,
                    help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
                         "one per --sam_masks_dir, or one for all.")
+    g.add_argument("--drop_empty_sam_masks", action="store_true",
+                   help="Drop the SAM masks that the crop leaves empty. By default they stay as empty targets, as in "
+                        "the released DeWa: they count in the loss normalisation and teach the queries matched to "
+                        "them to predict nothing.")
     g.add_argument("--no_exif_transpose", action="store_true",
                    help="Do not apply EXIF orientation to images (only if the masks were generated that way).")
     return parser
@@ -275,12 +310,20 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                         "semi-supervised training the other training images are the unlabeled data.")
     g.add_argument("--labeled_fraction", type=float, default=None,
                    help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
+    g.add_argument("--coco_objects_void", type=str, default="background", choices=["background", "void"],
+                   help="COCO-Objects: unlabeled (void) pixels become background in training and in the validation "
+                        "ground truth, as the reference's prepare_coco_objects.py ('background'), or stay void "
+                        "('void': no target, not evaluated; the old behaviour).")
     g.add_argument("--restrict_to_present_classes", action="store_true",
                    help="Use only the classes that occur in the labeled training images (small demos).")
     g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")
-    g.add_argument("--eval_shortest_edge", type=int, default=640,
-                   help="Validation images are resized so that their shorter side has this length.")
-    g.add_argument("--eval_max_size", type=int, default=2560, help="Cap of the longer side of validation images.")
+    g.add_argument("--eval_shortest_edge", type=int, default=None,
+                   help="Validation images are resized so that their shorter side has this length; also the size of "
+                        "the image processor saved with the model (default: the dataset's test size, ADE20K 640, COCO "
+                        "512, otherwise 640).")
+    g.add_argument("--eval_max_size", type=int, default=None,
+                   help="Cap of the longer side of validation images and of the saved image processor (default: the "
+                        "dataset's, ADE20K 2560, COCO 2048, otherwise 2560).")
     g.add_argument("--eval_threshold", type=float, default=0.0,
                    help="Panoptic inference: keep queries whose best class probability exceeds this (paper: 0).")
     g.add_argument("--eval_overlap_threshold", type=float, default=0.8,
@@ -300,7 +343,12 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay gamma of the teacher (Eq. 2).")
     g.add_argument("--teacher_init", type=str, default=None,
                    help="Initial teacher weights (a save_pretrained DEARLi folder). Without it the teacher starts "
-                        "as a copy of the student and the decay ramps up as min(1 - 1/(t+1), gamma).")
+                        "as a copy of the initial student (with --init_from: those weights, e.g. DeWa's).")
+    g.add_argument("--ema_schedule", type=str, default="auto", choices=["auto", "constant", "ramp_up"],
+                   help="EMA decay of the teacher: 'constant' = gamma from step 0; 'ramp_up' = min(1 - 1/(t+1), gamma) "
+                        "(the first update copies the student); 'auto' = as the reference: constant when the teacher "
+                        "starts from given weights (--init_from or --teacher_init: DEARLi starts student and teacher "
+                        "from DeWa), ramp-up when it starts from a fresh model (DEAR from scratch).")
     g.add_argument("--pseudo_label_threshold", type=float, default=0.0,
                    help="Teacher panoptic inference: keep queries whose best class probability exceeds this.")
     g.add_argument("--pseudo_label_overlap_threshold", type=float, default=0.8,
@@ -313,6 +361,12 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cutmix_prob", type=float, default=0.5,
                    help="Probability of a CutMix box (2-40%% of the crop, aspect 0.3-3.3) per unlabeled image; 0 "
                         "disables CutMix.")
+    g.add_argument("--cutmix_source", type=str, default="separate_image", choices=["separate_image", "same_batch"],
+                   help="Where CutMix boxes come from: 'separate_image' = another random unlabeled crop, labelled by a "
+                        "second teacher pass (the reference; about 1.5x the teacher compute and one more image to load "
+                        "per unlabeled image); 'same_batch' = the next image of the batch with its pseudo-label (no "
+                        "extra teacher pass or image, but fewer distinct images per step and boxes may cover the "
+                        "source's padding; skipped with one unlabeled image per process).")
     g.add_argument("--final_model", type=str, default="student", choices=["student", "teacher"],
                    help="Which model is saved in --output_dir (the other goes to a sub-folder 'teacher' or "
                         "'student'). The paper evaluates the student of the last iteration.")
@@ -368,7 +422,8 @@ def check_ranges(args: argparse.Namespace) -> list[str]:
     crop = getattr(args, "crop_size", None)
     if crop is not None and (len(crop) not in (1, 2) or any(int(c) < 1 for c in crop)):
         problems.append(f"--crop_size takes one or two positive sizes, got {crop}")
-    if not problems and getattr(args, "min_scale", None) and args.min_scale > args.max_scale:
+    if not problems and getattr(args, "min_scale", None) and getattr(args, "max_scale", None) \
+            and args.min_scale > args.max_scale:
         problems.append(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
     return problems
 
@@ -388,6 +443,11 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
         if len(args.image_dir) not in (1, len(args.sam_masks_dir)):
             parser.error("give one --image_dir, or one per --sam_masks_dir")
         return args
+    size = evaluation_size(args.dataset_name)
+    if args.eval_shortest_edge is None:
+        args.eval_shortest_edge = size["shortest_edge"]
+    if args.eval_max_size is None:
+        args.eval_max_size = size["longest_edge"]
     if args.dataset_name == "ade20k":
         if not args.ade20k_root:
             parser.error("--dataset_name ade20k needs --ade20k_root")

@@ -3,10 +3,11 @@
     accelerate launch training/dewa.py --config dewa_ade20k --sam_masks_dir SAM_OUT --image_dir ADE/images/training \\
         --output_dir runs/dewa_ade20k
 
-Every SAM mask of the labeled and unlabeled training images is a target of one class; the model trains with the
+Every SAM mask of the labeled and unlabeled training images is a target of one class (masks the crop leaves empty
+stay as empty targets, as in the released DeWa; ``--drop_empty_sam_masks`` drops them); the model trains with the
 localization loss only (``localization_only``: BCE 5 + dice 5, class weight 0 in the loss and the matcher). Only
-the decoder is optimised (AdamW 1e-4, weight decay 0.05, poly schedule, full-model gradient clipping 0.01); the frozen
-CLIP backbone runs under ``no_grad`` inside the model. The final model is saved with ``save_pretrained`` in
+the decoder is optimised (AdamW 1e-4, poly schedule, full-model gradient clipping 0.01); the frozen CLIP backbone runs
+under ``no_grad`` inside the model. The final model is saved with ``save_pretrained`` in
 ``--output_dir``: it is the ``--init_from`` of the semi-supervised stage (``training/ssl.py``) and of
 ``training/supervised.py``.
 """

@@ -255,7 +255,8 @@ def prepare_training(
     args: Any, accelerator: Any, model: nn.Module, datasets: Mapping[str, tuple[Dataset, int]]
 ) -> PreparedTraining:
     """Data loaders for `datasets` (name -> (dataset, global batch size); the i-th draws its order and augmentation
-    seeds from ``--seed`` + i), AdamW over the trainable parameters (``--learning_rate``, ``--weight_decay``) and the
+    seeds from ``--seed`` + i), AdamW over the trainable parameters (``--learning_rate``, ``--weight_decay``,
+    ``--weight_decay_norm``, ``--weight_decay_embed``) and the
     poly schedule (``--max_train_steps``, ``--lr_power``, ``--lr_warmup_steps``), all prepared by `accelerator`.
 
     Re-seeds per process first (``set_seed(device_specific=True)``): the loss samples different points on each process.
@@ -266,7 +267,8 @@ def prepare_training(
                                num_workers=args.num_workers)
         for i, (dataset, batch_size) in enumerate(datasets.values())
     ]
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.weight_decay_norm,
+                                args.weight_decay_embed)
     scheduler = build_poly_scheduler(optimizer, args.max_train_steps, args.lr_power, args.lr_warmup_steps)
     model, optimizer, *loaders, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
     return PreparedTraining(
@@ -444,16 +446,19 @@ class TrainingResult:
     skipped_samples: int = 0  # distinct unreadable training examples skipped (all processes)
 
 
-def save_final_model(accelerator: Any, model: nn.Module, output_dir: str | Path) -> None:
+def save_final_model(
+    accelerator: Any, model: nn.Module, output_dir: str | Path, image_size: Mapping[str, int] | None = None
+) -> None:
     """``save_pretrained`` of the unwrapped model (safetensors; refuses non-finite weights) and of its image
-    processor (``DearliImageProcessor.from_model_config``: its classes, stuff classes and ``ensemble_alpha``) into
-    `output_dir`, from the main process."""
+    processor (``DearliImageProcessor.from_model_config``: its classes, stuff classes and ``ensemble_alpha``; resized
+    to `image_size`, default the processor's 640 / 2560) into `output_dir`, from the main process."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     assert_finite_parameters(unwrapped)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, save_function=accelerator.save, safe_serialization=True)
-        DearliImageProcessor.from_model_config(unwrapped.config).save_pretrained(output_dir)
+        size = {"size": dict(image_size)} if image_size else {}
+        DearliImageProcessor.from_model_config(unwrapped.config, **size).save_pretrained(output_dir)
         logger.info("Saved the final model to %s", output_dir)
     accelerator.wait_for_everyone()
 
@@ -478,7 +483,8 @@ def run_training(
             on all processes).
         evaluate: ``evaluate(step)`` -> scalar metrics, every ``--eval_steps`` steps (0: never) and after the last.
         final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
-            trained model in ``--output_dir``).
+            trained model in ``--output_dir``), each with its image processor at the validation size
+            (``--eval_shortest_edge`` / ``--eval_max_size``: the dataset's test size) when the loop has one.
 
     Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking`` and
     ``--max_skipped_share`` (see :class:`SkippedSamples`).
@@ -559,8 +565,11 @@ def run_training(
     if skips.count:
         logger.warning("%d unreadable training examples were skipped: %s", skips.count,
                        ", ".join(progress.skipped_samples[:10]))
+    image_size = None
+    if getattr(args, "eval_shortest_edge", None) is not None:
+        image_size = {"shortest_edge": args.eval_shortest_edge, "longest_edge": args.eval_max_size}
     for folder, model in (final_models or {"": run.model}).items():
-        save_final_model(accelerator, model, Path(args.output_dir) / folder)
+        save_final_model(accelerator, model, Path(args.output_dir) / folder, image_size)
     if args.with_tracking:
         accelerator.end_training()
     return result

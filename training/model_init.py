@@ -19,7 +19,7 @@ from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_mo
 
 from .pretrained import check_model_location
 
-__all__ = ["adapt_class_names", "build_model"]
+__all__ = ["DECODER_INITS", "adapt_class_names", "apply_decoder_init", "build_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ _NOT_COPIED = {"self", "kwargs", "class_names", "thing_ids", "clip_model_name", 
 _COPIED_CONFIG_KEYS = [p for p in inspect.signature(DearliConfig.__init__).parameters if p not in _NOT_COPIED]
 _TEXT_BUFFERS = ("text_embeddings", "text_class_index")
 # Settings that only affect the loss (may be overridden for an --init_from model; the criterion is rebuilt).
+# Initial decoder weights of a fresh model: "reference" is the model's own (transformers' Mask2Former + the reference's
+# pixel-decoder fills, modeling_dearli/initialization.py); "normal" is what models got before that was fixed.
+DECODER_INITS = ("reference", "normal")
 _LOSS_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
               "importance_sample_ratio", "use_auxiliary_loss", "localization_only", "ensemble_alpha",
               "mask_pooling_threshold"}
@@ -85,16 +88,43 @@ def adapt_class_names(
     return fresh
 
 
+def apply_decoder_init(model: DearliForPanopticSegmentation, scheme: str = "reference") -> None:
+    """Initial decoder weights of a fresh `model` by `scheme` (:data:`DECODER_INITS`).
+
+    ``"reference"`` keeps what the model was built with. ``"normal"`` redraws the decoder as every DEARLi model was
+    initialised before the initialisation fix (transformers skipped Mask2Former's ``_init_weights`` for our
+    custom-code model on modules without parameters of their own): N(0, ``config.init_std``) weights and zero biases
+    for every linear / convolution (the deformable sampling offsets included: no grid), N(0, 1) embeddings, PyTorch's
+    default cross-attention init. Only for comparisons with runs made before the fix.
+    """
+    if scheme not in DECODER_INITS:
+        raise ValueError(f"unknown decoder_init {scheme!r}; known: {DECODER_INITS}")
+    if scheme == "reference":
+        return
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPreTrainedModel
+
+    frozen = {id(m) for part in (model.backbone, model.text_encoder, model.criterion) if part is not None
+              for m in part.modules()}
+    modules = [m for m in model.modules() if id(m) not in frozen and m is not model]
+    with torch.no_grad():
+        for module in reversed(modules):  # children before their parents, as transformers' initialisation runs
+            if next(module.parameters(recurse=False), None) is not None:
+                Mask2FormerPreTrainedModel._init_weights(model, module)
+
+
 def build_model(
     args: Any, class_names: list[str], thing_ids: list[int], localization_only: bool = False
 ) -> DearliForPanopticSegmentation:
     """The initial model of a loop from its ``--model_preset`` / ``--clip_model_name`` / ``--clip_pretrained`` /
     ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` / ``--ensemble_alpha`` /
-    ``--model_config_overrides`` arguments."""
+    ``--model_config_overrides`` / ``--decoder_init`` arguments."""
     overrides = _config_overrides(args)
+    decoder_init = getattr(args, "decoder_init", None) or "reference"
     keep_text_tower = bool(getattr(args, "keep_text_tower", False))
     seed = int(getattr(args, "seed", 0))
     if getattr(args, "init_from", None):
+        if decoder_init != "reference":
+            raise ValueError("--decoder_init applies to a fresh model; an --init_from model keeps its weights")
         model = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.init_from))
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
         architecture = set(_COPIED_CONFIG_KEYS) - _LOSS_KEYS
@@ -114,5 +144,7 @@ def build_model(
             thing_ids=list(thing_ids), keep_text_tower=keep_text_tower, localization_only=localization_only,
             **overrides,
         )
+    if not getattr(args, "init_from", None):
+        apply_decoder_init(model, decoder_init)
     model.freeze_clip_towers()
     return model

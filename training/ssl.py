@@ -12,9 +12,11 @@ Every step takes ``--train_batch_size`` labeled crops (ground truth) and ``--unl
 (the training images outside the labeled ``--partition``). The teacher (EMA of the student's decoder, gamma 0.999,
 sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
 -> panoptic inference (threshold 0.0, overlap 0.8) -> hard pseudo-labels; the student learns them on the strong view
-(colour jitter, grayscale, blur, CutMix). Loss = Mask2Former loss on labeled + on pseudo-labeled images; AdamW 1e-4,
-weight decay 0.05, poly schedule, 80k iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema`
-for the teacher.
+(colour jitter, grayscale, blur, CutMix with a box of a separate unlabeled crop and its teacher pseudo-label). As in
+the reference's DEARLi runs, student and teacher both start from ``--init_from`` (the DeWa output) with a constant
+EMA decay from step 0 (from a fresh model the decay ramps up), and training is fp32. Loss = Mask2Former loss on
+labeled + on pseudo-labeled images; AdamW 1e-4, weight decay 0.05 (none on norms and embeddings), poly schedule, 80k
+iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema` for the teacher.
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
 (``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
@@ -33,16 +35,14 @@ from torch import nn
 
 from training import cli
 from training.arguments import parse_args
-from training.data.strong_augmentations import (
-    StrongAugmentation,
-    StrongAugmentationConfig,
-)
+from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
 from training.data.train_datasets import (
     PanopticTrainDataset,
     UnlabeledTrainDataset,
+    color_augmentation,
+    geometric_augmentation,
     load_panoptic_training_data,
 )
-from training.data.transforms import LargeScaleJitter
 from training.ema import MeanTeacher
 from training.evaluation.validation import make_evaluator
 from training.loop import (
@@ -65,7 +65,14 @@ logger = logging.getLogger("training.ssl")
 
 
 def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeacher:
-    """The EMA teacher of the (unwrapped) student, optionally from --teacher_init weights."""
+    """The EMA teacher of the (unwrapped) student: a copy of it, or --teacher_init weights; EMA decay by
+    --ema_schedule (``auto``: constant when the teacher starts from given weights, --init_from or --teacher_init,
+    as the reference's DEARLi runs; ramp-up from a fresh model)."""
+    schedule = getattr(args, "ema_schedule", "auto")
+    if schedule not in ("auto", "constant", "ramp_up"):
+        raise ValueError(f"unknown ema_schedule {schedule!r}")
+    given = bool(args.teacher_init or getattr(args, "init_from", None))
+    ramp_up = not given if schedule == "auto" else schedule == "ramp_up"
     state = None
     if args.teacher_init:
         from modeling_dearli import DearliForPanopticSegmentation
@@ -74,9 +81,10 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
         initial = adapt_class_names(initial, list(class_names.names), class_names.thing_ids, args.clip_pretrained)
         state = initial.state_dict()
         del initial
-    teacher = MeanTeacher(student, decay=args.ema_decay, teacher_state_dict=state)
-    logger.info("Teacher: EMA decay %.4f (%s), %d own parameters, backbone shared with the student", args.ema_decay,
-                "ramp-up min(1 - 1/(t+1), gamma)" if teacher.ramp_up else "given weights, constant decay",
+    teacher = MeanTeacher(student, decay=args.ema_decay, ramp_up=ramp_up, teacher_state_dict=state)
+    logger.info("Teacher: EMA decay %.4f (%s), from %s, %d own parameters, backbone shared with the student",
+                args.ema_decay, "ramp-up min(1 - 1/(t+1), gamma)" if teacher.ramp_up else "constant from step 0",
+                args.teacher_init or getattr(args, "init_from", None) or "the fresh student",
                 sum(v.numel() for v in teacher.teacher_weights().values()))
     return teacher
 
@@ -89,9 +97,12 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     if data.unlabeled is None or len(data.labeled) == 0 or len(data.unlabeled) == 0:
         raise ValueError(f"need labeled and unlabeled images, got {len(data.labeled)} and "
                          f"{0 if data.unlabeled is None else len(data.unlabeled)}")
-    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
-    datasets = {"labeled": (PanopticTrainDataset(data.labeled, transform), args.train_batch_size),
-                "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform), args.unlabeled_batch_size)}
+    transform = geometric_augmentation(args)
+    labeled = PanopticTrainDataset(data.labeled, transform, color_augmentation=color_augmentation(args))
+    separate_cutmix = args.cutmix_prob > 0 and args.cutmix_source == "separate_image"
+    datasets = {"labeled": (labeled, args.train_batch_size),
+                "unlabeled": (UnlabeledTrainDataset(data.unlabeled, transform, cutmix_source=separate_cutmix),
+                              args.unlabeled_batch_size)}
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
 
     run = prepare_training(args, accelerator, model, datasets)
@@ -104,10 +115,11 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     view_builder = StudentViewBuilder(
         teacher, strong, stuff_classes=config.stuff_ids, num_classes=config.num_classes,
         threshold=args.pseudo_label_threshold, overlap_threshold=args.pseudo_label_overlap_threshold,
-        cutmix=args.cutmix_prob > 0,
+        cutmix=args.cutmix_prob > 0, cutmix_source=args.cutmix_source,
     )
-    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f", view_builder.ensemble_alpha,
-                args.pseudo_label_threshold, args.pseudo_label_overlap_threshold)
+    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f; CutMix p %.2f from %s",
+                view_builder.ensemble_alpha, args.pseudo_label_threshold, args.pseudo_label_overlap_threshold,
+                args.cutmix_prob, args.cutmix_source)
 
     def train_step(run: PreparedTraining, batches: dict[str, Any], step: int) -> StepOutput:
         generator = strong_augmentation_generator(args.seed, step, accelerator.process_index)

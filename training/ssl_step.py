@@ -3,14 +3,18 @@
 
 Per step and process:
 
-1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: random scale 0.1-2.0 of the crop
-   size, crop, flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
+1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: the loop's random scale, crop and
+   flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
    (Eq. 6) -> panoptic inference -> hard pseudo-labels (:mod:`training.pseudo_labels`);
 2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.data.strong_augmentations`), padding
-   reset to the CLIP mean, then CutMix with the *next image of the local batch* (its strong pixels and its pseudo-label
-   pasted in the box, segment ids kept distinct, stuff fused per class). Pairing within the batch avoids a second
-   teacher forward per step (the reference loads and labels an extra unlabeled crop for the box instead); with one
-   unlabeled image per process CutMix is skipped;
+   reset to the CLIP mean, then CutMix (probability 0.5 per image): a box of a *separate unlabeled crop* (the data
+   loader's ``cutmix_pixel_values``: another random unlabeled image with its own scale / crop / flip, its own strong
+   jitter) is pasted together with that crop's pseudo-label, which the teacher computes in a second forward pass on
+   the crops whose box is not empty -- as the reference does; the box lies inside the source crop's real content.
+   ``cutmix_source="same_batch"`` pastes from the next image of the local batch instead (no second teacher pass and
+   no extra image to load: about a third less teacher compute per step, but the pasted content and its label come
+   from the same few images as the batch, and the box may cover the source's padding; with one unlabeled image per
+   process CutMix is then skipped). Segment ids stay distinct, stuff segments are fused per class;
 3. **losses**: ``L = L_sup(labeled) + L_unl(strong view, pseudo-labels)`` with the model's Mask2Former loss. The two
    terms are back-propagated one after the other (the first under ``accelerator.no_sync``), which gives exactly the
    gradient of their sum while keeping the activations of only one half-batch alive: the SSL step's peak memory
@@ -31,13 +35,14 @@ import torch
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 
 from .data.collator import model_inputs
-from .data.strong_augmentations import StrongAugmentation, cutmix, cutmix_panoptic_labels
+from .data.strong_augmentations import StrongAugmentation, boxes_to_masks, cutmix, cutmix_panoptic_labels
 from .data.transforms import CLIP_MEAN, normalize_image
 from .ema import MeanTeacher
 from .loop import StepOutput, check_finite_loss, clip_and_check_gradients, final_layer_terms
 from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segments_to_targets
 
 __all__ = [
+    "CUTMIX_SOURCES",
     "SSLStepOutput",
     "StudentViewBuilder",
     "UnlabeledTargets",
@@ -46,6 +51,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Where CutMix boxes come from: a separate unlabeled crop labelled by a second teacher pass (the reference), or the
+# next image of the batch.
+CUTMIX_SOURCES = ("separate_image", "same_batch")
+
 
 @dataclass
 class UnlabeledTargets:
@@ -71,6 +81,9 @@ class StudentViewBuilder:
             model's ``config.ensemble_alpha``.
         threshold, overlap_threshold: panoptic inference of the teacher (paper 0.0 / 0.8).
         cutmix: enable CutMix.
+        cutmix_source: ``"separate_image"`` (the reference: boxes from the separate crops given to ``__call__``,
+            labelled by a second teacher pass) or ``"same_batch"`` (the next image of the batch; see the module
+            docstring for the trade-off).
     """
 
     def __init__(
@@ -84,7 +97,10 @@ class StudentViewBuilder:
         threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         cutmix: bool = True,
+        cutmix_source: str = "separate_image",
     ) -> None:
+        if cutmix_source not in CUTMIX_SOURCES:
+            raise ValueError(f"unknown cutmix_source {cutmix_source!r}; known: {CUTMIX_SOURCES}")
         self.teacher = teacher
         self.strong_augmentation = strong_augmentation
         self.stuff_classes = sorted(int(c) for c in stuff_classes)
@@ -93,7 +109,34 @@ class StudentViewBuilder:
         self.threshold = threshold
         self.overlap_threshold = overlap_threshold
         self.cutmix = cutmix
+        self.cutmix_source = cutmix_source
         self._warned_single = False
+
+    def _pseudo_labels(
+        self, images: torch.Tensor, pixel_mask: torch.Tensor | None, teacher_context: Callable[[], ContextManager] | None
+    ) -> PanopticPseudoLabels:
+        """Teacher forward on weak views ``(B, 3, H, W)`` in ``[0, 1]`` -> hard pseudo-labels at the input size."""
+        with (teacher_context or contextlib.nullcontext)():
+            teacher_outputs = self.teacher(
+                pixel_values=normalize_image(images), pixel_mask=pixel_mask,
+                output_clip_logits=self.ensemble_alpha < 1.0,
+            )
+        return panoptic_pseudo_labels(
+            teacher_outputs,
+            stuff_classes=self.stuff_classes,
+            ensemble_alpha=self.ensemble_alpha,
+            image_size=tuple(images.shape[-2:]),
+            threshold=self.threshold,
+            overlap_threshold=self.overlap_threshold,
+        )
+
+    def _strong(self, images: torch.Tensor, pixel_mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """Photometric strong view, padding reset to the CLIP mean."""
+        strong = self.strong_augmentation(images, generator)
+        if pixel_mask is not None:
+            mean = torch.tensor(CLIP_MEAN, dtype=strong.dtype, device=strong.device).view(1, 3, 1, 1)
+            strong = torch.where(pixel_mask[:, None].bool(), strong, mean)
+        return strong
 
     @torch.no_grad()
     def __call__(
@@ -102,58 +145,102 @@ class StudentViewBuilder:
         pixel_mask: torch.Tensor | None,
         generator: torch.Generator,
         teacher_context: Callable[[], ContextManager] | None = None,
+        cutmix_images: torch.Tensor | None = None,
+        cutmix_pixel_mask: torch.Tensor | None = None,
     ) -> UnlabeledTargets:
         """Build the student's unlabeled batch from weak views ``(B, 3, H, W)`` in ``[0, 1]``.
 
-        ``teacher_context`` (e.g. ``accelerator.autocast``) wraps the teacher forward only; pseudo-labels and
-        augmentations run in float32.
+        ``cutmix_images`` / ``cutmix_pixel_mask``: the separate CutMix source crops ``(B, 3, H, W)`` (weak views,
+        one per image; needed with ``cutmix_source="separate_image"``). ``teacher_context`` (e.g.
+        ``accelerator.autocast``) wraps the teacher forwards only; pseudo-labels and augmentations run in float32.
         """
-        batch, _, height, width = weak_images.shape
-        with (teacher_context or contextlib.nullcontext)():
-            teacher_outputs = self.teacher(
-                pixel_values=normalize_image(weak_images), pixel_mask=pixel_mask,
-                output_clip_logits=self.ensemble_alpha < 1.0,
-            )
-        pseudo = panoptic_pseudo_labels(
-            teacher_outputs,
-            stuff_classes=self.stuff_classes,
-            ensemble_alpha=self.ensemble_alpha,
-            image_size=(height, width),
-            threshold=self.threshold,
-            overlap_threshold=self.overlap_threshold,
-        )
-        del teacher_outputs
+        batch = weak_images.shape[0]
+        pseudo = self._pseudo_labels(weak_images, pixel_mask, teacher_context)
         statistics = pseudo.statistics()
-
-        strong = self.strong_augmentation(weak_images, generator)
-        if pixel_mask is not None:
-            mean = torch.tensor(CLIP_MEAN, dtype=strong.dtype, device=strong.device).view(1, 3, 1, 1)
-            strong = torch.where(pixel_mask[:, None].bool(), strong, mean)
-
+        strong = self._strong(weak_images, pixel_mask, generator)
         segmentation, labels = pseudo.segmentation, list(pseudo.labels)
         applied = 0
-        if self.cutmix and batch > 1:
-            boxes = self.strong_augmentation.cutmix_boxes(batch, (height, width), generator)
-            source = torch.roll(torch.arange(batch), -1)
-            strong, box_masks = cutmix(strong, boxes, strong[source.to(strong.device)])
-            is_stuff = torch.zeros(self.num_classes, dtype=torch.bool, device=segmentation.device)
-            is_stuff[self.stuff_classes] = True
-            mixed = segmentation.clone()
-            for b in range(batch):
-                if not bool(box_masks[b].any()):
-                    continue
-                j = int(source[b])
-                mixed[b], labels[b], _ = cutmix_panoptic_labels(
-                    segmentation[b], pseudo.labels[b], segmentation[j], pseudo.labels[j], box_masks[b], is_stuff
-                )
-                applied += 1
-            segmentation = mixed
+        if self.cutmix and self.cutmix_source == "separate_image":
+            if cutmix_images is None:
+                raise ValueError("cutmix_source='separate_image' needs the separate CutMix crops (cutmix_images): build "
+                                 "the unlabeled data with UnlabeledTrainDataset(..., cutmix_source=True)")
+            strong, segmentation, labels, applied = self._cutmix_separate(
+                strong, segmentation, labels, cutmix_images, cutmix_pixel_mask, generator, teacher_context)
+        elif self.cutmix and batch > 1:
+            strong, segmentation, labels, applied = self._cutmix_same_batch(strong, segmentation, labels, generator)
         elif self.cutmix and not self._warned_single:
-            logger.warning("CutMix needs at least 2 unlabeled images per process; it is skipped")
+            logger.warning("CutMix from the same batch needs at least 2 unlabeled images per process; it is skipped")
             self._warned_single = True
         mask_labels, class_labels = segments_to_targets(segmentation, labels)
         statistics["cutmix_fraction"] = applied / max(1, batch)
         return UnlabeledTargets(normalize_image(strong), mask_labels, class_labels, pseudo, applied, statistics)
+
+    def _is_stuff(self, device: torch.device) -> torch.Tensor:
+        is_stuff = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
+        is_stuff[self.stuff_classes] = True
+        return is_stuff
+
+    def _cutmix_separate(
+        self,
+        strong: torch.Tensor,
+        segmentation: torch.Tensor,
+        labels: list[torch.Tensor],
+        source_images: torch.Tensor,
+        source_mask: torch.Tensor | None,
+        generator: torch.Generator,
+        teacher_context: Callable[[], ContextManager] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]:
+        """The reference's CutMix: a box inside each source crop's real content (probability ``cutmix_p``), the
+        teacher's pseudo-label of the sources that got a box (second pass), their own strong view pasted."""
+        batch, _, height, width = strong.shape
+        if tuple(source_images.shape) != tuple(strong.shape):
+            raise ValueError(f"CutMix crops {tuple(source_images.shape)} must match the batch {tuple(strong.shape)}")
+        boxes = torch.zeros(batch, 4, dtype=torch.long)
+        for b in range(batch):
+            valid = (height, width)
+            if source_mask is not None:
+                rows, cols = source_mask[b].bool().any(1), source_mask[b].bool().any(0)
+                valid = (int(rows.sum()), int(cols.sum()))
+            boxes[b] = self.strong_augmentation.cutmix_boxes(1, valid, generator)[0]
+        selected = [b for b in range(batch) if bool((boxes[b, 2:] > boxes[b, :2]).all())]
+        if not selected:
+            return strong, segmentation, labels, 0
+        index = torch.tensor(selected, device=source_images.device)
+        sources = source_images.index_select(0, index)
+        sources_mask = None if source_mask is None else source_mask.index_select(0, index)
+        source_pseudo = self._pseudo_labels(sources, sources_mask, teacher_context)
+        source_strong = self._strong(sources, sources_mask, generator)
+        box_masks = boxes_to_masks(boxes[selected], (height, width), strong.device)
+        is_stuff = self._is_stuff(segmentation.device)
+        strong, mixed = strong.clone(), segmentation.clone()
+        for k, b in enumerate(selected):
+            strong[b] = torch.where(box_masks[k][None], source_strong[k], strong[b])
+            mixed[b], labels[b], _ = cutmix_panoptic_labels(
+                segmentation[b], labels[b], source_pseudo.segmentation[k], source_pseudo.labels[k], box_masks[k],
+                is_stuff,
+            )
+        return strong, mixed, labels, len(selected)
+
+    def _cutmix_same_batch(
+        self, strong: torch.Tensor, segmentation: torch.Tensor, labels: list[torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]:
+        """CutMix with the next image of the batch as the source (no extra image, no second teacher pass)."""
+        batch, _, height, width = strong.shape
+        boxes = self.strong_augmentation.cutmix_boxes(batch, (height, width), generator)
+        source = torch.roll(torch.arange(batch), -1)
+        strong, box_masks = cutmix(strong, boxes, strong[source.to(strong.device)])
+        is_stuff = self._is_stuff(segmentation.device)
+        mixed, original = segmentation.clone(), list(labels)
+        applied = 0
+        for b in range(batch):
+            if not bool(box_masks[b].any()):
+                continue
+            j = int(source[b])
+            mixed[b], labels[b], _ = cutmix_panoptic_labels(
+                segmentation[b], original[b], segmentation[j], original[j], box_masks[b], is_stuff
+            )
+            applied += 1
+        return strong, mixed, labels, applied
 
 
 @dataclass
@@ -212,8 +299,14 @@ def ssl_train_step(
     if parameters is None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
-    targets = view_builder(unlabeled_batch["pixel_values"].float(), unlabeled_batch.get("pixel_mask"), generator,
-                           teacher_context=accelerator.autocast)
+    cutmix_images = unlabeled_batch.get("cutmix_pixel_values")
+    cutmix_mask = unlabeled_batch.get("cutmix_pixel_mask")
+    targets = view_builder(
+        unlabeled_batch["pixel_values"].float(), unlabeled_batch.get("pixel_mask"), generator,
+        teacher_context=accelerator.autocast,
+        cutmix_images=None if cutmix_images is None else torch.stack(list(cutmix_images)).float(),
+        cutmix_pixel_mask=None if cutmix_mask is None else torch.stack(list(cutmix_mask)),
+    )
 
     labeled_inputs = model_inputs(labeled_batch)
     unlabeled_inputs = {"pixel_values": targets.pixel_values, "mask_labels": targets.mask_labels,

@@ -6,7 +6,7 @@
         --val_images_dir COCO/val2017 --val_panoptic_dir COCO/panoptic_val2017 \\
         --val_annotations COCO/annotations/panoptic_val2017.json --init_from runs/dewa_coco --output_dir runs/sup
 
-Ground-truth panoptic targets under large-scale jitter (random scale of the crop size, crop, flip), the full
+Ground-truth panoptic targets under the released scale augmentation (shorter side 0.5-2x the crop, crop, flip), the full
 Mask2Former loss with language-based recognition, AdamW 1e-4 / weight decay 0.05 / poly schedule / full-model gradient
 clipping, periodic validation (PQ, mIoU with ensembled inference), checkpoints that resume exactly, and a final
 ``save_pretrained`` (+ image processor) in ``--output_dir``.
@@ -19,8 +19,12 @@ from collections.abc import Sequence
 
 from training import cli
 from training.arguments import parse_args
-from training.data.train_datasets import PanopticTrainDataset, load_panoptic_training_data
-from training.data.transforms import LargeScaleJitter
+from training.data.train_datasets import (
+    PanopticTrainDataset,
+    color_augmentation,
+    geometric_augmentation,
+    load_panoptic_training_data,
+)
 from training.evaluation.validation import make_evaluator
 from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
 from training.model_init import build_model
@@ -31,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     accelerator = setup_accelerator(args)
 
     data = load_panoptic_training_data(args)  # the unlabeled rest of a partition is not used
-    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
-    dataset = PanopticTrainDataset(data.labeled, transform)
+    dataset = PanopticTrainDataset(data.labeled, geometric_augmentation(args),
+                                   color_augmentation=color_augmentation(args))
     model = build_model(args, list(data.class_names.names), data.class_names.thing_ids)
 
     run = prepare_training(args, accelerator, model, {"labeled": (dataset, args.train_batch_size)})

@@ -157,14 +157,14 @@ def build_batches(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str,
     from training.data.collator import DearliDataCollator
     from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
     from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset
-    from training.data.transforms import LargeScaleJitter
+    from training.data.transforms import ResizeShortestEdgeJitter
 
     data_dir = Path(args.data_dir)
     ds = load_coco_panoptic(data_dir / "images", data_dir / "panoptic", data_dir / "panoptic_annotations.json")
     class_names = dataset_class_names(ds)
-    transform = LargeScaleJitter(args.crop_size, 0.1, 2.0)
+    transform = ResizeShortestEdgeJitter(args.crop_size)  # the training default
     labeled = PanopticTrainDataset(ds, transform)
-    unlabeled = UnlabeledTrainDataset(ds, transform)
+    unlabeled = UnlabeledTrainDataset(ds, transform, cutmix_source=True)  # the reference's CutMix (the default)
     collate = DearliDataCollator()
     seeds = torch.randint(0, 2**62, (args.labeled_batch_size + args.unlabeled_batch_size,),
                           generator=torch.Generator().manual_seed(args.seed)).tolist()

@@ -6,7 +6,8 @@ Rows have the columns
 * ``image_id`` (as in the JSON: int for COCO, str for ADE20K), ``file_name`` (image file name),
 * ``segments_info``: list of ``{id, category_id, label, iscrowd, isthing, area, bbox}`` where ``category_id`` is the
   dataset's own id and ``label`` the contiguous class index (position in :class:`ClassNames`),
-* optionally ``semantic`` (``datasets.Image``: a semantic map of category ids, 0 = ignore; ADE20K).
+* optionally ``semantic`` (``datasets.Image``: a semantic map of category ids, 0 = ignore; ADE20K),
+* optionally ``void_segment_id`` (COCO-Objects): the segment that the PNG's void pixels (id 0) belong to.
 
 ``save_to_disk`` embeds the image bytes; ``push_to_hub`` works as for any dataset.
 Model targets come from :func:`panoptic_target_from_row` (segment-id map + ``{segment id: class}``), which the
@@ -15,6 +16,7 @@ image processor or :func:`masks_and_labels` turn into Mask2Former-style ``mask_l
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -42,6 +44,8 @@ DATASET_CLASS_FILES = {
 }
 SPLIT_DIRS = {"ade20k": "ade20k", "coco": "coco", "coco_panoptic": "coco", "coco_objects": "coco"}
 COCO_MAX_THING_ID = 90  # COCO panoptic: category ids 1..90 are things, 92..200 stuff
+# Row column naming the segment that takes the PNG's void pixels (COCO-Objects: the background segment).
+VOID_SEGMENT_COLUMN = "void_segment_id"
 
 # ADE20K-150 class ids of the 100 instance-benchmark classes, in instance-class order (instance class k -> entry k-1).
 # Source: the ADE20K instance/scene-parsing category correspondence used by the standard panoptic conversion.
@@ -382,12 +386,17 @@ def load_ade20k_panoptic(
     )
 
 
-def to_coco_objects(ds: Any, class_names: ClassNames | None = None) -> Any:
-    """Remap a COCO-Panoptic dataset to COCO-Objects (81 classes): every stuff segment becomes ``background``
-    (category 0, label 0), things keep their COCO id with COCO-Objects' contiguous label.
+def to_coco_objects(ds: Any, class_names: ClassNames | None = None, void_to_background: bool = True) -> Any:
+    """Remap a COCO-Panoptic dataset to COCO-Objects (81 classes) as the reference's ``prepare_coco_objects.py``:
+    every stuff segment becomes ``background`` (category 0, label 0), things keep their COCO id with COCO-Objects'
+    contiguous label, and (`void_to_background`, the reference) the void pixels join the background too, in training
+    and in the evaluation ground truth, which then has no void.
 
     Stuff segments of one image still have distinct ids in the PNG; :func:`panoptic_target_from_row` merges
-    segments of the same stuff class (so an image has one background segment).
+    segments of the same stuff class (so an image has one background segment, with the first stuff segment's id).
+    Void pixels go to that segment, or, in an image without stuff, to a new background segment whose id is the
+    smallest positive integer the image does not use (column ``void_segment_id``; the segment is dropped again when
+    the image has no void pixel). ``void_to_background=False`` leaves void pixels void (unlabeled, not evaluated).
     """
     objects = class_names or load_class_names("coco_objects")
     to_label = objects.id_to_label
@@ -395,7 +404,7 @@ def to_coco_objects(ds: Any, class_names: ClassNames | None = None) -> Any:
         raise ValueError("COCO-Objects label space needs category 0 (background)")
 
     def remap(segments: list[dict[str, Any]]) -> dict[str, Any]:
-        out = []
+        out, background = [], None
         for s in segments:
             s = dict(s)
             if s["isthing"]:
@@ -404,9 +413,17 @@ def to_coco_objects(ds: Any, class_names: ClassNames | None = None) -> Any:
                 s["label"] = to_label[s["category_id"]]
             else:
                 s["category_id"], s["label"] = 0, to_label[0]
+                background = s["id"] if background is None else background
             s["isthing"] = bool(objects.is_thing[s["label"]])
             out.append(s)
-        return {"segments_info": out}
+        if not void_to_background:
+            return {"segments_info": out, VOID_SEGMENT_COLUMN: -1}
+        if background is None:
+            used = {s["id"] for s in segments}
+            background = next(i for i in itertools.count(1) if i not in used)
+            out.append({"id": background, "category_id": 0, "label": to_label[0], "iscrowd": 0, "isthing": False,
+                        "area": 0, "bbox": [0.0, 0.0, 0.0, 0.0]})
+        return {"segments_info": out, VOID_SEGMENT_COLUMN: background}
 
     new = ds.map(remap, input_columns="segments_info", desc="COCO-Objects remap")
     info = json.loads(ds.info.description or "{}") if (ds.info.description or "").startswith("{") else {}
@@ -420,13 +437,14 @@ def load_coco_objects(
     images_dir: str | os.PathLike[str],
     panoptic_dir: str | os.PathLike[str],
     annotations_json: str | os.PathLike[str],
+    void_to_background: bool = True,
     **kwargs: Any,
 ) -> Any:
     """COCO panoptic folder loaded with the 133 COCO classes, then remapped by :func:`to_coco_objects`."""
     data_dir = kwargs.pop("data_dir", None)
     ds = load_coco_panoptic(images_dir, panoptic_dir, annotations_json,
                             class_names=load_class_names("coco_panoptic", data_dir), **kwargs)
-    return to_coco_objects(ds, load_class_names("coco_objects", data_dir))
+    return to_coco_objects(ds, load_class_names("coco_objects", data_dir), void_to_background)
 
 
 def load_panoptic_dataset(
@@ -440,17 +458,20 @@ def load_panoptic_dataset(
     panoptic_root: str | os.PathLike[str] | None = None,
     with_semantic: bool = True,
     data_dir: str | os.PathLike[str] | None = None,
+    coco_objects_void_to_background: bool = True,
 ) -> tuple[Any, ClassNames]:
     """One split of a dataset by name and its label space: ``ade20k`` (``ade20k_root``, ``split``, ``panoptic_root``,
-    ``with_semantic``), ``coco_panoptic`` / ``coco_objects`` (their fixed label spaces) or ``custom`` (the classes of
-    the annotation JSON) from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``).
-    ``data_dir``: class names as in :func:`load_class_names`."""
+    ``with_semantic``), ``coco_panoptic`` / ``coco_objects`` (their fixed label spaces; COCO-Objects' void pixels are
+    background unless ``coco_objects_void_to_background=False``) or ``custom`` (the classes of the annotation JSON)
+    from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``). ``data_dir``: class names as
+    in :func:`load_class_names`."""
     if dataset_name == "ade20k":
         ds = load_ade20k_panoptic(ade20k_root, split, panoptic_root=panoptic_root, data_dir=data_dir,
                                   with_semantic=with_semantic)
         return ds, load_class_names("ade20k", data_dir)
     if dataset_name == "coco_objects":
-        ds = load_coco_objects(images_dir, panoptic_dir, annotations_json, data_dir=data_dir)
+        ds = load_coco_objects(images_dir, panoptic_dir, annotations_json, coco_objects_void_to_background,
+                               data_dir=data_dir)
         return ds, load_class_names("coco_objects", data_dir)
     if dataset_name not in ("coco_panoptic", "custom"):
         raise ValueError(f"unknown dataset {dataset_name!r}: coco_panoptic, coco_objects, ade20k or custom")
@@ -643,12 +664,16 @@ def panoptic_target_from_row(row: Mapping[str, Any], *, merge_stuff: bool = True
     """A dataset row -> :class:`PanopticTarget`.
 
     With ``merge_stuff`` (default) all segments of one stuff class become a single segment (the first one's id), as
-    panoptic segmentation requires; this is what makes COCO-Objects' remapped background one segment.
+    panoptic segmentation requires; this is what makes COCO-Objects' remapped background one segment. A row's
+    ``void_segment_id`` (COCO-Objects) gives the void pixels to that segment.
     """
     color = _image_array(row["panoptic"])
     if color is None:
         raise ValueError(f"row {row.get('image_id')!r} has no panoptic annotation")
     id_map = rgb_to_id(color).astype(np.int64)
+    void_segment = int(row.get(VOID_SEGMENT_COLUMN) or -1)
+    if void_segment > 0:  # COCO-Objects: void pixels belong to the background segment (see to_coco_objects)
+        id_map[id_map == VOID] = void_segment
     segments = [
         {"id": int(s["id"]), "label": int(s["label"]), "category_id": int(s["category_id"]),
          "iscrowd": int(s["iscrowd"]), "isthing": bool(s["isthing"])}
@@ -676,6 +701,8 @@ def panoptic_target_from_row(row: Mapping[str, Any], *, merge_stuff: bool = True
             pos = np.minimum(np.searchsorted(src, id_map), len(src) - 1)
             id_map = np.where(src[pos] == id_map, dst[pos], id_map)
         segments = kept
+    if void_segment > 0 and not (id_map == void_segment).any():  # an added background segment left without pixels
+        segments = [s for s in segments if s["id"] != void_segment]
     return PanopticTarget(id_map=id_map, segments=segments)
 
 

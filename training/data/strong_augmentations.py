@@ -39,6 +39,8 @@ __all__ = [
     "adjust_saturation",
     "adjust_hue",
     "rgb_to_grayscale",
+    "rgb_to_hsv",
+    "hsv_to_rgb",
     "color_jitter",
     "random_grayscale",
     "gaussian_blur",
@@ -105,7 +107,8 @@ def adjust_saturation(images: torch.Tensor, factor: torch.Tensor | float) -> tor
     return _blend(images, rgb_to_grayscale(images), _per_image(factor, images))
 
 
-def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """HSV ``(..., 3, H, W)`` (all in ``[0, 1]``) of RGB images in ``[0, 1]`` (torchvision's formulas)."""
     r, g, b = images.unbind(dim=-3)
     maxc, _ = images.max(dim=-3)
     minc = images.min(dim=-3).values
@@ -124,7 +127,8 @@ def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
     return torch.stack((h, s, maxc), dim=-3)
 
 
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
     h, s, v = hsv.unbind(dim=-3)
     i = torch.floor(h * 6.0)
     f = h * 6.0 - i
@@ -142,10 +146,10 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 def adjust_hue(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
     """Rotate the hue of each image by ``factor`` (in turns, ``[-0.5, 0.5]``)."""
-    hsv = _rgb_to_hsv(images)
+    hsv = rgb_to_hsv(images)
     h, s, v = hsv.unbind(dim=-3)
     h = (h + _per_image(factor, images)[:, 0]) % 1.0
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:

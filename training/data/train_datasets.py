@@ -2,8 +2,9 @@
 images (SSL) and SAM masks (DeWa), and the functions that build them from the loops' arguments.
 
 The datasets take an index or an ``(index, seed)`` pair from :class:`training.data.sampler.ResumableSampler`; the seed
-drives the geometric augmentation (:class:`training.data.transforms.LargeScaleJitter`), so an example is a pure
-function of ``(index, seed)``. Items are dicts the :class:`training.data.collator.DearliDataCollator` collates::
+drives the geometric augmentation (a scale scheme of :mod:`training.data.transforms`, :func:`geometric_augmentation`),
+so an example is a pure function of ``(index, seed)``. Items are dicts the
+:class:`training.data.collator.DearliDataCollator` collates::
 
     {"pixel_values": (3, h, w) CLIP-normalised (unlabeled weak views: RGB in [0, 1]), "pixel_mask": (h, w) 1 = image /
      0 = padding, "mask_labels": (n, h, w) float, "class_labels": (n,) int64, "image_id": ...}
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 
 from modeling_dearli.image_reading import read_image, to_rgb
 
+from .color_augmentation import ColorAugSSD
 from .panoptic_datasets import (
     ClassNames,
     load_panoptic_dataset,
@@ -40,10 +42,11 @@ from .panoptic_datasets import (
 )
 from .sampler import unpack_index
 from .transforms import (
+    GeometricAugmentation,
     GeometricParams,
-    LargeScaleJitter,
     apply_to_id_map,
     apply_to_image,
+    build_geometric_augmentation,
     fixed_params,
     normalize_image,
     panoptic_to_targets,
@@ -58,6 +61,8 @@ __all__ = [
     "SamMasksTrainDataset",
     "UnlabeledTrainDataset",
     "UnreadableSample",
+    "color_augmentation",
+    "geometric_augmentation",
     "load_panoptic_training_data",
     "row_image",
     "row_source",
@@ -149,17 +154,31 @@ def _read_row(dataset: Any, index: int, read: Callable[[Mapping[str, Any]], Any]
         raise UnreadableSample(row_source(row), str(error)) from error
 
 
-def _sample_geometry(transform: LargeScaleJitter | None, height: int, width: int, seed: int) -> GeometricParams:
-    """The augmentation of one example: drawn from its own seed, or the identity without a transform."""
+def _sample_geometry(
+    transform: GeometricAugmentation | None, height: int, width: int, generator: torch.Generator
+) -> GeometricParams:
+    """The geometry of one example: drawn from its generator, or the identity without a transform."""
     if transform is None:
         return fixed_params((height, width))
-    return transform.sample(height, width, torch.Generator().manual_seed(seed))
+    return transform.sample(height, width, generator)
+
+
+def _augmented_image(
+    image: Image.Image, params: GeometricParams, color: ColorAugSSD | None, generator: torch.Generator
+) -> torch.Tensor:
+    """The image under `params` (RGB in [0, 1], padding = CLIP mean), with the colour augmentation of its real
+    (not padded) content when given."""
+    pixels = apply_to_image(image, params)
+    if color is not None:
+        h, w = params.valid_size
+        pixels[:, :h, :w] = color(pixels[:, :h, :w], generator)
+    return pixels
 
 
 class _AugmentedRows(_SkipsUnreadable):
     """Rows of a `training.data.panoptic_datasets` dataset (or any rows with an ``image``) under `transform`."""
 
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None) -> None:
+    def __init__(self, dataset: Any, transform: GeometricAugmentation | None) -> None:
         self.dataset = without_image_decoding(dataset)
         self.transform = transform
 
@@ -174,11 +193,19 @@ class PanopticTrainDataset(_AugmentedRows):
         dataset: rows with ``image``, ``panoptic``, ``segments_info`` (see `training.data.panoptic_datasets`).
         transform: the geometric augmentation (None: the image as is).
         return_id_map: also return the augmented ``id_map`` (H, W) int64 and ``segments`` (for CutMix / debugging).
+        color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
     """
 
-    def __init__(self, dataset: Any, transform: LargeScaleJitter | None, return_id_map: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        transform: GeometricAugmentation | None,
+        return_id_map: bool = False,
+        color_augmentation: ColorAugSSD | None = None,
+    ) -> None:
         super().__init__(dataset, transform)
         self.return_id_map = return_id_map
+        self.color_augmentation = color_augmentation
 
     def _example(self, index: int, seed: int) -> dict[str, Any]:
         def read(row: Mapping[str, Any]) -> tuple[Image.Image, Any]:
@@ -190,8 +217,9 @@ class PanopticTrainDataset(_AugmentedRows):
         row, (image, target) = _read_row(self.dataset, index, read)
         id_map = torch.from_numpy(target.training_id_map().astype(np.int64))  # crowd -> void
         height, width = id_map.shape
-        params = _sample_geometry(self.transform, height, width, seed)
-        pixel_values = normalize_image(apply_to_image(image, params))
+        generator = torch.Generator().manual_seed(seed)
+        params = _sample_geometry(self.transform, height, width, generator)
+        pixel_values = normalize_image(_augmented_image(image, params, self.color_augmentation, generator))
         id_map = apply_to_id_map(id_map, params)
         mask_labels, class_labels = panoptic_to_targets(id_map, target.instance_id_to_label())
         item = {
@@ -215,18 +243,25 @@ class SamMasksTrainDataset(_SkipsUnreadable):
             folder `scripts/generate_sam_masks.py` read). Several pairs are concatenated (e.g. labeled + unlabeled).
         transform: the geometric augmentation applied to the image and every mask.
         exif_transpose: apply EXIF orientation (must match the SAM generation setting, default True).
+        color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
+        drop_empty_masks: drop the masks the crop leaves empty. The released DeWa keeps them as empty targets (the
+            default): they count in the loss normalisation and teach the queries matched to them to predict nothing.
     """
 
     def __init__(
         self,
         sources: Sequence[tuple[Any, str | os.PathLike]],
-        transform: LargeScaleJitter | None,
+        transform: GeometricAugmentation | None,
         exif_transpose: bool = True,
+        color_augmentation: ColorAugSSD | None = None,
+        drop_empty_masks: bool = False,
     ) -> None:
         self.sources = [(records, Path(root)) for records, root in sources]
         self.offsets = np.cumsum([0] + [len(records) for records, _ in self.sources])
         self.transform = transform
         self.exif_transpose = exif_transpose
+        self.color_augmentation = color_augmentation
+        self.drop_empty_masks = drop_empty_masks
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -246,10 +281,11 @@ class SamMasksTrainDataset(_SkipsUnreadable):
         if (image.height, image.width) != (height, width):
             raise UnreadableSample(str(path), f"image size {(image.height, image.width)} differs from its SAM record "
                                               f"{(height, width)}")
-        params = _sample_geometry(self.transform, height, width, seed)
-        mask_labels, class_labels = sam_record_to_targets(record, params)
+        generator = torch.Generator().manual_seed(seed)
+        params = _sample_geometry(self.transform, height, width, generator)
+        mask_labels, class_labels = sam_record_to_targets(record, params, drop_empty=self.drop_empty_masks)
         return {
-            "pixel_values": normalize_image(apply_to_image(image, params)),
+            "pixel_values": normalize_image(_augmented_image(image, params, self.color_augmentation, generator)),
             "pixel_mask": valid_pixel_mask(params),
             "mask_labels": mask_labels,
             "class_labels": class_labels,
@@ -261,25 +297,52 @@ class UnlabeledTrainDataset(_AugmentedRows):
     """Weak views of unlabeled images: ``{"pixel_values": (3, h, w) RGB in [0, 1] (not normalised; padding = CLIP
     mean), "pixel_mask": (h, w), "image_id"}``. Rows need an ``image`` (PIL image or path); labels are ignored.
 
-    The SSL step normalises the weak view for the teacher and derives the student's strong view from it.
+    The SSL step normalises the weak view for the teacher and derives the student's strong view from it. With
+    `cutmix_source` an item also carries the weak view of another unlabeled image drawn at random (with replacement,
+    from the item's seed), with its own scale / crop / flip: ``cutmix_pixel_values``, ``cutmix_pixel_mask``,
+    ``cutmix_image_id`` -- the source of the reference's CutMix boxes. An unreadable source image skips the item
+    like an unreadable image of its own.
     """
+
+    def __init__(self, dataset: Any, transform: GeometricAugmentation | None, cutmix_source: bool = False) -> None:
+        super().__init__(dataset, transform)
+        self.cutmix_source = cutmix_source
+
+    def _weak_view(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        params = _sample_geometry(self.transform, image.height, image.width, generator)
+        return apply_to_image(image, params), valid_pixel_mask(params)
 
     def _example(self, index: int, seed: int) -> dict[str, Any]:
         row, image = _read_row(self.dataset, index, row_image)
-        params = _sample_geometry(self.transform, image.height, image.width, seed)
-        return {
-            "pixel_values": apply_to_image(image, params),
-            "pixel_mask": valid_pixel_mask(params),
-            "image_id": row.get("image_id"),
-        }
+        generator = torch.Generator().manual_seed(seed)
+        pixel_values, pixel_mask = self._weak_view(image, generator)
+        item = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "image_id": row.get("image_id")}
+        if self.cutmix_source:
+            source_index = int(torch.randint(len(self.dataset), (1,), generator=generator))
+            source, source_image = _read_row(self.dataset, source_index, row_image)
+            item["cutmix_pixel_values"], item["cutmix_pixel_mask"] = self._weak_view(source_image, generator)
+            item["cutmix_image_id"] = source.get("image_id")
+        return item
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # From the loops' arguments (training.arguments)
 # --------------------------------------------------------------------------------------------------------------------
+def geometric_augmentation(args: Any) -> GeometricAugmentation:
+    """The scale / crop / flip of ``--scale_augmentation``, ``--crop_size``, ``--min_scale``, ``--max_scale``,
+    ``--train_max_size``, ``--flip_prob``."""
+    return build_geometric_augmentation(args.scale_augmentation, args.crop_size, args.min_scale, args.max_scale,
+                                        args.train_max_size, args.flip_prob)
+
+
+def color_augmentation(args: Any) -> ColorAugSSD | None:
+    """The photometric augmentation of images with ground truth (``--color_augmentation``)."""
+    return ColorAugSSD() if args.color_augmentation == "ssd" else None
+
+
 def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
     """DeWa's data: the SAM records of every ``--sam_masks_dir`` paired with its ``--image_dir``, under the random
-    scale / crop / flip of ``--crop_size``, ``--min_scale``, ``--max_scale``, ``--flip_prob``."""
+    scale / crop / flip of :func:`geometric_augmentation` and the :func:`color_augmentation`."""
     from .sam_masks import load_sam_masks
 
     image_dirs = args.image_dir * len(args.sam_masks_dir) if len(args.image_dir) == 1 else args.image_dir
@@ -289,8 +352,9 @@ def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
         if len(records) == 0:
             raise ValueError(f"no SAM masks in {masks_dir}: run scripts/generate_sam_masks.py first")
         sources.append((records, image_dir))
-    transform = LargeScaleJitter(args.crop_size, args.min_scale, args.max_scale, args.flip_prob)
-    return SamMasksTrainDataset(sources, transform, exif_transpose=not args.no_exif_transpose)
+    return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose,
+                                color_augmentation=color_augmentation(args),
+                                drop_empty_masks=args.drop_empty_sam_masks)
 
 
 @dataclass
@@ -306,21 +370,23 @@ class PanopticTrainingData:
 
 def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
     """The panoptic data arguments (``--dataset_name``, the folders, ``--partition`` / ``--labeled_fraction``,
-    ``--restrict_to_present_classes``, ``--max_eval_images``) -> :class:`PanopticTrainingData`.
+    ``--restrict_to_present_classes``, ``--max_eval_images``, ``--coco_objects_void``) -> :class:`PanopticTrainingData`.
 
     With ``--restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
     labeled / unlabeled split); validation segments of other classes are dropped.
     """
+    void_to_background = getattr(args, "coco_objects_void", "background") == "background"
     train, class_names = load_panoptic_dataset(
         args.dataset_name, images_dir=args.train_images_dir, panoptic_dir=args.train_panoptic_dir,
         annotations_json=args.train_annotations, ade20k_root=args.ade20k_root, split="training", with_semantic=False,
+        coco_objects_void_to_background=void_to_background,
     )
     val = None
     if args.dataset_name == "ade20k" or args.val_annotations:
         val, _ = load_panoptic_dataset(
             args.dataset_name, images_dir=args.val_images_dir or args.train_images_dir,
             panoptic_dir=args.val_panoptic_dir or args.train_panoptic_dir, annotations_json=args.val_annotations,
-            ade20k_root=args.ade20k_root, split="validation",
+            ade20k_root=args.ade20k_root, split="validation", coco_objects_void_to_background=void_to_background,
         )
     if args.restrict_to_present_classes:
         train, class_names, val = restrict_to_present_classes(train, class_names, val)

@@ -1,18 +1,23 @@
 """Geometric training augmentation applied identically to an image and its labels, and label -> target conversion.
 
-The augmentation is detectron2's large-scale jitter (``ResizeScale`` + ``FixedSizeCrop`` + flip), which Mask2Former
-uses for COCO and the DEARLi reference uses for the weak view (scale 0.1-2.0 of the crop size):
+Two scale schemes, both followed by a random crop of ``crop_size`` (the whole image along an axis where it is
+smaller), a horizontal flip with probability ``flip_prob`` and padding of the bottom/right up to ``crop_size`` (image:
+CLIP mean colour, i.e. 0 after normalisation; id map: void 0):
 
-1. draw ``s ~ U(min_scale, max_scale)`` and resize the image (aspect kept) to fit inside ``s * crop_size``;
-2. take a random ``crop_size`` window (the whole image along an axis where it is smaller);
-3. flip the crop horizontally with probability ``flip_prob``;
-4. pad the bottom/right up to ``crop_size`` (image: CLIP mean colour, i.e. 0 after normalisation; id map: void 0).
+* :class:`ResizeShortestEdgeJitter` -- **the released DEARLi configs' scheme** (every stage: DeWa, labeled and
+  unlabeled SSL images), detectron2's ``ResizeShortestEdge`` with ``"choice"`` sampling: the shorter side becomes one
+  of ``int(x * 0.1 * C)`` for ``x = 5 .. 20`` (``0.5 C .. 2 C``, ``C`` the crop size; ADE20K ``320 .. 1280``, COCO
+  ``256 .. 1024``), the longer side capped at ``max_size`` (ADE20K 2560, COCO 2048), then a uniform crop;
+* :class:`LargeScaleJitter` -- detectron2's large-scale jitter (``ResizeScale`` + ``FixedSizeCrop``), which
+  Mask2Former uses for COCO and the DEARLi *paper* describes ("random scaling (0.1 to 2.0)"): the image is resized
+  to fit inside ``s * crop_size`` with ``s ~ U(min_scale, max_scale)``. Objects come out about 0.6x the size of the
+  released scheme's, with much more padding. Kept as an option (``--scale_augmentation lsj``).
 
-All randomness is drawn up front by :meth:`LargeScaleJitter.sample` from a ``torch.Generator`` into a
-:class:`GeometricParams`, which is then applied to any number of aligned inputs: an RGB image (bilinear,
-antialiased), a panoptic id map and a stack of binary masks (exact nearest neighbour by index gathering, so labels
-never mix and a label pixel always lies under the image pixel it was sampled with). The same params can be applied to
-a weak and a strong view, or to a teacher pseudo-label, and always give the same geometry.
+All randomness is drawn up front by ``sample`` from a ``torch.Generator`` into a :class:`GeometricParams`, which is
+then applied to any number of aligned inputs: an RGB image (bilinear, antialiased), a panoptic id map and a stack of
+binary masks (exact nearest neighbour by index gathering, so labels never mix and a label pixel always lies under the
+image pixel it was sampled with). The same params can be applied to a weak and a strong view, or to a teacher
+pseudo-label, and always give the same geometry.
 
 Hand-written because torchvision's v2 transforms cannot pad a crop with a per-input fill while returning the valid
 region, nor replay exactly the same random geometry on inputs that arrive at different times.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -35,23 +40,31 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "VOID_ID",
+    "SCALE_AUGMENTATIONS",
+    "GeometricAugmentation",
     "GeometricParams",
     "LargeScaleJitter",
+    "ResizeShortestEdgeJitter",
     "TransformedSample",
     "apply_to_image",
     "apply_to_id_map",
     "apply_to_masks",
+    "build_geometric_augmentation",
     "fixed_params",
     "image_to_tensor",
     "normalize_image",
     "panoptic_to_targets",
     "sam_record_to_targets",
+    "shortest_edge_output_shape",
+    "shortest_edge_sizes",
     "valid_pixel_mask",
 ]
 
 # CLIP_MEAN / CLIP_STD: the normalisation of DearliImageProcessor (one definition, imported above).
 # Panoptic id of unlabeled (void) pixels in COCO-format id maps; also the id given to padding.
 VOID_ID = 0
+# --scale_augmentation choices: the released configs' scheme (default) and the paper text's large-scale jitter.
+SCALE_AUGMENTATIONS = ("shortest_edge", "lsj")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,7 +116,121 @@ def fixed_params(input_size: tuple[int, int], output_size: tuple[int, int] | Non
     return GeometricParams(tuple(input_size), output_size, 0, 0, output_size, False)
 
 
-class LargeScaleJitter:
+def _crop_size(crop_size: int | Sequence[int]) -> tuple[int, int]:
+    size = [crop_size] if isinstance(crop_size, int) else list(crop_size)
+    if len(size) not in (1, 2):
+        raise ValueError(f"crop_size must be one or two ints, got {crop_size}")
+    if min(size) < 1:
+        raise ValueError(f"crop_size must be positive, got {crop_size}")
+    return int(size[0]), int(size[-1])
+
+
+def _check_flip_prob(flip_prob: float) -> float:
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    return float(flip_prob)
+
+
+class GeometricAugmentation(Protocol):
+    """What the training datasets need of a scale scheme: a geometry per input size, drawn from a generator."""
+
+    crop_size: tuple[int, int]
+
+    def sample(self, height: int, width: int, generator: torch.Generator | None = None) -> GeometricParams: ...
+
+
+class _Augmentation:
+    """``__call__`` shared by the scale schemes: sample a geometry and apply it to an image and its labels."""
+
+    def sample(self, height: int, width: int, generator: torch.Generator | None = None) -> GeometricParams:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        image: Any,
+        id_map: torch.Tensor | np.ndarray | None = None,
+        masks: torch.Tensor | np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TransformedSample:
+        """Sample a geometry for `image` and apply it to the image and, when given, the id map / mask stack."""
+        image = image_to_tensor(image)
+        params = self.sample(image.shape[-2], image.shape[-1], generator)
+        return TransformedSample(
+            image=apply_to_image(image, params),
+            id_map=None if id_map is None else apply_to_id_map(id_map, params),
+            masks=None if masks is None else apply_to_masks(masks, params),
+            params=params,
+        )
+
+
+def shortest_edge_sizes(crop: int, min_scale: float = 0.5, max_scale: float = 2.0) -> list[int]:
+    """The released configs' shortest-edge choices ``[int(x * 0.1 * crop) for x in range(5, 21)]`` for the default
+    scales (``x`` runs over ``10 * min_scale .. 10 * max_scale``): 640 -> 320, 384, ..., 1280; 512 -> 256, 307, ...,
+    1024 (truncated, as the reference's Python expression)."""
+    low, high = round(min_scale * 10), round(max_scale * 10)
+    if not 0 < low <= high:
+        raise ValueError(f"need 0.1 <= min_scale <= max_scale (steps of 0.1), got {min_scale}, {max_scale}")
+    return [int(x * 0.1 * crop) for x in range(low, high + 1)]
+
+
+def shortest_edge_output_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ``ResizeShortestEdge.get_output_shape``: the shorter side becomes `short_edge`, then both are
+    scaled down if the longer exceeds `max_size`, and rounded half up."""
+    scale = short_edge / min(height, width)
+    new_h, new_w = (short_edge, scale * width) if height < width else (scale * height, short_edge)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+class ResizeShortestEdgeJitter(_Augmentation):
+    """The released configs' scale augmentation: shorter side from a discrete list, longer side capped, uniform crop,
+    horizontal flip (padding up to the crop size when the resized image is smaller).
+
+    Args:
+        crop_size: output (height, width), or one int (or a one-element list) for a square crop.
+        min_scale, max_scale: the shorter side is drawn uniformly from :func:`shortest_edge_sizes` of the (smaller)
+            crop side, i.e. ``min_scale .. max_scale`` times the crop in steps of 0.1 (released: 0.5 .. 2.0).
+        max_size: cap of the longer side after resizing (released: 4 x the crop, ADE20K 2560 and COCO 2048; default).
+        flip_prob: probability of a horizontal flip.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | Sequence[int],
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        max_size: int | None = None,
+        flip_prob: float = 0.5,
+    ) -> None:
+        self.crop_size = _crop_size(crop_size)
+        self.sizes = shortest_edge_sizes(min(self.crop_size), min_scale, max_scale)
+        self.max_size = int(max_size) if max_size else 4 * max(self.crop_size)
+        if self.max_size < max(self.sizes):
+            raise ValueError(f"max_size {self.max_size} is below the largest shortest edge {max(self.sizes)}")
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.flip_prob = _check_flip_prob(flip_prob)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(crop_size={self.crop_size}, sizes={self.sizes[0]}..{self.sizes[-1]} "
+            f"({len(self.sizes)}), max_size={self.max_size}, flip_prob={self.flip_prob})"
+        )
+
+    def sample(self, height: int, width: int, generator: torch.Generator | None = None) -> GeometricParams:
+        """Draw the geometry for a (height, width) input (uses 4 numbers of `generator`)."""
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        short_edge = self.sizes[min(int(u[0] * len(self.sizes)), len(self.sizes) - 1)]
+        new_h, new_w = shortest_edge_output_shape(height, width, short_edge, self.max_size)
+        crop_h, crop_w = self.crop_size
+        range_h, range_w = max(new_h - crop_h, 0), max(new_w - crop_w, 0)
+        top = min(int(u[1] * (range_h + 1)), range_h)
+        left = min(int(u[2] * (range_w + 1)), range_w)
+        return GeometricParams((height, width), (new_h, new_w), top, left, (crop_h, crop_w), u[3] < self.flip_prob)
+
+
+class LargeScaleJitter(_Augmentation):
     """Random rescale (of the crop size) + crop/pad + horizontal flip, shared by images and their labels.
 
     Args:
@@ -120,17 +247,11 @@ class LargeScaleJitter:
         max_scale: float = 2.0,
         flip_prob: float = 0.5,
     ) -> None:
-        size = [crop_size] if isinstance(crop_size, int) else list(crop_size)
-        if len(size) not in (1, 2):
-            raise ValueError(f"crop_size must be one or two ints, got {crop_size}")
-        self.crop_size = (int(size[0]), int(size[-1]))
-        if min(self.crop_size) < 1:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        self.crop_size = _crop_size(crop_size)
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        self.min_scale, self.max_scale, self.flip_prob = float(min_scale), float(max_scale), float(flip_prob)
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.flip_prob = _check_flip_prob(flip_prob)
 
     def __repr__(self) -> str:
         return (
@@ -149,26 +270,28 @@ class LargeScaleJitter:
         left = int(round(max(new_w - crop_w, 0) * u[2]))
         return GeometricParams((height, width), (new_h, new_w), top, left, (crop_h, crop_w), u[3] < self.flip_prob)
 
-    def __call__(
-        self,
-        image: Any,
-        id_map: torch.Tensor | np.ndarray | None = None,
-        masks: torch.Tensor | np.ndarray | None = None,
-        generator: torch.Generator | None = None,
-    ) -> "TransformedSample":
-        """Sample a geometry for `image` and apply it to the image and, when given, the id map / mask stack."""
-        image = image_to_tensor(image)
-        params = self.sample(image.shape[-2], image.shape[-1], generator)
-        return TransformedSample(
-            image=apply_to_image(image, params),
-            id_map=None if id_map is None else apply_to_id_map(id_map, params),
-            masks=None if masks is None else apply_to_masks(masks, params),
-            params=params,
-        )
+
+def build_geometric_augmentation(
+    scheme: str,
+    crop_size: int | Sequence[int],
+    min_scale: float | None = None,
+    max_scale: float | None = None,
+    max_size: int | None = None,
+    flip_prob: float = 0.5,
+) -> ResizeShortestEdgeJitter | LargeScaleJitter:
+    """The scale scheme ``"shortest_edge"`` (released configs; scales default 0.5 .. 2.0, `max_size` 4 x crop) or
+    ``"lsj"`` (paper text; scales default 0.1 .. 2.0, `max_size` unused)."""
+    if scheme == "shortest_edge":
+        return ResizeShortestEdgeJitter(crop_size, 0.5 if min_scale is None else min_scale,
+                                        2.0 if max_scale is None else max_scale, max_size, flip_prob)
+    if scheme == "lsj":
+        return LargeScaleJitter(crop_size, 0.1 if min_scale is None else min_scale,
+                                2.0 if max_scale is None else max_scale, flip_prob)
+    raise ValueError(f"unknown scale augmentation {scheme!r}; known: {SCALE_AUGMENTATIONS}")
 
 
 class TransformedSample(NamedTuple):
-    """Result of :class:`LargeScaleJitter`: float image (3, h, w) in [0, 1], optional id map / masks, the params."""
+    """Result of a scale scheme's ``__call__``: float image (3, h, w) in [0, 1], optional id map / masks, the params."""
 
     image: torch.Tensor
     id_map: torch.Tensor | None
@@ -308,9 +431,12 @@ def panoptic_to_targets(
     return masks.float(), classes
 
 
-def sam_record_to_targets(record: Mapping[str, Any], params: GeometricParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sam_record_to_targets(
+    record: Mapping[str, Any], params: GeometricParams, drop_empty: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-agnostic DeWa targets of a SAM record under a geometry: every mask is one target of class 0 (overlaps
-    kept, no area filter, masks cropped away dropped). Decoding is `training.data.sam_masks.sam_masks_to_targets`."""
+    kept, no area filter; masks cropped away dropped unless ``drop_empty=False``). Decoding is
+    `training.data.sam_masks.sam_masks_to_targets`."""
     from .sam_masks import sam_masks_to_targets
 
-    return sam_masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params))
+    return sam_masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params), drop_empty=drop_empty)

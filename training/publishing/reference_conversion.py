@@ -32,16 +32,14 @@ from modeling_dearli import DearliConfig, DearliForPanopticSegmentation
 from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
 from modeling_dearli.configuration_dearli import split_synonyms
 
+from ..data.resolutions import EVALUATION_SIZES
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_DATASETS: tuple[str, ...] = ("ade20k", "coco_panoptic", "coco_objects")
 
 # Inference resolution of the reference configs (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
-REFERENCE_TEST_SIZES: dict[str, dict[str, int]] = {
-    "ade20k": {"shortest_edge": 640, "longest_edge": 2560},
-    "coco_panoptic": {"shortest_edge": 512, "longest_edge": 2048},
-    "coco_objects": {"shortest_edge": 512, "longest_edge": 2048},
-}
+REFERENCE_TEST_SIZES: dict[str, dict[str, int]] = {name: EVALUATION_SIZES[name] for name in REFERENCE_DATASETS}
 
 # The reference's GEOMETRIC_ENSEMBLE_ALPHA (0.4) weights the CLIP posterior; our `ensemble_alpha` weights the decoder
 # posterior (P = P_M2F^a * P_CLIP^(1-a)), hence 1 - 0.4.
@@ -365,7 +363,10 @@ class ConversionResult:
     model: DearliForPanopticSegmentation
     text_embeddings_source: str
     class_agnostic: bool  # a decoder warm-up checkpoint (trained with a single class-agnostic class)
-    converted_keys: int  # reference tensors copied into our model (fused projections counted once)
+    # Reference tensors whose values our model holds: every key copied (a fused self-attention projection once; the
+    # CLIP text tower only when the model keeps it) plus a checkpoint text classifier. Keys only read (the text tower
+    # that encodes the class names) or ignored are not counted.
+    converted_keys: int
 
 
 def convert_reference_state_dict(
@@ -446,6 +447,7 @@ def convert_reference_state_dict(
     clip_model = _load_clip(state_dict, config)  # validates every backbone.clip_model.* key
     say("encoding the class names")
     embeddings, source = _text_embeddings(state_dict, config, clip_model, device)
+    copied = len(used) + sum(key in state_dict and source == f"checkpoint key {key!r}" for key in TEXT_CLASSIFIER_KEYS)
     logger.info("Text embeddings: %s", source)
     converted["text_embeddings"] = embeddings.to(ours["text_embeddings"].dtype)
     for key, value in ours.items():
@@ -453,7 +455,7 @@ def convert_reference_state_dict(
             converted[key] = value
     model.load_state_dict(converted, strict=True)
     model.freeze_clip_towers()
-    return ConversionResult(model.eval(), source, class_agnostic, len(used) + len(clip_keys))
+    return ConversionResult(model.eval(), source, class_agnostic, copied)
 
 
 @torch.no_grad()
@@ -483,17 +485,24 @@ def verify_converted_model(model: DearliForPanopticSegmentation, image_size: int
     return shapes
 
 
+# The DearliConfig settings `reference_config` takes from a `base_config`: the architecture only. Everything else
+# (prompt templates, ensemble_alpha, loss settings) is the reference's, so that the converted model's text embeddings
+# follow its 14 templates and its inference its ensembling weight.
+ARCHITECTURE_KEYS: tuple[str, ...] = (
+    "clip_model_name", "clip_pretrained", "clip_model_config", "keep_text_tower", "num_queries", "decoder_layers",
+    "hidden_dim", "num_attention_heads", "dim_feedforward", "encoder_layers", "encoder_feedforward_dim",
+    "feature_size", "mask_feature_size", "feature_strides", "common_stride", "pre_norm", "enforce_input_projection",
+    "class_embed_layers",
+)  # fmt: skip
+
+
 def reference_config(
     class_names: list[str], thing_ids: list[int], base_config: DearliConfig | None = None, **overrides: Any
 ) -> DearliConfig:
     """The DearliConfig of a reference checkpoint: the full default (ConvNeXt-B ``convnext_base_w_320``, 200 queries,
-    10 decoder layers, 6 deformable layers) or `base_config`'s architecture, with the dataset's vocabulary."""
-    kwargs = base_config.to_dict() if base_config is not None else {}
-    for key in (
-        "class_names", "thing_ids", "id2label", "label2id", "auto_map", "architectures", "model_type",
-        "transformers_version", "dtype", "torch_dtype",
-    ):  # fmt: skip
-        kwargs.pop(key, None)
-    kwargs.setdefault("ensemble_alpha", round(1.0 - REFERENCE_GEOMETRIC_ENSEMBLE_ALPHA, 6))
+    10 decoder layers, 6 deformable layers) or `base_config`'s architecture (:data:`ARCHITECTURE_KEYS` only), with
+    the dataset's vocabulary, the reference's 14 prompt templates and its ensembling weight; `overrides` win."""
+    kwargs = {key: getattr(base_config, key) for key in ARCHITECTURE_KEYS if hasattr(base_config, key)}
+    kwargs["ensemble_alpha"] = round(1.0 - REFERENCE_GEOMETRIC_ENSEMBLE_ALPHA, 6)
     kwargs.update(overrides)
     return DearliConfig(class_names=class_names, thing_ids=thing_ids, **kwargs)
