@@ -67,3 +67,31 @@ def test_schedules_and_script_help(load_script):
     parser = load_script("reproduce_miniature").build_parser()
     args = parser.parse_args(["--output_dir", "x", "--quick", "--world_seed", "3", "--seed", "2"])
     assert (args.quick, args.world_seed, args.seed) == (True, 3, 2)
+
+
+def test_demo_keeps_working_models_and_draws_pictures(smoke_run, load_script):
+    """The demo (README command 1) on the smoke run's folder: its jobs are the same, so only the demo's own work runs;
+    the kept DEARLi model loads as in the README's "Using a model" and segments at the world's size."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
+
+    from training.miniature.demo import run_demo
+
+    out, _ = smoke_run
+    results = run_demo(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_pictures=2)
+    assert set(results["rows"]) == {"supervised", "supervised_ensemble", "dearli"}
+    pictures = [Image.open(p) for p in results["pictures"]]
+    assert len(pictures) == 2 and all(p.width >= 4 * 512 and p.height > 512 for p in pictures)
+    assert len(list((out / "examples").glob("*.jpg"))) == 3
+    model = AutoModelForUniversalSegmentation.from_pretrained(results["models"]["dearli"]).eval()
+    processor = AutoImageProcessor.from_pretrained(results["models"]["dearli"])
+    image = Image.open(sorted((out / "examples").glob("*.jpg"))[0])
+    inputs = processor(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (256, 256)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    result = processor.post_process_panoptic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    assert result["segmentation"].shape == (256, 256)
+    script = load_script("demo")
+    assert script.parse_args([]).output_dir == "outputs/demo"

@@ -138,52 +138,61 @@ def _model_args() -> list[str]:
     return ["--clip_model_name", str(SHIPPED_CONFIG), "--clip_pretrained", str(SHIPPED_WEIGHTS)]
 
 
-def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = ()) -> list[Job]:
-    """Every job of a reproduction, in an order that respects their dependencies."""
+def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
+              rows: Sequence[str] = ROWS, clip_report: bool = True) -> list[Job]:
+    """The jobs of a reproduction (of `rows` only), long ones first so that parallel workers finish together; every
+    job comes after the jobs it needs."""
+    from .world import world_paths
+
     runs = output_dir / "runs" / schedule.name
     world_dir = output_dir / "world"
     masks_dir = output_dir / "masks_felzenszwalb"
+    train_images = str(world_paths(world_dir, "train")["images"])
     data = _world_data_args(world_dir)
     model = _model_args()
     common = ["--checkpointing_steps", "50", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
               *extra_args]
-    jobs = [Job("clip_zero_shot", str(runs / "clip_zero_shot"), world_dir=str(world_dir), clip_report=True)]
-    from .world import world_paths
-
-    mask_argv = ["--mask_source", "felzenszwalb", "--image-dir", str(world_paths(world_dir, "train")["images"]),
-                 "--output-dir", str(masks_dir), "--no-progress"]
-    if schedule.mask_images is not None:
-        mask_argv += ["--max-images", str(schedule.mask_images)]
-    jobs.append(Job("masks", str(runs / "masks"), script="generate_sam_masks", argv=mask_argv))
     seeds_of = {f: [seed + k for k in range(schedule.headline_seeds if f == schedule.headline_fraction else 1)]
                 for f in schedule.fractions}
-    dewa_seeds = sorted({s for seeds in seeds_of.values() for s in seeds})
-    for s in dewa_seeds:
-        folder = runs / f"dewa_seed{s}"
-        jobs.append(Job(f"dewa_seed{s}", str(folder), loop="dewa", after=["masks"], argv=[
-            "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir",
-            str(world_paths(world_dir, "train")["images"]), "--seed", str(s), "--max_train_steps",
-            str(schedule.dewa_steps), "--output_dir", str(folder / "model"), *common]))
+    jobs = []
+    if "dearli" in rows:
+        mask_argv = ["--mask_source", "felzenszwalb", "--image-dir", train_images, "--output-dir", str(masks_dir),
+                     "--no-progress"]
+        if schedule.mask_images is not None:
+            mask_argv += ["--max-images", str(schedule.mask_images)]
+        jobs.append(Job("masks", str(runs / "masks"), script="generate_sam_masks", argv=mask_argv))
+        for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
+            folder = runs / f"dewa_seed{s}"
+            jobs.append(Job(f"dewa_seed{s}", str(folder), loop="dewa", after=["masks"], argv=[
+                "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir", train_images,
+                "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
+                *common]))
+    ssl_rows = {"dear": (ENSEMBLE_ALPHA, False), "mean_teacher_m2f": (1.0, False), "dearli": (ENSEMBLE_ALPHA, True)}
     for fraction in schedule.fractions:
+        key = fraction_key(fraction)
         for s in seeds_of[fraction]:
             cell = runs / f"fraction_1_{round(1 / fraction)}" / f"seed{s}"
             base = [*data, "--labeled_fraction", repr(fraction), "--seed", str(s), *common]
-            key = fraction_key(fraction)
-            jobs.append(Job(f"supervised_{key}_seed{s}", str(cell / "supervised"), loop="supervised",
-                            world_dir=str(world_dir), fraction=key, seed=s,
-                            evaluate={"supervised": 1.0, "supervised_ensemble": ENSEMBLE_ALPHA},
-                            argv=["--config", "miniature_supervised", *model, *base, "--max_train_steps",
-                                  str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model")]))
-            for row, alpha, init in (("mean_teacher_m2f", 1.0, None), ("dear", ENSEMBLE_ALPHA, None),
-                                     ("dearli", ENSEMBLE_ALPHA, f"dewa_seed{s}")):
-                argv = ["--config", "miniature_ssl", *model, *base, "--ensemble_alpha", str(alpha),
-                        "--ema_decay", str(schedule.ema_decay),
-                        "--max_train_steps", str(schedule.ssl_steps), "--output_dir", str(cell / row / "model")]
-                if init is not None:
-                    argv += ["--init_from", str(runs / init / "model")]
+            for row, (alpha, from_dewa) in ssl_rows.items():
+                if row not in rows:
+                    continue
+                argv = ["--config", "miniature_ssl", *model, *base, "--ensemble_alpha", str(alpha), "--ema_decay",
+                        str(schedule.ema_decay), "--max_train_steps", str(schedule.ssl_steps), "--output_dir",
+                        str(cell / row / "model")]
+                after = [f"dewa_seed{s}"] if from_dewa else []
+                if from_dewa:
+                    argv += ["--init_from", str(runs / after[0] / "model")]
                 jobs.append(Job(f"{row}_{key}_seed{s}", str(cell / row), loop="ssl", world_dir=str(world_dir),
-                                fraction=key, seed=s, after=[init] if init else [], argv=argv,
+                                fraction=key, seed=s, after=after, argv=argv,
                                 evaluate={row: ENSEMBLE_ALPHA, f"{row}_decoder_only": 1.0}))
+            evaluate = {r: a for r, a in (("supervised", 1.0), ("supervised_ensemble", ENSEMBLE_ALPHA)) if r in rows}
+            if evaluate:
+                jobs.append(Job(f"supervised_{key}_seed{s}", str(cell / "supervised"), loop="supervised",
+                                world_dir=str(world_dir), fraction=key, seed=s, evaluate=evaluate, argv=[
+                                    "--config", "miniature_supervised", *model, *base, "--max_train_steps",
+                                    str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model")]))
+    if clip_report:
+        jobs.append(Job("clip_zero_shot", str(runs / "clip_zero_shot"), world_dir=str(world_dir), clip_report=True))
     return jobs
 
 
@@ -479,6 +488,8 @@ def reproduce(
     extra_args: Sequence[str] = (),
     schedule: Schedule | None = None,
     world_kwargs: dict[str, Any] | None = None,
+    rows: Sequence[str] = ROWS,
+    clip_report: bool = True,
 ) -> dict[str, Any]:
     """Generate (or reuse) the world, run every unfinished job, write ``results.json``, ``results.md`` and
     ``pq_vs_fraction.png`` in ``output_dir``; returns the results.
@@ -489,6 +500,7 @@ def reproduce(
         num_workers: jobs run at once (one intra-op thread each).
         extra_args: appended to every training loop's arguments (e.g. a recipe's flags).
         world_kwargs: passed to :func:`training.miniature.world.generate_world` (e.g. ``num_train`` in tests).
+        rows / clip_report: a subset of :data:`ROWS` (the demo's), and whether to measure the CLIP's zero-shot accuracy.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -496,7 +508,10 @@ def reproduce(
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     ensure_world(output_dir / "world", world_seed, **(world_kwargs or {}))
     world_seconds = time.perf_counter() - start
-    jobs = plan_jobs(output_dir, schedule, seed, extra_args)
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise ValueError(f"unknown rows {sorted(unknown)}; rows are {ROWS}")
+    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report)
     timings: dict[str, Any] = {}
     try:
         run_jobs(jobs, num_workers=num_workers, timings=timings)
