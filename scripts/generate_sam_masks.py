@@ -4,6 +4,11 @@
         --output_dir sam_masks/coco
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
+Without SAM weights, an unsupervised algorithm writes masks in the same format (DeWa reads them the same way):
+
+    python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \
+        --output_dir world/masks_felzenszwalb
+
 Resumable: rerun the same command after an interruption. Read the output with
 `training.data.sam_masks.load_sam_masks(output_dir)`. Unreadable images are logged, recorded in the output folder's
 ``failures-*.jsonl`` and skipped; the exit code is then 1 unless ``--allow_skips``.
@@ -17,12 +22,14 @@ import logging
 
 from training import cli
 from training.data.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks
+from training.data.unsupervised_masks import MASK_SOURCES, FelzenszwalbConfig, FelzenszwalbMaskGenerator
 
 logger = logging.getLogger("generate_sam_masks")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SamGeneratorConfig()
+    felzenszwalb_defaults = FelzenszwalbConfig()
     parser = cli.ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_dir", help="folder of images (searched recursively; id = relative path w/o suffix)")
@@ -32,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--id_column", default=None, help="id column of --dataset (default: image_id or id if present, else the row)"
     )
-    parser.add_argument("--sam_checkpoint", required=True, help="SAM checkpoint file (nothing is downloaded)")
+    parser.add_argument("--mask_source", default="sam", choices=MASK_SOURCES,
+                        help="'sam': SAM's automatic mask generator (needs --sam_checkpoint); 'felzenszwalb': "
+                             "Felzenszwalb's graph-based segmentation (scikit-image, no weights; "
+                             "training/data/unsupervised_masks.py), in the same shard format")
+    parser.add_argument("--sam_checkpoint", default=None,
+                        help="SAM checkpoint file (nothing is downloaded); required with --mask_source sam")
     parser.add_argument(
         "--model_type",
         default=defaults.model_type,
@@ -61,6 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.min_mask_region_area,
         help="remove holes/islands below this area (needs opencv; 0 = off)",
     )
+    parser.add_argument("--felzenszwalb_scale", type=float, default=felzenszwalb_defaults.scale,
+                        help="--mask_source felzenszwalb: scale (higher: larger segments; in pixels, the default suits "
+                             "256x256 images)")
+    parser.add_argument("--felzenszwalb_sigma", type=float, default=felzenszwalb_defaults.sigma,
+                        help="--mask_source felzenszwalb: Gaussian smoothing before segmentation")
+    parser.add_argument("--felzenszwalb_min_size", type=int, default=felzenszwalb_defaults.min_size,
+                        help="--mask_source felzenszwalb: minimum component size in pixels (merged below)")
+    parser.add_argument("--felzenszwalb_min_area", type=int, default=felzenszwalb_defaults.min_area,
+                        help="--mask_source felzenszwalb: drop masks with fewer pixels (texture fragments)")
     parser.add_argument("--output_dir", required=True, help="output folder of parquet shards (resumable)")
     parser.add_argument("--device", default=None, help="device for SAM (default: Accelerate's device of the process)")
     parser.add_argument("--shard_size", type=cli.positive_int, default=100,
@@ -73,7 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         type=str.upper, help="logging level")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.mask_source == "sam" and not args.sam_checkpoint:
+        parser.error("--mask_source sam needs --sam_checkpoint (or use --mask_source felzenszwalb)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area,
     )
+    mask_generator = None
+    if args.mask_source == "felzenszwalb":
+        mask_generator = FelzenszwalbMaskGenerator(FelzenszwalbConfig(
+            scale=args.felzenszwalb_scale, sigma=args.felzenszwalb_sigma, min_size=args.felzenszwalb_min_size,
+            min_area=args.felzenszwalb_min_area))
     stats = generate_sam_masks(
         source,
         args.output_dir,
         args.sam_checkpoint,
         config=config,
+        mask_generator=mask_generator,
         device=args.device,
         shard_size=args.shard_size,
         retry_failed=args.retry_failed,

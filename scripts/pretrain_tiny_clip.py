@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kinds", type=str, default=None,
                         help='Mix of the caption stream as JSON, default {"object": 0.5, "stuff": 0.2, "scene": 0.3}.')
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
+    parser.add_argument("--init_weights", type=str, default=None,
+                        help="Continue from these OpenCLIP .safetensors weights (fresh optimizer) instead of random ones.")
+    parser.add_argument("--stream_offset", type=int, default=0,
+                        help="First step of the caption stream (a continuation reads pairs its first stage never saw).")
+    parser.add_argument("--region_scenes", type=int, default=0,
+                        help="Region-aware training: scenes per step whose mask-pooled regions (through the dense path "
+                             "DEARLi uses) are paired with captions naming their class, in the same ClipLoss.")
+    parser.add_argument("--region_size", type=int, default=256, help="Side of the region scenes (the world's size).")
     parser.add_argument("--export_fp16", type=str, default=None,
                         help="Also write the final weights in fp16 to this .safetensors path (the shipped form).")
     return parser
@@ -68,7 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
         image_size=args.image_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, checkpointing_steps=args.checkpointing_steps, logging_steps=args.logging_steps,
         num_threads=args.num_threads, kinds=kinds, eval_fn=eval_fn if args.eval_steps else None,
-        eval_steps=args.eval_steps,
+        eval_steps=args.eval_steps, init_weights=args.init_weights, stream_offset=args.stream_offset,
+        region_scenes=args.region_scenes, region_size=args.region_size,
     )
     if args.export_fp16:
         model = tiny_clip.build_tiny_clip()

@@ -14,6 +14,7 @@ from PIL import Image
 from modeling_dearli.image_processing_dearli import rgb_to_id
 from training.data.panoptic_datasets import (
     load_coco_panoptic,
+    load_panoptic_dataset,
     panoptic_target_from_row,
     read_class_names,
     split_labeled_unlabeled,
@@ -105,6 +106,25 @@ def test_loads_through_the_coco_panoptic_code_with_the_class_names_file(small_wo
     # the default label space (JSON categories) is the same, in the same order
     default = load_coco_panoptic(paths["images"], paths["panoptic"], paths["annotations"])
     assert default[0]["segments_info"] == ds[0]["segments_info"]
+
+
+def test_class_names_file_gives_the_loops_synonyms(small_world: Path):
+    from training.arguments import parse_args
+    from training.data.train_datasets import load_panoptic_training_data
+
+    train, val = W.world_paths(small_world, "train"), W.world_paths(small_world, "val")
+    argv = ["--dataset_name", "custom", "--train_images_dir", str(train["images"]), "--train_panoptic_dir",
+            str(train["panoptic"]), "--train_annotations", str(train["annotations"]), "--val_images_dir",
+            str(val["images"]), "--val_panoptic_dir", str(val["panoptic"]), "--val_annotations",
+            str(val["annotations"]), "--labeled_fraction", "0.25", "--output_dir", str(small_world / "unused")]
+    plain = load_panoptic_training_data(parse_args("ssl", argv))
+    named = load_panoptic_training_data(parse_args("ssl", [*argv, "--class_names_file", str(train["class_names"])]))
+    assert plain.class_names.names[1] == "zebra" and named.class_names.names[1].startswith("zebra,zebras")
+    assert named.class_names.category_ids == plain.class_names.category_ids
+    assert named.class_names.thing_ids == plain.class_names.thing_ids == list(range(len(W.THING_CLASSES)))
+    assert len(named.labeled) == 6 and len(named.unlabeled) == 18 and len(named.validation) == 4
+    with pytest.raises(ValueError, match="class-names file"):
+        load_panoptic_dataset("ade20k", ade20k_root=str(small_world), class_names_file=str(train["class_names"]))
 
 
 def test_recorded_labeled_subsets_are_the_ones_the_loops_draw(small_world: Path):

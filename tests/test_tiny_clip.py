@@ -99,3 +99,36 @@ def test_script_help(script):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--output_dir" in out or "--output" in out
+
+
+def test_region_pairs_are_deterministic_one_per_class_and_visible_on_the_clip_grid():
+    stream = T.CaptionStream(seed=3, batch_size=2, region_scenes=3)
+    a, b = stream.region_batch(5), T.CaptionStream(seed=3, batch_size=2, region_scenes=3).region_batch(5)
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+    assert a["captions"] == b["captions"] and torch.equal(a["masks"], b["masks"])
+    assert a["pixel_values"].shape == (3, 3, 256, 256) and a["masks"].shape[1:] == (8, 8)
+    labels = a["labels"].tolist()
+    assert len(labels) == len(set(labels)) == len(a["captions"]) > 3  # one region per class
+    assert a["masks"].flatten(1).any(1).all() and int(a["scene_index"].max()) < 3
+    for label, caption in zip(labels, a["captions"]):
+        assert any(name in caption for name in W.CLASSES[label].names), caption
+    # the images of a continuation come from later steps of the same stream
+    shifted = next(iter(T.CaptionStream(seed=3, batch_size=2, stream_offset=100, num_steps=1)))
+    assert shifted[2] == T.CaptionStream(seed=3, batch_size=2).batch(100)[2] and shifted[3] == {}
+
+
+def test_region_embeddings_are_what_dearli_mask_pools(shipped_model):
+    """Region-aware training embeds regions through exactly the path DEARLi classifies masks with."""
+    from modeling_dearli.clip_backbone import mask_pool
+
+    clip = T.build_tiny_clip()
+    clip.load_state_dict({k: v.float() for k, v in load_file(str(T.SHIPPED_WEIGHTS)).items()})
+    clip.eval()
+    batch = T.CaptionStream(seed=0, batch_size=1, region_scenes=2).region_batch(0)
+    with torch.no_grad():
+        ours = T.region_embeddings(clip, batch["pixel_values"], batch["masks"], batch["scene_index"])
+        features = shipped_model.backbone(batch["pixel_values"])[-1]
+        for r, (scene, mask) in enumerate(zip(batch["scene_index"].tolist(), batch["masks"])):
+            pooled = mask_pool(features[scene:scene + 1], mask[None, None].float())
+            expected = torch.nn.functional.normalize(shipped_model.backbone.embed_pooled_features(pooled), dim=-1)
+            torch.testing.assert_close(ours[r], expected[0, 0], atol=1e-5, rtol=1e-4)

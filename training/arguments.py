@@ -304,6 +304,10 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--val_panoptic_dir", type=str, default=None, help="Validation panoptic PNG folder.")
     g.add_argument("--val_annotations", type=str, default=None,
                    help="Validation panoptic annotation JSON (no validation when no validation data is given).")
+    g.add_argument("--class_names_file", type=str, default=None,
+                   help="Class names with synonyms, one 'id:name,synonym,...' line per category id (the format of the "
+                        "shipped class-name files; e.g. class_names.txt of a generated miniature world), for "
+                        "--dataset_name custom or coco_panoptic; default: the JSON's category names (custom).")
     g.add_argument("--partition", type=str, default=None,
                    help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
                         "training/data/assets/splits); supervised default: every training image is labeled. In "

@@ -459,12 +459,20 @@ def load_panoptic_dataset(
     with_semantic: bool = True,
     data_dir: str | os.PathLike[str] | None = None,
     coco_objects_void_to_background: bool = True,
+    class_names_file: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, ClassNames]:
     """One split of a dataset by name and its label space: ``ade20k`` (``ade20k_root``, ``split``, ``panoptic_root``,
     ``with_semantic``), ``coco_panoptic`` / ``coco_objects`` (their fixed label spaces; COCO-Objects' void pixels are
     background unless ``coco_objects_void_to_background=False``) or ``custom`` (the classes of the annotation JSON)
     from a COCO panoptic folder (``images_dir``, ``panoptic_dir``, ``annotations_json``). ``data_dir``: class names as
-    in :func:`load_class_names`."""
+    in :func:`load_class_names`.
+
+    ``class_names_file`` (``coco_panoptic`` / ``custom``): the label space's names with synonyms from an
+    ``id:name,synonym,...`` file (:func:`read_class_names`; thing flags from the JSON's ``isthing``) instead of the
+    dataset's default names."""
+    if class_names_file is not None and dataset_name not in ("coco_panoptic", "custom"):
+        raise ValueError(f"a class-names file replaces the names of a COCO panoptic or custom dataset, not of "
+                         f"{dataset_name!r} (its names ship with the project)")
     if dataset_name == "ade20k":
         ds = load_ade20k_panoptic(ade20k_root, split, panoptic_root=panoptic_root, data_dir=data_dir,
                                   with_semantic=with_semantic)
@@ -476,6 +484,8 @@ def load_panoptic_dataset(
     if dataset_name not in ("coco_panoptic", "custom"):
         raise ValueError(f"unknown dataset {dataset_name!r}: coco_panoptic, coco_objects, ade20k or custom")
     names = load_class_names("coco_panoptic", data_dir) if dataset_name == "coco_panoptic" else None
+    if class_names_file is not None:
+        names = read_class_names(class_names_file, categories_json=annotations_json)
     ds = load_coco_panoptic(images_dir, panoptic_dir, annotations_json, class_names=names)
     return ds, names or dataset_class_names(ds)
 

@@ -431,7 +431,7 @@ def _next_shard_index(output_dir: Path, rank: int) -> int:
     return max(indices, default=-1) + 1
 
 
-def _check_config(output_dir: Path, config: SamGeneratorConfig, write: bool) -> None:
+def _check_config(output_dir: Path, config: Any, write: bool) -> None:
     path = output_dir / CONFIG_FILE
     identity = config.identity()
     if path.is_file():
@@ -480,6 +480,7 @@ def generate_sam_masks(
     *,
     config: SamGeneratorConfig | None = None,
     model: Sam | None = None,
+    mask_generator: Any = None,
     device: str | torch.device | None = None,
     shard_size: int = 100,
     process_index: int | None = None,
@@ -499,6 +500,10 @@ def generate_sam_masks(
         sam_checkpoint: SAM state dict for ``config.model_type`` (required unless `model` is given).
         config: generator settings, default the reference ones (vit_h, 32 points per side, 0.88 / 0.95).
         model: an already built SAM (then `sam_checkpoint` is not read).
+        mask_generator: another mask source with SAM's interface instead of SAM: ``generate(uint8 RGB image)`` ->
+            ``coco_rle`` annotations, and a ``config`` with ``identity()`` (e.g.
+            `training.data.unsupervised_masks.FelzenszwalbMaskGenerator`); `config`, `model` and `sam_checkpoint` are
+            then not used.
         device: where SAM runs; default the Accelerate device of this process.
         shard_size: images per shard; an interruption loses at most this many.
         process_index, num_processes: this process' share ``items[process_index::num_processes]``; default from
@@ -527,7 +532,7 @@ def generate_sam_masks(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(output_dir, config, write=is_main)
+    _check_config(output_dir, config if mask_generator is None else mask_generator.config, write=is_main)
     if is_main:  # leftovers of interrupted shard writes
         for tmp in output_dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -551,13 +556,16 @@ def generate_sam_masks(
     )
 
     if todo:
-        if device is None:
-            device = state.device if state is not None else "cpu"
-        if model is None:
-            model = build_sam(config.model_type, sam_checkpoint, device)  # type: ignore[arg-type]
+        if mask_generator is not None:
+            generator = mask_generator
         else:
-            model = model.to(device).eval()
-        generator = SamAutomaticMaskGenerator(model, **config.generator_kwargs())
+            if device is None:
+                device = state.device if state is not None else "cpu"
+            if model is None:
+                model = build_sam(config.model_type, sam_checkpoint, device)  # type: ignore[arg-type]
+            else:
+                model = model.to(device).eval()
+            generator = SamAutomaticMaskGenerator(model, **config.generator_kwargs())
         _run(generator, todo, output_dir, rank, shard_size, stats, progress and local_main)
 
     if state is not None and world > 1:

@@ -369,8 +369,9 @@ class PanopticTrainingData:
 
 
 def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
-    """The panoptic data arguments (``--dataset_name``, the folders, ``--partition`` / ``--labeled_fraction``,
-    ``--restrict_to_present_classes``, ``--max_eval_images``, ``--coco_objects_void``) -> :class:`PanopticTrainingData`.
+    """The panoptic data arguments (``--dataset_name``, the folders, ``--class_names_file``, ``--partition`` /
+    ``--labeled_fraction``, ``--restrict_to_present_classes``, ``--max_eval_images``, ``--coco_objects_void``) ->
+    :class:`PanopticTrainingData`.
 
     With ``--restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
     labeled / unlabeled split); validation segments of other classes are dropped.
@@ -379,7 +380,7 @@ def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
     train, class_names = load_panoptic_dataset(
         args.dataset_name, images_dir=args.train_images_dir, panoptic_dir=args.train_panoptic_dir,
         annotations_json=args.train_annotations, ade20k_root=args.ade20k_root, split="training", with_semantic=False,
-        coco_objects_void_to_background=void_to_background,
+        coco_objects_void_to_background=void_to_background, class_names_file=args.class_names_file,
     )
     val = None
     if args.dataset_name == "ade20k" or args.val_annotations:
@@ -387,6 +388,7 @@ def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
             args.dataset_name, images_dir=args.val_images_dir or args.train_images_dir,
             panoptic_dir=args.val_panoptic_dir or args.train_panoptic_dir, annotations_json=args.val_annotations,
             ade20k_root=args.ade20k_root, split="validation", coco_objects_void_to_background=void_to_background,
+            class_names_file=args.class_names_file,
         )
     if args.restrict_to_present_classes:
         train, class_names, val = restrict_to_present_classes(train, class_names, val)

@@ -191,15 +191,74 @@ def to_pixel_values(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+MASK_POOLING_THRESHOLD = 0.5  # DearliConfig.mask_pooling_threshold's default
+FEATURE_STRIDE = 32  # ConvNeXt's last stage: the grid of the dense CLIP features that DEARLi mask-pools
+
+
+def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int], threshold: float = MASK_POOLING_THRESHOLD
+                  ) -> torch.Tensor:
+    """Binary masks ``(..., h, w)`` (e.g. at the decoder's 1/4 resolution) as DEARLi's mask pooling sees them on the
+    CLIP feature ``grid``: +-20 logits, bilinearly resized, sigmoid > ``threshold``
+    (``DearliForPanopticSegmentation.clip_classify_masks``). Masks too small to cover a cell centre come out empty."""
+    logits = torch.where(masks > 0.5, 20.0, -20.0)
+    lead = logits.shape[:-2]
+    logits = logits.reshape(1, -1, *logits.shape[-2:])
+    resized = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
+    return (resized.sigmoid() > threshold).reshape(*lead, *grid)
+
+
+def quarter_resolution_masks(ids: np.ndarray, segment_ids: Sequence[int]) -> torch.Tensor:
+    """Per segment, its binary mask at 1/4 resolution (area-averaged, > 0.5), the resolution of the decoder's masks."""
+    h, w = ids.shape
+    if h % 4 == 0 and w % 4 == 0:  # block sums (the same as area interpolation, without float copies of every mask)
+        blocks = ids.reshape(h // 4, 4, w // 4, 4)
+        return torch.from_numpy(np.stack([(blocks == i).sum((1, 3)) > 8 for i in segment_ids]).reshape(-1, h // 4,
+                                                                                                      w // 4))
+    full = torch.from_numpy(ids.astype(np.int64))[None] == torch.tensor(list(segment_ids))[:, None, None]
+    return F.interpolate(full[None].float(), size=(h // 4, w // 4), mode="area")[0] > 0.5
+
+
+def _region_caption(rng: np.random.Generator, spec: W.ClassSpec) -> str:
+    """A caption naming one region's class: 'a photo of a striped zebra.', 'There is a lawn in the scene', ..."""
+    if spec.isthing:
+        return _template(rng, _thing_phrase(rng, spec, 1).split(" ", 1)[1])
+    return _template(rng, _stuff_name(rng, spec))
+
+
+def sample_regions(rng: np.random.Generator, size: int = 256, settings: W.WorldSettings | None = None
+                   ) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+    """One scene of the region stream (classes drawn uniformly, the world's layout and pixel scale) -> (uint8 image,
+    masks of its segments on the stride-32 CLIP grid (n, size/32, size/32), contiguous class index per mask); segments
+    whose mask misses every cell of the grid are left out (mask pooling cannot see them)."""
+    settings = settings or W.WorldSettings()
+    uniform = np.full(len(W.THING_CLASSES), 1 / len(W.THING_CLASSES))
+    scene = W.sample_scene(rng, settings, class_probabilities=uniform, size=size)
+    image, ids, segments = W.render_scene(scene, rng, settings)
+    index = {c.category_id: i for i, c in enumerate(W.CLASSES)}
+    grid = (size // FEATURE_STRIDE, size // FEATURE_STRIDE)
+    masks = masks_on_grid(quarter_resolution_masks(ids, [s["id"] for s in segments]).float(), grid)
+    keep = masks.flatten(1).any(1)
+    labels = [index[s["category_id"]] for s, k in zip(segments, keep.tolist()) if k]
+    return image, masks[keep], labels
+
+
 class CaptionStream(torch.utils.data.IterableDataset):
-    """Batches ``(pixel_values, tokens, captions)`` of the caption stream from ``start_step`` on; batch ``step`` is a
-    function of ``(seed, step)`` only, so resuming reproduces the stream."""
+    """Batches of the caption stream from ``start_step`` on; batch ``step`` is a function of ``(seed, step)`` only, so
+    resuming reproduces the stream.
+
+    Each item is ``(pixel_values, tokens, captions, regions)``. ``stream_offset`` shifts the image-caption pairs (a
+    continuation reads pairs its first stage never saw). With ``region_scenes > 0``, ``regions`` holds region-caption
+    pairs (:meth:`region_batch`), else it is an empty dict.
+    """
 
     def __init__(self, seed: int, batch_size: int, image_size: int = 128, start_step: int = 0,
-                 num_steps: int | None = None, kinds: dict[str, float] | None = None):
+                 num_steps: int | None = None, kinds: dict[str, float] | None = None, stream_offset: int = 0,
+                 region_scenes: int = 0, region_size: int = 256):
         super().__init__()
         self.seed, self.batch_size, self.image_size = int(seed), int(batch_size), int(image_size)
         self.start_step, self.num_steps, self.kinds = int(start_step), num_steps, kinds
+        self.stream_offset, self.region_scenes, self.region_size = int(stream_offset), int(region_scenes), int(
+            region_size)
         self._tokenizer = tokenizer()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -213,11 +272,50 @@ class CaptionStream(torch.utils.data.IterableDataset):
             captions.append(caption)
         return to_pixel_values(images), self._tokenizer(captions), captions
 
+    def region_batch(self, step: int) -> dict[str, Any]:
+        """Region-caption pairs of step ``step`` (``clip_regions`` stream, disjoint from every panoptic image):
+        ``region_scenes`` scenes of ``region_size`` pixels and, per class present, one of its regions (so that no two
+        regions of a batch share a class: no false negatives among them in the contrastive loss) ->
+        ``{"pixel_values": (S, 3, size, size), "masks": (R, size/32, size/32) bool, "scene_index": (R,),
+        "tokens": (R, L), "captions": [R], "labels": (R,)}``."""
+        images, masks, scene_index, labels = [], [], [], []
+        for i in range(self.region_scenes):
+            rng = W.scene_rng(self.seed, "clip_regions", step, i)
+            image, scene_masks, scene_labels = sample_regions(rng, self.region_size)
+            if rng.random() < 0.5:
+                image, scene_masks = image[:, ::-1], scene_masks.flip(-1)
+            images.append(image)
+            masks += list(scene_masks)
+            scene_index += [i] * len(scene_labels)
+            labels += scene_labels
+        rng = W.scene_rng(self.seed, "clip_regions", step, self.region_scenes)
+        chosen: dict[int, int] = {}
+        for r in rng.permutation(len(labels)).tolist():
+            chosen.setdefault(labels[r], r)
+        keep = sorted(chosen.values())
+        captions = [_region_caption(rng, W.CLASSES[labels[r]]) for r in keep]
+        return {"pixel_values": to_pixel_values(images), "masks": torch.stack([masks[r] for r in keep]),
+                "scene_index": torch.tensor([scene_index[r] for r in keep]), "tokens": self._tokenizer(captions),
+                "captions": captions, "labels": torch.tensor([labels[r] for r in keep])}
+
     def __iter__(self):
         step = self.start_step
         while self.num_steps is None or step < self.num_steps:
-            yield self.batch(step)
+            pixel_values, tokens, captions = self.batch(self.stream_offset + step)
+            yield pixel_values, tokens, captions, self.region_batch(step) if self.region_scenes else {}
             step += 1
+
+
+def region_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor,
+                      scene_index: torch.Tensor) -> torch.Tensor:
+    """Normalised CLIP embeddings (R, D) of mask-pooled regions through the model's own dense path (with gradients):
+    ``trunk.forward_features`` -> mean inside each grid mask -> ``trunk.head`` -> ``visual.head`` - what
+    ``FrozenClipBackbone`` + ``mask_pool`` + ``embed_pooled_features`` compute at inference."""
+    visual = model.visual
+    features = visual.trunk.forward_features(pixel_values)[scene_index]  # (R, C, g, g)
+    weights = masks.to(features.dtype)[:, None]
+    pooled = (features * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp(min=1.0)
+    return F.normalize(visual.head(visual.trunk.head(pooled[..., None, None])), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -255,10 +353,20 @@ def pretrain(
     kinds: dict[str, float] | None = None,
     eval_fn: Any = None,
     eval_steps: int = 0,
+    init_weights: str | os.PathLike[str] | None = None,
+    stream_offset: int = 0,
+    region_scenes: int = 0,
+    region_size: int = 256,
 ) -> Path:
     """Contrastive pretraining of the tiny CLIP with OpenCLIP's ``ClipLoss``; resumes from ``output_dir`` when it
     holds a checkpoint. Writes ``checkpoint/`` (every ``checkpointing_steps``), ``log.jsonl`` and, at the end,
-    ``tiny_clip.safetensors`` (fp32) + ``tiny_clip_config.json``. Returns the final weights path."""
+    ``tiny_clip.safetensors`` (fp32) + ``tiny_clip_config.json``. Returns the final weights path.
+
+    A continuation starts from ``init_weights`` (an OpenCLIP ``.safetensors`` file) with a fresh optimizer and reads
+    the caption stream from step ``stream_offset`` on (pairs the first stage never saw). With ``region_scenes > 0``
+    every step also holds region-caption pairs (:meth:`CaptionStream.region_batch`): mask-pooled regions of that many
+    ``region_size`` scenes, embedded through the dense path DEARLi mask-pools (:func:`region_embeddings`), in the
+    same ``ClipLoss`` as the image-caption pairs, so that mask-pooled dense features become class-discriminative."""
     from open_clip.loss import ClipLoss
     from safetensors.torch import load_file
 
@@ -272,9 +380,16 @@ def pretrain(
     run = {"seed": seed, "max_train_steps": max_train_steps, "train_batch_size": train_batch_size,
            "image_size": image_size, "learning_rate": learning_rate, "weight_decay": weight_decay,
            "warmup_steps": warmup_steps, "kinds": kinds}
+    if init_weights is not None or stream_offset or region_scenes:
+        run.update({"init_weights": Path(init_weights).name if init_weights else None, "stream_offset": stream_offset,
+                    "region_scenes": region_scenes, "region_size": region_size})
 
     torch.manual_seed(seed)
     model = build_tiny_clip()
+    if init_weights is not None:
+        initial = load_file(str(init_weights))
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in initial.items()})
+        logger.info("initial weights: %s", init_weights)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -290,19 +405,24 @@ def pretrain(
         start_step, elapsed = int(state["step"]), float(state["seconds"])
         logger.info("resumed from step %d (%.0f s trained)", start_step, elapsed)
     loss_fn = ClipLoss()
-    stream = CaptionStream(seed, train_batch_size, image_size, start_step, max_train_steps, kinds)
+    stream = CaptionStream(seed, train_batch_size, image_size, start_step, max_train_steps, kinds,
+                           stream_offset=stream_offset, region_scenes=region_scenes, region_size=region_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=2,
                                          persistent_workers=False)
     model.train()
     log = open(output_dir / "log.jsonl", "a")  # noqa: SIM115 (appended to over the whole run)
     t_last = time.perf_counter()
     step = start_step
-    for step_index, (pixel_values, tokens, _captions) in enumerate(loader, start=start_step):
+    for step_index, (pixel_values, tokens, _captions, regions) in enumerate(loader, start=start_step):
         step = step_index
         lr = _lr_at(step, max_train_steps, learning_rate, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         image_features, text_features, logit_scale = model(pixel_values, tokens)[:3]
+        if regions:
+            image_features = torch.cat([image_features, region_embeddings(
+                model, regions["pixel_values"], regions["masks"], regions["scene_index"])])
+            text_features = torch.cat([text_features, model.encode_text(regions["tokens"], normalize=True)])
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -423,8 +543,7 @@ def _classify_masks(model: Any, pixel_values: torch.Tensor, masks: torch.Tensor)
     features = model.backbone(pixel_values)[-1]
     logits = torch.where(masks > 0.5, 20.0, -20.0)[None]
     clip_logits = model.clip_classify_masks(features, logits)[0]
-    resized = F.interpolate(logits.float(), size=features.shape[-2:], mode="bilinear", align_corners=False)
-    nonempty = (resized.sigmoid() > model.config.mask_pooling_threshold).flatten(2).any(-1)[0]
+    nonempty = masks_on_grid(masks, tuple(features.shape[-2:]), model.config.mask_pooling_threshold).flatten(1).any(-1)
     return clip_logits.argmax(-1), nonempty
 
 
@@ -473,10 +592,7 @@ def evaluate_masks(model: Any, scenes: Sequence[tuple[np.ndarray, np.ndarray, li
             ids = np.asarray(Image.fromarray(ids.astype(np.int32)).resize(size, Image.NEAREST))
             present = set(np.unique(ids).tolist())
             segments = [s for s in segments if s["id"] in present]
-        h, w = ids.shape
-        seg_ids = torch.tensor([s["id"] for s in segments])
-        full = torch.from_numpy(ids.astype(np.int64))[None] == seg_ids[:, None, None]
-        masks = F.interpolate(full[None].float(), size=(h // 4, w // 4), mode="area")[0]
+        masks = quarter_resolution_masks(ids, [s["id"] for s in segments]).float()
         pred, nonempty = _classify_masks(model, to_pixel_values([image]), masks)
         labels += [index[s["category_id"]] for s in segments]
         preds += pred.tolist()

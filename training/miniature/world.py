@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 # Seed-stream tags: SeedSequence([seed, tag, index...]). The panoptic splits and the tiny CLIP's streams never meet.
-STREAMS = {"train": 0, "val": 1, "clip_pretrain": 2, "clip_eval": 3}
+STREAMS = {"train": 0, "val": 1, "clip_pretrain": 2, "clip_eval": 3, "clip_regions": 4}
 BASE_SIZE = 256  # the scale at which every length below is given
 
 # Colours (RGB). Names are used in captions as attributes.

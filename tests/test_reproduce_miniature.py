@@ -1,0 +1,97 @@
+"""The miniature reproduction's code path (scripts/reproduce_miniature.py) with very short schedules on a small world:
+every job runs in its own process, results.json has the five rows, a rerun skips the finished work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.miniature import reproduction as R
+
+pytestmark = pytest.mark.slow  # about 80 CPU-seconds: nine jobs, each its own process (imports, model, evaluation)
+
+SMOKE = R.Schedule("smoke", fractions=(0.25,), headline_fraction=0.25, headline_seeds=1, supervised_steps=2,
+                   ssl_steps=2, dewa_steps=2, mask_images=6)
+SMALL_WORLD = {"num_train": 12, "num_val": 3}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("reproduction")
+    return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2)
+
+
+def test_results_have_the_five_rows_in_percent_with_the_clip_report(smoke_run):
+    out, results = smoke_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"] == results["rows"]
+    assert set(results["rows"]) == set(R.ROWS)
+    for row in R.ROWS:
+        metrics = results["rows"][row]["1/4"]
+        assert set(metrics) == {"PQ", "PQ_th", "PQ_st", "mIoU"}
+        assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    clip = results["clip_zero_shot"]["masks_world_val"]
+    assert clip["n"] > 3 and 0 <= clip["things"] <= 100
+    assert results["seconds"] > 0 and results["cpu_seconds"] > 0
+    assert "| `dearli` |" in (out / "results.md").read_text()
+    assert (out / "pq_vs_fraction.png").stat().st_size > 1000
+    # the rows are what they say: the teacher's pseudo-labels of mean_teacher_m2f are decoder-only, dearli starts
+    # from DeWa on the unsupervised masks
+    runs = out / "runs" / "smoke" / "fraction_1_4" / "seed0"
+    mt = json.loads((runs / "mean_teacher_m2f" / "model" / "config.json").read_text())
+    dear = json.loads((runs / "dear" / "model" / "config.json").read_text())
+    assert mt["ensemble_alpha"] == 1.0 and dear["ensemble_alpha"] == R.ENSEMBLE_ALPHA
+    dearli_job = json.loads((runs / "dearli" / "job.json").read_text())
+    assert "--init_from" in dearli_job["argv"] and "dewa_seed0" in dearli_job["argv"][dearli_job["argv"].index(
+        "--init_from") + 1]
+    assert json.loads((out / "masks_felzenszwalb" / "manifest.json").read_text())["num_images"] == 6
+
+
+def test_rerun_skips_finished_jobs_and_refuses_other_settings(smoke_run):
+    out, results = smoke_run
+    again = R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD)
+    assert again["rows"] == results["rows"]
+    timing = json.loads((out / "runs" / "smoke" / "timing.json").read_text())
+    assert timing["invocations"][-1]["jobs"] == {}  # nothing was run again
+    longer = R.Schedule(**{**SMOKE.__dict__, "ssl_steps": 3})
+    with pytest.raises(FileExistsError, match="other settings"):
+        R.reproduce(out, schedule=longer, world_kwargs=SMALL_WORLD)
+
+
+def test_schedules_and_script_help(load_script):
+    assert SMOKE.ema_decay == 0.0 and R.SCHEDULES["full"].ema_decay == pytest.approx(1 - 80 / 300, abs=1e-4)
+    assert R.SCHEDULES["quick"].fractions == (R.SCHEDULES["quick"].headline_fraction,)
+    assert len(R.SCHEDULES["full"].fractions) >= 2 and R.SCHEDULES["full"].headline_seeds >= 2
+    parser = load_script("reproduce_miniature").build_parser()
+    args = parser.parse_args(["--output_dir", "x", "--quick", "--world_seed", "3", "--seed", "2"])
+    assert (args.quick, args.world_seed, args.seed) == (True, 3, 2)
+
+
+def test_demo_keeps_working_models_and_draws_pictures(smoke_run, load_script):
+    """The demo (README command 1) on the smoke run's folder: its jobs are the same, so only the demo's own work runs;
+    the kept DEARLi model loads as in the README's "Using a model" and segments at the world's size."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
+
+    from training.miniature.demo import run_demo
+
+    out, _ = smoke_run
+    results = run_demo(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_pictures=2)
+    assert set(results["rows"]) == {"supervised", "supervised_ensemble", "dearli"}
+    pictures = [Image.open(p) for p in results["pictures"]]
+    assert len(pictures) == 2 and all(p.width >= 4 * 512 and p.height > 512 for p in pictures)
+    assert len(list((out / "examples").glob("*.jpg"))) == 3
+    model = AutoModelForUniversalSegmentation.from_pretrained(results["models"]["dearli"]).eval()
+    processor = AutoImageProcessor.from_pretrained(results["models"]["dearli"])
+    image = Image.open(sorted((out / "examples").glob("*.jpg"))[0])
+    inputs = processor(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (256, 256)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    result = processor.post_process_panoptic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    assert result["segmentation"].shape == (256, 256)
+    script = load_script("demo")
+    assert script.parse_args([]).output_dir == "outputs/demo"

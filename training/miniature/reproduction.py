@@ -1,0 +1,551 @@
+"""The paper's Table 1 ablation in the miniature world, as one resumable command (``scripts/reproduce_miniature.py``).
+
+Rows (paper Table 1, cumulative):
+
+* ``supervised`` - M2F-Lang trained on the labeled images only (``training/supervised.py``), decoder posteriors at test
+  (``ensemble_alpha`` 1);
+* ``supervised_ensemble`` - the same model with Eq. 6 ensembling at test (``ensemble_alpha`` 0.6);
+* ``mean_teacher_m2f`` - Mean Teacher (``training/ssl.py``) whose pseudo-labels use the decoder posteriors only
+  (``--ensemble_alpha 1.0`` for the teacher);
+* ``dear`` - Mean Teacher with ensembled pseudo-labels (0.6);
+* ``dearli`` - DeWa (``training/dewa.py``) on class-agnostic masks without labels (Felzenszwalb,
+  ``scripts/generate_sam_masks.py --mask_source felzenszwalb``; SAM weights cannot be had here), then ``dear``
+  initialised from it.
+
+Every Mean-Teacher row is evaluated with ensembling at test (0.6), as the cumulative ablation; their decoder-only PQ
+is kept in ``DIR/runs/.../result.json`` too. All rows use the same frozen tiny CLIP (``assets/``), decoder sizes,
+optimiser and number of steps (presets ``training/configs/miniature_*.yaml``); the Mean-Teacher rows see
+``unlabeled_batch_size`` unlabeled crops per step besides the labeled ones.
+
+Work is split into jobs (the world, the masks, one training + its evaluations per row, fraction and seed, the CLIP's
+zero-shot report). Each job runs in its own process (``python -m training.miniature.reproduction JOB.json``: the
+loop's ``main(argv)``, then the evaluation of the saved model) and writes ``result.json`` last; a rerun with the same
+``--output_dir`` skips finished jobs and resumes interrupted trainings from their last checkpoint
+(``--resume_from_checkpoint latest``). Up to ``--num_workers`` jobs run at once, one intra-op thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROWS = ("supervised", "supervised_ensemble", "mean_teacher_m2f", "dear", "dearli")
+# The paper's expected ordering: (lower, higher, strict) pairs checked in the report.
+PAPER_ORDER = (("supervised", "supervised_ensemble", True), ("supervised", "mean_teacher_m2f", True),
+               ("mean_teacher_m2f", "dear", True), ("dear", "dearli", False))
+ENSEMBLE_ALPHA = 0.6  # paper Eq. 6
+PAPER_ITERATIONS, PAPER_EMA_DECAY = 80_000, 0.999
+METRICS = ("PQ", "PQ_th", "PQ_st", "mIoU")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How much the reproduction trains.
+
+    Args:
+        name: ``quick`` or ``full``.
+        fractions: Labeled fractions of the world's training images.
+        headline_fraction: The fraction run with ``headline_seeds`` seeds (the others with the first seed only).
+        headline_seeds: Number of seeds on the headline fraction (``--seed``, ``--seed + 1``, ...).
+        supervised_steps / ssl_steps / dewa_steps: Optimisation steps of each stage.
+        mask_images: Training images given unsupervised masks for DeWa (``None``: all).
+    """
+
+    name: str
+    fractions: tuple[float, ...]
+    headline_fraction: float
+    headline_seeds: int
+    supervised_steps: int
+    ssl_steps: int
+    dewa_steps: int
+    mask_images: int | None = None
+
+    @property
+    def ema_decay(self) -> float:
+        """The teacher's EMA decay with the paper's horizon relative to the schedule: 1 / (1 - 0.999) = 1000 steps of
+        80k, so ``ssl_steps / 80`` steps here (0: the teacher is the student, for schedules under 80 steps)."""
+        return max(0.0, round(1 - PAPER_ITERATIONS * (1 - PAPER_EMA_DECAY) / self.ssl_steps, 4))
+
+
+SCHEDULES = {
+    "quick": Schedule("quick", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=300,
+                      ssl_steps=150, dewa_steps=150, mask_images=600),
+    "full": Schedule("full", fractions=(1 / 32, 1 / 8), headline_fraction=1 / 32, headline_seeds=2,
+                     supervised_steps=600, ssl_steps=300, dewa_steps=300, mask_images=None),
+}
+
+
+def fraction_key(fraction: float) -> str:
+    """``1/32`` for 0.03125 (the key of a fraction in ``results.json``)."""
+    return f"1/{round(1 / fraction)}" if abs(1 / fraction - round(1 / fraction)) < 1e-9 else f"{fraction:g}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One unit of work: a training loop's ``main(argv)`` (``loop``: dewa / supervised / ssl), a script's
+    ``main(argv)`` (``script``), and/or evaluations of the saved model (``evaluate``: name -> ensemble_alpha), in
+    ``folder``. ``after``: names of the jobs it needs."""
+
+    name: str
+    folder: str
+    loop: str | None = None
+    script: str | None = None
+    argv: list[str] = field(default_factory=list)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    world_dir: str | None = None
+    clip_report: bool = False
+    fraction: str | None = None
+    seed: int | None = None
+    after: list[str] = field(default_factory=list)
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.folder) / "result.json"
+
+    def spec(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("after",)}
+
+
+def _world_data_args(world_dir: Path) -> list[str]:
+    from .world import world_paths
+
+    train, _val = world_paths(world_dir, "train"), world_paths(world_dir, "val")
+    return ["--dataset_name", "custom", "--class_names_file", str(train["class_names"]),
+            "--train_images_dir", str(train["images"]), "--train_panoptic_dir", str(train["panoptic"]),
+            "--train_annotations", str(train["annotations"])]
+
+
+def _model_args() -> list[str]:
+    from .tiny_clip import SHIPPED_CONFIG, SHIPPED_WEIGHTS
+
+    return ["--clip_model_name", str(SHIPPED_CONFIG), "--clip_pretrained", str(SHIPPED_WEIGHTS)]
+
+
+def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
+              rows: Sequence[str] = ROWS, clip_report: bool = True) -> list[Job]:
+    """The jobs of a reproduction (of `rows` only), long ones first so that parallel workers finish together; every
+    job comes after the jobs it needs."""
+    from .world import world_paths
+
+    runs = output_dir / "runs" / schedule.name
+    world_dir = output_dir / "world"
+    masks_dir = output_dir / "masks_felzenszwalb"
+    train_images = str(world_paths(world_dir, "train")["images"])
+    data = _world_data_args(world_dir)
+    model = _model_args()
+    common = ["--checkpointing_steps", "50", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+              *extra_args]
+    seeds_of = {f: [seed + k for k in range(schedule.headline_seeds if f == schedule.headline_fraction else 1)]
+                for f in schedule.fractions}
+    jobs = []
+    if "dearli" in rows:
+        mask_argv = ["--mask_source", "felzenszwalb", "--image-dir", train_images, "--output-dir", str(masks_dir),
+                     "--no-progress"]
+        if schedule.mask_images is not None:
+            mask_argv += ["--max-images", str(schedule.mask_images)]
+        jobs.append(Job("masks", str(runs / "masks"), script="generate_sam_masks", argv=mask_argv))
+        for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
+            folder = runs / f"dewa_seed{s}"
+            jobs.append(Job(f"dewa_seed{s}", str(folder), loop="dewa", after=["masks"], argv=[
+                "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir", train_images,
+                "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
+                *common]))
+    ssl_rows = {"dear": (ENSEMBLE_ALPHA, False), "mean_teacher_m2f": (1.0, False), "dearli": (ENSEMBLE_ALPHA, True)}
+    for fraction in schedule.fractions:
+        key = fraction_key(fraction)
+        for s in seeds_of[fraction]:
+            cell = runs / f"fraction_1_{round(1 / fraction)}" / f"seed{s}"
+            base = [*data, "--labeled_fraction", repr(fraction), "--seed", str(s), *common]
+            for row, (alpha, from_dewa) in ssl_rows.items():
+                if row not in rows:
+                    continue
+                argv = ["--config", "miniature_ssl", *model, *base, "--ensemble_alpha", str(alpha), "--ema_decay",
+                        str(schedule.ema_decay), "--max_train_steps", str(schedule.ssl_steps), "--output_dir",
+                        str(cell / row / "model")]
+                after = [f"dewa_seed{s}"] if from_dewa else []
+                if from_dewa:
+                    argv += ["--init_from", str(runs / after[0] / "model")]
+                jobs.append(Job(f"{row}_{key}_seed{s}", str(cell / row), loop="ssl", world_dir=str(world_dir),
+                                fraction=key, seed=s, after=after, argv=argv,
+                                evaluate={row: ENSEMBLE_ALPHA, f"{row}_decoder_only": 1.0}))
+            evaluate = {r: a for r, a in (("supervised", 1.0), ("supervised_ensemble", ENSEMBLE_ALPHA)) if r in rows}
+            if evaluate:
+                jobs.append(Job(f"supervised_{key}_seed{s}", str(cell / "supervised"), loop="supervised",
+                                world_dir=str(world_dir), fraction=key, seed=s, evaluate=evaluate, argv=[
+                                    "--config", "miniature_supervised", *model, *base, "--max_train_steps",
+                                    str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model")]))
+    if clip_report:
+        jobs.append(Job("clip_zero_shot", str(runs / "clip_zero_shot"), world_dir=str(world_dir), clip_report=True))
+    return jobs
+
+
+def _evaluate_model(model_dir: Path, world_dir: Path, alphas: dict[str, float]) -> dict[str, Any]:
+    """PQ / mIoU of a saved model on the world's validation split, once per ensemble_alpha."""
+    from torch.utils.data import DataLoader
+
+    from modeling_dearli import DearliForPanopticSegmentation
+
+    from ..data.collator import DearliDataCollator
+    from ..data.panoptic_datasets import load_panoptic_dataset
+    from ..evaluation.validation import PanopticEvalDataset, evaluate_panoptic, flatten_metrics
+    from .world import world_paths
+
+    val = world_paths(world_dir, "val")
+    dataset, class_names = load_panoptic_dataset(
+        "custom", images_dir=val["images"], panoptic_dir=val["panoptic"], annotations_json=val["annotations"],
+        class_names_file=val["class_names"])
+    model = DearliForPanopticSegmentation.from_pretrained(str(model_dir)).eval()
+    size = json.loads((world_dir / "world.json").read_text())["config"]["settings"]["image_size"]
+    loader = DataLoader(PanopticEvalDataset(dataset, size, size, class_names=class_names), batch_size=1,
+                        collate_fn=DearliDataCollator())
+    out = {}
+    for name, alpha in alphas.items():
+        report = evaluate_panoptic(model, loader, ensemble_alpha=alpha, progress=False)
+        metrics = flatten_metrics(report, prefix="")
+        out[name] = {"ensemble_alpha": alpha, **{k: round(metrics[k], 3) for k in METRICS},
+                     "per_class_pq": {str(k): round(100 * v["pq"], 2) for k, v in report["per_class"].items()}}
+    return out
+
+
+def _clip_report(world_dir: Path) -> dict[str, Any]:
+    from .tiny_clip import (
+        SHIPPED_CONFIG,
+        SHIPPED_WEIGHTS,
+        dearli_on_tiny_clip,
+        evaluate_crops,
+        evaluate_masks,
+        world_split_scenes,
+    )
+
+    model = dearli_on_tiny_clip(SHIPPED_CONFIG, SHIPPED_WEIGHTS)
+    keep = ("n", "all", "things", "stuff", "things_called_stuff", "per_class")
+    crops = evaluate_crops(model, per_class=8)
+    masks = evaluate_masks(model, world_split_scenes(world_dir, "val"))
+    return {"weights": SHIPPED_WEIGHTS.name, "chance": round(100 / len(masks["per_class"]), 2),
+            "crops": {k: crops[k] for k in keep if k != "per_class"},
+            "masks_world_val": {k: masks[k] for k in keep}}
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run one job in this process (its folder gets ``result.json`` last)."""
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    start, cpu = time.perf_counter(), time.process_time()
+    result: dict[str, Any] = {"spec": job.spec()}
+    if job.loop is not None:
+        import importlib
+
+        importlib.import_module(f"training.{job.loop}").main(job.argv)
+    if job.script is not None:
+        import importlib.util
+
+        path = REPO_ROOT / "scripts" / f"{job.script}.py"
+        module_spec = importlib.util.spec_from_file_location(f"dearli_script_{job.script}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        code = module.main(job.argv)
+        if code:
+            raise RuntimeError(f"{job.script} exited with {code}")
+    if job.evaluate:
+        result["evaluation"] = _evaluate_model(folder / "model", Path(job.world_dir), job.evaluate)
+    if job.loop is not None:  # finished: the final model is saved, the resumable checkpoints are not needed
+        shutil.rmtree(folder / "model" / "checkpoints", ignore_errors=True)
+    if job.clip_report:
+        result["clip_zero_shot"] = _clip_report(Path(job.world_dir))
+    result["seconds_in_process"] = round(time.perf_counter() - start, 1)
+    result["cpu_seconds_in_process"] = round(time.process_time() - cpu, 1)
+    tmp = job.result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, job.result_path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scheduling
+# --------------------------------------------------------------------------------------------------------------------
+def _finished(job: Job) -> bool:
+    if not job.result_path.is_file():
+        return False
+    done = json.loads(job.result_path.read_text())
+    if done.get("spec") != json.loads(json.dumps(job.spec())):
+        raise FileExistsError(f"{job.result_path} was written with other settings than this run's; use another "
+                              f"--output_dir (or remove {job.folder} to redo it)")
+    return True
+
+
+def run_jobs(jobs: Sequence[Job], num_workers: int = 2, threads: int = 1, timings: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """Run the unfinished `jobs` in subprocesses, at most `num_workers` at once, each after the jobs it needs; returns
+    (and fills `timings` with) ``{name: {"wall", "cpu"}}`` seconds of the jobs run now (CPU = user + system of the
+    job's process and its children). A failed job stops the start of new ones; the running ones finish."""
+    pending = [j for j in jobs if not _finished(j)]
+    done = {j.name for j in jobs} - {j.name for j in pending}
+    running: dict[int, tuple[Job, subprocess.Popen, float, Any]] = {}
+    timings = {} if timings is None else timings
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    failed: list[str] = []
+    while pending or running:
+        ready = [j for j in pending if all(a in done for a in j.after)]
+        while ready and len(running) < num_workers and not failed:
+            job = ready.pop(0)
+            pending.remove(job)
+            Path(job.folder).mkdir(parents=True, exist_ok=True)
+            spec_path = Path(job.folder) / "job.json"
+            spec_path.write_text(json.dumps(asdict(job), indent=1))
+            log = open(Path(job.folder) / "log.txt", "a")  # noqa: SIM115 (closed when the job ends)
+            logger.info("start %s", job.name)
+            process = subprocess.Popen([sys.executable, "-m", "training.miniature.reproduction", str(spec_path)],
+                                       cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[process.pid] = (job, process, time.perf_counter(), log)
+        if not running:
+            if failed:
+                break
+            if pending:
+                raise RuntimeError(f"jobs wait for jobs that never finish: {[j.name for j in pending]}")
+            break
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        job, process, started, log = running.pop(pid)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.close()
+        wall = time.perf_counter() - started
+        timings[job.name] = {"wall": round(wall, 1), "cpu": round(usage.ru_utime + usage.ru_stime, 1)}
+        if process.returncode != 0:
+            failed.append(job.name)
+            logger.error("%s failed (exit %s); its log: %s", job.name, process.returncode,
+                         Path(job.folder) / "log.txt")
+        else:
+            done.add(job.name)
+            logger.info("done %s: %.0f s wall, %.0f s CPU", job.name, wall, timings[job.name]["cpu"])
+    if failed:
+        raise RuntimeError(f"jobs failed: {failed} (see log.txt in their folders); rerun to resume")
+    return timings
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def collect_results(jobs: Sequence[Job], schedule: Schedule) -> dict[str, Any]:
+    """``results.json``'s content from the finished jobs: ``rows`` (mean over seeds), ``per_seed``, ``spread`` (sample
+    standard deviation over seeds), ``clip_zero_shot``, the decoder-only PQ of the Mean-Teacher rows."""
+    per_seed: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    decoder_only: dict[str, dict[str, dict[str, float]]] = {}
+    clip = None
+    for job in jobs:
+        if not job.result_path.is_file():
+            continue
+        result = json.loads(job.result_path.read_text())
+        if "clip_zero_shot" in result:
+            clip = result["clip_zero_shot"]
+        for name, values in result.get("evaluation", {}).items():
+            fraction, seed = job.fraction, f"seed{job.seed}"
+            metrics = {k: values[k] for k in METRICS}
+            if name.endswith("_decoder_only"):
+                decoder_only.setdefault(name[: -len("_decoder_only")], {}).setdefault(fraction, {})[seed] = values["PQ"]
+            else:
+                per_seed.setdefault(name, {}).setdefault(fraction, {})[seed] = metrics
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    spread: dict[str, dict[str, dict[str, float]]] = {}
+    for row in ROWS:
+        for fraction, seeds in per_seed.get(row, {}).items():
+            for metric in METRICS:
+                mean, std = _mean_std([m[metric] for m in seeds.values()])
+                rows.setdefault(row, {}).setdefault(fraction, {})[metric] = round(mean, 2)
+                spread.setdefault(row, {}).setdefault(fraction, {})[metric] = round(std, 2)
+    return {"rows": rows, "clip_zero_shot": clip, "per_seed": per_seed, "spread": spread,
+            "mean_teacher_rows_decoder_only_PQ": decoder_only, "schedule": asdict(schedule),
+            "headline_fraction": fraction_key(schedule.headline_fraction)}
+
+
+def ordering_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's ordering (:data:`PAPER_ORDER`) checked on the mean PQ of every fraction."""
+    checks = []
+    rows = results["rows"]
+    for fraction in sorted({f for r in rows.values() for f in r}, key=_fraction_value):
+        for low, high, strict in PAPER_ORDER:
+            if fraction in rows.get(low, {}) and fraction in rows.get(high, {}):
+                a, b = rows[low][fraction]["PQ"], rows[high][fraction]["PQ"]
+                holds = b > a if strict else b >= a
+                checks.append({"fraction": fraction, "expected": f"{low} {'<' if strict else '<='} {high}",
+                               "PQ": [a, b], "holds": holds})
+    return checks
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The table: PQ (PQ_th / PQ_st, mIoU) per row and fraction; mean +- standard deviation over seeds."""
+    fractions = sorted({f for r in results["rows"].values() for f in r}, key=lambda f: -_fraction_value(f))
+    lines = ["| row | " + " | ".join(f"{f} labeled: PQ (PQ_th / PQ_st), mIoU" for f in fractions) + " |",
+             "|---|" + "---:|" * len(fractions)]
+    for row in ROWS:
+        cells = []
+        for f in fractions:
+            m = results["rows"].get(row, {}).get(f)
+            if m is None:
+                cells.append("-")
+                continue
+            n = len(results["per_seed"][row][f])
+            sd = results["spread"][row][f]["PQ"]
+            pm = f" ± {sd:.1f} ({n} seeds)" if n > 1 else ""
+            cells.append(f"{m['PQ']:.1f}{pm} ({m['PQ_th']:.1f} / {m['PQ_st']:.1f}), {m['mIoU']:.1f}")
+        lines.append(f"| `{row}` | " + " | ".join(cells) + " |")
+    clip = results.get("clip_zero_shot")
+    if clip:
+        masks = clip["masks_world_val"]
+        lines += ["", (f"Tiny CLIP zero-shot accuracy (chance {clip['chance']}%): mask-pooled ground-truth masks of the "
+                      f"validation split {masks['all']}% (things {masks['things']}%, stuff {masks['stuff']}%); "
+                      f"close-up crops {clip['crops']['all']}%.")]
+    checks = ordering_checks(results)
+    if checks:
+        lines += ["", "Paper's ordering: " + "; ".join(
+            f"{c['fraction']}: {c['expected']} {'holds' if c['holds'] else 'DOES NOT hold'} ({c['PQ'][0]:.1f} vs "
+            f"{c['PQ'][1]:.1f})" for c in checks) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _fraction_value(key: str) -> float:
+    if key.startswith("1/"):
+        return 1 / float(key[2:])
+    return float(key)
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """PQ against the labeled fraction (log scale), one line per row, error bars = spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    styles = {"supervised": ("tab:gray", "o", "--"), "supervised_ensemble": ("tab:blue", "s", "--"),
+              "mean_teacher_m2f": ("tab:orange", "^", "-"), "dear": ("tab:green", "D", "-"),
+              "dearli": ("tab:red", "*", "-")}
+    for row in ROWS:
+        points = sorted(results["rows"].get(row, {}).items(), key=lambda kv: _fraction_value(kv[0]))
+        if not points:
+            continue
+        xs = [_fraction_value(f) for f, _ in points]
+        ys = [m["PQ"] for _, m in points]
+        err = [results["spread"][row][f]["PQ"] for f, _ in points]
+        color, marker, line = styles[row]
+        ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=row)
+    ax.set_xscale("log", base=2)
+    xs = sorted({_fraction_value(f) for r in results["rows"].values() for f in r})
+    ax.set_xticks(xs, [f"1/{round(1 / x)}" for x in xs])
+    ax.set_xlabel("labeled fraction of the training images")
+    ax.set_ylabel("PQ (%)")
+    ax.set_title("DEARLi in miniature: PQ on the world's validation split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------------------------
+def ensure_world(world_dir: Path, world_seed: int, **world_kwargs: Any) -> dict[str, Any]:
+    """Generate the world (or reuse a finished one); a world interrupted while being written is started again."""
+    from .world import generate_world
+
+    if world_dir.exists() and not (world_dir / "world.json").is_file():
+        logger.info("%s holds an unfinished world: writing it again", world_dir)
+        shutil.rmtree(world_dir)
+    return generate_world(world_dir, world_seed=world_seed, progress=False, **world_kwargs)
+
+
+def reproduce(
+    output_dir: str | os.PathLike[str],
+    quick: bool = False,
+    world_seed: int = 0,
+    seed: int = 0,
+    num_workers: int = 2,
+    extra_args: Sequence[str] = (),
+    schedule: Schedule | None = None,
+    world_kwargs: dict[str, Any] | None = None,
+    rows: Sequence[str] = ROWS,
+    clip_report: bool = True,
+) -> dict[str, Any]:
+    """Generate (or reuse) the world, run every unfinished job, write ``results.json``, ``results.md`` and
+    ``pq_vs_fraction.png`` in ``output_dir``; returns the results.
+
+    Args:
+        quick: the ``quick`` schedule instead of ``full`` (:data:`SCHEDULES`); ``schedule`` gives another one.
+        world_seed / seed: seed of the world, and first seed of the runs (labeled subset, initialisation, order).
+        num_workers: jobs run at once (one intra-op thread each).
+        extra_args: appended to every training loop's arguments (e.g. a recipe's flags).
+        world_kwargs: passed to :func:`training.miniature.world.generate_world` (e.g. ``num_train`` in tests).
+        rows / clip_report: a subset of :data:`ROWS` (the demo's), and whether to measure the CLIP's zero-shot accuracy.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    schedule = schedule or SCHEDULES["quick" if quick else "full"]
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    ensure_world(output_dir / "world", world_seed, **(world_kwargs or {}))
+    world_seconds = time.perf_counter() - start
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise ValueError(f"unknown rows {sorted(unknown)}; rows are {ROWS}")
+    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report)
+    timings: dict[str, Any] = {}
+    try:
+        run_jobs(jobs, num_workers=num_workers, timings=timings)
+    finally:  # the time spent counts, also when a job failed (a rerun resumes)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        timing_path = output_dir / "runs" / schedule.name / "timing.json"
+        timing_path.parent.mkdir(parents=True, exist_ok=True)
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"invocations": []}
+        timing["invocations"].append({
+            "wall_seconds": round(time.perf_counter() - start, 1), "world_seconds": round(world_seconds, 1),
+            "parent_cpu_seconds": round(own.ru_utime + own.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime, 1),
+            "jobs": timings})
+        timing_path.write_text(json.dumps(timing, indent=1))
+    results = collect_results(jobs, schedule)
+    invocations = timing["invocations"]
+    results["seconds"] = round(sum(i["wall_seconds"] for i in invocations), 1)
+    results["cpu_seconds"] = round(sum(i["parent_cpu_seconds"] + sum(j["cpu"] for j in i["jobs"].values())
+                                       for i in invocations), 1)
+    results["world_seed"], results["seed"] = world_seed, seed
+    results["ordering"] = ordering_checks(results)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (output_dir / "results.md").write_text(results_markdown(results))
+    plot_results(results, output_dir / "pq_vs_fraction.png")
+    return results
+
+
+def _job_main(argv: Sequence[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = Job(**json.loads(Path(argv[0]).read_text()))
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_job(job)
+
+
+if __name__ == "__main__":
+    _job_main(sys.argv[1:])
