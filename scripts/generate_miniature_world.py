@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "column in the class-frequency table.")
     parser.add_argument("--split_seed", type=int, default=0,
                         help="The training loops' --seed for which the labeled subsets of the table are drawn.")
+    parser.add_argument("--num_workers", type=int, default=1,
+                        help="Processes that render the images (the files do not depend on it).")
     parser.add_argument("--no_progress", action="store_true", help="Disable the progress bars.")
     return parser
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
                              num_things=(args.min_things, args.max_things))
     record = generate_world(args.output_dir, world_seed=args.world_seed, num_train=args.num_train,
                             num_val=args.num_val, settings=settings, labeled_fractions=args.labeled_fraction,
-                            split_seed=args.split_seed, progress=not args.no_progress)
+                            split_seed=args.split_seed, progress=not args.no_progress,
+                            num_workers=args.num_workers)
     print(json.dumps({"output_dir": args.output_dir, "seconds": record["seconds"], **record["config"]}))
     return record
 

@@ -18,7 +18,7 @@ import json
 import logging
 import shlex
 
-from training.miniature.reproduction import SCHEDULES, reproduce
+from training.miniature.reproduction import RECIPES, SCHEDULES, reproduce
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "fraction also runs seed + 1, ...")
     parser.add_argument("--num_workers", type=int, default=2,
                         help="Jobs (trainings, evaluations) run at once, one intra-op thread each: the CPU cores to use.")
+    parser.add_argument("--recipe", default="released", choices=RECIPES,
+                        help="Training recipe of the loops: 'released' (the presets: the reference's released "
+                             "configs) or 'before_issue_14' (the project's earlier defaults; training/configs/RECIPE.md). "
+                             "Use another --output_dir per recipe.")
     parser.add_argument("--loop_args", type=str, default="",
                         help="Extra flags appended to every training loop, e.g. '--scale_augmentation lsj' (their "
                              "runs go to the same folders: use another --output_dir for another setting).")
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_workers < 1:
         raise SystemExit("--num_workers must be at least 1")
     results = reproduce(args.output_dir, quick=args.quick, world_seed=args.world_seed, seed=args.seed,
-                        num_workers=args.num_workers, extra_args=shlex.split(args.loop_args))
+                        num_workers=args.num_workers, extra_args=shlex.split(args.loop_args), recipe=args.recipe)
     print(json.dumps({"rows": results["rows"], "seconds": results["seconds"],
                       "cpu_seconds": results["cpu_seconds"]}, indent=1))
     print(f"results: {args.output_dir}/results.json, results.md, pq_vs_fraction.png")

@@ -38,8 +38,8 @@ def small_world(tmp_path_factory) -> Path:
 
 
 def test_same_seed_same_bytes_other_seed_other_images(small_world: Path, tmp_path: Path):
-    again = tmp_path / "again"
-    W.generate_world(again, world_seed=3, num_train=24, num_val=4, progress=False)
+    again = tmp_path / "again"  # written by two processes: the same bytes
+    W.generate_world(again, world_seed=3, num_train=24, num_val=4, progress=False, num_workers=2)
     assert _files(again) == _files(small_world)
     other = tmp_path / "other"
     W.generate_world(other, world_seed=4, num_train=2, num_val=1, progress=False)

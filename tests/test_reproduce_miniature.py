@@ -10,7 +10,7 @@ import pytest
 
 from training.miniature import reproduction as R
 
-pytestmark = pytest.mark.slow  # about 80 CPU-seconds: nine jobs, each its own process (imports, model, evaluation)
+SLOW = pytest.mark.slow  # the smoke run: about 80 CPU-seconds, nine jobs, each its own process
 
 SMOKE = R.Schedule("smoke", fractions=(0.25,), headline_fraction=0.25, headline_seeds=1, supervised_steps=2,
                    ssl_steps=2, dewa_steps=2, mask_images=6)
@@ -23,6 +23,7 @@ def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2)
 
 
+@SLOW
 def test_results_have_the_five_rows_in_percent_with_the_clip_report(smoke_run):
     out, results = smoke_run
     on_disk = json.loads((out / "results.json").read_text())
@@ -49,6 +50,7 @@ def test_results_have_the_five_rows_in_percent_with_the_clip_report(smoke_run):
     assert json.loads((out / "masks_felzenszwalb" / "manifest.json").read_text())["num_images"] == 6
 
 
+@SLOW
 def test_rerun_skips_finished_jobs_and_refuses_other_settings(smoke_run):
     out, results = smoke_run
     again = R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD)
@@ -69,6 +71,7 @@ def test_schedules_and_script_help(load_script):
     assert (args.quick, args.world_seed, args.seed) == (True, 3, 2)
 
 
+@SLOW
 def test_demo_keeps_working_models_and_draws_pictures(smoke_run, load_script):
     """The demo (README command 1) on the smoke run's folder: its jobs are the same, so only the demo's own work runs;
     the kept DEARLi model loads as in the README's "Using a model" and segments at the world's size."""
@@ -95,3 +98,24 @@ def test_demo_keeps_working_models_and_draws_pictures(smoke_run, load_script):
     assert result["segmentation"].shape == (256, 256)
     script = load_script("demo")
     assert script.parse_args([]).output_dir == "outputs/demo"
+
+
+def test_the_earlier_recipe_is_flags_every_loop_accepts(tmp_path):
+    """``--recipe before_issue_14``: each job gets the earlier defaults its loop takes (no flag left unparsed), and
+    ``--decoder_init normal`` only where the model is built fresh (dearli starts from DeWa)."""
+    from training.arguments import build_parser
+
+    jobs = {j.name: j for j in R.plan_jobs(tmp_path, SMOKE, 0, recipe="before_issue_14")}
+    for job in jobs.values():
+        if job.loop is None:
+            continue
+        args, unknown = build_parser(job.loop).parse_known_args(job.argv[2:])  # without the --config preset
+        assert unknown == [], (job.name, unknown)
+        assert args.scale_augmentation == "lsj" and args.color_augmentation == "none", job.name
+        assert ("--decoder_init" in job.argv) == ("--init_from" not in job.argv), job.name
+    assert "--drop_empty_sam_masks" in jobs["dewa_seed0"].argv
+    assert "same_batch" in jobs["dear_1/4_seed0"].argv
+    released = {j.name: j.argv for j in R.plan_jobs(tmp_path, SMOKE, 0)}
+    assert all("--scale_augmentation" not in argv for argv in released.values())
+    with pytest.raises(ValueError, match="unknown recipe"):
+        R.recipe_args("paper", "ssl")

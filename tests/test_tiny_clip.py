@@ -19,10 +19,12 @@ from training.miniature import world as W
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Measured on the shipped weights with exactly these held-out sets: mask-pooled things 26.3%, stuff 66.7% (12 scenes,
-# 84 masks), crops 88.3% (60 crops); chance is 3.3%. The larger report is in assets/tiny_clip_record.json.
-MIN_MASK_THING_ACCURACY = 20.0
-MIN_MASK_STUFF_ACCURACY = 50.0
+# Measured on the shipped weights (after the region-aware continuation) with exactly these held-out sets: mask-pooled
+# things 54.4%, stuff 100% (12 scenes, 84 masks), crops 83.3% (60 crops); chance is 3.3%. The first stage alone
+# measured things 26.3%, stuff 66.7%, crops 88.3% on the same sets. The larger report is in
+# assets/tiny_clip_record.json.
+MIN_MASK_THING_ACCURACY = 45.0
+MIN_MASK_STUFF_ACCURACY = 90.0
 MIN_CROP_ACCURACY = 80.0
 
 

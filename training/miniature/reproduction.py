@@ -89,6 +89,26 @@ SCHEDULES = {
 }
 
 
+# The training recipe of the loops: "released" = the presets' defaults (the reference's released configs, see
+# training/configs/RECIPE.md); "before_issue_14" = the project's earlier defaults, flag by flag (RECIPE.md's last
+# table), for the table run with the old and the new recipe. Per loop, since each loop takes only its own flags;
+# --decoder_init applies to a model built fresh (not to an --init_from one).
+RECIPES = ("released", "before_issue_14")
+_EARLIER_COMMON = ["--scale_augmentation", "lsj", "--min_scale", "0.1", "--max_scale", "2.0", "--color_augmentation",
+                   "none", "--weight_decay_norm", "0.05", "--weight_decay_embed", "0.05"]
+_EARLIER_BY_LOOP = {"supervised": [], "dewa": ["--drop_empty_sam_masks"],
+                    "ssl": ["--ema_schedule", "ramp_up", "--cutmix_source", "same_batch"]}
+
+
+def recipe_args(recipe: str, loop: str, fresh_model: bool = True) -> list[str]:
+    """The flags that select `recipe` for a `loop` (``supervised`` / ``dewa`` / ``ssl``)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+    if recipe == "released":
+        return []
+    return [*_EARLIER_COMMON, *_EARLIER_BY_LOOP[loop], *(["--decoder_init", "normal"] if fresh_model else [])]
+
+
 def fraction_key(fraction: float) -> str:
     """``1/32`` for 0.03125 (the key of a fraction in ``results.json``)."""
     return f"1/{round(1 / fraction)}" if abs(1 / fraction - round(1 / fraction)) < 1e-9 else f"{fraction:g}"
@@ -139,9 +159,9 @@ def _model_args() -> list[str]:
 
 
 def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
-              rows: Sequence[str] = ROWS, clip_report: bool = True) -> list[Job]:
-    """The jobs of a reproduction (of `rows` only), long ones first so that parallel workers finish together; every
-    job comes after the jobs it needs."""
+              rows: Sequence[str] = ROWS, clip_report: bool = True, recipe: str = "released") -> list[Job]:
+    """The jobs of a reproduction (of `rows` only, with the loops' `recipe`), long ones first so that parallel workers
+    finish together; every job comes after the jobs it needs."""
     from .world import world_paths
 
     runs = output_dir / "runs" / schedule.name
@@ -156,17 +176,17 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                 for f in schedule.fractions}
     jobs = []
     if "dearli" in rows:
-        mask_argv = ["--mask_source", "felzenszwalb", "--image-dir", train_images, "--output-dir", str(masks_dir),
-                     "--no-progress"]
+        mask_argv = ["--mask_source", "felzenszwalb", "--image_dir", train_images, "--output_dir", str(masks_dir),
+                     "--no_progress"]
         if schedule.mask_images is not None:
-            mask_argv += ["--max-images", str(schedule.mask_images)]
+            mask_argv += ["--max_images", str(schedule.mask_images)]
         jobs.append(Job("masks", str(runs / "masks"), script="generate_sam_masks", argv=mask_argv))
         for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
             folder = runs / f"dewa_seed{s}"
             jobs.append(Job(f"dewa_seed{s}", str(folder), loop="dewa", after=["masks"], argv=[
                 "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir", train_images,
                 "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
-                *common]))
+                *recipe_args(recipe, "dewa"), *common]))
     ssl_rows = {"dear": (ENSEMBLE_ALPHA, False), "mean_teacher_m2f": (1.0, False), "dearli": (ENSEMBLE_ALPHA, True)}
     for fraction in schedule.fractions:
         key = fraction_key(fraction)
@@ -182,6 +202,7 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                 after = [f"dewa_seed{s}"] if from_dewa else []
                 if from_dewa:
                     argv += ["--init_from", str(runs / after[0] / "model")]
+                argv += recipe_args(recipe, "ssl", fresh_model=not from_dewa)
                 jobs.append(Job(f"{row}_{key}_seed{s}", str(cell / row), loop="ssl", world_dir=str(world_dir),
                                 fraction=key, seed=s, after=after, argv=argv,
                                 evaluate={row: ENSEMBLE_ALPHA, f"{row}_decoder_only": 1.0}))
@@ -190,7 +211,8 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                 jobs.append(Job(f"supervised_{key}_seed{s}", str(cell / "supervised"), loop="supervised",
                                 world_dir=str(world_dir), fraction=key, seed=s, evaluate=evaluate, argv=[
                                     "--config", "miniature_supervised", *model, *base, "--max_train_steps",
-                                    str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model")]))
+                                    str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model"),
+                                    *recipe_args(recipe, "supervised")]))
     if clip_report:
         jobs.append(Job("clip_zero_shot", str(runs / "clip_zero_shot"), world_dir=str(world_dir), clip_report=True))
     return jobs
@@ -469,14 +491,15 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------------------------
-def ensure_world(world_dir: Path, world_seed: int, **world_kwargs: Any) -> dict[str, Any]:
-    """Generate the world (or reuse a finished one); a world interrupted while being written is started again."""
+def ensure_world(world_dir: Path, world_seed: int, num_workers: int = 1, **world_kwargs: Any) -> dict[str, Any]:
+    """Generate the world (or reuse a finished one) with `num_workers` processes; a world interrupted while being
+    written is started again."""
     from .world import generate_world
 
     if world_dir.exists() and not (world_dir / "world.json").is_file():
         logger.info("%s holds an unfinished world: writing it again", world_dir)
         shutil.rmtree(world_dir)
-    return generate_world(world_dir, world_seed=world_seed, progress=False, **world_kwargs)
+    return generate_world(world_dir, world_seed=world_seed, progress=False, num_workers=num_workers, **world_kwargs)
 
 
 def reproduce(
@@ -490,6 +513,7 @@ def reproduce(
     world_kwargs: dict[str, Any] | None = None,
     rows: Sequence[str] = ROWS,
     clip_report: bool = True,
+    recipe: str = "released",
 ) -> dict[str, Any]:
     """Generate (or reuse) the world, run every unfinished job, write ``results.json``, ``results.md`` and
     ``pq_vs_fraction.png`` in ``output_dir``; returns the results.
@@ -501,17 +525,19 @@ def reproduce(
         extra_args: appended to every training loop's arguments (e.g. a recipe's flags).
         world_kwargs: passed to :func:`training.miniature.world.generate_world` (e.g. ``num_train`` in tests).
         rows / clip_report: a subset of :data:`ROWS` (the demo's), and whether to measure the CLIP's zero-shot accuracy.
+        recipe: the loops' training recipe (:data:`RECIPES`): the released configs' (default) or the project's
+            earlier defaults.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     schedule = schedule or SCHEDULES["quick" if quick else "full"]
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    ensure_world(output_dir / "world", world_seed, **(world_kwargs or {}))
+    ensure_world(output_dir / "world", world_seed, num_workers, **(world_kwargs or {}))
     world_seconds = time.perf_counter() - start
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; rows are {ROWS}")
-    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report)
+    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report, recipe)
     timings: dict[str, Any] = {}
     try:
         run_jobs(jobs, num_workers=num_workers, timings=timings)
@@ -530,7 +556,7 @@ def reproduce(
     results["seconds"] = round(sum(i["wall_seconds"] for i in invocations), 1)
     results["cpu_seconds"] = round(sum(i["parent_cpu_seconds"] + sum(j["cpu"] for j in i["jobs"].values())
                                        for i in invocations), 1)
-    results["world_seed"], results["seed"] = world_seed, seed
+    results["world_seed"], results["seed"], results["recipe"] = world_seed, seed, recipe
     results["ordering"] = ordering_checks(results)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     (output_dir / "results.md").write_text(results_markdown(results))

@@ -36,6 +36,7 @@ Design decisions (and why):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -561,30 +562,46 @@ def world_paths(output_dir: str | os.PathLike[str], split: str) -> dict[str, Pat
     }
 
 
-def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int, settings: WorldSettings,
-                 progress: bool) -> dict[str, Any]:
+def _write_image(output_dir: Path, split: str, index: int, world_seed: int, settings: WorldSettings
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Render image ``index`` of a split, write its JPEG and panoptic PNG; its COCO image and annotation entries."""
     from PIL import Image
 
     from modeling_dearli.image_processing_dearli import id_to_rgb
 
     paths = world_paths(output_dir, split)
+    image, ids, segments = render_world_image(world_seed, split, index, settings)
+    stem = f"{split}_{index:06d}"
+    Image.fromarray(image).save(paths["images"] / f"{stem}.jpg", quality=settings.jpeg_quality)
+    Image.fromarray(id_to_rgb(ids)).save(paths["panoptic"] / f"{stem}.png")
+    return ({"id": index, "file_name": f"{stem}.jpg", "width": image.shape[1], "height": image.shape[0]},
+            {"image_id": index, "file_name": f"{stem}.png",
+             "segments_info": [{k: v for k, v in s.items() if k != "isthing"} for s in segments]})
+
+
+def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int, settings: WorldSettings,
+                 progress: bool, num_workers: int = 1) -> dict[str, Any]:
+    paths = world_paths(output_dir, split)
     paths["images"].mkdir(parents=True, exist_ok=True)
     paths["panoptic"].mkdir(parents=True, exist_ok=True)
     paths["annotations"].parent.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    iterator: Any = range(num_images)
+    write = functools.partial(_write_image, output_dir, split, world_seed=world_seed, settings=settings)
+    if num_workers > 1:  # every image is a pure function of (seed, split, index): the same files in any order
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(num_workers)
+        entries: Any = pool.map(write, range(num_images), chunksize=max(1, num_images // (8 * num_workers)))
+    else:
+        pool, entries = None, map(write, range(num_images))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc=f"world {split}", unit="img")
-    for index in iterator:
-        image, ids, segments = render_world_image(world_seed, split, index, settings)
-        stem = f"{split}_{index:06d}"
-        Image.fromarray(image).save(paths["images"] / f"{stem}.jpg", quality=settings.jpeg_quality)
-        Image.fromarray(id_to_rgb(ids)).save(paths["panoptic"] / f"{stem}.png")
-        images.append({"id": index, "file_name": f"{stem}.jpg", "width": image.shape[1], "height": image.shape[0]})
-        annotations.append({"image_id": index, "file_name": f"{stem}.png",
-                            "segments_info": [{k: v for k, v in s.items() if k != "isthing"} for s in segments]})
+        entries = tqdm(entries, total=num_images, desc=f"world {split}", unit="img")
+    try:
+        images, annotations = (list(column) for column in zip(*entries)) if num_images else ([], [])
+    finally:
+        if pool is not None:
+            pool.shutdown()
     data = {
         "info": {"description": f"DEARLi miniature world, seed {world_seed}, split {split}"},
         "images": images,
@@ -653,8 +670,10 @@ def generate_world(
     labeled_fractions: Sequence[float] = (1 / 32, 1 / 8),
     split_seed: int = 0,
     progress: bool = True,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     """Write a world (module docstring) to ``output_dir``; refuses a folder that already holds a different world.
+    ``num_workers`` processes render the images (the files do not depend on it).
 
     Returns the record also written to ``world.json`` (settings, counts, seconds, frequency table).
     """
@@ -672,8 +691,8 @@ def generate_world(
         raise FileExistsError(f"{output_dir} is not empty and holds no world.json; use an empty or new folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    train = _write_split(output_dir, "train", num_train, world_seed, settings, progress)
-    val = _write_split(output_dir, "val", num_val, world_seed, settings, progress)
+    train = _write_split(output_dir, "train", num_train, world_seed, settings, progress, num_workers)
+    val = _write_split(output_dir, "val", num_val, world_seed, settings, progress, num_workers)
     seconds = time.perf_counter() - start
     world_paths(output_dir, "train")["class_names"].write_text("\n".join(class_names_lines()) + "\n")
     table = frequency_table(train, val, labeled_fractions, split_seed)
