@@ -28,8 +28,8 @@ from .reproduction import ENSEMBLE_ALPHA, Schedule, fraction_key, reproduce
 
 __all__ = ["DEMO", "DEMO_ROWS", "run_demo", "side_by_side"]
 
-DEMO = Schedule("demo", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=150,
-                ssl_steps=150, dewa_steps=150, mask_images=600)
+DEMO = Schedule("demo", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=120,
+                ssl_steps=120, dewa_steps=100, mask_images=400)
 DEMO_ROWS = ("supervised", "supervised_ensemble", "dearli")
 PICTURE_SCALE = 2  # the 256x256 world is drawn at 512x512 so that labels and legend are readable
 NUM_PICTURES = 4
