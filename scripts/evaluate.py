@@ -32,8 +32,8 @@ from training.data.panoptic_datasets import (
     panoptic_target_from_row,
     semantic_target_from_row,
 )
-from training.data.train_datasets import row_image, without_image_decoding
 from training.data.resolutions import EVALUATION_SIZES, evaluation_size
+from training.data.train_datasets import row_image, without_image_decoding
 from training.evaluation.panoptic_quality import PanopticQuality, print_report
 from training.pretrained import add_model_arguments, load_model_and_processor
 

@@ -9,11 +9,9 @@ through the model's own ``clip_classify_masks`` (the ensembling path) with the m
 The held-out images come from the ``clip_eval`` seed stream, which neither pretraining nor any world uses.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
+# isort: split
 import argparse
 import json
 

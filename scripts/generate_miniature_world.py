@@ -10,11 +10,9 @@ loops draw) and ``world.json`` (settings, seconds, the same table). The design i
 anything else is refused.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
+# isort: split
 import argparse
 import json
 

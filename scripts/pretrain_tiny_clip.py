@@ -9,11 +9,9 @@ Writes ``log.jsonl`` (loss, and the zero-shot report every ``--eval_steps``), ``
 ``tiny_clip_config.json`` and ``pretrain_summary.json``; ``--export_fp16`` also writes the shipped fp16 file.
 """
 
-import os
-import sys
+import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
+# isort: split
 import argparse
 import json
 import logging
