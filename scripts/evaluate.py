@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom'")
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     parser.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--output", default=None, help="write the JSON report here (checked before the model loads)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    cli.add_report_arguments(parser)
     parser.add_argument("--per_class", action="store_true", help="print per-class results")
     parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
@@ -151,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    if args.output:
-        cli.check_output_file(args.output, overwrite=args.overwrite)
+    args.output = cli.report_path(args)
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else accelerator.device
     ds, names = load_dataset(args)

@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred_json", required=True, help="predictions JSON (panopticapi format)")
     parser.add_argument("--pred_folder", default=None, help="prediction PNG folder (default: --pred_json without "
                         ".json)")
-    parser.add_argument("--output", default=None, help="write the JSON report here")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    cli.add_report_arguments(parser)
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="auto: hotcoco (compiled, multi-threaded) "
                         "when installed, else numpy; hotcoco / numpy: force one")
     parser.add_argument("--num_workers", type=cli.non_negative_int, default=None,
@@ -36,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per_class", action="store_true", help="also print per-class results")
     parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
-    if args.output:
-        cli.check_output_file(args.output, overwrite=args.overwrite)
+    args.output = cli.report_path(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()

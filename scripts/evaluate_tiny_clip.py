@@ -15,11 +15,12 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 import argparse
 import json
 
+from training import cli
 from training.miniature import tiny_clip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--clip_model_config", type=str, default=str(tiny_clip.SHIPPED_CONFIG),
                         help="OpenCLIP model-config JSON of the tiny CLIP (default: the shipped one).")
     parser.add_argument("--clip_weights", type=str, default=str(tiny_clip.SHIPPED_WEIGHTS),
@@ -34,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_scale", type=float, default=1.0,
                         help="Resize the scenes by this factor before mask pooling (2: the model run at 512 on the "
                              "256 world, a 16x16 CLIP grid instead of 8x8).")
-    parser.add_argument("--output", type=str, default=None, help="Write the report as JSON here.")
+    cli.add_report_arguments(parser)
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    args.output = cli.report_path(args)
     if args.num_threads:
         import torch
 
@@ -56,4 +58,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

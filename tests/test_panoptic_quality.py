@@ -450,6 +450,24 @@ def test_evaluate_panoptic_cli(perturbed_case, tmp_path, engine):
     assert_same(panopticapi(*files), report)
 
 
+def test_evaluate_panoptic_cli_output_dir(perturbed_case, tmp_path):
+    """--output_dir DIR writes DIR/report.json (the same report as --output), refuses to overwrite it, and refuses
+    --output together with it, each as one line."""
+    files, _, _, _ = perturbed_case
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate_panoptic.py"), "--gt_json", files[0], "--gt_folder",
+           files[2], "--pred_json", files[1], "--pred_folder", files[3], "--no_progress", "--engine", "numpy"]
+    done = subprocess.run([*cmd, "--output_dir", str(tmp_path / "eval")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    report["per_class"] = {int(k): v for k, v in report["per_class"].items()}
+    assert_same(panopticapi(*files), report)
+    again = subprocess.run([*cmd, "--output_dir", str(tmp_path / "eval")], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    both = subprocess.run([*cmd, "--output_dir", str(tmp_path / "x"), "--output", str(tmp_path / "y.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and "not both" in both.stderr
+
+
 def test_evaluate_metric_module(sample):
     evaluate = pytest.importorskip("evaluate")
     data, maps = sample

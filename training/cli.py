@@ -168,6 +168,23 @@ def prepare_output_dir(path: str | os.PathLike, create: bool = True) -> Path:
     return path
 
 
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--output FILE`` and ``--output_dir DIR`` (the report as ``DIR/report.json``) of a command that writes one
+    JSON report, plus ``--overwrite``; :func:`report_path` resolves them."""
+    parser.add_argument("--output", default=None, help="write the JSON report to this file (checked before any work)")
+    parser.add_argument("--output_dir", default=None, help="write the JSON report as OUTPUT_DIR/report.json instead")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+
+
+def report_path(args: argparse.Namespace) -> Path | None:
+    """The report file of :func:`add_report_arguments`' flags (checked writable, see :func:`check_output_file`), or
+    ``None`` when neither is given."""
+    if args.output and args.output_dir:
+        raise CliError("give --output or --output_dir, not both")
+    path = args.output or (Path(args.output_dir) / "report.json" if args.output_dir else None)
+    return None if path is None else check_output_file(path, overwrite=args.overwrite)
+
+
 def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that the file `path` can be written (its folder is created) and, unless `overwrite`, does not exist."""
     path = Path(path)
