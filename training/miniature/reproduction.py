@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -379,6 +381,7 @@ def collect_results(jobs: Sequence[Job], schedule: Schedule) -> dict[str, Any]:
     """``results.json``'s content from the finished jobs: ``rows`` (mean over seeds), ``per_seed``, ``spread`` (sample
     standard deviation over seeds), ``clip_zero_shot``, the decoder-only PQ of the Mean-Teacher rows."""
     per_seed: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    per_class_seeds: dict[str, dict[str, dict[str, list[float]]]] = {}
     decoder_only: dict[str, dict[str, dict[str, float]]] = {}
     clip = None
     for job in jobs:
@@ -394,6 +397,9 @@ def collect_results(jobs: Sequence[Job], schedule: Schedule) -> dict[str, Any]:
                 decoder_only.setdefault(name[: -len("_decoder_only")], {}).setdefault(fraction, {})[seed] = values["PQ"]
             else:
                 per_seed.setdefault(name, {}).setdefault(fraction, {})[seed] = metrics
+                classes = per_class_seeds.setdefault(name, {}).setdefault(fraction, {})
+                for label, pq in values.get("per_class_pq", {}).items():
+                    classes.setdefault(label, []).append(pq)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     spread: dict[str, dict[str, dict[str, float]]] = {}
     for row in ROWS:
@@ -402,9 +408,35 @@ def collect_results(jobs: Sequence[Job], schedule: Schedule) -> dict[str, Any]:
                 mean, std = _mean_std([m[metric] for m in seeds.values()])
                 rows.setdefault(row, {}).setdefault(fraction, {})[metric] = round(mean, 2)
                 spread.setdefault(row, {}).setdefault(fraction, {})[metric] = round(std, 2)
+    per_class_pq = {row: {f: {label: round(float(np.mean(v)), 2) for label, v in classes.items()}
+                          for f, classes in fractions.items()} for row, fractions in per_class_seeds.items()}
     return {"rows": rows, "clip_zero_shot": clip, "per_seed": per_seed, "spread": spread,
+            "per_class_pq": per_class_pq,
             "mean_teacher_rows_decoder_only_PQ": decoder_only, "schedule": asdict(schedule),
             "headline_fraction": fraction_key(schedule.headline_fraction)}
+
+
+def per_class_table(results: dict[str, Any], world_dir: Path, seeds: Sequence[int],
+                    rows: Sequence[str] = ("supervised", "supervised_ensemble", "dearli")) -> list[dict[str, Any]]:
+    """Per class at the headline fraction: labeled instances (mean over the runs' `seeds`, as each seed draws its
+    labeled subset), the tiny CLIP's mask-pooled zero-shot accuracy on the validation split, and PQ per row (mean
+    over seeds); things first, rarest labeled first."""
+    from .world import CLASSES, class_frequencies, labeled_indices, world_paths
+
+    fraction = results["headline_fraction"]
+    train = json.loads(world_paths(world_dir, "train")["annotations"].read_text())
+    counts = [class_frequencies(train, labeled_indices(len(train["annotations"]), _fraction_value(fraction), s))
+              for s in seeds]
+    clip = ((results.get("clip_zero_shot") or {}).get("masks_world_val") or {}).get("per_class", {})
+    table = []
+    for label, spec in enumerate(sorted(CLASSES, key=lambda c: c.category_id)):
+        entry = {"class": spec.name, "thing": spec.isthing,
+                 "labeled_instances": round(float(np.mean([c[spec.category_id]["instances"] for c in counts])), 1),
+                 "clip_accuracy": clip.get(spec.name)}
+        for row in rows:
+            entry[row] = results.get("per_class_pq", {}).get(row, {}).get(fraction, {}).get(str(label))
+        table.append(entry)
+    return sorted(table, key=lambda e: (not e["thing"], e["labeled_instances"]))
 
 
 def ordering_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -444,6 +476,18 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += ["", (f"Tiny CLIP zero-shot accuracy (chance {clip['chance']}%): mask-pooled ground-truth masks of the "
                       f"validation split {masks['all']}% (things {masks['things']}%, stuff {masks['stuff']}%); "
                       f"close-up crops {clip['crops']['all']}%.")]
+    per_class = results.get("per_class")
+    if per_class:
+        rows = [r for r in ("supervised", "supervised_ensemble", "dearli") if r in per_class[0]]
+        lines += ["", f"Per class at {results['headline_fraction']} labeled (mean over seeds): labeled instances, the tiny "
+                      "CLIP's mask-pooled zero-shot accuracy (%), PQ per row; rarest labeled first.", "",
+                  "| class | labeled inst. | CLIP acc. | " + " | ".join(f"`{r}` PQ" for r in rows) + " |",
+                  "|---|---:|---:|" + "---:|" * len(rows)]
+        for e in per_class:
+            values = [f"{e[r]:.1f}" if e[r] is not None else "-" for r in rows]
+            acc = f"{e['clip_accuracy']:.1f}" if e["clip_accuracy"] is not None else "-"
+            lines.append(f"| {e['class']}{'' if e['thing'] else ' (stuff)'} | {e['labeled_instances']:g} | {acc} | "
+                         + " | ".join(values) + " |")
     checks = ordering_checks(results)
     if checks:
         lines += ["", "Paper's ordering: " + "; ".join(
@@ -560,6 +604,9 @@ def reproduce(
     results["cpu_seconds"] = round(sum(i["parent_cpu_seconds"] + sum(j["cpu"] for j in i["jobs"].values())
                                        for i in invocations), 1)
     results["world_seed"], results["seed"], results["recipe"] = world_seed, seed, recipe
+    seeds = [seed + k for k in range(schedule.headline_seeds)]
+    results["per_class"] = per_class_table(results, output_dir / "world", seeds, [r for r in (
+        "supervised", "supervised_ensemble", "dearli") if r in rows])
     results["ordering"] = ordering_checks(results)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     (output_dir / "results.md").write_text(results_markdown(results))
