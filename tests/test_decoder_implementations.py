@@ -238,6 +238,9 @@ def test_full_size_model_outputs_and_gradients_equal_transformers_forwards():
     try:
         generator = torch.Generator().manual_seed(2)
         pixel_values = torch.randn(1, 3, 384, 512, generator=generator)
-        _compare(model, pixel_values, _labels(1, 384, 512, num_classes=150), gradient_rtol_per_tensor=1e-3)
+        # Per tensor, float32 rounding through 10 decoder layers reaches about 1.4e-3 of a tensor's largest gradient
+        # (measured on transformer_module.decoder.layers.3.fc1.weight with Mask2Former's Xavier initialisation; 1e-3
+        # held under the earlier N(0, 0.02) one); the whole gradient stays within RTOL.
+        _compare(model, pixel_values, _labels(1, 384, 512, num_classes=150), gradient_rtol_per_tensor=3e-3)
     finally:
         handle.remove()
