@@ -138,7 +138,7 @@ def test_initialisation_is_by_parameter_role_not_by_class(ours):
     torch.testing.assert_close(offsets.bias.detach(), expected, rtol=0, atol=0)
     assert not offsets.weight.any() and not attention.attention_weights.weight.any()
     assert not attention.attention_weights.bias.any() and not attention.value_proj.bias.any()
-    assert 0.5 < float(decoder.level_embed.std()) < 1.5
+    assert 0.5 < float(decoder.level_embed.detach().std()) < 1.5
     _check_reference_pixel_decoder(model)
 
 
