@@ -47,32 +47,31 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
+def _save_with_small_processor(model, path: Path) -> Path:
+    """Save `model` into `path` with its image processor at a small test resolution (shortest edge 96, longest 160)."""
+    from modeling_dearli import DearliImageProcessor
+
+    model.save_pretrained(path)
+    size = {"shortest_edge": 96, "longest_edge": 160}
+    DearliImageProcessor.from_model_config(model.config, size=size).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_with_processor_dir(tiny_model, tmp_path_factory) -> Path:
     """The session's tiny model saved with a small-resolution image processor (shortest edge 96, longest 160)."""
-    from modeling_dearli import DearliImageProcessor
-
-    path = tmp_path_factory.mktemp("tiny_dearli_with_processor")
-    tiny_model.save_pretrained(path)
-    size = {"shortest_edge": 96, "longest_edge": 160}
-    DearliImageProcessor.from_model_config(tiny_model.config, size=size).save_pretrained(path)
-    return path
+    return _save_with_small_processor(tiny_model, tmp_path_factory.mktemp("tiny_dearli_with_processor"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_with_text_tower_dir(tmp_path_factory) -> Path:
     """A tiny DEARLi that kept its CLIP text tower (it can switch vocabularies), saved with a small-resolution image
     processor (shortest edge 96, longest 160). Load it, do not modify the folder."""
-    from modeling_dearli import DearliImageProcessor
     from modeling_dearli import tiny_model as build_tiny_model
 
     model = build_tiny_model(class_names=["person,man,woman", "sky", "grass,lawn"], thing_ids=[0], seed=0,
                              keep_text_tower=True)
-    path = tmp_path_factory.mktemp("tiny_dearli_with_text_tower")
-    model.save_pretrained(path)
-    size = {"shortest_edge": 96, "longest_edge": 160}
-    DearliImageProcessor.from_model_config(model.config, size=size).save_pretrained(path)
-    return path
+    return _save_with_small_processor(model, tmp_path_factory.mktemp("tiny_dearli_with_text_tower"))
 
 
 @pytest.fixture(scope="session")
