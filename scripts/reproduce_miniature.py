@@ -18,16 +18,27 @@ import json
 import logging
 import shlex
 
-from training.miniature.reproduction import RECIPES, SCHEDULES, reproduce
+from training.miniature.reproduction import EVALUATION_SPLITS, RECIPES, ROWS, SCHEDULES, reproduce
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True,
                         help="Folder of the world, the masks, every run and the results (reuse it to resume).")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"One labeled fraction, one seed, shorter schedules, the same five rows "
-                             f"({SCHEDULES['quick']}); default: the full table ({SCHEDULES['full']}).")
+    parser.add_argument("--schedule", default="full", choices=sorted(SCHEDULES),
+                        help="How much to train: " + "; ".join(
+                            f"{s.name}: {s.ssl_steps} steps per row, fractions "
+                            f"{', '.join(f'1/{round(1 / f)}' for f in s.fractions)}, {s.headline_seeds} seed(s) at "
+                            f"1/{round(1 / s.headline_fraction)}" for s in SCHEDULES.values()) + ".")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="schedule",
+                        help="Same as --schedule quick.")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS,
+                        help="The rows to run (default: all).")
+    parser.add_argument("--evaluation_split", default="val", choices=EVALUATION_SPLITS,
+                        help="Evaluate on the world's validation split (the table) or on 200 training images held out "
+                             "of training ('heldout': where settings are chosen; results_heldout.json).")
+    parser.add_argument("--curve_steps", type=int, default=0,
+                        help="Also validate every N steps (PQ-vs-step curves in each run's eval_history.jsonl; 0: off).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")
     parser.add_argument("--seed", type=int, default=0,
                         help="First seed of the runs (labeled subset, initialisation, data order); the headline "
@@ -49,8 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_workers < 1:
         raise SystemExit("--num_workers must be at least 1")
-    results = reproduce(args.output_dir, quick=args.quick, world_seed=args.world_seed, seed=args.seed,
-                        num_workers=args.num_workers, extra_args=shlex.split(args.loop_args), recipe=args.recipe)
+    results = reproduce(args.output_dir, world_seed=args.world_seed, seed=args.seed, num_workers=args.num_workers,
+                        extra_args=shlex.split(args.loop_args), recipe=args.recipe, schedule=SCHEDULES[args.schedule],
+                        rows=args.rows, evaluation_split=args.evaluation_split, curve_steps=args.curve_steps)
     print(json.dumps({"rows": results["rows"], "seconds": results["seconds"],
                       "cpu_seconds": results["cpu_seconds"]}, indent=1))
     print(f"results: {args.output_dir}/results.json, results.md, pq_vs_fraction.png")

@@ -156,7 +156,8 @@ def make_evaluator(
     """``evaluate(step)`` for :func:`training.loop.run_training` (``None`` without validation data): PQ / mIoU of
     each of `models` (``eval/<name>/PQ``, ...; ``eval/PQ`` for the name ``""``) with ``--eval_shortest_edge``,
     ``--eval_max_size``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
-    written to ``<output_dir>/eval_results.json``."""
+    written to ``<output_dir>/eval_results.json`` and the metrics appended to ``<output_dir>/eval_history.jsonl`` (one
+    line per evaluation; after a resume a step may appear twice, the later line counts)."""
     if validation is None or len(validation) == 0:
         return None
     dataset = PanopticEvalDataset(validation, args.eval_shortest_edge, args.eval_max_size, with_semantic=True,
@@ -175,6 +176,8 @@ def make_evaluator(
         if accelerator.is_main_process:
             results = {"step": step, **metrics, **({"report": reports[""]} if "" in reports else {"reports": reports})}
             (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=1, default=str))
+            with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:  # the PQ-vs-step curve
+                history.write(json.dumps({"step": step, **metrics}) + "\n")
         return metrics
 
     return evaluate

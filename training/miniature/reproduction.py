@@ -50,6 +50,10 @@ ROWS = ("supervised", "supervised_ensemble", "mean_teacher_m2f", "dear", "dearli
 PAPER_ORDER = (("supervised", "supervised_ensemble", True), ("supervised", "mean_teacher_m2f", True),
                ("mean_teacher_m2f", "dear", True), ("dear", "dearli", False))
 ENSEMBLE_ALPHA = 0.6  # paper Eq. 6
+# Where rows are evaluated: the world's validation split (the table), or training images held out of training (where
+# settings that must differ from the released configs are chosen, never on the split a table reports).
+EVALUATION_SPLITS = ("val", "heldout")
+HELDOUT_IMAGES = 200
 PAPER_ITERATIONS, PAPER_EMA_DECAY = 80_000, 0.999
 METRICS = ("PQ", "PQ_th", "PQ_st", "mIoU")
 
@@ -91,6 +95,9 @@ SCHEDULES = {
                       ssl_steps=100, dewa_steps=100, mask_images=400),
     "full": Schedule("full", fractions=(1 / 32, 1 / 8), headline_fraction=1 / 32, headline_seeds=2,
                      supervised_steps=250, ssl_steps=250, dewa_steps=250, mask_images=None),
+    # One seed at the headline fraction, long enough for the rows' learning curves to show where they part.
+    "probe": Schedule("probe", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=600,
+                      ssl_steps=600, dewa_steps=600, mask_images=None),
 }
 
 
@@ -135,6 +142,7 @@ class Job:
     argv: list[str] = field(default_factory=list)
     evaluate: dict[str, float] = field(default_factory=dict)
     world_dir: str | None = None
+    evaluation_split: str = "val"
     clip_report: bool = False
     fraction: str | None = None
     seed: int | None = None
@@ -148,13 +156,55 @@ class Job:
         return {k: v for k, v in asdict(self).items() if k not in ("after",)}
 
 
-def _world_data_args(world_dir: Path) -> list[str]:
+def development_split(world_dir: Path, num_heldout: int = HELDOUT_IMAGES) -> dict[str, dict[str, Path]]:
+    """The world's training images split into a fitting part and ``num_heldout`` held-out images (the last ones by
+    index), as annotation files in ``world_dir/heldout`` that share the training split's image and panoptic folders
+    (written once; the same files on every call). Returns :func:`world_paths`-style ``{"train": ..., "val": ...}``."""
     from .world import world_paths
 
-    train, _val = world_paths(world_dir, "train"), world_paths(world_dir, "val")
+    train = world_paths(world_dir, "train")
+    folder = world_dir / "heldout"
+    paths = {name: {**train, "annotations": folder / f"panoptic_{name}.json"} for name in ("fit", "heldout")}
+    if not all(p["annotations"].is_file() for p in paths.values()):
+        data = json.loads(train["annotations"].read_text())
+        n = len(data["images"])
+        if not 0 < num_heldout < n:
+            raise ValueError(f"cannot hold out {num_heldout} of the world's {n} training images")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, part in (("fit", slice(0, n - num_heldout)), ("heldout", slice(n - num_heldout, n))):
+            subset = {**data, "images": data["images"][part], "annotations": data["annotations"][part]}
+            tmp = paths[name]["annotations"].with_suffix(".tmp")
+            tmp.write_text(json.dumps(subset))
+            os.replace(tmp, paths[name]["annotations"])
+    return {"train": paths["fit"], "val": paths["heldout"]}
+
+
+def world_splits(world_dir: Path, evaluation_split: str = "val") -> dict[str, dict[str, Path]]:
+    """The training and evaluation data of a run: the world's train / val splits, or (``"heldout"``) the training
+    split less its held-out images / those images (:func:`development_split`)."""
+    from .world import world_paths
+
+    if evaluation_split not in EVALUATION_SPLITS:
+        raise ValueError(f"unknown evaluation split {evaluation_split!r}; choose one of {EVALUATION_SPLITS}")
+    if evaluation_split == "heldout":
+        return development_split(world_dir)
+    return {"train": world_paths(world_dir, "train"), "val": world_paths(world_dir, "val")}
+
+
+def _world_data_args(splits: dict[str, dict[str, Path]]) -> list[str]:
+    train = splits["train"]
     return ["--dataset_name", "custom", "--class_names_file", str(train["class_names"]),
             "--train_images_dir", str(train["images"]), "--train_panoptic_dir", str(train["panoptic"]),
             "--train_annotations", str(train["annotations"])]
+
+
+def _curve_args(splits: dict[str, dict[str, Path]], curve_steps: int) -> list[str]:
+    """Periodic validation of a loop on the evaluation split (its PQ-vs-step curve in ``eval_history.jsonl``)."""
+    if not curve_steps:
+        return []
+    val = splits["val"]
+    return ["--val_images_dir", str(val["images"]), "--val_panoptic_dir", str(val["panoptic"]),
+            "--val_annotations", str(val["annotations"]), "--eval_steps", str(curve_steps)]
 
 
 def _model_args() -> list[str]:
@@ -163,20 +213,26 @@ def _model_args() -> list[str]:
     return ["--clip_model_name", str(SHIPPED_CONFIG), "--clip_pretrained", str(SHIPPED_WEIGHTS)]
 
 
-def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
-              rows: Sequence[str] = ROWS, clip_report: bool = True, recipe: str = "released") -> list[Job]:
-    """The jobs of a reproduction (of `rows` only, with the loops' `recipe`), long ones first so that parallel workers
-    finish together; every job comes after the jobs it needs."""
-    from .world import world_paths
+def runs_dir(output_dir: Path, schedule: Schedule, evaluation_split: str = "val") -> Path:
+    """Folder of a schedule's runs: ``runs/<schedule>``, or ``runs/<schedule>_heldout`` for held-out evaluation."""
+    return output_dir / "runs" / (schedule.name if evaluation_split == "val" else f"{schedule.name}_{evaluation_split}")
 
-    runs = output_dir / "runs" / schedule.name
+
+def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
+              rows: Sequence[str] = ROWS, clip_report: bool = True, recipe: str = "released",
+              evaluation_split: str = "val", curve_steps: int = 0) -> list[Job]:
+    """The jobs of a reproduction (of `rows` only, with the loops' `recipe`), long ones first so that parallel workers
+    finish together; every job comes after the jobs it needs. `evaluation_split`: see :func:`world_splits`;
+    `curve_steps`: every row also validates every that many steps (its PQ-vs-step curve; 0: only the final model)."""
     world_dir = output_dir / "world"
+    splits = world_splits(world_dir, evaluation_split)
+    runs = runs_dir(output_dir, schedule, evaluation_split)
     masks_dir = output_dir / "masks_felzenszwalb"
-    train_images = str(world_paths(world_dir, "train")["images"])
-    data = _world_data_args(world_dir)
+    train_images = str(splits["train"]["images"])
+    data = _world_data_args(splits)
     model = _model_args()
     common = ["--checkpointing_steps", "50", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-              *extra_args]
+              *_curve_args(splits, curve_steps), *extra_args]
     seeds_of = {f: [seed + k for k in range(schedule.headline_seeds if f == schedule.headline_fraction else 1)]
                 for f in schedule.fractions}
     jobs = []
@@ -209,12 +265,13 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                     argv += ["--init_from", str(runs / after[0] / "model")]
                 argv += recipe_args(recipe, "ssl", fresh_model=not from_dewa)
                 jobs.append(Job(f"{row}_{key}_seed{s}", str(cell / row), loop="ssl", world_dir=str(world_dir),
-                                fraction=key, seed=s, after=after, argv=argv,
+                                evaluation_split=evaluation_split, fraction=key, seed=s, after=after, argv=argv,
                                 evaluate={row: ENSEMBLE_ALPHA, f"{row}_decoder_only": 1.0}))
             evaluate = {r: a for r, a in (("supervised", 1.0), ("supervised_ensemble", ENSEMBLE_ALPHA)) if r in rows}
             if evaluate:
                 jobs.append(Job(f"supervised_{key}_seed{s}", str(cell / "supervised"), loop="supervised",
-                                world_dir=str(world_dir), fraction=key, seed=s, evaluate=evaluate, argv=[
+                                world_dir=str(world_dir), evaluation_split=evaluation_split, fraction=key, seed=s,
+                                evaluate=evaluate, argv=[
                                     "--config", "miniature_supervised", *model, *base, "--max_train_steps",
                                     str(schedule.supervised_steps), "--output_dir", str(cell / "supervised" / "model"),
                                     *recipe_args(recipe, "supervised")]))
@@ -223,8 +280,9 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
     return jobs
 
 
-def _evaluate_model(model_dir: Path, world_dir: Path, alphas: dict[str, float]) -> dict[str, Any]:
-    """PQ / mIoU of a saved model on the world's validation split, once per ensemble_alpha."""
+def _evaluate_model(model_dir: Path, world_dir: Path, alphas: dict[str, float], evaluation_split: str = "val"
+                    ) -> dict[str, Any]:
+    """PQ / mIoU of a saved model on the world's evaluation split (:func:`world_splits`), once per ensemble_alpha."""
     from torch.utils.data import DataLoader
 
     from modeling_dearli import DearliForPanopticSegmentation
@@ -232,9 +290,8 @@ def _evaluate_model(model_dir: Path, world_dir: Path, alphas: dict[str, float]) 
     from ..data.collator import DearliDataCollator
     from ..data.panoptic_datasets import load_panoptic_dataset
     from ..evaluation.validation import PanopticEvalDataset, evaluate_panoptic, flatten_metrics
-    from .world import world_paths
 
-    val = world_paths(world_dir, "val")
+    val = world_splits(world_dir, evaluation_split)["val"]
     dataset, class_names = load_panoptic_dataset(
         "custom", images_dir=val["images"], panoptic_dir=val["panoptic"], annotations_json=val["annotations"],
         class_names_file=val["class_names"])
@@ -291,7 +348,8 @@ def run_job(job: Job) -> dict[str, Any]:
         if code:
             raise RuntimeError(f"{job.script} exited with {code}")
     if job.evaluate:
-        result["evaluation"] = _evaluate_model(folder / "model", Path(job.world_dir), job.evaluate)
+        result["evaluation"] = _evaluate_model(folder / "model", Path(job.world_dir), job.evaluate,
+                                               job.evaluation_split)
     if job.loop is not None:  # finished: the final model is saved, the resumable checkpoints are not needed
         shutil.rmtree(folder / "model" / "checkpoints", ignore_errors=True)
     if job.clip_report:
@@ -561,6 +619,8 @@ def reproduce(
     rows: Sequence[str] = ROWS,
     clip_report: bool = True,
     recipe: str = "released",
+    evaluation_split: str = "val",
+    curve_steps: int = 0,
 ) -> dict[str, Any]:
     """Generate (or reuse) the world, run every unfinished job, write ``results.json``, ``results.md`` and
     ``pq_vs_fraction.png`` in ``output_dir``; returns the results.
@@ -574,6 +634,9 @@ def reproduce(
         rows / clip_report: a subset of :data:`ROWS` (the demo's), and whether to measure the CLIP's zero-shot accuracy.
         recipe: the loops' training recipe (:data:`RECIPES`): the released configs' (default) or the project's
             earlier defaults.
+        evaluation_split: ``"val"`` (the table) or ``"heldout"`` (training images held out of training, to choose
+            settings on; :func:`world_splits`); its runs go to ``runs/<schedule>_heldout``.
+        curve_steps: every row also validates every that many steps (PQ-vs-step curves; 0: off).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -584,13 +647,13 @@ def reproduce(
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; rows are {ROWS}")
-    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report, recipe)
+    jobs = plan_jobs(output_dir, schedule, seed, extra_args, rows, clip_report, recipe, evaluation_split, curve_steps)
     timings: dict[str, Any] = {}
     try:
         run_jobs(jobs, num_workers=num_workers, timings=timings)
     finally:  # the time spent counts, also when a job failed (a rerun resumes)
         own = resource.getrusage(resource.RUSAGE_SELF)
-        timing_path = output_dir / "runs" / schedule.name / "timing.json"
+        timing_path = runs_dir(output_dir, schedule, evaluation_split) / "timing.json"
         timing_path.parent.mkdir(parents=True, exist_ok=True)
         timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"invocations": []}
         timing["invocations"].append({
@@ -608,9 +671,11 @@ def reproduce(
     results["per_class"] = per_class_table(results, output_dir / "world", seeds, [r for r in (
         "supervised", "supervised_ensemble", "dearli") if r in rows])
     results["ordering"] = ordering_checks(results)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (output_dir / "results.md").write_text(results_markdown(results))
-    plot_results(results, output_dir / "pq_vs_fraction.png")
+    results["evaluation_split"] = evaluation_split
+    tag = "" if evaluation_split == "val" else f"_{evaluation_split}"
+    (output_dir / f"results{tag}.json").write_text(json.dumps(results, indent=1))
+    (output_dir / f"results{tag}.md").write_text(results_markdown(results))
+    plot_results(results, output_dir / f"pq_vs_fraction{tag}.png")
     return results
 
 
