@@ -7,6 +7,12 @@ on ground-truth masks of held-out scenes whose classes are drawn uniformly, thin
 and, with ``--world_dir``, (3) the same on a generated world's validation split (its long tail). Mask pooling runs
 through the model's own ``clip_classify_masks`` (the ensembling path) with the masks at the decoder's 1/4 resolution.
 The held-out images come from the ``clip_eval`` seed stream, which neither pretraining nor any world uses.
+
+    python scripts/evaluate_tiny_clip.py --world_dir data/miniature --strong_views
+
+With ``--strong_views`` it measures instead whether the SSL strong view keeps each region's class in the world: the
+same mask-pooled accuracy on the 200 training images held out for choosing settings, seen through each perturbation
+of the strong view (:mod:`training.miniature.class_identity`).
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -35,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_scale", type=float, default=1.0,
                         help="Resize the scenes by this factor before mask pooling (2: the model run at 512 on the "
                              "256 world, a 16x16 CLIP grid instead of 8x8).")
+    parser.add_argument("--strong_views", action="store_true",
+                        help="Measure class identity under each strong view on --world_dir's held-out training images "
+                             "instead (training/miniature/class_identity.py).")
     cli.add_report_arguments(parser)
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     return parser
@@ -47,10 +56,30 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    if args.strong_views:
+        return _strong_views(args)
     report = tiny_clip.zero_shot_report(args.clip_model_config, args.clip_weights, crops_per_class=args.crops_per_class,
                                         num_scenes=args.num_scenes, seed=args.seed, world_dir=args.world_dir,
                                         max_world_images=args.max_world_images, input_scale=args.input_scale)
     print(tiny_clip.format_report(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def _strong_views(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from training.miniature.class_identity import class_identity_report, format_class_identity, read_scenes
+    from training.miniature.reproduction import development_split
+
+    if not args.world_dir:
+        raise ValueError("--strong_views needs --world_dir")
+    scenes = read_scenes(development_split(Path(args.world_dir))["val"], args.max_world_images)
+    model = tiny_clip.dearli_on_tiny_clip(args.clip_model_config, args.clip_weights)
+    report = class_identity_report(model, scenes, seed=args.seed)
+    print(format_class_identity(report))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

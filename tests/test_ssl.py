@@ -44,22 +44,16 @@ def test_presets_parse_with_paper_settings(preset):
     assert args.dataset_name in preset
 
 
-def test_one_ssl_step_updates_student_and_teacher(tiny_model):
+def _prepared(student, optimizer, scheduler, gradient_clip: float = 0.0):
     from accelerate import Accelerator
 
-    from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
-    from training.ema import MeanTeacher
-    from training.schedules import build_optimizer, build_poly_scheduler
-    from training.ssl_step import StudentViewBuilder, ssl_train_step
+    from training.loop import PreparedTraining
 
-    accelerator = Accelerator(cpu=True)
-    student = copy.deepcopy(tiny_model).train()
-    optimizer = build_optimizer(student)
-    scheduler = build_poly_scheduler(optimizer, 10)
-    teacher = MeanTeacher(student, decay=0.999)
-    builder = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_p=1.0)),
-                                 stuff_classes=[1, 2], num_classes=3, ensemble_alpha=0.6)
-    g = torch.Generator().manual_seed(0)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    return PreparedTraining(Accelerator(cpu=True), student, optimizer, scheduler, {}, {}, parameters, gradient_clip)
+
+
+def _ssl_batches(g: torch.Generator) -> dict:
     masks = torch.zeros(2, 64, 64)
     masks[0, :32] = 1
     masks[1, 32:] = 1
@@ -68,17 +62,74 @@ def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g), "pixel_mask": torch.ones(2, 64, 64),
                  "cutmix_pixel_values": list(torch.rand(2, 3, 64, 64, generator=g)),
                  "cutmix_pixel_mask": list(torch.ones(2, 64, 64))}
+    return {"labeled": labeled, "unlabeled": unlabeled}
+
+
+def test_one_ssl_step_updates_student_and_teacher(tiny_model):
+    from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
+    from training.ema import MeanTeacher
+    from training.schedules import build_optimizer, build_poly_scheduler
+    from training.ssl import MeanTeacherStep
+    from training.student_views import StudentViewBuilder
+
+    student = copy.deepcopy(tiny_model).train()
+    optimizer = build_optimizer(student)
+    run = _prepared(student, optimizer, build_poly_scheduler(optimizer, 10), gradient_clip=0.01)
+    teacher = MeanTeacher(student, decay=0.999)
+    views = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_p=1.0)),
+                               stuff_ids=[1, 2], num_classes=3, ensemble_alpha=0.6)
     before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    out = ssl_train_step(accelerator, student, teacher, builder, optimizer, scheduler, labeled, unlabeled, g, 0,
-                         gradient_clip=0.01)
-    assert out.loss == pytest.approx(out.labeled_loss + out.unlabeled_loss)
-    assert out.ema_decay == 0.0 and teacher.step == 1  # first ramped update copies the student
+    out = MeanTeacherStep(teacher, views)(run, _ssl_batches(torch.Generator().manual_seed(0)), 1)
+    metrics = out.metrics
+    assert metrics["loss"] == pytest.approx(metrics["loss_labeled"] + metrics["loss_unlabeled"])
+    assert out.last["ema_decay"] == 0.0 and teacher.step == 1  # first ramped update copies the student
     for name, value in teacher.teacher_weights().items():
         torch.testing.assert_close(value, dict(student.named_parameters())[name].detach(), rtol=0, atol=0)
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters() if p.requires_grad)
-    stats = set(out.pseudo_label_statistics)
+    stats = {k.removeprefix("pseudo/") for k in metrics if k.startswith("pseudo/")}
     assert {"segments_per_image", "mean_confidence", "void_fraction", "cutmix_fraction"} <= stats
-    assert out.pseudo_label_statistics["cutmix_fraction"] == 1.0
+    assert metrics["pseudo/cutmix_fraction"] == 1.0
+    assert {"labeled/loss_dice", "unlabeled/loss_dice", "grad_norm"} <= set(out.last)
+
+
+def test_ssl_step_gives_the_gradient_of_the_summed_loss(tiny_model):
+    """Back-propagating L_sup and w * L_unl one after the other (half the activation memory) updates the weights as
+    one backward of L_sup + w * L_unl computed by hand on the same targets."""
+    from training.data.collator import model_inputs
+    from training.data.strong_augmentations import StrongAugmentation
+    from training.ema import MeanTeacher
+    from training.ssl import MeanTeacherStep
+    from training.student_views import StudentViewBuilder, strong_augmentation_generator
+
+    batches = _ssl_batches(torch.Generator().manual_seed(1))
+    weight, step = 0.7, 3
+    results = []
+    for by_hand in (False, True):
+        student = copy.deepcopy(tiny_model).train()
+        optimizer = torch.optim.SGD(student.trainable_parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        teacher = MeanTeacher(student)
+        views = StudentViewBuilder(teacher, StrongAugmentation(), stuff_ids=[1, 2], num_classes=3)
+        torch.manual_seed(0)  # the loss samples points with the global RNG, in the same order in both variants
+        if by_hand:
+            unlabeled = views(batches["unlabeled"], strong_augmentation_generator(0, step, 0))
+            loss_sup = student(**model_inputs(batches["labeled"])).loss
+            loss_unl = student(**unlabeled.model_inputs()).loss
+            (loss_sup + weight * loss_unl).backward()
+            optimizer.step()
+            losses = (float(loss_sup.detach()), weight * float(loss_unl.detach()))
+        else:
+            out = MeanTeacherStep(teacher, views, unlabeled_weight=weight)(
+                _prepared(student, optimizer, scheduler), batches, step)
+            losses = (out.metrics["loss_labeled"], out.metrics["loss_unlabeled"])
+        results.append((losses, {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}))
+    (losses_a, weights_a), (losses_b, weights_b) = results
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    changed = 0
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
+        changed += int(not torch.equal(weights_a[name], tiny_model.state_dict()[name]))
+    assert changed > 0
 
 
 def _launch(args: list[str], log: Path) -> None:
@@ -143,41 +194,6 @@ def test_demo_two_processes_checkpoints_and_resumes_exactly(tmp_path, check_save
     assert model.config.num_classes == 8 and not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def test_separate_backward_gives_the_gradient_of_the_summed_loss(tiny_model):
-    """Two backward passes (the default, half the activation memory) == one backward of L_sup + L_unl."""
-    from accelerate import Accelerator
-
-    from training.data.strong_augmentations import StrongAugmentation
-    from training.ema import MeanTeacher
-    from training.ssl_step import StudentViewBuilder, ssl_train_step
-
-    accelerator = Accelerator(cpu=True)
-    g = torch.Generator().manual_seed(1)
-    masks = torch.zeros(1, 2, 64, 64)
-    masks[0, 0, :, :20] = 1
-    masks[0, 1, :, 20:] = 1
-    labeled = {"pixel_values": torch.randn(1, 3, 64, 64, generator=g), "mask_labels": [masks[0]],
-               "class_labels": [torch.tensor([0, 1])]}
-    unlabeled = {"pixel_values": torch.rand(2, 3, 64, 64, generator=g),
-                 "cutmix_pixel_values": list(torch.rand(2, 3, 64, 64, generator=g))}
-    results = []
-    for separate in (True, False):
-        student = copy.deepcopy(tiny_model).train()
-        optimizer = torch.optim.SGD(student.trainable_parameters(), lr=1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        teacher = MeanTeacher(student)
-        builder = StudentViewBuilder(teacher, StrongAugmentation(), stuff_classes=[1, 2], num_classes=3)
-        torch.manual_seed(0)  # the loss samples points with the global RNG, in the same order in both variants
-        out = ssl_train_step(accelerator, student, teacher, builder, optimizer, scheduler, labeled, unlabeled,
-                             torch.Generator().manual_seed(5), 0, gradient_clip=0.0, separate_backward=separate)
-        results.append((out, {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}))
-    (out_a, weights_a), (out_b, weights_b) = results
-    assert out_a.labeled_loss == pytest.approx(out_b.labeled_loss, rel=1e-5)
-    assert out_a.unlabeled_loss == pytest.approx(out_b.unlabeled_loss, rel=1e-5)
-    for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
 def _constant_batch(values: list[float], size: int = 64) -> torch.Tensor:
     return torch.stack([torch.full((3, size, size), v) for v in values])
 
@@ -205,22 +221,24 @@ def test_cutmix_pastes_a_box_and_its_pseudo_label_from_the_source(tiny_model, so
     from training.data.transforms import normalize_image
     from training.ema import MeanTeacher
     from training.pseudo_labels import panoptic_pseudo_labels
-    from training.ssl_step import StudentViewBuilder
+    from training.student_views import StudentViewBuilder
 
     teacher = MeanTeacher(copy.deepcopy(tiny_model))
     calls = []
     forward = teacher.teacher.forward
     teacher.teacher.forward = lambda *a, **k: calls.append(k["pixel_values"].shape[0]) or forward(*a, **k)
     photometric_off = StrongAugmentationConfig(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, cutmix_p=1.0)
-    builder = StudentViewBuilder(teacher, StrongAugmentation(photometric_off), stuff_classes=[1, 2], num_classes=3,
+    builder = StudentViewBuilder(teacher, StrongAugmentation(photometric_off), stuff_ids=[1, 2], num_classes=3,
                                  ensemble_alpha=1.0, cutmix_source=source)
     g = torch.Generator().manual_seed(3)
     weak = torch.rand(3, 3, 64, 64, generator=g) * 0.3  # dark images; the sources are bright
     sources = 0.7 + torch.rand(3, 3, 64, 64, generator=g) * 0.3
     source_mask = torch.zeros(3, 64, 64, dtype=torch.long)
     source_mask[:, :40, :48] = 1  # the sources' real content; the rest is padding
-    out = builder(weak, torch.ones(3, 64, 64, dtype=torch.long), torch.Generator().manual_seed(0),
-                  cutmix_images=sources if source == "separate_image" else None, cutmix_pixel_mask=source_mask)
+    batch = {"pixel_values": weak, "pixel_mask": torch.ones(3, 64, 64, dtype=torch.long)}
+    if source == "separate_image":
+        batch.update(cutmix_pixel_values=sources, cutmix_pixel_mask=source_mask)
+    out = builder(batch, torch.Generator().manual_seed(0))
     assert out.cutmix_applied == 3
     pixels = out.pixel_values
     if source == "same_batch":

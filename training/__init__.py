@@ -3,7 +3,7 @@
 - Entry points: ``dewa.py`` (decoder warm-up on SAM masks), ``supervised.py`` (labeled images only), ``ssl.py``
   (Mean Teacher with ensembled pseudo-labels); each is ``arguments`` -> set-up -> ``loop.run_training``.
 - Loop machinery: ``loop`` (the loop: resume, logging, checkpoint/evaluation timing, NaN guard, final save),
-  ``arguments`` (the one argument builder + YAML presets in ``configs/``), ``model_init``, ``ssl_step``, ``ema``,
+  ``arguments`` (the one argument builder + YAML presets in ``configs/``), ``model_init``, ``student_views``, ``ema``,
   ``pseudo_labels``, ``checkpointing``, ``schedules``.
 - ``data``: datasets (COCO panoptic, ADE20K, COCO-Objects; partitions, class names, test resolutions), ADE20K
   conversion, transforms (the scale schemes), SSD colour augmentation, strong augmentations, the resumable sampler,

@@ -358,7 +358,13 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pseudo_label_overlap_threshold", type=float, default=0.8,
                    help="Teacher panoptic inference: minimal visible fraction of a query's mask.")
     g.add_argument("--color_jitter_prob", type=float, default=1.0,
-                   help="Probability of colour jitter (0.8, 0.8, 0.8, 0.2) on the strong view (reference: always).")
+                   help="Probability of colour jitter on the strong view (reference: always).")
+    g.add_argument("--color_jitter", type=float, nargs=4, default=[0.8, 0.8, 0.8, 0.2],
+                   metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
+                   help="Colour jitter strengths as torchvision's ColorJitter: brightness, contrast and saturation "
+                        "factors drawn from [1 - x, 1 + x], hue shifted by up to x turns (reference: 0.8 0.8 0.8 0.2, "
+                        "i.e. up to +-72 degrees of hue). Where classes are defined by colour (the miniature world), "
+                        "hue and saturation jitter change the class the image shows.")
     g.add_argument("--grayscale_prob", type=float, default=0.2, help="Probability of grayscale on the strong view.")
     g.add_argument("--blur_prob", type=float, default=0.5,
                    help="Probability of Gaussian blur (sigma in [0.1, 2]) on the strong view.")
@@ -371,6 +377,13 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "per unlabeled image); 'same_batch' = the next image of the batch with its pseudo-label (no "
                         "extra teacher pass or image, but fewer distinct images per step and boxes may cover the "
                         "source's padding; skipped with one unlabeled image per process).")
+    g.add_argument("--pseudo_label_eval_steps", type=int, default=0,
+                   help="Every N steps (and after the last), score the teacher's pseudo-labels (ensembled and "
+                        "decoder-only) and the student's decoder on a fixed subset of the unlabeled images against "
+                        "their ground truth (PQ, PQ_th, PQ_st; logged and appended to "
+                        "OUTPUT_DIR/pseudo_label_quality.jsonl). Needs annotated unlabeled images; 0: off.")
+    g.add_argument("--pseudo_label_eval_images", type=int, default=64,
+                   help="Size of the fixed subset of unlabeled images scored by --pseudo_label_eval_steps.")
     g.add_argument("--final_model", type=str, default="student", choices=["student", "teacher"],
                    help="Which model is saved in --output_dir (the other goes to a sub-folder 'teacher' or "
                         "'student'). The paper evaluates the student of the last iteration.")
@@ -403,10 +416,11 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     **{name: (0.0, None, True) for name in (
         "learning_rate", "min_scale", "max_scale", "max_train_steps", "train_batch_size", "unlabeled_batch_size",
         "eval_batch_size", "eval_shortest_edge", "eval_max_size", "max_eval_images", "num_queries",
-        "train_num_points")},
+        "train_num_points", "pseudo_label_eval_images")},
     **{name: (0.0, None, False) for name in (
         "weight_decay", "gradient_clip", "lr_power", "lr_warmup_steps", "checkpointing_steps",
-        "checkpoints_total_limit", "logging_steps", "num_workers", "eval_steps", "unlabeled_weight")},
+        "checkpoints_total_limit", "logging_steps", "num_workers", "eval_steps", "unlabeled_weight",
+        "pseudo_label_eval_steps")},
     "labeled_fraction": (0.0, 1.0, True),
 }
 
@@ -423,6 +437,9 @@ def check_ranges(args: argparse.Namespace) -> list[str]:
                 or (high is not None and value > high):
             interval = f"{'(' if low_excluded else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
             problems.append(f"--{name} must lie in {interval}, got {value!r}")
+    jitter = getattr(args, "color_jitter", None)
+    if jitter is not None and (len(jitter) != 4 or any(v < 0 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5):
+        problems.append(f"--color_jitter takes brightness, contrast, saturation >= 0 and hue in [0, 0.5], got {jitter}")
     crop = getattr(args, "crop_size", None)
     if crop is not None and (len(crop) not in (1, 2) or any(int(c) < 1 for c in crop)):
         problems.append(f"--crop_size takes one or two positive sizes, got {crop}")

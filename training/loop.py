@@ -9,9 +9,10 @@ non-finite loss or gradient norm raises :class:`training.checkpointing.NonFinite
 is written) and the final ``save_pretrained`` of the model(s) with their image processor.
 
 A step function ``train_step(run, batches, step)`` gets the :class:`PreparedTraining`, one batch per dataset (by name)
-and the 1-based number of the step it takes (checkpoint ``step_N`` holds the state after N steps); it updates the
-weights (e.g. with :func:`optimization_step`) and returns a :class:`StepOutput`. :func:`supervised_step` is DeWa's and
-the supervised baseline's; :mod:`training.ssl_step` holds the semi-supervised one.
+and the 1-based number of the step it takes (checkpoint ``step_N`` holds the state after N steps); it accumulates
+gradients with :meth:`PreparedTraining.forward_backward` (NaN-guarded), updates the weights with
+:meth:`PreparedTraining.update` (the one optimizer tail) and returns a :class:`StepOutput`. :func:`supervised_step` is
+DeWa's and the supervised baseline's; :class:`training.ssl.MeanTeacherStep` is the semi-supervised one.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ __all__ = [
     "clip_and_check_gradients",
     "final_layer_terms",
     "iterate_steps",
-    "optimization_step",
     "per_process_batch_size",
     "prepare_training",
     "run_training",
@@ -250,6 +250,25 @@ class PreparedTraining:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def forward_backward(self, inputs: Mapping[str, Any], step: int, weight: float = 1.0) -> tuple[float, dict[str, float]]:
+        """``weight * loss`` of the model on `inputs` back-propagated into the gradients (after checking on every
+        process that it is finite, see :func:`check_finite_loss`); returns its value and the final layer's terms. The
+        outputs are released on return, so only one forward's activations are alive at a time."""
+        outputs = self.model(**inputs)
+        loss = outputs.loss * weight if weight != 1.0 else outputs.loss
+        check_finite_loss(self.accelerator, loss, step, outputs.loss_dict)
+        self.accelerator.backward(loss)
+        return float(loss.detach().float()), final_layer_terms(outputs.loss_dict)
+
+    def update(self, step: int) -> float:
+        """The optimizer tail of every step: clip the full-model gradient norm (raising on a non-finite one), optimizer
+        and LR-scheduler step, zero the gradients. Returns the gradient norm before clipping."""
+        norm = clip_and_check_gradients(self.accelerator, self.parameters, self.gradient_clip, step)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
 
 def prepare_training(
     args: Any, accelerator: Any, model: nn.Module, datasets: Mapping[str, tuple[Dataset, int]]
@@ -325,28 +344,6 @@ def clip_and_check_gradients(
         message = f"non-finite gradient norm at step {step}: {norm}"
         logger.error(message)
         raise NonFiniteError(message, step)
-    return norm
-
-
-def optimization_step(
-    accelerator: Any,
-    loss: torch.Tensor,
-    optimizer: Any,
-    scheduler: Any,
-    parameters: Sequence[nn.Parameter],
-    step: int,
-    gradient_clip: float = 0.0,
-    loss_dict: Mapping[str, torch.Tensor] | None = None,
-) -> float:
-    """One guarded update: check the loss is finite (all processes), backward, clip the full-model gradient norm
-    (raising on a non-finite norm), optimizer and LR-scheduler step, zero the gradients. Returns the gradient norm
-    before clipping."""
-    check_finite_loss(accelerator, loss, step, loss_dict)
-    accelerator.backward(loss)
-    norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return norm
 
 
@@ -426,11 +423,9 @@ class StepOutput:
 def supervised_step(run: PreparedTraining, batches: Mapping[str, Any], step: int) -> StepOutput:
     """DeWa's and the supervised baseline's step: the model's Mask2Former loss on one batch -> guarded update."""
     (batch,) = batches.values()
-    outputs = run.model(**model_inputs(batch))
-    grad_norm = optimization_step(run.accelerator, outputs.loss, run.optimizer, run.scheduler, run.parameters, step,
-                                  run.gradient_clip, outputs.loss_dict)
-    return StepOutput({"loss": float(outputs.loss.detach().float())},
-                      {"grad_norm": grad_norm, **final_layer_terms(outputs.loss_dict)})
+    loss, terms = run.forward_backward(model_inputs(batch), step)
+    grad_norm = run.update(step)
+    return StepOutput({"loss": loss}, {"grad_norm": grad_norm, **terms})
 
 
 @dataclass
@@ -471,6 +466,7 @@ def run_training(
     checkpointed: Mapping[str, Any] | None = None,
     before_checkpoint: Callable[[], None] | None = None,
     evaluate: Callable[[int], dict[str, float]] | None = None,
+    monitors: Sequence[tuple[int, Callable[[int], dict[str, float]]]] = (),
     final_models: Mapping[str, nn.Module] | None = None,
 ) -> TrainingResult:
     """Run ``train_step`` for steps ``1 .. --max_train_steps`` (resuming with ``--resume_from_checkpoint``), then save.
@@ -482,6 +478,8 @@ def run_training(
         before_checkpoint: called on every process before each checkpoint (e.g. to check that the teacher is the same
             on all processes).
         evaluate: ``evaluate(step)`` -> scalar metrics, every ``--eval_steps`` steps (0: never) and after the last.
+        monitors: ``(every, monitor)`` pairs: ``monitor(step)`` -> scalar metrics every ``every`` steps and after the
+            last, logged like validation (e.g. the SSL loop's pseudo-label quality).
         final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
             trained model in ``--output_dir``), each with its image processor at the validation size
             (``--eval_shortest_edge`` / ``--eval_max_size``: the dataset's test size) when the loop has one.
@@ -551,6 +549,12 @@ def run_training(
                 if args.with_tracking and result.metrics:
                     accelerator.log(result.metrics, step=step)
                 logger.info("validation at step %d: %s", step, {k: round(v, 3) for k, v in result.metrics.items()})
+            for every, monitor in monitors:
+                if every and (is_last or step % every == 0):
+                    values = monitor(step)
+                    if args.with_tracking and values:
+                        accelerator.log(values, step=step)
+                    logger.info("step %d: %s", step, {k: round(v, 3) for k, v in values.items()})
     finally:
         bar.close()
 

@@ -16,7 +16,10 @@ sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq
 the reference's DEARLi runs, student and teacher both start from ``--init_from`` (the DeWa output) with a constant
 EMA decay from step 0 (from a fresh model the decay ramps up), and training is fp32. Loss = Mask2Former loss on
 labeled + on pseudo-labeled images; AdamW 1e-4, weight decay 0.05 (none on norms and embeddings), poly schedule, 80k
-iterations. See :mod:`training.ssl_step` for one step and :mod:`training.ema` for the teacher.
+iterations. One step is :class:`MeanTeacherStep` below; the unlabeled targets come from
+:class:`training.student_views.StudentViewBuilder` (teacher pseudo-labels: :mod:`training.pseudo_labels`) and the
+teacher from :mod:`training.ema`. ``--pseudo_label_eval_steps N`` scores the teacher's pseudo-labels against the
+unlabeled images' ground truth during training (:mod:`training.evaluation.pseudo_label_quality`).
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
 (``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
@@ -28,13 +31,15 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 
 # isort: split
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from training import cli
 from training.arguments import parse_args
+from training.data.collator import model_inputs
 from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
 from training.data.train_datasets import (
     PanopticTrainDataset,
@@ -44,6 +49,7 @@ from training.data.train_datasets import (
     load_panoptic_training_data,
 )
 from training.ema import MeanTeacher
+from training.evaluation.pseudo_label_quality import PseudoLabelMonitor
 from training.evaluation.validation import make_evaluator
 from training.loop import (
     PreparedTraining,
@@ -55,11 +61,7 @@ from training.loop import (
 )
 from training.model_init import adapt_class_names, build_model
 from training.pretrained import check_model_location
-from training.ssl_step import (
-    StudentViewBuilder,
-    ssl_train_step,
-    strong_augmentation_generator,
-)
+from training.student_views import StudentViewBuilder, strong_augmentation_generator
 
 logger = logging.getLogger("training.ssl")
 
@@ -89,6 +91,59 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
     return teacher
 
 
+@dataclass
+class MeanTeacherStep:
+    """One step of the semi-supervised stage (paper Eq. 1-2): ``L = L_sup + unlabeled_weight * L_unl``, then the EMA
+    update of the teacher.
+
+    ``L_sup`` is the Mask2Former loss on the labeled batch; ``L_unl`` the same loss of the student on the strong view
+    of the unlabeled batch, against the teacher's hard pseudo-labels of the weak view (``views``). The two terms are
+    back-propagated one after the other (the first without gradient synchronisation): the gradient of their sum, with
+    the activations of only one half-batch alive at a time.
+    """
+
+    teacher: MeanTeacher
+    views: StudentViewBuilder
+    unlabeled_weight: float = 1.0
+    seed: int = 0
+
+    def __call__(self, run: PreparedTraining, batches: Mapping[str, Any], step: int) -> StepOutput:
+        generator = strong_augmentation_generator(self.seed, step, run.accelerator.process_index)
+        # Teacher on the weak view -> ensembled pseudo-labels (Eq. 6); strong view + CutMix -> the student's targets.
+        unlabeled = self.views(batches["unlabeled"], generator)
+        with run.accelerator.no_sync(run.model):
+            loss_sup, terms_sup = run.forward_backward(model_inputs(batches["labeled"]), step)
+        loss_unl, terms_unl = run.forward_backward(unlabeled.model_inputs(), step, weight=self.unlabeled_weight)
+        grad_norm = run.update(step)
+        ema_decay = self.teacher.update(run.model)
+        return StepOutput(
+            {"loss": loss_sup + loss_unl, "loss_labeled": loss_sup, "loss_unlabeled": loss_unl,
+             **{f"pseudo/{k}": v for k, v in unlabeled.statistics.items()}},
+            {"grad_norm": grad_norm, "ema_decay": ema_decay, **{f"labeled/{k}": v for k, v in terms_sup.items()},
+             **{f"unlabeled/{k}": v for k, v in terms_unl.items()}},
+        )
+
+
+def build_views(args: Any, teacher: MeanTeacher, config: Any, accelerator: Any) -> StudentViewBuilder:
+    """The unlabeled half's pseudo-labels and strong views from the SSL flags."""
+    brightness, contrast, saturation, hue = args.color_jitter
+    strong = StrongAugmentation(StrongAugmentationConfig(
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+        color_jitter_p=args.color_jitter_prob, grayscale_p=args.grayscale_prob, blur_p=args.blur_prob,
+        cutmix_p=args.cutmix_prob,
+    ))
+    views = StudentViewBuilder(
+        teacher, strong, stuff_ids=config.stuff_ids, num_classes=config.num_classes,
+        threshold=args.pseudo_label_threshold, overlap_threshold=args.pseudo_label_overlap_threshold,
+        cutmix=args.cutmix_prob > 0, cutmix_source=args.cutmix_source, teacher_autocast=accelerator.autocast,
+    )
+    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f; strong view: colour jitter p %.2f "
+                "%s, grayscale p %.2f, blur p %.2f, CutMix p %.2f from %s", views.ensemble_alpha,
+                args.pseudo_label_threshold, args.pseudo_label_overlap_threshold, args.color_jitter_prob,
+                args.color_jitter, args.grayscale_prob, args.blur_prob, args.cutmix_prob, args.cutmix_source)
+    return views
+
+
 def main(argv: Sequence[str] | None = None) -> TrainingResult:
     args = parse_args("ssl", argv, description=__doc__)
     accelerator = setup_accelerator(args)
@@ -107,27 +162,18 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
     run = prepare_training(args, accelerator, model, datasets)
     teacher = build_teacher(args, run.unwrapped_model, data.class_names)
-    strong = StrongAugmentation(StrongAugmentationConfig(
-        color_jitter_p=args.color_jitter_prob, grayscale_p=args.grayscale_prob, blur_p=args.blur_prob,
-        cutmix_p=args.cutmix_prob,
-    ))
-    config = run.unwrapped_model.config
-    view_builder = StudentViewBuilder(
-        teacher, strong, stuff_classes=config.stuff_ids, num_classes=config.num_classes,
-        threshold=args.pseudo_label_threshold, overlap_threshold=args.pseudo_label_overlap_threshold,
-        cutmix=args.cutmix_prob > 0, cutmix_source=args.cutmix_source,
-    )
-    logger.info("Pseudo-labels: ensemble_alpha %.2f, threshold %.2f, overlap %.2f; CutMix p %.2f from %s",
-                view_builder.ensemble_alpha, args.pseudo_label_threshold, args.pseudo_label_overlap_threshold,
-                args.cutmix_prob, args.cutmix_source)
+    views = build_views(args, teacher, run.unwrapped_model.config, accelerator)
+    train_step = MeanTeacherStep(teacher, views, unlabeled_weight=args.unlabeled_weight, seed=args.seed)
 
-    def train_step(run: PreparedTraining, batches: dict[str, Any], step: int) -> StepOutput:
-        generator = strong_augmentation_generator(args.seed, step, accelerator.process_index)
-        return ssl_train_step(
-            accelerator, run.model, teacher, view_builder, run.optimizer, run.scheduler, batches["labeled"],
-            batches["unlabeled"], generator, step, parameters=run.parameters, gradient_clip=run.gradient_clip,
-            unlabeled_weight=args.unlabeled_weight,
-        ).step_output()
+    monitors = []
+    if args.pseudo_label_eval_steps:
+        monitor = PseudoLabelMonitor(
+            accelerator, data.unlabeled, data.class_names, teacher.teacher, run.model,
+            ensemble_alpha=views.ensemble_alpha, threshold=args.pseudo_label_threshold,
+            overlap_threshold=args.pseudo_label_overlap_threshold, shortest_edge=args.eval_shortest_edge,
+            max_size=args.eval_max_size, num_images=args.pseudo_label_eval_images, seed=args.seed,
+            output_dir=args.output_dir, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+        monitors.append((args.pseudo_label_eval_steps, monitor))
 
     models = {"student": run.model, "teacher": teacher.teacher}
     other = "teacher" if args.final_model == "student" else "student"
@@ -136,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         checkpointed={"ema_teacher": teacher},
         before_checkpoint=lambda: teacher.check_synchronized(accelerator),
         evaluate=make_evaluator(args, accelerator, data.validation, data.class_names, models),
+        monitors=monitors,
         final_models={"": models[args.final_model], other: models[other]},
     )
 

@@ -30,7 +30,7 @@ from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_f
 from ..data.train_datasets import row_image, without_image_decoding
 from .panoptic_quality import PanopticQuality
 
-__all__ = ["PanopticEvalDataset", "evaluate_panoptic", "flatten_metrics", "make_evaluator"]
+__all__ = ["PanopticEvalDataset", "build_eval_loader", "evaluate_panoptic", "flatten_metrics", "make_evaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,23 @@ def flatten_metrics(report: dict[str, Any], prefix: str = "eval/") -> dict[str, 
     return out
 
 
+def build_eval_loader(
+    accelerator: Any,
+    dataset: Any,
+    class_names: Any,
+    shortest_edge: int,
+    max_size: int | None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    with_semantic: bool = True,
+) -> Any:
+    """A data loader of :class:`PanopticEvalDataset` items of `dataset`, sharded over `accelerator`'s processes."""
+    items = PanopticEvalDataset(dataset, shortest_edge, max_size, with_semantic=with_semantic, class_names=class_names)
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=DearliDataCollator())
+    return accelerator.prepare_data_loader(loader, device_placement=True)
+
+
 def make_evaluator(
     args: Any, accelerator: Any, validation: Any, class_names: Any, models: Mapping[str, nn.Module]
 ) -> Callable[[int], dict[str, float]] | None:
@@ -160,11 +177,8 @@ def make_evaluator(
     line per evaluation; after a resume a step may appear twice, the later line counts)."""
     if validation is None or len(validation) == 0:
         return None
-    dataset = PanopticEvalDataset(validation, args.eval_shortest_edge, args.eval_max_size, with_semantic=True,
-                                  class_names=class_names)
-    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
-                        collate_fn=DearliDataCollator())
-    loader = accelerator.prepare_data_loader(loader, device_placement=True)
+    loader = build_eval_loader(accelerator, validation, class_names, args.eval_shortest_edge, args.eval_max_size,
+                               args.eval_batch_size, args.num_workers)
 
     def evaluate(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}

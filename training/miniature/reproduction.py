@@ -260,6 +260,8 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                 argv = ["--config", "miniature_ssl", *model, *base, "--ensemble_alpha", str(alpha), "--ema_decay",
                         str(schedule.ema_decay), "--max_train_steps", str(schedule.ssl_steps), "--output_dir",
                         str(cell / row / "model")]
+                if curve_steps:
+                    argv += ["--pseudo_label_eval_steps", str(curve_steps)]
                 after = [f"dewa_seed{s}"] if from_dewa else []
                 if from_dewa:
                     argv += ["--init_from", str(runs / after[0] / "model")]

@@ -1,11 +1,13 @@
-"""One Mean Teacher step of DEARLi's semi-supervised stage (paper Sec. 3, Eq. 1-2), shared by ``training/ssl.py`` and
-``scripts/benchmarks/benchmark_training.py``.
+"""The student's unlabeled batch of DEARLi's semi-supervised stage (paper Sec. 3): the teacher's hard pseudo-labels
+of the weak view, and the strong view they supervise. One step (``L = L_sup + L_unl``) is
+:class:`training.ssl.MeanTeacherStep`; this module is its unlabeled half.
 
-Per step and process:
+Per step and process, :class:`StudentViewBuilder` takes the unlabeled batch of
+:class:`training.data.train_datasets.UnlabeledTrainDataset`:
 
-1. **weak view** (:class:`training.data.train_datasets.UnlabeledTrainDataset`: the loop's random scale, crop and
-   flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode, ``no_grad``) -> ensembled posteriors
-   (Eq. 6) -> panoptic inference -> hard pseudo-labels (:mod:`training.pseudo_labels`);
+1. **weak view** (the loop's random scale, crop and flip; RGB in ``[0, 1]``) -> teacher (EMA weights, eval mode,
+   ``no_grad``) -> ensembled posteriors (Eq. 6) -> panoptic inference -> hard pseudo-labels
+   (:func:`training.pseudo_labels.panoptic_pseudo_labels`);
 2. **strong view** of the same crop: colour jitter, grayscale, blur (:mod:`training.data.strong_augmentations`), padding
    reset to the CLIP mean, then CutMix (probability 0.5 per image): a box of a *separate unlabeled crop* (the data
    loader's ``cutmix_pixel_values``: another random unlabeled image with its own scale / crop / flip, its own strong
@@ -15,11 +17,8 @@ Per step and process:
    no extra image to load: about a third less teacher compute per step, but the pasted content and its label come
    from the same few images as the batch, and the box may cover the source's padding; with one unlabeled image per
    process CutMix is then skipped). Segment ids stay distinct, stuff segments are fused per class;
-3. **losses**: ``L = L_sup(labeled) + L_unl(strong view, pseudo-labels)`` with the model's Mask2Former loss. The two
-   terms are back-propagated one after the other (the first under ``accelerator.no_sync``), which gives exactly the
-   gradient of their sum while keeping the activations of only one half-batch alive: the SSL step's peak memory
-   stays close to the supervised step's;
-4. guarded AdamW + poly step, then the EMA update of the teacher (identical on every process).
+3. Mask2Former targets (``mask_labels``, ``class_labels``) of the mixed pseudo-labels, and the normalised strong
+   view: :meth:`UnlabeledTargets.model_inputs`.
 """
 
 from __future__ import annotations
@@ -34,19 +33,15 @@ import torch
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 
-from .data.collator import model_inputs
 from .data.strong_augmentations import StrongAugmentation, boxes_to_masks, cutmix, cutmix_panoptic_labels
 from .data.transforms import CLIP_MEAN, normalize_image
 from .ema import MeanTeacher
-from .loop import StepOutput, check_finite_loss, clip_and_check_gradients, final_layer_terms
 from .pseudo_labels import PanopticPseudoLabels, panoptic_pseudo_labels, segments_to_targets
 
 __all__ = [
     "CUTMIX_SOURCES",
-    "SSLStepOutput",
     "StudentViewBuilder",
     "UnlabeledTargets",
-    "ssl_train_step",
     "strong_augmentation_generator",
 ]
 
@@ -68,6 +63,10 @@ class UnlabeledTargets:
     cutmix_applied: int
     statistics: dict[str, float] = field(default_factory=dict)
 
+    def model_inputs(self) -> dict[str, Any]:
+        """The student's forward arguments (strong views and their pseudo-label targets)."""
+        return {"pixel_values": self.pixel_values, "mask_labels": self.mask_labels, "class_labels": self.class_labels}
+
 
 class StudentViewBuilder:
     """Weak view -> teacher pseudo-labels; strong view (+ CutMix) -> the student's unlabeled inputs and targets.
@@ -75,7 +74,7 @@ class StudentViewBuilder:
     Args:
         teacher: the EMA teacher.
         strong_augmentation: photometric strong augmentation and CutMix settings.
-        stuff_classes: contiguous stuff class ids (fused in inference and CutMix).
+        stuff_ids: contiguous stuff class ids (fused in inference and CutMix).
         num_classes: number of classes (size of the stuff lookup).
         ensemble_alpha: Eq. 6 weight of the teacher's decoder posterior (1.0 = decoder only); ``None`` = the teacher
             model's ``config.ensemble_alpha``.
@@ -84,6 +83,8 @@ class StudentViewBuilder:
         cutmix_source: ``"separate_image"`` (the reference: boxes from the separate crops given to ``__call__``,
             labelled by a second teacher pass) or ``"same_batch"`` (the next image of the batch; see the module
             docstring for the trade-off).
+        teacher_autocast: context manager factory wrapping the teacher's forwards only (e.g. ``accelerator.autocast``);
+            pseudo-labels and augmentations run in float32.
     """
 
     def __init__(
@@ -91,39 +92,39 @@ class StudentViewBuilder:
         teacher: MeanTeacher,
         strong_augmentation: StrongAugmentation,
         *,
-        stuff_classes: Iterable[int],
+        stuff_ids: Iterable[int],
         num_classes: int,
         ensemble_alpha: float | None = None,
         threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         cutmix: bool = True,
         cutmix_source: str = "separate_image",
+        teacher_autocast: Callable[[], ContextManager] | None = None,
     ) -> None:
         if cutmix_source not in CUTMIX_SOURCES:
             raise ValueError(f"unknown cutmix_source {cutmix_source!r}; known: {CUTMIX_SOURCES}")
         self.teacher = teacher
         self.strong_augmentation = strong_augmentation
-        self.stuff_classes = sorted(int(c) for c in stuff_classes)
+        self.stuff_ids = sorted(int(c) for c in stuff_ids)
         self.num_classes = int(num_classes)
         self.ensemble_alpha = resolve_ensemble_alpha(ensemble_alpha, teacher.teacher.config)
         self.threshold = threshold
         self.overlap_threshold = overlap_threshold
         self.cutmix = cutmix
         self.cutmix_source = cutmix_source
+        self.teacher_autocast = teacher_autocast or contextlib.nullcontext
         self._warned_single = False
 
-    def _pseudo_labels(
-        self, images: torch.Tensor, pixel_mask: torch.Tensor | None, teacher_context: Callable[[], ContextManager] | None
-    ) -> PanopticPseudoLabels:
+    def pseudo_labels(self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> PanopticPseudoLabels:
         """Teacher forward on weak views ``(B, 3, H, W)`` in ``[0, 1]`` -> hard pseudo-labels at the input size."""
-        with (teacher_context or contextlib.nullcontext)():
+        with self.teacher_autocast():
             teacher_outputs = self.teacher(
                 pixel_values=normalize_image(images), pixel_mask=pixel_mask,
                 output_clip_logits=self.ensemble_alpha < 1.0,
             )
         return panoptic_pseudo_labels(
             teacher_outputs,
-            stuff_classes=self.stuff_classes,
+            stuff_classes=self.stuff_ids,
             ensemble_alpha=self.ensemble_alpha,
             image_size=tuple(images.shape[-2:]),
             threshold=self.threshold,
@@ -139,23 +140,19 @@ class StudentViewBuilder:
         return strong
 
     @torch.no_grad()
-    def __call__(
-        self,
-        weak_images: torch.Tensor,
-        pixel_mask: torch.Tensor | None,
-        generator: torch.Generator,
-        teacher_context: Callable[[], ContextManager] | None = None,
-        cutmix_images: torch.Tensor | None = None,
-        cutmix_pixel_mask: torch.Tensor | None = None,
-    ) -> UnlabeledTargets:
-        """Build the student's unlabeled batch from weak views ``(B, 3, H, W)`` in ``[0, 1]``.
+    def __call__(self, unlabeled_batch: Mapping[str, Any], generator: torch.Generator) -> UnlabeledTargets:
+        """The student's unlabeled inputs and targets from a batch of weak views.
 
-        ``cutmix_images`` / ``cutmix_pixel_mask``: the separate CutMix source crops ``(B, 3, H, W)`` (weak views,
-        one per image; needed with ``cutmix_source="separate_image"``). ``teacher_context`` (e.g.
-        ``accelerator.autocast``) wraps the teacher forwards only; pseudo-labels and augmentations run in float32.
+        ``unlabeled_batch``: ``pixel_values`` ``(B, 3, H, W)`` in ``[0, 1]``, optional ``pixel_mask`` ``(B, H, W)``,
+        and with ``cutmix_source="separate_image"`` the separate CutMix crops ``cutmix_pixel_values`` /
+        ``cutmix_pixel_mask`` (one per image, as tensors or lists of tensors). `generator` draws every random choice.
         """
+        weak_images = unlabeled_batch["pixel_values"].float()
+        pixel_mask = unlabeled_batch.get("pixel_mask")
+        cutmix_images, cutmix_pixel_mask = (_stacked(unlabeled_batch.get(key))
+                                            for key in ("cutmix_pixel_values", "cutmix_pixel_mask"))
         batch = weak_images.shape[0]
-        pseudo = self._pseudo_labels(weak_images, pixel_mask, teacher_context)
+        pseudo = self.pseudo_labels(weak_images, pixel_mask)
         statistics = pseudo.statistics()
         strong = self._strong(weak_images, pixel_mask, generator)
         segmentation, labels = pseudo.segmentation, list(pseudo.labels)
@@ -165,7 +162,7 @@ class StudentViewBuilder:
                 raise ValueError("cutmix_source='separate_image' needs the separate CutMix crops (cutmix_images): build "
                                  "the unlabeled data with UnlabeledTrainDataset(..., cutmix_source=True)")
             strong, segmentation, labels, applied = self._cutmix_separate(
-                strong, segmentation, labels, cutmix_images, cutmix_pixel_mask, generator, teacher_context)
+                strong, segmentation, labels, cutmix_images.float(), cutmix_pixel_mask, generator)
         elif self.cutmix and batch > 1:
             strong, segmentation, labels, applied = self._cutmix_same_batch(strong, segmentation, labels, generator)
         elif self.cutmix and not self._warned_single:
@@ -177,7 +174,7 @@ class StudentViewBuilder:
 
     def _is_stuff(self, device: torch.device) -> torch.Tensor:
         is_stuff = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
-        is_stuff[self.stuff_classes] = True
+        is_stuff[self.stuff_ids] = True
         return is_stuff
 
     def _cutmix_separate(
@@ -188,7 +185,6 @@ class StudentViewBuilder:
         source_images: torch.Tensor,
         source_mask: torch.Tensor | None,
         generator: torch.Generator,
-        teacher_context: Callable[[], ContextManager] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]:
         """The reference's CutMix: a box inside each source crop's real content (probability ``cutmix_p``), the
         teacher's pseudo-label of the sources that got a box (second pass), their own strong view pasted."""
@@ -208,7 +204,7 @@ class StudentViewBuilder:
         index = torch.tensor(selected, device=source_images.device)
         sources = source_images.index_select(0, index)
         sources_mask = None if source_mask is None else source_mask.index_select(0, index)
-        source_pseudo = self._pseudo_labels(sources, sources_mask, teacher_context)
+        source_pseudo = self.pseudo_labels(sources, sources_mask)
         source_strong = self._strong(sources, sources_mask, generator)
         box_masks = boxes_to_masks(boxes[selected], (height, width), strong.device)
         is_stuff = self._is_stuff(segmentation.device)
@@ -243,116 +239,13 @@ class StudentViewBuilder:
         return strong, mixed, labels, applied
 
 
-@dataclass
-class SSLStepOutput:
-    """Detached results of one SSL step."""
-
-    loss: float
-    labeled_loss: float
-    unlabeled_loss: float
-    grad_norm: float
-    ema_decay: float
-    labeled_terms: dict[str, float]
-    unlabeled_terms: dict[str, float]
-    pseudo_label_statistics: dict[str, float]
-
-    def step_output(self) -> StepOutput:
-        """The loop's view: losses and pseudo-label statistics averaged for logging; the rest as it is."""
-        metrics = {"loss": self.loss, "loss_labeled": self.labeled_loss, "loss_unlabeled": self.unlabeled_loss}
-        metrics.update({f"pseudo/{k}": v for k, v in self.pseudo_label_statistics.items()})
-        last = {"grad_norm": self.grad_norm, "ema_decay": self.ema_decay}
-        last.update({f"labeled/{k}": v for k, v in self.labeled_terms.items()})
-        last.update({f"unlabeled/{k}": v for k, v in self.unlabeled_terms.items()})
-        return StepOutput(metrics, last)
-
-
 def strong_augmentation_generator(seed: int, step: int, process_index: int) -> torch.Generator:
     """The strong-augmentation RNG of one step and process (a pure function: a resumed run draws the same)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
 
 
-def ssl_train_step(
-    accelerator: Any,
-    model: torch.nn.Module,
-    teacher: MeanTeacher,
-    view_builder: StudentViewBuilder,
-    optimizer: Any,
-    scheduler: Any,
-    labeled_batch: Mapping[str, Any],
-    unlabeled_batch: Mapping[str, Any],
-    generator: torch.Generator,
-    step: int,
-    *,
-    parameters: list[torch.nn.Parameter] | None = None,
-    gradient_clip: float = 0.0,
-    unlabeled_weight: float = 1.0,
-    separate_backward: bool = True,
-) -> SSLStepOutput:
-    """One optimisation step ``L_sup + unlabeled_weight * L_unl`` followed by the EMA update of the teacher.
-
-    ``separate_backward`` (default) back-propagates the two terms one after the other (same gradients, half the
-    activation memory); ``False`` does one backward of the sum.
-
-    Non-finite losses or gradient norms raise :class:`training.checkpointing.NonFiniteError` on every process before
-    the weights change.
-    """
-    if parameters is None:
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    model.train()
-    cutmix_images = unlabeled_batch.get("cutmix_pixel_values")
-    cutmix_mask = unlabeled_batch.get("cutmix_pixel_mask")
-    targets = view_builder(
-        unlabeled_batch["pixel_values"].float(), unlabeled_batch.get("pixel_mask"), generator,
-        teacher_context=accelerator.autocast,
-        cutmix_images=None if cutmix_images is None else torch.stack(list(cutmix_images)).float(),
-        cutmix_pixel_mask=None if cutmix_mask is None else torch.stack(list(cutmix_mask)),
-    )
-
-    labeled_inputs = model_inputs(labeled_batch)
-    unlabeled_inputs = {"pixel_values": targets.pixel_values, "mask_labels": targets.mask_labels,
-                        "class_labels": targets.class_labels}
-    if separate_backward:
-        # Labeled half: no gradient synchronisation yet (gradients accumulate locally).
-        with accelerator.no_sync(model):
-            labeled = model(**labeled_inputs)
-            labeled_loss = labeled.loss
-            check_finite_loss(accelerator, labeled_loss, step, labeled.loss_dict)
-            accelerator.backward(labeled_loss)
-            labeled_value, labeled_terms = float(labeled_loss.detach().float()), final_layer_terms(labeled.loss_dict)
-            del labeled, labeled_loss
-        # Unlabeled half: strong views with pseudo-labels; this backward synchronises the summed gradients.
-        unlabeled = model(**unlabeled_inputs)
-        unlabeled_loss = unlabeled.loss * unlabeled_weight
-        check_finite_loss(accelerator, unlabeled_loss, step, unlabeled.loss_dict)
-        accelerator.backward(unlabeled_loss)
-        unlabeled_value = float(unlabeled_loss.detach().float())
-        unlabeled_terms = final_layer_terms(unlabeled.loss_dict)
-        del unlabeled, unlabeled_loss
-    else:
-        # One backward of the summed loss (both halves' activations alive at once; for comparison / benchmarks).
-        labeled = model(**labeled_inputs)
-        unlabeled = model(**unlabeled_inputs)
-        loss = labeled.loss + unlabeled.loss * unlabeled_weight
-        check_finite_loss(accelerator, loss, step, {**(labeled.loss_dict or {}), **{
-            f"unlabeled_{k}": v for k, v in (unlabeled.loss_dict or {}).items()}})
-        accelerator.backward(loss)
-        labeled_value, labeled_terms = float(labeled.loss.detach().float()), final_layer_terms(labeled.loss_dict)
-        unlabeled_value = float(unlabeled.loss.detach().float()) * unlabeled_weight
-        unlabeled_terms = final_layer_terms(unlabeled.loss_dict)
-        del labeled, unlabeled, loss
-
-    grad_norm = clip_and_check_gradients(accelerator, parameters, gradient_clip, step)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    decay = teacher.update(model)
-    return SSLStepOutput(
-        loss=labeled_value + unlabeled_value,
-        labeled_loss=labeled_value,
-        unlabeled_loss=unlabeled_value,
-        grad_norm=grad_norm,
-        ema_decay=decay,
-        labeled_terms=labeled_terms,
-        unlabeled_terms=unlabeled_terms,
-        pseudo_label_statistics=targets.statistics,
-    )
+def _stacked(value: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
+    """A batch tensor from a tensor or the collator's list of per-image tensors."""
+    if value is None or torch.is_tensor(value):
+        return value
+    return torch.stack(list(value))
