@@ -18,7 +18,7 @@ import json
 import logging
 import shlex
 
-from training.miniature.reproduction import EVALUATION_SPLITS, RECIPES, ROWS, SCHEDULES, reproduce
+from training.miniature.reproduction import DEFAULT_ROWS, EVALUATION_SPLITS, RECIPES, ROWS, SCHEDULES, reproduce
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                             f"1/{round(1 / s.headline_fraction)}" for s in SCHEDULES.values()) + ".")
     parser.add_argument("--quick", action="store_const", const="quick", dest="schedule",
                         help="Same as --schedule quick.")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS,
-                        help="The rows to run (default: all).")
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS,
+                        help="The rows to run (default: all but the oracle dearli_oracle_masks: DeWa on the world's "
+                             "ground-truth segments without classes).")
     parser.add_argument("--evaluation_split", default="val", choices=EVALUATION_SPLITS,
-                        help="Evaluate on the world's validation split (the table) or on 200 training images held out "
-                             "of training ('heldout': where settings are chosen; results_heldout.json).")
+                        help="Evaluate on the world's validation split (the table) or on the last 10%% of its training "
+                             "images, held out of training ('heldout': where settings are chosen; results_heldout.json).")
     parser.add_argument("--curve_steps", type=int, default=0,
                         help="Also validate every N steps (PQ-vs-step curves in each run's eval_history.jsonl; 0: off).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")

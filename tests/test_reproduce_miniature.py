@@ -20,7 +20,7 @@ SMALL_WORLD = {"num_train": 12, "num_val": 3}
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("reproduction")
-    return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2)
+    return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2, rows=R.ROWS, curve_steps=2)
 
 
 @SLOW
@@ -48,6 +48,13 @@ def test_results_have_the_five_rows_in_percent_with_the_clip_report(smoke_run):
     assert "--init_from" in dearli_job["argv"] and "dewa_seed0" in dearli_job["argv"][dearli_job["argv"].index(
         "--init_from") + 1]
     assert json.loads((out / "masks_felzenszwalb" / "manifest.json").read_text())["num_images"] == 6
+    # the oracle row warms up on the ground-truth segments of every training image; curves and pseudo-label quality
+    assert json.loads((out / "masks_oracle" / "manifest.json").read_text())["num_images"] == 12
+    oracle_job = json.loads((runs / "dearli_oracle_masks" / "job.json").read_text())
+    assert "dewa_oracle_seed0" in oracle_job["argv"][oracle_job["argv"].index("--init_from") + 1]
+    assert (runs / "supervised" / "model" / "eval_history.jsonl").is_file()
+    quality = (runs / "dear" / "model" / "pseudo_label_quality.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in quality] == [2]
 
 
 @SLOW
@@ -70,7 +77,27 @@ def test_schedules_and_script_help(load_script):
     assert len(R.SCHEDULES["full"].fractions) >= 2 and R.SCHEDULES["full"].headline_seeds >= 2
     parser = load_script("reproduce_miniature").build_parser()
     args = parser.parse_args(["--output_dir", "x", "--quick", "--world_seed", "3", "--seed", "2"])
-    assert (args.quick, args.world_seed, args.seed) == (True, 3, 2)
+    assert (args.schedule, args.world_seed, args.seed) == ("quick", 3, 2)
+    assert "dearli_oracle_masks" not in parser.parse_args(["--output_dir", "x"]).rows
+
+
+def test_development_split_holds_out_the_last_training_images(tmp_path):
+    """Settings are chosen on training images held out of training: disjoint from the images the rows train on,
+    together all of them, the same files on every call."""
+    train = tmp_path / "annotations" / "panoptic_train.json"
+    train.parent.mkdir()
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(20)],
+            "annotations": [{"image_id": i, "file_name": f"{i}.png", "segments_info": []} for i in range(20)],
+            "categories": [{"id": 1, "name": "x", "isthing": 1}]}
+    train.write_text(json.dumps(data))
+    splits = R.world_splits(tmp_path, "heldout")
+    fit, heldout = (json.loads(splits[k]["annotations"].read_text()) for k in ("train", "val"))
+    assert [im["id"] for im in heldout["images"]] == [18, 19]
+    assert [a["image_id"] for a in fit["annotations"]] == list(range(18))
+    assert splits["val"]["images"] == tmp_path / "images" / "train" and fit["categories"] == data["categories"]
+    before = splits["val"]["annotations"].stat().st_mtime_ns
+    assert R.world_splits(tmp_path, "heldout") == splits and splits["val"]["annotations"].stat().st_mtime_ns == before
+    assert R.world_splits(tmp_path, "val")["val"]["annotations"] == tmp_path / "annotations" / "panoptic_val.json"
 
 
 @SLOW

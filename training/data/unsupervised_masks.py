@@ -56,14 +56,16 @@ class FelzenszwalbConfig:
         return {"mask_source": "felzenszwalb", **asdict(self)}
 
 
-def segments_to_annotations(labels: np.ndarray, min_area: int = 0) -> list[dict[str, Any]]:
+def segments_to_annotations(labels: np.ndarray, min_area: int = 0, ignore: tuple[int, ...] = ()
+                            ) -> list[dict[str, Any]]:
     """A label image (H, W) of segment ids -> ``SamAutomaticMaskGenerator``-style annotations (``coco_rle``), one per
-    segment of at least ``min_area`` pixels, largest first; ``predicted_iou`` and ``stability_score`` are NaN."""
+    segment of at least ``min_area`` pixels whose id is not in `ignore`, largest first; ``predicted_iou`` and
+    ``stability_score`` are NaN."""
     ids, counts = np.unique(labels, return_counts=True)
     order = np.argsort(-counts, kind="stable")
     annotations = []
     for segment_id, area in zip(ids[order].tolist(), counts[order].tolist()):
-        if area < min_area:
+        if area < min_area or segment_id in ignore:
             continue
         rle = mask_utils.encode(np.asfortranarray(labels == segment_id, dtype=np.uint8))
         annotations.append({

@@ -45,7 +45,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("supervised", "supervised_ensemble", "mean_teacher_m2f", "dear", "dearli")
+ROWS = ("supervised", "supervised_ensemble", "mean_teacher_m2f", "dear", "dearli", "dearli_oracle_masks")
+# Rows run unless asked for by name: the oracle (DeWa on the world's ground-truth segments without classes) is never a
+# headline row.
+ORACLE_ROWS = ("dearli_oracle_masks",)
+DEFAULT_ROWS = tuple(r for r in ROWS if r not in ORACLE_ROWS)
 # The paper's expected ordering: (lower, higher, strict) pairs checked in the report.
 PAPER_ORDER = (("supervised", "supervised_ensemble", True), ("supervised", "mean_teacher_m2f", True),
                ("mean_teacher_m2f", "dear", True), ("dear", "dearli", False))
@@ -53,7 +57,7 @@ ENSEMBLE_ALPHA = 0.6  # paper Eq. 6
 # Where rows are evaluated: the world's validation split (the table), or training images held out of training (where
 # settings that must differ from the released configs are chosen, never on the split a table reports).
 EVALUATION_SPLITS = ("val", "heldout")
-HELDOUT_IMAGES = 200
+HELDOUT_SHARE = 0.1  # of the world's training images: 200 of 2,000
 PAPER_ITERATIONS, PAPER_EMA_DECAY = 80_000, 0.999
 METRICS = ("PQ", "PQ_th", "PQ_st", "mIoU")
 
@@ -95,9 +99,13 @@ SCHEDULES = {
                       ssl_steps=100, dewa_steps=100, mask_images=400),
     "full": Schedule("full", fractions=(1 / 32, 1 / 8), headline_fraction=1 / 32, headline_seeds=2,
                      supervised_steps=250, ssl_steps=250, dewa_steps=250, mask_images=None),
-    # One seed at the headline fraction, long enough for the rows' learning curves to show where they part.
+    # Long enough for every row's learning curve to flatten: in 600-step runs on held-out training images the
+    # supervised row's PQ stops rising after ~300 steps and the Mean-Teacher rows' after ~400 (curves.png). "probe"
+    # is one seed of it (about 40 min on 2 cores), "long" three (about 2.5 h with every row).
     "probe": Schedule("probe", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=600,
                       ssl_steps=600, dewa_steps=600, mask_images=None),
+    "long": Schedule("long", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=3, supervised_steps=600,
+                     ssl_steps=600, dewa_steps=600, mask_images=None),
 }
 
 
@@ -143,6 +151,7 @@ class Job:
     evaluate: dict[str, float] = field(default_factory=dict)
     world_dir: str | None = None
     evaluation_split: str = "val"
+    oracle_masks: bool = False
     clip_report: bool = False
     fraction: str | None = None
     seed: int | None = None
@@ -156,9 +165,9 @@ class Job:
         return {k: v for k, v in asdict(self).items() if k not in ("after",)}
 
 
-def development_split(world_dir: Path, num_heldout: int = HELDOUT_IMAGES) -> dict[str, dict[str, Path]]:
-    """The world's training images split into a fitting part and ``num_heldout`` held-out images (the last ones by
-    index), as annotation files in ``world_dir/heldout`` that share the training split's image and panoptic folders
+def development_split(world_dir: Path, heldout_share: float = HELDOUT_SHARE) -> dict[str, dict[str, Path]]:
+    """The world's training images split into a fitting part and held-out images (the last `heldout_share` of them by
+    index, at least one), as annotation files in ``world_dir/heldout`` that share the training split's image and panoptic folders
     (written once; the same files on every call). Returns :func:`world_paths`-style ``{"train": ..., "val": ...}``."""
     from .world import world_paths
 
@@ -168,7 +177,8 @@ def development_split(world_dir: Path, num_heldout: int = HELDOUT_IMAGES) -> dic
     if not all(p["annotations"].is_file() for p in paths.values()):
         data = json.loads(train["annotations"].read_text())
         n = len(data["images"])
-        if not 0 < num_heldout < n:
+        num_heldout = max(1, round(heldout_share * n))
+        if num_heldout >= n:
             raise ValueError(f"cannot hold out {num_heldout} of the world's {n} training images")
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in (("fit", slice(0, n - num_heldout)), ("heldout", slice(n - num_heldout, n))):
@@ -219,7 +229,7 @@ def runs_dir(output_dir: Path, schedule: Schedule, evaluation_split: str = "val"
 
 
 def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Sequence[str] = (),
-              rows: Sequence[str] = ROWS, clip_report: bool = True, recipe: str = "released",
+              rows: Sequence[str] = DEFAULT_ROWS, clip_report: bool = True, recipe: str = "released",
               evaluation_split: str = "val", curve_steps: int = 0) -> list[Job]:
     """The jobs of a reproduction (of `rows` only, with the loops' `recipe`), long ones first so that parallel workers
     finish together; every job comes after the jobs it needs. `evaluation_split`: see :func:`world_splits`;
@@ -248,7 +258,19 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                 "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir", train_images,
                 "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
                 *recipe_args(recipe, "dewa"), *common]))
-    ssl_rows = {"dear": (ENSEMBLE_ALPHA, False), "mean_teacher_m2f": (1.0, False), "dearli": (ENSEMBLE_ALPHA, True)}
+    if "dearli_oracle_masks" in rows:
+        oracle_dir = output_dir / ("masks_oracle" if evaluation_split == "val" else f"masks_oracle_{evaluation_split}")
+        jobs.append(Job("oracle_masks", str(runs / "oracle_masks"), world_dir=str(world_dir),
+                        evaluation_split=evaluation_split, oracle_masks=True, argv=[str(oracle_dir)]))
+        for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
+            folder = runs / f"dewa_oracle_seed{s}"
+            jobs.append(Job(f"dewa_oracle_seed{s}", str(folder), loop="dewa", after=["oracle_masks"], argv=[
+                "--config", "miniature_dewa", *model, "--sam_masks_dir", str(oracle_dir), "--image_dir", train_images,
+                "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
+                *recipe_args(recipe, "dewa"), *common]))
+    # row -> (ensemble_alpha of the pseudo-labels, the DeWa run it starts from)
+    ssl_rows = {"dear": (ENSEMBLE_ALPHA, None), "mean_teacher_m2f": (1.0, None), "dearli": (ENSEMBLE_ALPHA, "dewa"),
+                "dearli_oracle_masks": (ENSEMBLE_ALPHA, "dewa_oracle")}
     for fraction in schedule.fractions:
         key = fraction_key(fraction)
         for s in seeds_of[fraction]:
@@ -262,7 +284,7 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
                         str(cell / row / "model")]
                 if curve_steps:
                     argv += ["--pseudo_label_eval_steps", str(curve_steps)]
-                after = [f"dewa_seed{s}"] if from_dewa else []
+                after = [f"{from_dewa}_seed{s}"] if from_dewa else []
                 if from_dewa:
                     argv += ["--init_from", str(runs / after[0] / "model")]
                 argv += recipe_args(recipe, "ssl", fresh_model=not from_dewa)
@@ -329,6 +351,22 @@ def _clip_report(world_dir: Path) -> dict[str, Any]:
             "masks_world_val": {k: masks[k] for k in keep}}
 
 
+def _write_oracle_masks(world_dir: Path, evaluation_split: str, masks_dir: Path) -> dict[str, Any]:
+    """The ground-truth segments (without classes) of the training images the rows train on, in the SAM masks'
+    format (:mod:`training.miniature.oracle_masks`)."""
+    from ..data.sam_masks import generate_sam_masks
+    from .oracle_masks import GroundTruthMaskGenerator
+
+    train = world_splits(world_dir, evaluation_split)["train"]
+    files = [im["file_name"] for im in json.loads(train["annotations"].read_text())["images"]]
+    generator = GroundTruthMaskGenerator(train["images"], train["panoptic"], train["annotations"])
+    stats = generate_sam_masks([str(train["images"] / f) for f in files], masks_dir, mask_generator=generator,
+                               progress=False)
+    if stats.num_failed:
+        raise RuntimeError(f"{stats.num_failed} images without oracle masks in {masks_dir}")
+    return {"images": stats.num_images + stats.num_skipped, "masks": stats.num_masks}
+
+
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job in this process (its folder gets ``result.json`` last)."""
     folder = Path(job.folder)
@@ -354,6 +392,8 @@ def run_job(job: Job) -> dict[str, Any]:
                                                job.evaluation_split)
     if job.loop is not None:  # finished: the final model is saved, the resumable checkpoints are not needed
         shutil.rmtree(folder / "model" / "checkpoints", ignore_errors=True)
+    if job.oracle_masks:
+        result["masks"] = _write_oracle_masks(Path(job.world_dir), job.evaluation_split, Path(job.argv[0]))
     if job.clip_report:
         result["clip_zero_shot"] = _clip_report(Path(job.world_dir))
     result["seconds_in_process"] = round(time.perf_counter() - start, 1)
@@ -435,6 +475,77 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, std
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a history file, the last line of each step kept (a resumed run repeats steps)."""
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            by_step[entry["step"]] = entry
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def collect_curves(jobs: Sequence[Job]) -> dict[str, Any]:
+    """Per training row (the supervised job under ``supervised_ensemble``), fraction and seed: ``pq`` = [step, PQ]
+    of the periodic validation (ensembled, the models' alpha) and, for the Mean-Teacher rows, ``pseudo_labels`` /
+    ``student_decoder_only`` = [step, PQ] of the pseudo-label monitor (``--curve_steps``)."""
+    curves: dict[str, Any] = {}
+    for job in jobs:
+        if job.loop not in ("supervised", "ssl") or not job.evaluate:
+            continue
+        row = next(r for r in job.evaluate if not r.endswith("_decoder_only"))
+        row = "supervised_ensemble" if row == "supervised" else row
+        model_dir = Path(job.folder) / "model"
+        key = "eval/PQ" if job.loop == "supervised" else "eval/student/PQ"
+        entry = {"pq": [[e["step"], round(e[key], 2)] for e in _read_jsonl(model_dir / "eval_history.jsonl")
+                        if key in e]}
+        for name in ("pseudo_labels", "student_decoder_only"):
+            values = [[e["step"], round(e[f"{name}/PQ"], 2)]
+                      for e in _read_jsonl(model_dir / "pseudo_label_quality.jsonl") if f"{name}/PQ" in e]
+            if values:
+                entry[name] = values
+        if any(entry.values()):
+            curves.setdefault(row, {}).setdefault(job.fraction, {})[f"seed{job.seed}"] = entry
+    return curves
+
+
+def plot_curves(curves: dict[str, Any], path: Path) -> None:
+    """Left: PQ on the evaluation split against the training step (ensembled), one line per row and seed. Right: PQ
+    of the teacher's pseudo-labels (solid) and of the student's decoder (dotted) on the unlabeled images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"supervised_ensemble": "tab:blue", "mean_teacher_m2f": "tab:orange", "dear": "tab:green",
+              "dearli": "tab:red", "dearli_oracle_masks": "tab:purple"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for row, fractions in curves.items():
+        for fraction, seeds in fractions.items():
+            for k, (seed, entry) in enumerate(sorted(seeds.items())):
+                label = f"{row} ({fraction})" if k == 0 else None
+                color = colors.get(row, "black")
+                if entry.get("pq"):
+                    left.plot(*zip(*entry["pq"]), color=color, marker=".", label=label, alpha=0.8)
+                if entry.get("pseudo_labels"):
+                    right.plot(*zip(*entry["pseudo_labels"]), color=color, marker=".", label=label, alpha=0.8)
+                if entry.get("student_decoder_only"):
+                    right.plot(*zip(*entry["student_decoder_only"]), color=color, linestyle=":", alpha=0.8)
+    left.set_title("PQ on the evaluation split (ensembled)")
+    right.set_title("pseudo-labels (solid) / student decoder (dotted),\nunlabeled images")
+    for ax in (left, right):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("PQ (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def collect_results(jobs: Sequence[Job], schedule: Schedule) -> dict[str, Any]:
@@ -572,7 +683,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     styles = {"supervised": ("tab:gray", "o", "--"), "supervised_ensemble": ("tab:blue", "s", "--"),
               "mean_teacher_m2f": ("tab:orange", "^", "-"), "dear": ("tab:green", "D", "-"),
-              "dearli": ("tab:red", "*", "-")}
+              "dearli": ("tab:red", "*", "-"), "dearli_oracle_masks": ("tab:purple", "x", ":")}
     for row in ROWS:
         points = sorted(results["rows"].get(row, {}).items(), key=lambda kv: _fraction_value(kv[0]))
         if not points:
@@ -618,7 +729,7 @@ def reproduce(
     extra_args: Sequence[str] = (),
     schedule: Schedule | None = None,
     world_kwargs: dict[str, Any] | None = None,
-    rows: Sequence[str] = ROWS,
+    rows: Sequence[str] = DEFAULT_ROWS,
     clip_report: bool = True,
     recipe: str = "released",
     evaluation_split: str = "val",
@@ -674,10 +785,13 @@ def reproduce(
         "supervised", "supervised_ensemble", "dearli") if r in rows])
     results["ordering"] = ordering_checks(results)
     results["evaluation_split"] = evaluation_split
+    results["curves"] = collect_curves(jobs)
     tag = "" if evaluation_split == "val" else f"_{evaluation_split}"
     (output_dir / f"results{tag}.json").write_text(json.dumps(results, indent=1))
     (output_dir / f"results{tag}.md").write_text(results_markdown(results))
     plot_results(results, output_dir / f"pq_vs_fraction{tag}.png")
+    if results["curves"]:
+        plot_curves(results["curves"], output_dir / f"curves{tag}.png")
     return results
 
 
