@@ -171,3 +171,18 @@ def test_ssl_teacher_schedule_follows_the_reference(student, init_from, schedule
         if name in initial:
             expected = initial[name] + 1.0 if ramped else 0.999 * initial[name] + 0.001 * (initial[name] + 1.0)
             torch.testing.assert_close(value, expected, msg=name)
+
+
+def test_ema_decay_auto_keeps_the_papers_horizon_relative_to_the_schedule():
+    """--ema_decay auto: 0.999 at the paper's 80k steps; a 1,000-step run averages over 1/80 of itself too."""
+    from training.arguments import parse_args
+    from training.ema import ema_decay_for_schedule
+
+    data = ["--train_images_dir", "i", "--train_panoptic_dir", "p", "--train_annotations", "a.json",
+            "--labeled_fraction", "0.5", "--output_dir", "out"]
+    for steps, expected in ((80_000, 0.999), (1_000, 0.92), (50, 0.0)):
+        args = parse_args("ssl", [*data, "--ema_decay", "auto", "--max_train_steps", str(steps)])
+        assert args.ema_decay == expected == ema_decay_for_schedule(steps)
+    assert parse_args("ssl", [*data, "--ema_decay", "0.99"]).ema_decay == 0.99
+    with pytest.raises(SystemExit):
+        parse_args("ssl", [*data, "--ema_decay", "often"])

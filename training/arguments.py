@@ -337,6 +337,15 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def _ema_decay(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
 def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Mean Teacher, pseudo-label and strong-augmentation flags of the semi-supervised loop."""
     g = parser.add_argument_group("semi-supervised learning")
@@ -344,7 +353,10 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Unlabeled images per step over all processes (the labeled ones are --train_batch_size).")
     g.add_argument("--unlabeled_weight", type=float, default=1.0,
                    help="Weight of the unlabeled (pseudo-label) loss; the paper sums both losses (1.0).")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay gamma of the teacher (Eq. 2).")
+    g.add_argument("--ema_decay", type=_ema_decay, default=0.999,
+                   help="EMA decay gamma of the teacher (Eq. 2), or 'auto': the paper's horizon relative to the "
+                        "schedule (0.999 for 80k steps, 1 - 80 / --max_train_steps in general; e.g. 0.92 for 1,000 "
+                        "steps), so that a short run's teacher follows its student as the paper's does.")
     g.add_argument("--teacher_init", type=str, default=None,
                    help="Initial teacher weights (a save_pretrained DEARLi folder). Without it the teacher starts "
                         "as a copy of the initial student (with --init_from: those weights, e.g. DeWa's).")
@@ -455,6 +467,10 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
     args = parse_args_with_config(parser, argv)
     if not args.output_dir:
         parser.error("--output_dir is required")
+    if getattr(args, "ema_decay", None) == "auto":
+        from .ema import ema_decay_for_schedule
+
+        args.ema_decay = ema_decay_for_schedule(args.max_train_steps)
     problems = check_ranges(args)
     if problems:
         parser.error("; ".join(problems))

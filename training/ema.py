@@ -29,11 +29,21 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MeanTeacher", "ema_decay_at"]
+__all__ = ["MeanTeacher", "ema_decay_at", "ema_decay_for_schedule"]
+
+# The paper's schedule: EMA decay 0.999 over 80k iterations, i.e. a horizon 1 / (1 - gamma) of 1/80 of the run.
+PAPER_ITERATIONS, PAPER_EMA_DECAY = 80_000, 0.999
 
 # Sub-modules and buffers of DearliForPanopticSegmentation that never change during SSL training: shared, not copied.
 _SHARED_MODULES = ("backbone", "text_encoder", "criterion")
 _SHARED_BUFFERS = ("text_embeddings", "text_class_index")
+
+
+def ema_decay_for_schedule(max_train_steps: int) -> float:
+    """The EMA decay whose horizon ``1 / (1 - gamma)`` is the same share of `max_train_steps` as the paper's (1,000
+    of 80,000 steps): 0.999 at 80k steps, ``1 - 80 / max_train_steps`` in general (0 below 80 steps: the teacher is
+    the student), rounded to 4 decimals."""
+    return max(0.0, round(1 - PAPER_ITERATIONS * (1 - PAPER_EMA_DECAY) / max_train_steps, 4))
 
 
 def ema_decay_at(step: int, decay: float, ramp_up: bool) -> float:

@@ -58,7 +58,6 @@ ENSEMBLE_ALPHA = 0.6  # paper Eq. 6
 # settings that must differ from the released configs are chosen, never on the split a table reports).
 EVALUATION_SPLITS = ("val", "heldout")
 HELDOUT_SHARE = 0.1  # of the world's training images: 200 of 2,000
-PAPER_ITERATIONS, PAPER_EMA_DECAY = 80_000, 0.999
 METRICS = ("PQ", "PQ_th", "PQ_st", "mIoU")
 
 
@@ -88,7 +87,9 @@ class Schedule:
     def ema_decay(self) -> float:
         """The teacher's EMA decay with the paper's horizon relative to the schedule: 1 / (1 - 0.999) = 1000 steps of
         80k, so ``ssl_steps / 80`` steps here (0: the teacher is the student, for schedules under 80 steps)."""
-        return max(0.0, round(1 - PAPER_ITERATIONS * (1 - PAPER_EMA_DECAY) / self.ssl_steps, 4))
+        from ..ema import ema_decay_for_schedule
+
+        return ema_decay_for_schedule(self.ssl_steps)
 
 
 # Every row trains the same number of steps with the same labeled batch (the Mean-Teacher rows add 8 unlabeled crops
@@ -242,7 +243,8 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
     data = _world_data_args(splits)
     model = _model_args()
     common = ["--checkpointing_steps", "50", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-              *_curve_args(splits, curve_steps), *extra_args]
+              *extra_args]
+    curves = _curve_args(splits, curve_steps)  # the loops with a validation set: supervised and ssl
     seeds_of = {f: [seed + k for k in range(schedule.headline_seeds if f == schedule.headline_fraction else 1)]
                 for f in schedule.fractions}
     jobs = []
@@ -275,7 +277,7 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
         key = fraction_key(fraction)
         for s in seeds_of[fraction]:
             cell = runs / f"fraction_1_{round(1 / fraction)}" / f"seed{s}"
-            base = [*data, "--labeled_fraction", repr(fraction), "--seed", str(s), *common]
+            base = [*data, "--labeled_fraction", repr(fraction), "--seed", str(s), *curves, *common]
             for row, (alpha, from_dewa) in ssl_rows.items():
                 if row not in rows:
                     continue
