@@ -15,12 +15,13 @@ SLOW = pytest.mark.slow  # the smoke run: about 80 CPU-seconds, nine jobs, each 
 SMOKE = R.Schedule("smoke", fractions=(0.25,), headline_fraction=0.25, headline_seeds=1, supervised_steps=2,
                    ssl_steps=2, dewa_steps=2, mask_images=6)
 SMALL_WORLD = {"num_train": 12, "num_val": 3}
+SMOKE_OPTIONS = {"rows": R.ROWS}  # every row, the oracle's too
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("reproduction")
-    return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2, rows=R.ROWS, curve_steps=2)
+    return out, R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, num_workers=2, **SMOKE_OPTIONS)
 
 
 @SLOW
@@ -52,21 +53,37 @@ def test_results_have_the_five_rows_in_percent_with_the_clip_report(smoke_run):
     assert json.loads((out / "masks_oracle" / "manifest.json").read_text())["num_images"] == 12
     oracle_job = json.loads((runs / "dearli_oracle_masks" / "job.json").read_text())
     assert "dewa_oracle_seed0" in oracle_job["argv"][oracle_job["argv"].index("--init_from") + 1]
-    assert (runs / "supervised" / "model" / "eval_history.jsonl").is_file()
-    quality = (runs / "dear" / "model" / "pseudo_label_quality.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in quality] == [2]
+
+
+@SLOW
+def test_held_out_evaluation_with_learning_and_pseudo_label_curves(tmp_path):
+    """--evaluation_split heldout --curve_steps: rows train without the held-out training images, are evaluated on
+    them, and leave their curves (validation PQ, pseudo-label quality) in results and curves.png."""
+    results = R.reproduce(tmp_path, schedule=SMOKE, world_kwargs={"num_train": 20, "num_val": 2},
+                          rows=["supervised", "supervised_ensemble", "dear"], evaluation_split="heldout",
+                          curve_steps=1, clip_report=False)
+    runs = tmp_path / "runs" / "smoke_heldout" / "fraction_1_4" / "seed0"
+    job = json.loads((runs / "dear" / "job.json").read_text())
+    assert job["argv"][job["argv"].index("--train_annotations") + 1].endswith("panoptic_fit.json")
+    assert job["argv"][job["argv"].index("--val_annotations") + 1].endswith("panoptic_heldout.json")
+    curves = results["curves"]
+    assert [step for step, _ in curves["supervised_ensemble"]["1/4"]["seed0"]["pq"]] == [1, 2]
+    dear = curves["dear"]["1/4"]["seed0"]
+    assert [step for step, _ in dear["pseudo_labels"]] == [1, 2] and len(dear["student_decoder_only"]) == 2
+    assert all(0 <= pq <= 100 for _, pq in dear["pq"] + dear["pseudo_labels"])
+    assert (tmp_path / "results_heldout.json").is_file() and (tmp_path / "curves_heldout.png").stat().st_size > 1000
 
 
 @SLOW
 def test_rerun_skips_finished_jobs_and_refuses_other_settings(smoke_run):
     out, results = smoke_run
-    again = R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD)
+    again = R.reproduce(out, schedule=SMOKE, world_kwargs=SMALL_WORLD, **SMOKE_OPTIONS)
     assert again["rows"] == results["rows"]
     timing = json.loads((out / "runs" / "smoke" / "timing.json").read_text())
     assert timing["invocations"][-1]["jobs"] == {}  # nothing was run again
     longer = R.Schedule(**{**SMOKE.__dict__, "ssl_steps": 3})
     with pytest.raises(FileExistsError, match="other settings"):
-        R.reproduce(out, schedule=longer, world_kwargs=SMALL_WORLD)
+        R.reproduce(out, schedule=longer, world_kwargs=SMALL_WORLD, **SMOKE_OPTIONS)
 
 
 def test_schedules_and_script_help(load_script):
