@@ -30,11 +30,11 @@ import numpy as np
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
 from training.data.package_data import DATA_DIR
-from training.evaluation.panoptic_quality import VOID
+from training.data.panoptic_format import IGNORE_INDEX, VOID_ID
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
+
 DATASET_CLASS_FILES = {
     "ade20k": "ade20k_150.txt",
     "coco": "coco_panoptic.txt",
@@ -631,7 +631,7 @@ class PanopticTarget:
         crowd = [s["id"] for s in self.segments if s["iscrowd"]]
         if not crowd:
             return self.id_map
-        return np.where(np.isin(self.id_map, crowd), VOID, self.id_map)
+        return np.where(np.isin(self.id_map, crowd), VOID_ID, self.id_map)
 
     def eval_segments(self) -> list[dict[str, Any]]:
         """Segments for :class:`~training.evaluation.panoptic_quality.PanopticQuality` in the contiguous label space."""
@@ -683,7 +683,7 @@ def panoptic_target_from_row(row: Mapping[str, Any], *, merge_stuff: bool = True
     id_map = rgb_to_id(color).astype(np.int64)
     void_segment = int(row.get(VOID_SEGMENT_COLUMN) or -1)
     if void_segment > 0:  # COCO-Objects: void pixels belong to the background segment (see to_coco_objects)
-        id_map[id_map == VOID] = void_segment
+        id_map[id_map == VOID_ID] = void_segment
     segments = [
         {"id": int(s["id"]), "label": int(s["label"]), "category_id": int(s["category_id"]),
          "iscrowd": int(s["iscrowd"]), "isthing": bool(s["isthing"])}

@@ -35,11 +35,11 @@ from torch.nn import functional as F
 
 from modeling_dearli.image_processing_dearli import CLIP_MEAN, CLIP_STD
 from modeling_dearli.image_reading import to_rgb
+from training.data.panoptic_format import VOID_ID
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "VOID_ID",
     "SCALE_AUGMENTATIONS",
     "GeometricAugmentation",
     "GeometricParams",
@@ -61,8 +61,6 @@ __all__ = [
 ]
 
 # CLIP_MEAN / CLIP_STD: the normalisation of DearliImageProcessor (one definition, imported above).
-# Panoptic id of unlabeled (void) pixels in COCO-format id maps; also the id given to padding.
-VOID_ID = 0
 # --scale_augmentation choices: the released configs' scheme (default) and the paper text's large-scale jitter.
 SCALE_AUGMENTATIONS = ("shortest_edge", "lsj")
 
