@@ -1,4 +1,4 @@
-"""The fault suite (issue 18): bad input as a careless or hostile user gives it, table by table, each case asserting its
+"""The fault suite: bad input as a careless or hostile user gives it, table by table, each case asserting its
 outcome — a clear one-line error, a logged and counted skip, or the correct result — with the inputs unchanged.
 
 Tables: the image reader (every PIL mode, broken files), the one reader in every consumer (16-bit images), vocabularies

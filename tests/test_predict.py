@@ -107,7 +107,7 @@ def test_overlay_colours_outlines_and_labels():
 
 
 def test_batched_prediction_equals_batch_size_one(load_script, tiny_model_with_processor_dir, tmp_path, caplog):
-    """Five images of three padded sizes, batch 3 decoded in 2 workers == batch 1 in this process (issue 16 item 4)."""
+    """Five images of three padded sizes, batch 3 decoded in 2 workers == batch 1 in this process."""
     predict = load_script("predict")
     folder = tmp_path / "in"
     folder.mkdir()

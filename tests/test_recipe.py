@@ -27,7 +27,7 @@ RELEASED_COMMON = {
     "color_augmentation": "ssd", "learning_rate": 1e-4, "weight_decay": 0.05, "weight_decay_norm": 0.0,
     "weight_decay_embed": 0.0, "lr_power": 0.9, "lr_warmup_steps": 0, "gradient_clip": 0.01,
     "clip_model_name": "convnext_base_w_320", "clip_pretrained": "laion_aesthetic_s13b_b82k_augreg",
-    "decoder_init": "reference",
+    "decoder_init": "xavier",
 }
 RELEASED_SSL = {
     **RELEASED_COMMON, "train_batch_size": 8, "unlabeled_batch_size": 8, "max_train_steps": 80_000,
@@ -65,19 +65,22 @@ def test_dewa_presets_reproduce_the_released_configs(preset):
     assert {k: getattr(args, k) for k in RELEASED_DEWA} == RELEASED_DEWA
 
 
-def test_parser_defaults_are_the_released_recipe_and_old_behaviour_stays_selectable():
-    """Without a preset the loops use the released recipe too; every pre-issue-14 behaviour has a flag."""
+def test_parser_defaults_are_the_released_recipe_and_earlier_defaults_stay_selectable():
+    """Without a preset the loops use the released recipe too; each of the project's earlier defaults has a flag."""
     args = parse_args("ssl", ["--output_dir", "o", "--partition", "1_128", *DATA["coco"]])
     assert (args.scale_augmentation, args.min_scale, args.color_augmentation, args.mixed_precision,
             args.cutmix_source, args.ema_schedule, args.weight_decay_norm, args.decoder_init,
             args.coco_objects_void) == ("shortest_edge", None, "ssd", "no", "separate_image", "auto", 0.0,
-                                        "reference", "background")
+                                        "xavier", "background")
     old = parse_args("ssl", ["--output_dir", "o", "--partition", "1_128", *DATA["coco"], "--scale_augmentation",
                              "lsj", "--min_scale", "0.1", "--color_augmentation", "none", "--mixed_precision", "auto",
                              "--cutmix_source", "same_batch", "--ema_schedule", "ramp_up", "--weight_decay_norm",
                              "0.05", "--weight_decay_embed", "0.05", "--decoder_init", "normal",
                              "--coco_objects_void", "void", "--eval_shortest_edge", "640", "--eval_max_size", "2560"])
     assert old.scale_augmentation == "lsj" and old.cutmix_source == "same_batch" and old.decoder_init == "normal"
+    earlier_spelling = parse_args("ssl", ["--output_dir", "o", "--partition", "1_128", *DATA["coco"],
+                                          "--decoder_init", "reference"])
+    assert earlier_spelling.decoder_init == "xavier"
     dewa = parse_args("dewa", ["--output_dir", "o", "--sam_masks_dir", "s", "--image_dir", "i",
                                "--drop_empty_sam_masks", "--max_train_steps", "80000", "--crop_size", "512"])
     assert dewa.drop_empty_sam_masks and dewa.mixed_precision == "auto"

@@ -1,4 +1,4 @@
-"""SAM class-agnostic pseudo-labels (issue 6): generation, resume, sharding, loading, DeWa targets."""
+"""Class-agnostic SAM masks: generation, resume, sharding, loading, DeWa targets."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Plain supervised fine-tuning with `transformers.Trainer` (issue 3): the collator's batches train the model."""
+"""Plain supervised fine-tuning with `transformers.Trainer`: the collator's batches train the model."""
 
 from __future__ import annotations
 

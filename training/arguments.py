@@ -28,6 +28,7 @@ from . import cli
 from .data.color_augmentation import COLOR_AUGMENTATIONS
 from .data.resolutions import evaluation_size
 from .data.transforms import SCALE_AUGMENTATIONS
+from .model_init import DECODER_INIT_ALIASES, DECODER_INITS
 
 __all__ = [
     "CONFIG_DIR",
@@ -44,6 +45,11 @@ __all__ = [
     "parse_args_with_config",
     "resolve_config_path",
 ]
+
+def _decoder_init(value: str) -> str:
+    """A --decoder_init value, with the accepted earlier spellings mapped to their names."""
+    return DECODER_INIT_ALIASES.get(value, value)
+
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_KEY = "_base_"
@@ -199,10 +205,10 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW weight decay.")
     g.add_argument("--weight_decay_norm", type=float, default=d["weight_decay_norm"],
                    help="Weight decay of normalisation-layer parameters (the released configs: 0; equal to "
-                        "--weight_decay decays them like everything else, the old behaviour).")
+                        "--weight_decay decays them like everything else).")
     g.add_argument("--weight_decay_embed", type=float, default=d["weight_decay_embed"],
                    help="Weight decay of nn.Embedding parameters: object queries, decoder level embedding, no-object "
-                        "embedding (the released configs: 0; equal to --weight_decay: the old behaviour).")
+                        "embedding (the released configs: 0; equal to --weight_decay: decayed like everything else).")
     g.add_argument("--lr_power", type=float, default=d["lr_power"],
                    help="Power of the poly learning-rate schedule lr * (1 - step / max_steps) ** power.")
     g.add_argument("--lr_warmup_steps", type=int, default=d["lr_warmup_steps"],
@@ -261,10 +267,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Eq. 6 weight of the decoder posterior (1 - ensemble_alpha for CLIP; 1 = decoder only), stored "
                         "in the model's config: used by validation, the SSL teacher's pseudo-labels and the saved "
                         "model (default: the initial model's, 0.6 for a fresh one).")
-    g.add_argument("--decoder_init", type=str, default="reference", choices=["reference", "normal"],
-                   help="Initial decoder weights of a fresh model: 'reference' = transformers' Mask2Former init with "
-                        "the reference's pixel-decoder fills (deformable sampling grid, Xavier); 'normal' = N(0, 0.02) "
-                        "everywhere and no sampling grid, what models got before that was fixed (for comparisons).")
+    g.add_argument("--decoder_init", type=_decoder_init, default="xavier", choices=DECODER_INITS,
+                   help="Initial decoder weights of a fresh model: 'xavier' = transformers' Mask2Former init with "
+                        "the reference's pixel-decoder fills (Xavier-uniform, a deformable sampling grid); 'normal' = "
+                        "N(0, 0.02) everywhere and no sampling grid (for comparisons).")
     g.add_argument("--model_config_overrides", type=str, default=None,
                    help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
                         '--init_from only loss settings such as class_weight or train_num_points).')
@@ -317,7 +323,7 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--coco_objects_void", type=str, default="background", choices=["background", "void"],
                    help="COCO-Objects: unlabeled (void) pixels become background in training and in the validation "
                         "ground truth, as the reference's prepare_coco_objects.py ('background'), or stay void "
-                        "('void': no target, not evaluated; the old behaviour).")
+                        "('void': no target, not evaluated).")
     g.add_argument("--restrict_to_present_classes", action="store_true",
                    help="Use only the classes that occur in the labeled training images (small demos).")
     g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")
