@@ -24,14 +24,9 @@ from tqdm.auto import tqdm
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 from training import cli
-from training.data.panoptic_datasets import (
-    ClassNames,
-    dataset_class_names,
-    load_class_names,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    semantic_target_from_row,
-)
+from training.data.class_names import ClassNames, load_class_names
+from training.data.panoptic_datasets import dataset_class_names, load_panoptic_dataset
+from training.data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
 from training.data.resolutions import EVALUATION_SIZES, evaluation_size
 from training.data.train_datasets import row_image, without_image_decoding
 from training.evaluation.panoptic_quality import PanopticQuality, print_report

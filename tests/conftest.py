@@ -93,12 +93,9 @@ def trained_tiny_model_dir(coco_sample_dir, tmp_path_factory) -> Path:
     instances with score >= 0.5; about 20 s on one thread)."""
     from modeling_dearli import DearliImageProcessor
     from modeling_dearli import tiny_model as build_tiny_model
-    from training.data.panoptic_datasets import (
-        load_class_names,
-        load_coco_panoptic,
-        panoptic_target_from_row,
-        restrict_to_present_classes,
-    )
+    from training.data.class_names import load_class_names
+    from training.data.panoptic_datasets import load_coco_panoptic, restrict_to_present_classes
+    from training.data.panoptic_targets import panoptic_target_from_row
 
     sample = coco_sample_dir
     rows = load_coco_panoptic(sample / "images", sample / "panoptic", sample / "panoptic_annotations.json",

@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A trained-model folder as the training scripts leave it (a tiny model with ADE20K's 150 classes, as the card's
     dataset requires): weights, a small-resolution processor, provenance."""
     from modeling_dearli import tiny_model
-    from training.data.panoptic_datasets import load_class_names
+    from training.data.class_names import load_class_names
 
     path = tmp_path_factory.mktemp("model") / "dearli"
     ade20k = load_class_names("ade20k")

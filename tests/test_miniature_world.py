@@ -12,13 +12,10 @@ import pytest
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
-from training.data.panoptic_datasets import (
-    load_coco_panoptic,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    read_class_names,
-    split_labeled_unlabeled,
-)
+from training.data.class_names import read_class_names
+from training.data.panoptic_datasets import load_coco_panoptic, load_panoptic_dataset
+from training.data.panoptic_targets import panoptic_target_from_row
+from training.data.partitions import split_labeled_unlabeled
 from training.evaluation.panoptic_quality import evaluate_panoptic_folders
 from training.miniature import world as W
 

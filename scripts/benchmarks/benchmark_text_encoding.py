@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
 from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms
 from training import cli
-from training.data.panoptic_datasets import load_class_names
+from training.data.class_names import load_class_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,14 +32,11 @@ from torch.utils.data import Dataset
 
 from modeling_dearli.image_reading import read_image, to_rgb
 
+from .class_names import ClassNames
 from .color_augmentation import ColorAugSSD
-from .panoptic_datasets import (
-    ClassNames,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    restrict_to_present_classes,
-    split_labeled_unlabeled,
-)
+from .panoptic_datasets import load_panoptic_dataset, restrict_to_present_classes
+from .panoptic_targets import panoptic_target_from_row
+from .partitions import split_labeled_unlabeled
 from .sampler import unpack_index
 from .transforms import (
     GeometricAugmentation,

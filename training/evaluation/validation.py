@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
 
 from ..data.collator import DearliDataCollator
-from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+from ..data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
 from ..data.train_datasets import row_image, without_image_decoding
 from .panoptic_quality import PanopticQuality
 
