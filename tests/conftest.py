@@ -76,9 +76,11 @@ def tiny_model_with_text_tower_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised test-size SAM (``vit_tiny``) saved as a checkpoint file."""
-    from training.data.sam_masks import build_sam_vit_tiny
+    """A randomly initialised test-size SAM saved as a checkpoint file; ``--model_type vit_tiny`` (registered here)
+    builds its architecture."""
+    from tiny_sam import build_sam_vit_tiny, register
 
+    register()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
     torch.save(build_sam_vit_tiny().state_dict(), path)

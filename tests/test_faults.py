@@ -198,7 +198,7 @@ def _consumer_training_dataset(path: Path) -> torch.Tensor:
 
 
 def _consumer_sam_masks(path: Path) -> torch.Tensor:
-    from training.data.sam_masks import list_image_items
+    from training.data.mask_generation import list_image_items
 
     (item,) = list_image_items([path])
     return torch.from_numpy(np.asarray(item.load()).copy())
@@ -785,8 +785,8 @@ def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
     """Each training dataset returns the next readable example in place of an unreadable one and reports it."""
     from training.data.panoptic_datasets import load_coco_panoptic
     from training.data.train_datasets import (
+        MasksTrainDataset,
         PanopticTrainDataset,
-        SamMasksTrainDataset,
         UnlabeledTrainDataset,
     )
 
@@ -796,7 +796,7 @@ def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
     if kind == "sam_masks":
         records = [{"image_id": Path(name).stem, "file_name": name, "height": h, "width": w, "masks": []}
                    for name, (h, w) in zip(rows["file_name"], [(427, 640), (360, 640), (427, 640)])]
-        dataset = SamMasksTrainDataset([(records, training_folder / "images")], None)
+        dataset = MasksTrainDataset([(records, training_folder / "images")], None)
     else:
         dataset = (PanopticTrainDataset if kind == "labeled" else UnlabeledTrainDataset)(rows, None)
     item = dataset[(bad_index, 7)]

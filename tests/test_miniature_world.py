@@ -106,8 +106,7 @@ def test_loads_through_the_coco_panoptic_code_with_the_class_names_file(small_wo
 
 
 def test_class_names_file_gives_the_loops_synonyms(small_world: Path):
-    from training.arguments import parse_args
-    from training.data.train_datasets import load_panoptic_training_data
+    from training.arguments import load_panoptic_training_data, parse_args
 
     train, val = W.world_paths(small_world, "train"), W.world_paths(small_world, "val")
     argv = ["--dataset_name", "custom", "--train_images_dir", str(train["images"]), "--train_panoptic_dir",

@@ -108,19 +108,19 @@ def test_shortest_edge_choices_are_the_released_configs():
     assert shortest_edge_sizes(640, 1.0, 1.0) == [640]
 
 
-@pytest.mark.parametrize(("size", "short_edge", "max_size", "expected"), [
+@pytest.mark.parametrize(("size", "short_edge", "longest_edge", "expected"), [
     ((600, 800), 320, 2560, (320, 427)),  # shorter side to 320, aspect kept, rounded half up
     ((600, 1500), 1280, 2560, (1024, 2560)),  # 1280 x 3200 exceeds 2560: both scaled by 2560 / 3200
     ((480, 640), 307, 2048, (307, 409)),
     ((800, 600), 320, 2560, (427, 320)),  # portrait
 ])
-def test_shortest_edge_resize_is_detectron2s(size, short_edge, max_size, expected):
-    assert shortest_edge_output_shape(*size, short_edge, max_size) == expected
+def test_shortest_edge_resize_is_detectron2s(size, short_edge, longest_edge, expected):
+    assert shortest_edge_output_shape(*size, short_edge, longest_edge) == expected
 
 
 def test_shortest_edge_jitter_draws_the_list_crops_uniformly_and_pads_only_small_draws():
     transform = ResizeShortestEdgeJitter(640, flip_prob=0.5)
-    assert transform.max_size == 2560 and len(transform.sizes) == 16
+    assert transform.longest_edge == 2560 and len(transform.sizes) == 16
     draws = [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
     assert draws == [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
     short_sides = [p.resized_size[0] for p in draws]
@@ -170,7 +170,7 @@ def test_panoptic_to_targets_ignores_void_crowd_and_missing():
 def test_sam_record_targets_follow_the_geometry():
     from pycocotools import mask as mask_utils
 
-    from training.data.transforms import sam_record_to_targets
+    from training.data.transforms import mask_record_to_targets
 
     dense = np.zeros((2, 30, 40), dtype=np.uint8)
     dense[0, 2:10, 3:20] = 1
@@ -179,7 +179,7 @@ def test_sam_record_targets_follow_the_geometry():
     record = {"height": 30, "width": 40,
               "masks": [{"segmentation": {"size": r["size"], "counts": r["counts"].decode()}} for r in rles]}
     params = GeometricParams((30, 40), (60, 80), 10, 30, (32, 32), True)
-    masks, classes = sam_record_to_targets(record, params)
+    masks, classes = mask_record_to_targets(record, params)
     assert classes.tolist() == [0] * len(masks)
     expected = apply_to_masks(torch.from_numpy(dense), params).float()
     expected = expected[expected.flatten(1).any(1)]

@@ -2,7 +2,7 @@
 overrides.
 
 Style of transformers' ``*_no_trainer.py`` examples: argparse with ``help=`` on every flag. :func:`build_parser` gives
-each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (SAM masks, or a panoptic dataset with its
+each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (class-agnostic masks, or a panoptic dataset with its
 labeled partition and validation set), the semi-supervised settings (``ssl`` only), the options every loop shares
 (output, schedule, optimisation, checkpoints, tracking) and the initial model. :func:`parse_args` parses and checks
 them.
@@ -24,10 +24,17 @@ from typing import Any
 
 import yaml
 
-from . import cli
-from .data.color_augmentation import COLOR_AUGMENTATIONS
+from . import cli, earlier_names
+from .data.color_augmentation import COLOR_AUGMENTATIONS, ColorAugSSD
 from .data.resolutions import evaluation_size
-from .data.transforms import SCALE_AUGMENTATIONS
+from .data.train_datasets import (
+    MasksTrainDataset,
+    PanopticDataConfig,
+    PanopticTrainingData,
+    load_training_data,
+    mask_train_dataset,
+)
+from .data.transforms import SCALE_AUGMENTATIONS, GeometricAugmentation, build_geometric_augmentation
 from .model_init import DECODER_INIT_ALIASES, DECODER_INITS
 
 __all__ = [
@@ -36,15 +43,21 @@ __all__ = [
     "LOOPS",
     "add_common_training_args",
     "add_model_args",
+    "add_mask_data_args",
     "add_panoptic_data_args",
-    "add_sam_data_args",
     "add_ssl_args",
     "build_parser",
+    "color_augmentation",
+    "geometric_augmentation",
     "load_config_file",
+    "load_panoptic_training_data",
+    "mask_training_dataset",
+    "panoptic_data_config",
     "parse_args",
     "parse_args_with_config",
     "resolve_config_path",
 ]
+
 
 def _decoder_init(value: str) -> str:
     """A --decoder_init value, with the accepted earlier spellings mapped to their names."""
@@ -86,6 +99,7 @@ def load_config_file(config: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
     if not isinstance(data, Mapping):
         raise ValueError(f"Config {path} must be a YAML mapping of argument names to values, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {earlier_names.FLAGS.get(k, k): v for k, v in data.items()}
     bases = data.pop(BASE_KEY, None)
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases or []:
@@ -223,12 +237,12 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--scale_augmentation", type=str, default=d["scale_augmentation"], choices=SCALE_AUGMENTATIONS,
                    help="Random scale before the crop: 'shortest_edge' = the released configs' (shorter side drawn "
                         "from min_scale..max_scale x the crop in steps of 0.1, longer side capped at "
-                        "--train_max_size); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
+                        "--train_longest_edge); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
                         "s x the crop, s ~ U(min_scale, max_scale): smaller objects, more padding).")
     g.add_argument("--min_scale", type=float, default=None,
                    help="Smallest scale of the crop size (default: 0.5 for shortest_edge, 0.1 for lsj).")
     g.add_argument("--max_scale", type=float, default=None, help="Largest scale of the crop size (default: 2.0).")
-    g.add_argument("--train_max_size", type=int, default=None,
+    g.add_argument("--train_longest_edge", type=int, default=None,
                    help="shortest_edge only: cap of the longer side of the resized training image (default: 4 x the "
                         "crop, as the released configs: 2560 for crop 640, 2048 for 512).")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
@@ -277,16 +291,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_sam_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """DeWa's data: class-agnostic SAM masks and the images they were generated from."""
-    g = parser.add_argument_group("SAM data")
-    g.add_argument("--sam_masks_dir", type=str, nargs="+", default=None,
-                   help="Output folder(s) of scripts/generate_sam_masks.py (parquet shards of SAM masks as RLE).")
+def add_mask_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeWa's data: class-agnostic masks (SAM's or Felzenszwalb's) and the images they were generated from."""
+    g = parser.add_argument_group("class-agnostic mask data")
+    g.add_argument("--masks_dir", type=str, nargs="+", default=None,
+                   help="Output folder(s) of scripts/generate_sam_masks.py (parquet shards of class-agnostic masks as "
+                        "RLE, from SAM or another --mask_source).")
     g.add_argument("--image_dir", type=str, nargs="+", default=None,
                    help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
-                        "one per --sam_masks_dir, or one for all.")
-    g.add_argument("--drop_empty_sam_masks", action="store_true",
-                   help="Drop the SAM masks that the crop leaves empty. By default they stay as empty targets, as in "
+                        "one per --masks_dir, or one for all.")
+    g.add_argument("--drop_empty_masks", action="store_true",
+                   help="Drop the masks that the crop leaves empty. By default they stay as empty targets, as in "
                         "the released DeWa: they count in the loss normalisation and teach the queries matched to "
                         "them to predict nothing.")
     g.add_argument("--no_exif_transpose", action="store_true",
@@ -331,7 +346,7 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="Validation images are resized so that their shorter side has this length; also the size of "
                         "the image processor saved with the model (default: the dataset's test size, ADE20K 640, COCO "
                         "512, otherwise 640).")
-    g.add_argument("--eval_max_size", type=int, default=None,
+    g.add_argument("--eval_longest_edge", type=int, default=None,
                    help="Cap of the longer side of validation images and of the saved image processor (default: the "
                         "dataset's, ADE20K 2560, COCO 2048, otherwise 2560).")
     g.add_argument("--eval_threshold", type=float, default=0.0,
@@ -389,13 +404,16 @@ def build_parser(loop: str, description: str | None = None) -> argparse.Argument
         raise ValueError(f"unknown loop {loop!r}; known: {LOOPS}")
     parser = cli.ArgumentParser(description=description)
     if loop == "dewa":
-        add_sam_data_args(parser)
+        add_mask_data_args(parser)
     else:
         add_panoptic_data_args(parser)
     if loop == "ssl":
         add_ssl_args(parser)
     add_common_training_args(parser, **LOOP_DEFAULTS[loop])
     add_model_args(parser)
+    for earlier, current in earlier_names.FLAGS.items():
+        if f"--{current}" in parser._option_string_actions:
+            parser.add_hidden_alias(f"--{earlier}", f"--{current}")
     return parser
 
 
@@ -408,7 +426,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
         "pseudo_label_overlap_threshold", "ensemble_alpha")},
     **{name: (0.0, None, True) for name in (
         "learning_rate", "min_scale", "max_scale", "max_train_steps", "train_batch_size", "unlabeled_batch_size",
-        "eval_batch_size", "eval_shortest_edge", "eval_max_size", "max_eval_images", "num_queries",
+        "eval_batch_size", "eval_shortest_edge", "eval_longest_edge", "max_eval_images", "num_queries",
         "train_num_points")},
     **{name: (0.0, None, False) for name in (
         "weight_decay", "gradient_clip", "lr_power", "lr_warmup_steps", "checkpointing_steps",
@@ -448,16 +466,16 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
     if problems:
         parser.error("; ".join(problems))
     if loop == "dewa":
-        if not args.sam_masks_dir or not args.image_dir:
-            parser.error("--sam_masks_dir and --image_dir are required (on the command line or in --config)")
-        if len(args.image_dir) not in (1, len(args.sam_masks_dir)):
-            parser.error("give one --image_dir, or one per --sam_masks_dir")
-        return args
+        if not args.masks_dir or not args.image_dir:
+            parser.error("--masks_dir and --image_dir are required (on the command line or in --config)")
+        if len(args.image_dir) not in (1, len(args.masks_dir)):
+            parser.error("give one --image_dir, or one per --masks_dir")
+        return _with_earlier_attributes(args)
     size = evaluation_size(args.dataset_name)
     if args.eval_shortest_edge is None:
         args.eval_shortest_edge = size["shortest_edge"]
-    if args.eval_max_size is None:
-        args.eval_max_size = size["longest_edge"]
+    if args.eval_longest_edge is None:
+        args.eval_longest_edge = size["longest_edge"]
     if args.dataset_name == "ade20k":
         if not args.ade20k_root:
             parser.error("--dataset_name ade20k needs --ade20k_root")
@@ -468,4 +486,53 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
                      "unlabeled data)")
     if args.partition and args.labeled_fraction:
         parser.error("give at most one of --partition and --labeled_fraction")
+    return _with_earlier_attributes(args)
+
+
+def _with_earlier_attributes(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with each renamed flag's value under its earlier attribute name too (callers not yet moved)."""
+    for earlier, current in earlier_names.FLAGS.items():
+        if hasattr(args, current):
+            setattr(args, earlier, getattr(args, current))
     return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loops' data from their arguments (training.data takes plain values)
+# --------------------------------------------------------------------------------------------------------------------
+def geometric_augmentation(args: argparse.Namespace) -> GeometricAugmentation:
+    """The scale / crop / flip of ``--scale_augmentation``, ``--crop_size``, ``--min_scale``, ``--max_scale``,
+    ``--train_longest_edge``, ``--flip_prob``."""
+    return build_geometric_augmentation(args.scale_augmentation, args.crop_size, args.min_scale, args.max_scale,
+                                        args.train_longest_edge, args.flip_prob)
+
+
+def color_augmentation(args: argparse.Namespace) -> ColorAugSSD | None:
+    """The photometric augmentation of images with ground truth (``--color_augmentation``)."""
+    return ColorAugSSD() if args.color_augmentation == "ssd" else None
+
+
+def mask_training_dataset(args: argparse.Namespace) -> MasksTrainDataset:
+    """DeWa's data: every ``--masks_dir`` with its ``--image_dir``, under :func:`geometric_augmentation` and
+    :func:`color_augmentation`."""
+    return mask_train_dataset(args.masks_dir, args.image_dir, geometric_augmentation(args),
+                              exif_transpose=not args.no_exif_transpose, color_augmentation=color_augmentation(args),
+                              drop_empty_masks=args.drop_empty_masks)
+
+
+def panoptic_data_config(args: argparse.Namespace) -> PanopticDataConfig:
+    """The ``panoptic data`` flags as a :class:`~training.data.train_datasets.PanopticDataConfig`."""
+    return PanopticDataConfig(
+        dataset_name=args.dataset_name, train_images_dir=args.train_images_dir,
+        train_panoptic_dir=args.train_panoptic_dir, train_annotations=args.train_annotations,
+        val_images_dir=args.val_images_dir, val_panoptic_dir=args.val_panoptic_dir,
+        val_annotations=args.val_annotations, ade20k_root=args.ade20k_root, class_names_file=args.class_names_file,
+        partition=args.partition, labeled_fraction=args.labeled_fraction, seed=args.seed,
+        restrict_to_present_classes=args.restrict_to_present_classes, max_eval_images=args.max_eval_images,
+        coco_objects_void_to_background=getattr(args, "coco_objects_void", "background") == "background",
+    )
+
+
+def load_panoptic_training_data(args: argparse.Namespace) -> PanopticTrainingData:
+    """:func:`~training.data.train_datasets.load_training_data` of :func:`panoptic_data_config`."""
+    return load_training_data(panoptic_data_config(args))

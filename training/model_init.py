@@ -27,14 +27,15 @@ logger = logging.getLogger(__name__)
 _NOT_COPIED = {"self", "kwargs", "class_names", "thing_ids", "clip_model_name", "clip_pretrained", "keep_text_tower"}
 _COPIED_CONFIG_KEYS = [p for p in inspect.signature(DearliConfig.__init__).parameters if p not in _NOT_COPIED]
 _TEXT_BUFFERS = ("text_embeddings", "text_class_index")
-# Settings that only affect the loss (may be overridden for an --init_from model; the criterion is rebuilt).
 # Initial decoder weights of a fresh model, named by their distribution: "xavier" is the model's own (transformers'
 # Mask2Former + the reference's pixel-decoder fills: Xavier-uniform, a deformable sampling grid;
 # modeling_dearli/initialization.py); "normal" draws N(0, init_std) everywhere, with no sampling grid.
 DECODER_INITS = ("xavier", "normal")
 # Accepted spellings of DECODER_INITS values (scripts written for an earlier release).
 DECODER_INIT_ALIASES = {"reference": "xavier"}
-_LOSS_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
+# Config settings of the loss and of inference, not of the architecture: the ones --model_config_overrides may change
+# for an --init_from model (the criterion is rebuilt).
+_OVERRIDABLE_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
               "importance_sample_ratio", "use_auxiliary_loss", "localization_only", "ensemble_alpha",
               "mask_pooling_threshold"}
 
@@ -132,7 +133,7 @@ def build_model(
             raise ValueError("--decoder_init applies to a fresh model; an --init_from model keeps its weights")
         model = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.init_from))
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
-        architecture = set(_COPIED_CONFIG_KEYS) - _LOSS_KEYS
+        architecture = set(_COPIED_CONFIG_KEYS) - _OVERRIDABLE_KEYS
         for key, value in overrides.items():
             if key in architecture and value != getattr(model.config, key):
                 raise ValueError(f"{key} cannot be changed for an --init_from model (only loss settings can)")

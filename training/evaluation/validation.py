@@ -47,18 +47,18 @@ class PanopticEvalDataset(Dataset):
         self,
         dataset: Any,
         shortest_edge: int = 640,
-        max_size: int | None = 2560,
+        longest_edge: int | None = 2560,
         with_semantic: bool = True,
         class_names: Any = None,
     ) -> None:
         self.dataset = without_image_decoding(dataset)  # read by the project's image reader, which names bad files
         self.shortest_edge = shortest_edge
-        self.max_size = max_size
+        self.longest_edge = longest_edge
         self.with_semantic = with_semantic
         self.class_names = class_names
         size = {"shortest_edge": int(shortest_edge)}
-        if max_size is not None:
-            size["longest_edge"] = int(max_size)
+        if longest_edge is not None:
+            size["longest_edge"] = int(longest_edge)
         self.processor = DearliImageProcessor(size=size, size_divisor=1)
 
     def __len__(self) -> int:
@@ -155,11 +155,11 @@ def make_evaluator(
 ) -> Callable[[int], dict[str, float]] | None:
     """``evaluate(step)`` for :func:`training.loop.run_training` (``None`` without validation data): PQ / mIoU of
     each of `models` (``eval/<name>/PQ``, ...; ``eval/PQ`` for the name ``""``) with ``--eval_shortest_edge``,
-    ``--eval_max_size``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
+    ``--eval_longest_edge``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
     written to ``<output_dir>/eval_results.json``."""
     if validation is None or len(validation) == 0:
         return None
-    dataset = PanopticEvalDataset(validation, args.eval_shortest_edge, args.eval_max_size, with_semantic=True,
+    dataset = PanopticEvalDataset(validation, args.eval_shortest_edge, args.eval_longest_edge, with_semantic=True,
                                   class_names=class_names)
     loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=DearliDataCollator())
