@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from training.miniature import tiny_clip
+from training.miniature import tiny_clip, tiny_clip_zero_shot
 
 logger = logging.getLogger("pretrain_tiny_clip")
 
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.safetensors"
             tiny_clip.save_open_clip_weights(model, weights)
-            report = tiny_clip.zero_shot_report(Path(args.output_dir) / "tiny_clip_config.json", weights,
+            report = tiny_clip_zero_shot.zero_shot_report(Path(args.output_dir) / "tiny_clip_config.json", weights,
                                                 crops_per_class=4, num_scenes=24)
-        logger.info("\n%s", tiny_clip.format_report(report, per_class=False))
+        logger.info("\n%s", tiny_clip_zero_shot.format_report(report, per_class=False))
         return {k: {m: v[m] for m in ("all", "things", "stuff", "things_called_stuff")} if isinstance(v, dict) else v
                 for k, v in report.items()}
 

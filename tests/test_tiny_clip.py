@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from modeling_dearli.configuration_dearli import resolve_open_clip_config
 from training.miniature import tiny_clip as T
+from training.miniature import tiny_clip_zero_shot as Z
 from training.miniature import world as W
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def test_loads_through_from_open_clip_with_every_weight(shipped_model):
 
 
 def test_mask_pooled_zero_shot_accuracy_on_held_out_ground_truth_masks(shipped_model):
-    scenes = T.probe_scenes(num_scenes=12, seed=1)  # fixed held-out scenes, classes drawn uniformly
-    report = T.evaluate_masks(shipped_model, scenes)
+    scenes = Z.probe_scenes(num_scenes=12, seed=1)  # fixed held-out scenes, classes drawn uniformly
+    report = Z.evaluate_masks(shipped_model, scenes)
     chance = 100 / len(W.CLASSES)
     assert report["n"] > 80
     assert report["things"] >= MIN_MASK_THING_ACCURACY > 5 * chance
@@ -65,7 +66,7 @@ def test_mask_pooled_zero_shot_accuracy_on_held_out_ground_truth_masks(shipped_m
 
 
 def test_global_zero_shot_accuracy_on_held_out_crops(shipped_model):
-    report = T.evaluate_crops(shipped_model, per_class=2, seed=1)
+    report = Z.evaluate_crops(shipped_model, per_class=2, seed=1)
     assert report["all"] >= MIN_CROP_ACCURACY
 
 
@@ -75,7 +76,7 @@ def test_random_weights_are_at_chance(tmp_path: Path):
     weights = tmp_path / "random.safetensors"
     T.save_open_clip_weights(T.build_tiny_clip(), weights)
     model = T.dearli_on_tiny_clip(T.SHIPPED_CONFIG, weights, prompt_templates=["a photo of a {}."])
-    report = T.evaluate_masks(model, T.probe_scenes(num_scenes=6, seed=1))
+    report = Z.evaluate_masks(model, Z.probe_scenes(num_scenes=6, seed=1))
     assert report["things"] < 25
 
 

@@ -1,6 +1,7 @@
 """DEARLi in miniature: a generated panoptic world and a tiny CLIP pretrained on it, so that the method's claims can be
 measured on a CPU. ``world`` generates the dataset (COCO panoptic format); ``tiny_clip`` holds the CLIP's architecture,
-caption stream, pretraining and zero-shot evaluation; ``assets/`` ships the pretrained tiny CLIP."""
+caption stream, pretraining and DEARLi built on it, ``tiny_clip_zero_shot`` its zero-shot evaluation; ``assets/`` ships
+the pretrained tiny CLIP."""
 
 from .tiny_clip import (
     SHIPPED_CONFIG,
@@ -9,8 +10,8 @@ from .tiny_clip import (
     TINY_CLIP_MODEL_CONFIG,
     dearli_on_tiny_clip,
     world_class_names,
-    zero_shot_report,
 )
+from .tiny_clip_zero_shot import zero_shot_report
 from .world import (
     CLASSES,
     STUFF_CLASSES,
