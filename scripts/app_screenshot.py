@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from training import cli
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Headless Chromium as root in a container: no sandbox, no GPU, nothing that calls home.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -138,7 +140,7 @@ def shrink_png(path: str | os.PathLike, max_width: int = 1400, colours: int = 25
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--image", required=True, help="The image to upload and segment.")
     parser.add_argument("--output", required=True, help="Screenshot file (PNG).")
     parser.add_argument("--model", default=None, help="Model folder or Hub id for app.py (default: the app's default).")
@@ -164,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -25,6 +25,8 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 # isort: split
 import argparse
 import logging
+import os
+import sys
 import time
 
 from training import cli
@@ -45,12 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Quiet loading: no "Loading weights" bars between the log lines (here and in the jobs, which inherit it).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     start = time.perf_counter()
     results = run_demo(args.output_dir, world_seed=args.world_seed, seed=args.seed, num_workers=args.num_workers)
     fraction = results["fraction"]
     rows = results["rows"]
     print(f"\nMiniature world, {fraction} of the training images labeled ({DEMO.supervised_steps} supervised steps; "
-          f"DeWa {DEMO.dewa_steps} + Mean Teacher {DEMO.ssl_steps} steps), validation split:")
+          f"DeWa {DEMO.dewa_steps} + Mean Teacher {DEMO.ssl_steps} steps), validation split; in %: panoptic "
+          "quality PQ, over thing classes PQ_th, over stuff classes PQ_st, and mean IoU:")
     print(f"{'':<36}{'PQ':>7}{'PQ_th':>8}{'PQ_st':>8}{'mIoU':>8}")
     for row, title in (("supervised", "supervised (decoder posteriors)"),
                        ("supervised_ensemble", "supervised + CLIP ensemble (Eq. 6)"), ("dearli", "DEARLi")):

@@ -1,6 +1,6 @@
 """Evaluate a DEARLi model on a validation set: PQ / SQ / RQ (All, Things, Stuff, per class) and mIoU.
 
-    python scripts/evaluate.py --model_name_or_path PATH --dataset coco_panoptic --images_dir val2017 \
+    python scripts/evaluate.py --model_name_or_path PATH --dataset coco_panoptic --images_dir val2017 \\
         --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
     python scripts/evaluate.py --model_name_or_path PATH --dataset ade20k --dataset_root ADEChallengeData2016
     python scripts/evaluate.py --model_name_or_path PATH --from_disk saved_dataset   # saved with save_to_disk

@@ -1,12 +1,12 @@
 """Generate class-agnostic SAM masks (COCO RLE, parquet shards) for the decoder warm-up (DeWa).
 
-    python scripts/generate_sam_masks.py --image_dir coco/train2017 --sam_checkpoint sam_vit_h_4b8939.pth \
+    python scripts/generate_sam_masks.py --image_dir coco/train2017 --sam_checkpoint sam_vit_h_4b8939.pth \\
         --output_dir sam_masks/coco
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
 Without SAM weights, an unsupervised algorithm writes masks in the same format (DeWa reads them the same way):
 
-    python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \
+    python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \\
         --output_dir world/masks_felzenszwalb
 
 Resumable: rerun the same command after an interruption. Read the output with

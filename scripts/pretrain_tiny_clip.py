@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from training import cli
 from training.miniature import tiny_clip, tiny_clip_zero_shot
 
 logger = logging.getLogger("pretrain_tiny_clip")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True, help="Run folder (checkpoints, log, final weights).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial weights and of the caption stream.")
     parser.add_argument("--max_train_steps", type=int, default=4000, help="Optimizer steps.")
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

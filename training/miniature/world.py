@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSES",
@@ -579,6 +582,16 @@ def _write_image(output_dir: Path, split: str, index: int, world_seed: int, sett
              "segments_info": [{k: v for k, v in s.items() if k != "isthing"} for s in segments]})
 
 
+def _logged(items: Any, total: int, what: str, times: int = 10) -> Any:
+    """`items`, with a log line at every tenth (``times``) of `total`: progress where no bar is shown."""
+    start = time.perf_counter()
+    marks = {max(1, round(total * k / times)) for k in range(1, times + 1)}
+    for done, item in enumerate(items, 1):
+        yield item
+        if done in marks:
+            logger.info("%s: %d of %d images (%.0f s)", what, done, total, time.perf_counter() - start)
+
+
 def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int, settings: WorldSettings,
                  progress: bool, num_workers: int = 1) -> dict[str, Any]:
     paths = world_paths(output_dir, split)
@@ -597,6 +610,8 @@ def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int,
         from tqdm.auto import tqdm
 
         entries = tqdm(entries, total=num_images, desc=f"world {split}", unit="img")
+    else:
+        entries = _logged(entries, num_images, f"world: {split} split")
     try:
         images, annotations = (list(column) for column in zip(*entries)) if num_images else ([], [])
     finally:
@@ -691,6 +706,8 @@ def generate_world(
         raise FileExistsError(f"{output_dir} is not empty and holds no world.json; use an empty or new folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    logger.info("world: generating %d training and %d validation images in %s (seed %d)", num_train, num_val,
+                output_dir, world_seed)
     train = _write_split(output_dir, "train", num_train, world_seed, settings, progress, num_workers)
     val = _write_split(output_dir, "val", num_val, world_seed, settings, progress, num_workers)
     seconds = time.perf_counter() - start
