@@ -24,12 +24,10 @@ FLAGS: dict[str, str] = {
 
 # earlier keyword -> current one
 KEYWORDS: dict[str, str] = {
-    "stuff_classes": "stuff_ids",
     "color_jitter_p": "color_jitter_prob",
     "grayscale_p": "grayscale_prob",
     "blur_p": "blur_prob",
     "cutmix_p": "cutmix_prob",
-    "max_size": "longest_edge",
 }
 
 

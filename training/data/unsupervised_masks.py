@@ -5,7 +5,7 @@ masks' shard format, for the decoder warm-up (DeWa) where SAM checkpoints cannot
 implemented by scikit-image's ``skimage.segmentation.felzenszwalb``) and returns its segments in the output format of
 segment_anything's ``SamAutomaticMaskGenerator.generate`` with ``output_mode="coco_rle"``, so that
 :func:`training.data.mask_generation.generate_masks` writes them as it writes SAM's (same parquet shards, manifest,
-resumption) and ``training/dewa.py --sam_masks_dir`` reads them unchanged. Differences from SAM's masks: they
+resumption) and ``training/dewa.py --masks_dir`` reads them unchanged. Differences from SAM's masks: they
 partition the image (no overlapping whole/part masks), and ``predicted_iou`` / ``stability_score`` are NaN (the
 algorithm has no such scores). Masks smaller than ``min_area`` pixels (texture fragments) are dropped.
 
