@@ -177,7 +177,8 @@ class DearliImageProcessor(BaseImageProcessor):
         them gives the same outputs as each image alone."""
         size = self.size if size is None else _check_size(dict(size))
         h, w = _output_size((height, width), size) if self.do_resize else (int(height), int(width))
-        return math.ceil(h / self.size_divisor) * self.size_divisor, math.ceil(w / self.size_divisor) * self.size_divisor
+        divisor = self.size_divisor
+        return math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
 
     # ----------------------------------------------------------------------------------------------------------------
     # Preprocessing

@@ -666,7 +666,8 @@ def instance_inference(
     """Mask2Former instance inference for a batch.
 
     The ``top_k`` (default: number of queries) best (query, class) pairs by class probability are candidates;
-    candidates of ``stuff_ids`` are dropped (``stuff_classes=`` is accepted as its earlier name). Score = class probability x mean ``sigmoid(mask)`` over the binary
+    candidates of ``stuff_ids`` are dropped (``stuff_classes=`` is accepted as its earlier name). Score = class
+    probability x mean ``sigmoid(mask)`` over the binary
     mask (``>= mask_threshold``) on the mask grid; instances with score ``>= threshold`` and a non-empty binary mask at
     output resolution are returned, sorted by decreasing score.
     """
@@ -717,9 +718,7 @@ def instance_inference(
         binary_masks = None
         if return_binary_masks:
             binary_masks = _binary_masks(grid, logits[nonempty], mask_threshold)
-        results.append(
-            InstanceSegments(seg, label[nonempty], score[nonempty], query[nonempty], binary_masks)
-        )
+        results.append(InstanceSegments(seg, label[nonempty], score[nonempty], query[nonempty], binary_masks))
     return results
 
 

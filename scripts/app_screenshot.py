@@ -92,7 +92,8 @@ def segment_in_browser(url: str, image: str | os.PathLike, screenshot: str | os.
                        ensemble_alpha: float | None = None, chromium: str | None = None,
                        viewport: tuple[int, int] = (1400, 900), timeout_s: float = 120.0) -> dict:
     """Open the app in headless Chromium, upload ``image``, choose ``task`` (and ``ensemble_alpha``), press Segment,
-    wait for both result pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label, score, area],
+    wait for both result pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label,
+    score, area],
     ...], "pictures": [(width, height) of the result images], "status": text, "page_text": the page's text}``."""
     from playwright.sync_api import sync_playwright
 

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/demo",
                         help="Folder of the world, the runs, the models, the pictures (reuse it to resume).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the labeled subset, initialisation and data order.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the labeled subset, initialisation and data order.")
     parser.add_argument("--num_workers", type=cli.positive_int, default=2,
                         help="Trainings run at once, one CPU thread each (the CPU cores to use).")
     return parser.parse_args(argv)

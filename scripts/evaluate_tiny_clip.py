@@ -47,9 +47,16 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    report = tiny_clip_zero_shot.zero_shot_report(args.clip_model_config, args.clip_weights, crops_per_class=args.crops_per_class,
-                                        num_scenes=args.num_scenes, seed=args.seed, world_dir=args.world_dir,
-                                        max_world_images=args.max_world_images, input_scale=args.input_scale)
+    report = tiny_clip_zero_shot.zero_shot_report(
+        args.clip_model_config,
+        args.clip_weights,
+        crops_per_class=args.crops_per_class,
+        num_scenes=args.num_scenes,
+        seed=args.seed,
+        world_dir=args.world_dir,
+        max_world_images=args.max_world_images,
+        input_scale=args.input_scale,
+    )
     print(tiny_clip_zero_shot.format_report(report))
     if args.output:
         with open(args.output, "w") as f:

@@ -36,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate (cosine decay).")
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay of matrices.")
     parser.add_argument("--warmup_steps", type=int, default=200, help="Linear warm-up steps.")
-    parser.add_argument("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps.")
+    parser.add_argument("--checkpointing_steps", type=int, default=250,
+                        help="Save a resumable checkpoint every N steps.")
     parser.add_argument("--logging_steps", type=int, default=10, help="Log the loss every N steps.")
     parser.add_argument("--eval_steps", type=int, default=0, help="Zero-shot report every N steps (0: never).")
     parser.add_argument("--kinds", type=str, default=None,
                         help='Mix of the caption stream as JSON, default {"object": 0.5, "stuff": 0.2, "scene": 0.3}.')
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     parser.add_argument("--init_weights", type=str, default=None,
-                        help="Continue from these OpenCLIP .safetensors weights (fresh optimizer) instead of random ones.")
+                        help="Continue from these OpenCLIP .safetensors weights (fresh optimizer) instead of random "
+                             "ones.")
     parser.add_argument("--stream_offset", type=int, default=0,
                         help="First step of the caption stream (a continuation reads pairs its first stage never saw).")
     parser.add_argument("--region_scenes", type=int, default=0,

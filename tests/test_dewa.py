@@ -193,7 +193,8 @@ def test_tiny_model_overfits_one_image_of_sam_masks(coco_sample_dir, tmp_path, f
     sam_one = _write_sam_dir(tmp_path / "one", records)
     result = dewa.main([*TINY, "--masks_dir", str(sam_one), "--image_dir", str(coco_sample_dir / "images"),
                         "--train_batch_size", "1", "--crop_size", "96", "144", "--scale_augmentation", "lsj",
-                        "--min_scale", "1", "--max_scale", "1", "--flip_prob", "0", "--color_augmentation", "none", "--learning_rate", "0.001", "--max_train_steps", "90",
+                        "--min_scale", "1", "--max_scale", "1", "--flip_prob", "0", "--color_augmentation", "none",
+                        "--learning_rate", "0.001", "--max_train_steps", "90",
                         "--checkpointing_steps", "0", "--logging_steps", "1", "--output_dir", str(tmp_path / "out")])
     losses = [h["train/loss"] for h in result.history]
     assert len(losses) == 90

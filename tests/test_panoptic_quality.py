@@ -1,4 +1,5 @@
-"""PQ / SQ / RQ and mIoU against panopticapi and hotcoco on the shipped COCO panoptic sample with perturbed predictions."""
+"""PQ / SQ / RQ and mIoU against panopticapi and hotcoco on the shipped COCO panoptic sample with perturbed
+predictions."""
 
 from __future__ import annotations
 
@@ -459,7 +460,8 @@ def test_folder_evaluation_does_not_import_torch(perturbed_case, tmp_path):
             f"script = runpy.run_path({str(REPO / 'scripts' / 'evaluate_panoptic.py')!r})\n"
             f"code = script['main'](['--gt_json', {files[0]!r}, '--gt_folder', {files[2]!r}, '--pred_json', "
             f"{files[1]!r}, '--pred_folder', {files[3]!r}, '--no_progress', '--engine', 'hotcoco'])\n"
-            "print('exit', code, 'heavy', sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules))\n")
+            "heavy = sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules)\n"
+            "print('exit', code, 'heavy', heavy)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "All" in proc.stdout  # the report was printed

@@ -76,7 +76,8 @@ def test_parser_defaults_are_the_released_recipe_and_earlier_defaults_stay_selec
                              "lsj", "--min_scale", "0.1", "--color_augmentation", "none", "--mixed_precision", "auto",
                              "--cutmix_source", "same_batch", "--ema_schedule", "ramp_up", "--weight_decay_norm",
                              "0.05", "--weight_decay_embed", "0.05", "--decoder_init", "normal",
-                             "--coco_objects_void", "void", "--eval_shortest_edge", "640", "--eval_longest_edge", "2560"])
+                             "--coco_objects_void", "void", "--eval_shortest_edge", "640", "--eval_longest_edge",
+                             "2560"])
     assert old.scale_augmentation == "lsj" and old.cutmix_source == "same_batch" and old.decoder_init == "normal"
     earlier_spelling = parse_args("ssl", ["--output_dir", "o", "--partition", "1_128", *DATA["coco"],
                                           "--decoder_init", "reference"])

@@ -36,7 +36,9 @@ def shipped_model():
 
 def test_shipped_files_are_small_and_describe_the_architecture():
     assert T.SHIPPED_WEIGHTS.stat().st_size <= 25 * 2**20
-    config = resolve_open_clip_config(str(T.SHIPPED_CONFIG))  # the OpenCLIP model-config JSON, as from_open_clip reads it
+    config = resolve_open_clip_config(
+        str(T.SHIPPED_CONFIG)
+    )  # the OpenCLIP model-config JSON, as from_open_clip reads it
     assert config["vision_cfg"]["timm_model_name"].startswith("convnext") and config["vision_cfg"]["timm_pool"] == ""
     assert set(load_file(str(T.SHIPPED_WEIGHTS))) == set(T.build_tiny_clip(config).state_dict())
     record = json.loads(T.SHIPPED_RECORD.read_text())
@@ -99,8 +101,9 @@ def test_captions_name_the_classes_they_show():
 
 @pytest.mark.parametrize("script", ["pretrain_tiny_clip.py", "evaluate_tiny_clip.py"])
 def test_script_help(script):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--output_dir" in out or "--output" in out
 
 
@@ -132,6 +135,6 @@ def test_region_embeddings_are_what_dearli_mask_pools(shipped_model):
         ours = T.region_embeddings(clip, batch["pixel_values"], batch["masks"], batch["scene_index"])
         features = shipped_model.backbone(batch["pixel_values"])[-1]
         for r, (scene, mask) in enumerate(zip(batch["scene_index"].tolist(), batch["masks"])):
-            pooled = mask_pool(features[scene:scene + 1], mask[None, None].float())
+            pooled = mask_pool(features[scene : scene + 1], mask[None, None].float())
             expected = torch.nn.functional.normalize(shipped_model.backbone.embed_pooled_features(pooled), dim=-1)
             torch.testing.assert_close(ours[r], expected[0, 0], atol=1e-5, rtol=1e-4)

@@ -129,7 +129,8 @@ def test_shortest_edge_jitter_draws_the_list_crops_uniformly_and_pads_only_small
     for p in draws:
         h, w = p.resized_size
         assert (h, w) == shortest_edge_output_shape(600, 800, h, 2560)
-        assert p.output_size == (640, 640) and 0 <= p.crop_top <= max(h - 640, 0) and 0 <= p.crop_left <= max(w - 640, 0)
+        assert p.output_size == (640, 640)
+        assert 0 <= p.crop_top <= max(h - 640, 0) and 0 <= p.crop_left <= max(w - 640, 0)
         assert p.valid_size == (min(h, 640), min(w, 640))  # padding only where the resized image is smaller
     lefts = [p.crop_left / max(p.resized_size[1] - 640, 1) for p in draws if p.resized_size[1] > 1000]
     assert min(lefts) < 0.1 and max(lefts) > 0.9 and 0.35 < float(np.mean(lefts)) < 0.65  # uniform offsets
@@ -189,8 +190,8 @@ def test_sam_record_targets_follow_the_geometry():
 def test_collator_pads_and_builds_pixel_mask():
     collate = DearliDataCollator(size_divisor=32)
     features = [
-        {"pixel_values": torch.ones(3, 40, 50), "mask_labels": torch.ones(2, 40, 50), "class_labels": torch.tensor([1, 2]),
-         "image_id": "a"},
+        {"pixel_values": torch.ones(3, 40, 50), "mask_labels": torch.ones(2, 40, 50),
+         "class_labels": torch.tensor([1, 2]), "image_id": "a"},
         {"pixel_values": torch.ones(3, 70, 20), "mask_labels": torch.ones(1, 70, 20), "class_labels": torch.tensor([0]),
          "pixel_mask": torch.cat([torch.ones(60, 20), torch.zeros(10, 20)]).long(), "image_id": "b"},
     ]
@@ -206,7 +207,8 @@ def test_collator_pads_and_builds_pixel_mask():
     unlabeled = collate([{"pixel_values": torch.ones(3, 8, 8)}])
     assert "mask_labels" not in unlabeled and unlabeled["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(ValueError):
-        collate([{"pixel_values": torch.ones(3, 8, 8), "mask_labels": torch.ones(1, 4, 4), "class_labels": torch.tensor([0])}])
+        collate([{"pixel_values": torch.ones(3, 8, 8), "mask_labels": torch.ones(1, 4, 4),
+                  "class_labels": torch.tensor([0])}])
 
 
 def test_collated_batch_runs_through_the_model(tiny_model):

@@ -2,7 +2,8 @@
 overrides.
 
 Style of transformers' ``*_no_trainer.py`` examples: argparse with ``help=`` on every flag. :func:`build_parser` gives
-each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (class-agnostic masks, or a panoptic dataset with its
+each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (class-agnostic masks, or a panoptic dataset
+with its
 labeled partition and validation set), the semi-supervised settings (``ssl`` only), the options every loop shares
 (output, schedule, optimisation, checkpoints, tracking) and the initial model. :func:`parse_args` parses and checks
 them.
@@ -133,8 +134,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
                 bad = [v for v in (value if isinstance(value, list) else [value]) if not isinstance(v, str)]
                 if bad:
                     raise ValueError(
-                        f"Config {config_path}: {key}={value!r} must be a string; quote it in the YAML file (YAML reads "
-                        f"e.g. 1_128 as the integer 1128)"
+                        f"Config {config_path}: {key}={value!r} must be a string; quote it in the YAML file "
+                        f"(YAML reads e.g. 1_128 as the integer 1128)"
                     )
             if isinstance(value, str) and action.type is not None and action.type is not str:
                 value = action.type(value)
@@ -268,13 +269,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="OpenCLIP architecture of a fresh model (when neither --model_preset nor --init_from).")
     g.add_argument("--clip_pretrained", type=str, default=None,
                    help="OpenCLIP pretrained tag or local checkpoint file for a fresh model, or to re-encode class "
-                        "names when --init_from lacks the CLIP text tower. Nothing is downloaded unless a tag needs it.")
+                        "names when --init_from lacks the CLIP text tower. Nothing is downloaded unless a tag needs "
+                        "it.")
     g.add_argument("--init_from", type=str, default=None,
                    help="Initialise from a saved DEARLi folder (save_pretrained output, e.g. of dewa.py); the class "
                         "names are switched to the dataset's.")
     g.add_argument("--keep_text_tower", action="store_true",
                    help="Keep the CLIP text tower in the model and its saved folder (allows set_class_names later).")
-    g.add_argument("--num_queries", type=int, default=None, help="Override the number of object queries of a fresh model.")
+    g.add_argument("--num_queries", type=int, default=None,
+                   help="Override the number of object queries of a fresh model.")
     g.add_argument("--train_num_points", type=int, default=None,
                    help="Override the number of points sampled for the mask losses (default of the config).")
     g.add_argument("--ensemble_alpha", type=float, default=None,

@@ -134,7 +134,8 @@ def _one_line(error: BaseException) -> str:
     message = " ".join(str(error).split())
     if isinstance(error, CliError):
         return message
-    if isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError)) and error.filename and error.strerror:
+    missing = isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError))
+    if missing and error.filename and error.strerror:
         return f"{error.strerror}: {error.filename}"
     if isinstance(error, (ValueError, OSError, RuntimeError)) and message:
         return message

@@ -35,9 +35,9 @@ DECODER_INITS = ("xavier", "normal")
 DECODER_INIT_ALIASES = {"reference": "xavier"}
 # Config settings of the loss and of inference, not of the architecture: the ones --model_config_overrides may change
 # for an --init_from model (the criterion is rebuilt).
-_OVERRIDABLE_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
-              "importance_sample_ratio", "use_auxiliary_loss", "localization_only", "ensemble_alpha",
-              "mask_pooling_threshold"}
+_OVERRIDABLE_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points",
+                     "oversample_ratio", "importance_sample_ratio", "use_auxiliary_loss", "localization_only",
+                     "ensemble_alpha", "mask_pooling_threshold"}
 
 
 def _config_overrides(args: Any) -> dict[str, Any]:

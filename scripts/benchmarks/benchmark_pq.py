@@ -108,7 +108,8 @@ def whole_process_times(root: Path, repeats: int) -> dict[str, float]:
     commands = {
         "evaluate_panoptic.py": [sys.executable, str(script), "--gt_json", files[0], "--pred_json", files[1],
                                  "--gt_folder", files[2], "--pred_folder", files[3], "--no_progress"],
-        "hotcoco": [sys.executable, "-c", "import sys; from hotcoco import panoptic; panoptic.pq_compute(*sys.argv[1:])",
+        "hotcoco":
+            [sys.executable, "-c", "import sys; from hotcoco import panoptic; panoptic.pq_compute(*sys.argv[1:])",
                     *files],
     }
     best = {name: float("inf") for name in commands}
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         whole = whole_process_times(root, args.repeats)
         print(f"\nwhole process (fresh python, best of {args.repeats}): "
               + ", ".join(f"{k} {v:.2f} s" for k, v in whole.items()))
-        print(f"evaluate_panoptic.py vs hotcoco (whole process): {whole['evaluate_panoptic.py'] / whole['hotcoco']:.2f}x "
-              "its time (target: at most 1.25x)")
+        ratio = whole["evaluate_panoptic.py"] / whole["hotcoco"]
+        print(f"evaluate_panoptic.py vs hotcoco (whole process): {ratio:.2f}x its time (target: at most 1.25x)")
     ref = results["panopticapi"]
     diffs = {k: max_diff(ref, v) for k, v in results.items() if k != "panopticapi" and "per_class" in v}
     print("\nmax |difference| to panopticapi: " + ", ".join(f"{k}: {v:.1e}" for k, v in diffs.items()))

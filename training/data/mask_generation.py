@@ -319,7 +319,9 @@ def _run(
             image = _to_rgb_array(item.load())
         except Exception as error:  # unreadable image: log, record, skip
             logger.warning("Skipping unreadable image %s (%s): %r", item.image_id, item.file_name, error)
-            append_failure(failures_path, {"image_id": item.image_id, "file_name": item.file_name, "error": repr(error)})
+            append_failure(
+                failures_path, {"image_id": item.image_id, "file_name": item.file_name, "error": repr(error)}
+            )
             stats.num_failed += 1
             continue
         annotations = generator.generate(image)

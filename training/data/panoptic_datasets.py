@@ -347,18 +347,24 @@ def load_panoptic_dataset(
     return ds, names or dataset_class_names(ds)
 
 
-def restrict_to_present_classes(ds: Any, class_names: ClassNames, validation: Any = None) -> tuple[Any, ClassNames, Any]:
+def restrict_to_present_classes(
+    ds: Any, class_names: ClassNames, validation: Any = None
+) -> tuple[Any, ClassNames, Any]:
     """Keep only the classes annotated in `ds` (small demos): ``(ds, restricted label space, validation)`` with the
     segments' ``label`` renumbered in place (no file is re-read); validation segments of other classes are dropped."""
     present = sorted({s["category_id"] for segs in ds["segments_info"] for s in segs})
     keep = [class_names.category_to_index[c] for c in present]
-    restricted = ClassNames(tuple(present), tuple(class_names.names[i] for i in keep),
-                            tuple(class_names.is_thing[i] for i in keep))
+    restricted = ClassNames(
+        tuple(present), tuple(class_names.names[i] for i in keep), tuple(class_names.is_thing[i] for i in keep)
+    )
     new_label = restricted.category_to_index
 
     def relabel(segments: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"segments_info": [{**s, "label": new_label[s["category_id"]]} for s in segments
-                                  if s["category_id"] in new_label]}
+        return {
+            "segments_info": [
+                {**s, "label": new_label[s["category_id"]]} for s in segments if s["category_id"] in new_label
+            ]
+        }
 
     ds = ds.map(relabel, input_columns="segments_info", desc="restrict classes")
     if validation is not None:

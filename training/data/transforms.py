@@ -190,7 +190,8 @@ class ResizeShortestEdgeJitter(_Augmentation):
         crop_size: output (height, width), or one int (or a one-element list) for a square crop.
         min_scale, max_scale: the shorter side is drawn uniformly from :func:`shortest_edge_sizes` of the (smaller)
             crop side, i.e. ``min_scale .. max_scale`` times the crop in steps of 0.1 (released: 0.5 .. 2.0).
-        longest_edge: cap of the longer side after resizing (released: 4 x the crop, ADE20K 2560 and COCO 2048; default).
+        longest_edge: cap of the longer side after resizing (released: 4 x the crop, ADE20K 2560 and COCO 2048;
+        default).
         flip_prob: probability of a horizontal flip.
     """
 
@@ -340,7 +341,9 @@ def _place(valid: torch.Tensor, params: GeometricParams, fill: torch.Tensor | fl
     return valid
 
 
-def apply_to_image(image: Any, params: GeometricParams, pad_value: Iterable[float] | float | None = None) -> torch.Tensor:
+def apply_to_image(
+    image: Any, params: GeometricParams, pad_value: Iterable[float] | float | None = None
+) -> torch.Tensor:
     """Apply the geometry to an image: float (3, h, w) in the input's value range (uint8/PIL -> [0, 1]).
 
     Resizing is bilinear with antialiasing; padding uses `pad_value` (default the CLIP mean in [0, 1], which becomes
@@ -349,8 +352,9 @@ def apply_to_image(image: Any, params: GeometricParams, pad_value: Iterable[floa
     image = image_to_tensor(image)
     _check_size(image.shape, params, "image")
     if tuple(params.resized_size) != tuple(params.input_size):
-        image = F.interpolate(image[None], size=params.resized_size, mode="bilinear", align_corners=False,
-                              antialias=True)[0]
+        image = F.interpolate(
+            image[None], size=params.resized_size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
     h, w = params.valid_size
     image = image[:, params.crop_top : params.crop_top + h, params.crop_left : params.crop_left + w]
     fill = torch.tensor(CLIP_MEAN if pad_value is None else pad_value, dtype=torch.float32)
@@ -367,7 +371,9 @@ def apply_to_id_map(id_map: torch.Tensor | np.ndarray, params: GeometricParams, 
     return _place(id_map[rows][:, cols], params, pad_id).contiguous()
 
 
-def apply_to_masks(masks: torch.Tensor | np.ndarray, params: GeometricParams, pad_value: float | int = 0) -> torch.Tensor:
+def apply_to_masks(
+    masks: torch.Tensor | np.ndarray, params: GeometricParams, pad_value: float | int = 0
+) -> torch.Tensor:
     """Apply the geometry to a stack of masks (n, H, W) (nearest neighbour; dtype kept; padding = `pad_value`)."""
     masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
     if masks.ndim != 3:
@@ -385,7 +391,9 @@ def valid_pixel_mask(params: GeometricParams) -> torch.Tensor:
     return mask
 
 
-def normalize_image(image: torch.Tensor, mean: Iterable[float] = CLIP_MEAN, std: Iterable[float] = CLIP_STD) -> torch.Tensor:
+def normalize_image(
+    image: torch.Tensor, mean: Iterable[float] = CLIP_MEAN, std: Iterable[float] = CLIP_STD
+) -> torch.Tensor:
     """CLIP normalisation of a float image (..., 3, H, W) in [0, 1]."""
     mean_t = torch.as_tensor(tuple(mean), dtype=image.dtype, device=image.device).reshape(3, 1, 1)
     std_t = torch.as_tensor(tuple(std), dtype=image.dtype, device=image.device).reshape(3, 1, 1)

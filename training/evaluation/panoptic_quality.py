@@ -2,7 +2,8 @@
 
 Hand-written because no installed library offers an in-memory, mergeable accumulator: panopticapi and hotcoco
 both read PNG folders. For folders, :func:`evaluate_panoptic_folders` runs hotcoco's compiled evaluator by default
-(``engine="auto"``) and rebuilds our report from its per-class counts; the numpy path is the fallback. The per-image statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
+(``engine="auto"``) and rebuilds our report from its per-class counts; the numpy path is the fallback. The per-image
+statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
 
 * ground-truth segment id 0 (``VOID_ID``) and ids absent from ``segments_info`` are not segments;
 * a (gt, pred) pair of the same category matches when ``IoU > 0.5`` with
@@ -344,7 +345,8 @@ class PanopticQuality:
         """Categories in contiguous label space: category id == class index (the model's convention)."""
         things = set(int(t) for t in thing_ids)
         cats = [
-            {"id": i, "name": str(n).split(",")[0].strip(), "isthing": int(i in things)} for i, n in enumerate(class_names)
+            {"id": i, "name": str(n).split(",")[0].strip(), "isthing": int(i in things)}
+            for i, n in enumerate(class_names)
         ]
         return cls(cats, **kwargs)
 

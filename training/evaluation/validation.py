@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 class PanopticEvalDataset(Dataset):
     """Validation examples of a `training.data.panoptic_datasets` dataset.
 
-    Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original (H, W)), ``gt_id_map`` (H, W) int64,
+    Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original
+    (H, W)), ``gt_id_map`` (H, W) int64,
     ``gt_segments`` (contiguous ``category_id``, ``iscrowd``), ``gt_semantic`` (H, W) contiguous classes (255 ignore)
     when `with_semantic`, ``image_id``.
     """

@@ -82,8 +82,8 @@ def build_tiny_clip(model_config: dict[str, Any] | None = None) -> torch.nn.Modu
 def tokenizer(context_length: int | None = None):
     import open_clip
 
-    return open_clip.get_tokenizer(TOKENIZER_NAME,
-                                   context_length=context_length or TINY_CLIP_MODEL_CONFIG["text_cfg"]["context_length"])
+    length = context_length or TINY_CLIP_MODEL_CONFIG["text_cfg"]["context_length"]
+    return open_clip.get_tokenizer(TOKENIZER_NAME, context_length=length)
 
 
 # --------------------------------------------------------------------------------------------------------------------

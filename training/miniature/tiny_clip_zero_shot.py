@@ -190,9 +190,11 @@ def format_report(report: dict[str, Any], per_class: bool = True) -> str:
                      f"(things called stuff: {r['things_called_stuff']})")
         if "empty_after_resize" in r:
             e = r["empty_after_resize"]
-            lines.append(f"  masks that miss every cell of the stride-32 grid: things {e['things']}, stuff {e['stuff']}; "
-                         f"accuracy without them: things {r['nonempty_only']['things']} stuff "
-                         f"{r['nonempty_only']['stuff']}")
+            lines.append(
+                f"  masks that miss every cell of the stride-32 grid: things {e['things']}, stuff {e['stuff']}; "
+                f"accuracy without them: things {r['nonempty_only']['things']} stuff "
+                f"{r['nonempty_only']['stuff']}"
+            )
     if per_class:
         keys = [k for k in ("crops", "masks_balanced", "masks_world_val") if k in report]
         lines.append("per class: " + " | ".join(keys))

@@ -368,7 +368,8 @@ def stuff_texture(rng: np.random.Generator, spec: ClassSpec, h: int, w: int, sca
         img = base * (1 - crest) + np.array([150, 200, 240], np.float32) * crest
     elif spec.pattern == "sand":  # tan with sparse dark and light specks
         speck = rng.random((h, w))
-        img = np.repeat(base[None, None], h, 0).repeat(w, 1) * (1 + 0.05 * _smooth_noise(rng, h, w, cell(10)))[..., None]
+        shade = 1 + 0.05 * _smooth_noise(rng, h, w, cell(10))
+        img = np.repeat(base[None, None], h, 0).repeat(w, 1) * shade[..., None]
         img[speck < 0.08] *= 0.7
         img[speck > 0.94] = img[speck > 0.94] * 0.4 + 255 * 0.6
     elif spec.pattern == "brick":  # staggered bricks with light mortar
@@ -671,7 +672,8 @@ def frequency_markdown(table: dict[str, Any]) -> str:
     for c in CLASSES:
         cells = [f"{table['columns'][k][c.category_id]['instances']} ({table['columns'][k][c.category_id]['images']})"
                  for k in cols]
-        lines.append(f"| {c.category_id} | {c.name} | {'thing' if c.isthing else 'stuff'} | " + " | ".join(cells) + " |")
+        kind = "thing" if c.isthing else "stuff"
+        lines.append(f"| {c.category_id} | {c.name} | {kind} | " + " | ".join(cells) + " |")
     subsets = ", ".join(f"{k}: {v['num_images']} images (seed {v['seed']})" for k, v in table["subsets"].items())
     return "\n".join(lines) + f"\n\nLabeled subsets as drawn by `--labeled_fraction` with `--seed`: {subsets}.\n"
 
