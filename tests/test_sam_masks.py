@@ -284,3 +284,19 @@ def test_cli(image_dir, tiny_sam_checkpoint, tmp_path, load_script, capsys):
     printed = capsys.readouterr().out
     assert "images/s" in printed and "masks/s" in printed
     assert sorted(_load(out, tmp_path)["image_id"]) == GOOD_IDS[:2]
+
+
+def test_folders_with_the_earlier_settings_file_name_are_still_checked(tmp_path):
+    """A masks folder written with ``sam_config.json`` (the earlier name) keeps guarding its settings: other settings
+    are refused, the same ones accepted without writing a second settings file."""
+    from training.data.mask_shards import CONFIG_FILE, EARLIER_CONFIG_FILE, check_config
+
+    (tmp_path / EARLIER_CONFIG_FILE).write_text(json.dumps(TINY.identity()))
+    check_config(tmp_path, TINY, write=True)
+    assert not (tmp_path / CONFIG_FILE).exists()
+    with pytest.raises(ValueError, match="other settings"):
+        check_config(tmp_path, SamGeneratorConfig(model_type="vit_tiny", points_per_side=3), write=True)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    check_config(fresh, TINY, write=True)
+    assert json.loads((fresh / CONFIG_FILE).read_text()) == TINY.identity()
