@@ -68,7 +68,9 @@ class FrozenClipBackbone(nn.Module):
         super().__init__()
         trunk = getattr(visual, "trunk", None)
         if trunk is None or not hasattr(trunk, "stages") or not hasattr(trunk, "stem"):
-            raise ValueError("DEARLi needs an OpenCLIP timm ConvNeXt image tower (with `trunk.stem` and `trunk.stages`)")
+            raise ValueError(
+                "DEARLi needs an OpenCLIP timm ConvNeXt image tower (with `trunk.stem` and `trunk.stages`)"
+            )
         self.visual = visual
         # CLIP's own (learned, frozen) temperature for zero-shot classification of mask-pooled features.
         self.logit_scale = nn.Parameter(logit_scale.detach().clone().reshape(()), requires_grad=False)

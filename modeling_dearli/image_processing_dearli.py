@@ -177,7 +177,8 @@ class DearliImageProcessor(BaseImageProcessor):
         them gives the same outputs as each image alone."""
         size = self.size if size is None else _check_size(dict(size))
         h, w = _output_size((height, width), size) if self.do_resize else (int(height), int(width))
-        return math.ceil(h / self.size_divisor) * self.size_divisor, math.ceil(w / self.size_divisor) * self.size_divisor
+        divisor = self.size_divisor
+        return math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
 
     # ----------------------------------------------------------------------------------------------------------------
     # Preprocessing
@@ -347,6 +348,12 @@ class DearliImageProcessor(BaseImageProcessor):
             return self.label_ids_to_fuse
         return sorted({int(i) for i in label_ids_to_fuse})
 
+    def _inference_kwargs(self, mask_threshold: float, label_ids_to_fuse: Iterable[int] | None, target_sizes: Any,
+                          unpadded: Any) -> dict[str, Any]:
+        """The arguments panoptic and instance inference share: mask binarisation, stuff classes and sizes."""
+        return {"mask_threshold": mask_threshold, "stuff_ids": self._stuff(label_ids_to_fuse),
+                "output_sizes": target_sizes, "unpadded_sizes": unpadded, "mask_stride": self.mask_stride}
+
     def post_process_panoptic_segmentation(
         self,
         outputs: Any,
@@ -375,15 +382,8 @@ class DearliImageProcessor(BaseImageProcessor):
         """
         probs, masks, unpadded, target_sizes = self._probs_and_sizes(outputs, target_sizes, ensemble_alpha)
         results = panoptic_inference(
-            probs,
-            masks,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            overlap_threshold=overlap_mask_area_threshold,
-            stuff_classes=self._stuff(label_ids_to_fuse),
-            output_sizes=target_sizes,
-            unpadded_sizes=unpadded,
-            mask_stride=self.mask_stride,
+            probs, masks, threshold=threshold, overlap_threshold=overlap_mask_area_threshold,
+            **self._inference_kwargs(mask_threshold, label_ids_to_fuse, target_sizes, unpadded),
         )
         formatted = []
         for r in results:
@@ -435,16 +435,9 @@ class DearliImageProcessor(BaseImageProcessor):
             raise ValueError("return_coco_annotation and return_binary_maps can not both be True")
         probs, masks, unpadded, target_sizes = self._probs_and_sizes(outputs, target_sizes, ensemble_alpha)
         results = instance_inference(
-            probs,
-            masks,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            top_k=top_k,
-            stuff_classes=self._stuff(label_ids_to_fuse),
-            output_sizes=target_sizes,
-            unpadded_sizes=unpadded,
-            mask_stride=self.mask_stride,
+            probs, masks, threshold=threshold, top_k=top_k,
             return_binary_masks=return_binary_maps or return_coco_annotation,
+            **self._inference_kwargs(mask_threshold, label_ids_to_fuse, target_sizes, unpadded),
         )
         formatted = []
         for r in results:

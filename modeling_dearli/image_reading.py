@@ -13,7 +13,8 @@ Prediction, the training datasets, evaluation, SAM-mask generation and the image
   (``round(v / 257)``); PIL's ``convert("RGB")`` would clip it (every value above 255 becomes white). Float images
   (``F``) must hold values in ``[0, 1]``. (PIL already reduces 16-bit RGB PNGs to 8-bit ``RGB`` by scaling.)
 
-A file that cannot be read (truncated, corrupt, not an image, a decompression bomb) raises ``OSError`` naming it. Self-contained (PIL and numpy only): it ships as remote code with the
+A file that cannot be read (truncated, corrupt, not an image, a decompression bomb) raises ``OSError`` naming it.
+Self-contained (PIL and numpy only): it ships as remote code with the
 image processor.
 """
 
@@ -44,8 +45,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         values = np.asarray(image)
         if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
-            raise ValueError(f"mode {mode!r} image with values in [{values.min()}, {values.max()}]: only 16-bit "
-                             "(0..65535) integer images are supported")
+            raise ValueError(
+                f"mode {mode!r} image with values in [{values.min()}, {values.max()}]: only 16-bit "
+                "(0..65535) integer images are supported"
+            )
         gray = np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
     if mode == "F":

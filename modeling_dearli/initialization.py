@@ -32,8 +32,10 @@ from transformers import initialization as init
 
 __all__ = ["deformable_sampling_grid", "init_pixel_decoder"]
 
-_SELF_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(sampling_offsets|attention_weights|value_proj|output_proj)"
-                        r"\.(weight|bias)$")
+_SELF_ATTN = re.compile(
+    r"^(encoder\.layers\.\d+\.self_attn)\.(sampling_offsets|attention_weights|value_proj|output_proj)"
+    r"\.(weight|bias)$"
+)
 _FFN = re.compile(r"^encoder\.layers\.\d+\.fc[12]\.(weight|bias)$")
 _INPUT_PROJECTION = re.compile(r"^input_projections\.\d+\.0\.(weight|bias)$")
 _C2_XAVIER = re.compile(r"^(mask_projection|adapter_\d+\.0|layer_\d+\.0)\.(weight|bias)$")
@@ -66,8 +68,10 @@ def _sampling_geometry(attention: nn.Module, num_heads: int, num_levels: int) ->
     if points is None:
         points, remainder = divmod(attention.attention_weights.out_features, heads * levels)
         if remainder:
-            raise ValueError(f"attention_weights has {attention.attention_weights.out_features} outputs, not a "
-                             f"multiple of {heads} heads x {levels} levels")
+            raise ValueError(
+                f"attention_weights has {attention.attention_weights.out_features} outputs, not a "
+                f"multiple of {heads} heads x {levels} levels"
+            )
     return heads, levels, int(points)
 
 

@@ -129,7 +129,9 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         clip_model = build_open_clip_model(config.clip_model_config)
         self.backbone = FrozenClipBackbone(clip_model.visual, clip_model.logit_scale)
         self.text_encoder = (
-            ClipTextEncoder(clip_model, config.clip_model_config.get("text_cfg", {})) if config.keep_text_tower else None
+            ClipTextEncoder(clip_model, config.clip_model_config.get("text_cfg", {}))
+            if config.keep_text_tower
+            else None
         )
         del clip_model
 
@@ -262,8 +264,10 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             )
         thing_ids = list(self.config.thing_ids)
         if any(i >= len(labels) for i in thing_ids):
-            raise ValueError(f"thing_ids {thing_ids} do not fit the {len(labels)} classes of id2label: pass "
-                             "thing_ids=[...] to from_pretrained together with id2label")
+            raise ValueError(
+                f"thing_ids {thing_ids} do not fit the {len(labels)} classes of id2label: pass "
+                "thing_ids=[...] to from_pretrained together with id2label"
+            )
         logger.info("Re-encoding %d class names from id2label (thing classes %s)", len(labels), thing_ids)
         self.set_class_names(labels, thing_ids)
 
@@ -335,7 +339,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
                 raise ValueError(
                     f"Image {i}: class_labels must lie in [0, {num_classes}) "
-                    f"({'localization-only warm-up uses class 0' if self.config.localization_only else 'contiguous class ids'}), "
+                    f"({'localization-only: class 0' if self.config.localization_only else 'contiguous class ids'}), "
                     f"got values in [{int(classes.min())}, {int(classes.max())}]"
                 )
 
@@ -381,7 +385,9 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
                 Compute `clip_class_logits` (defaults to `True` in eval mode, `False` in training mode).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         if output_clip_logits is None:
             output_clip_logits = not self.training
         self._check_inputs(pixel_values, mask_labels, class_labels)
@@ -439,7 +445,9 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             unpadded_sizes=unpadded_sizes,
             encoder_hidden_states=tuple(features) if output_hidden_states else None,
             pixel_decoder_last_hidden_state=pixel_decoder_output.mask_features,
-            pixel_decoder_hidden_states=tuple(pixel_decoder_output.multi_scale_features) if output_hidden_states else None,
+            pixel_decoder_hidden_states=(
+                tuple(pixel_decoder_output.multi_scale_features) if output_hidden_states else None
+            ),
             transformer_decoder_last_hidden_state=decoder_output.last_hidden_state,
             transformer_decoder_hidden_states=decoder_output.hidden_states if output_hidden_states else None,
         )

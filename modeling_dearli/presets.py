@@ -40,7 +40,9 @@ TINY_DECODER_KWARGS: dict[str, Any] = dict(
 )
 
 
-def tiny_config(class_names: list[str] | None = None, thing_ids: list[int] | None = None, **overrides: Any) -> DearliConfig:
+def tiny_config(
+    class_names: list[str] | None = None, thing_ids: list[int] | None = None, **overrides: Any
+) -> DearliConfig:
     """A few-million-parameter DEARLi configuration that runs in well under a second per image on a CPU."""
     kwargs: dict[str, Any] = dict(
         clip_model_name=TINY_CLIP_MODEL_NAME,

@@ -26,8 +26,9 @@ where the bounds leave the answer open, so cost grows with the mask grid instead
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -131,10 +132,20 @@ def _sizes(
     return list(zip(valid, out))
 
 
-def _stuff_mask(stuff_classes: Iterable[int] | torch.Tensor | None, num_classes: int, device) -> torch.Tensor:
+def _stuff_ids(stuff_ids: Any, stuff_classes: Any, where: str) -> Any:
+    """`stuff_ids`, or the value given under the keyword's earlier name ``stuff_classes`` (with a FutureWarning)."""
+    if stuff_classes is None:
+        return stuff_ids
+    if stuff_ids is not None:
+        raise TypeError(f"{where}: got both stuff_classes= and stuff_ids=; give stuff_ids= only")
+    warnings.warn(f"{where}: stuff_classes= is now called stuff_ids=", FutureWarning, stacklevel=3)
+    return stuff_classes
+
+
+def _stuff_mask(stuff_ids: Iterable[int] | torch.Tensor | None, num_classes: int, device) -> torch.Tensor:
     mask = torch.zeros(num_classes + 1, dtype=torch.bool, device=device)
-    if stuff_classes is not None:
-        ids = torch.as_tensor(list(stuff_classes) if not torch.is_tensor(stuff_classes) else stuff_classes,
+    if stuff_ids is not None:
+        ids = torch.as_tensor(list(stuff_ids) if not torch.is_tensor(stuff_ids) else stuff_ids,
                               dtype=torch.long).to(device)
         ids = ids[(ids >= 0) & (ids < num_classes)]
         mask[ids] = True
@@ -462,11 +473,12 @@ def panoptic_inference(
     threshold: float = 0.0,
     mask_threshold: float = 0.5,
     overlap_threshold: float = 0.8,
-    stuff_classes: Iterable[int] | torch.Tensor | None = None,
+    stuff_ids: Iterable[int] | torch.Tensor | None = None,
     output_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     unpadded_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
     mask_stride: float = MASK_STRIDE,
     method: str = "sparse",
+    stuff_classes: Iterable[int] | torch.Tensor | None = None,
 ) -> list[PanopticSegments]:
     """Mask2Former panoptic inference (detectron2 convention) for a batch.
 
@@ -476,7 +488,8 @@ def panoptic_inference(
         threshold: keep queries whose top (non-void) class probability is ``> threshold`` (DEARLi uses 0.0).
         mask_threshold: binarisation threshold of ``sigmoid(mask logits)``.
         overlap_threshold: minimal ratio of a query's argmax area to its binary-mask area.
-        stuff_classes: class indices whose segments are fused into one per class (``label_ids_to_fuse``).
+        stuff_ids: class indices whose segments are fused into one per class (``label_ids_to_fuse``;
+            ``config.stuff_ids``). ``stuff_classes=`` is accepted as its earlier name.
         output_sizes: per-image ``(H, W)``; ``None`` = the unpadded input size.
         unpadded_sizes: ``(B, 2)`` valid input region ``(height, width)`` in input pixels; ``None`` = whole input.
         mask_stride: input pixels per mask pixel.
@@ -491,7 +504,7 @@ def panoptic_inference(
     num_classes = num_classes_p1 - 1
     device = mask_logits.device
     class_probs = class_probs.to(device=device, dtype=torch.float32)
-    is_stuff = _stuff_mask(stuff_classes, num_classes, device)
+    is_stuff = _stuff_mask(_stuff_ids(stuff_ids, stuff_classes, "panoptic_inference"), num_classes, device)
     sizes = _sizes(batch, mask_logits.shape[-2:], output_sizes, unpadded_sizes, mask_stride)
     all_scores, all_labels = class_probs.max(-1)
     keep = all_labels.ne(num_classes) & (all_scores > threshold)
@@ -642,17 +655,19 @@ def instance_inference(
     threshold: float = 0.5,
     mask_threshold: float = 0.5,
     top_k: int | None = None,
-    stuff_classes: Iterable[int] | torch.Tensor | None = None,
+    stuff_ids: Iterable[int] | torch.Tensor | None = None,
     output_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     unpadded_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
     mask_stride: float = MASK_STRIDE,
     method: str = "sparse",
     return_binary_masks: bool = False,
+    stuff_classes: Iterable[int] | torch.Tensor | None = None,
 ) -> list[InstanceSegments]:
     """Mask2Former instance inference for a batch.
 
     The ``top_k`` (default: number of queries) best (query, class) pairs by class probability are candidates;
-    candidates of ``stuff_classes`` are dropped. Score = class probability x mean ``sigmoid(mask)`` over the binary
+    candidates of ``stuff_ids`` are dropped (``stuff_classes=`` is accepted as its earlier name). Score = class
+    probability x mean ``sigmoid(mask)`` over the binary
     mask (``>= mask_threshold``) on the mask grid; instances with score ``>= threshold`` and a non-empty binary mask at
     output resolution are returned, sorted by decreasing score.
     """
@@ -662,7 +677,7 @@ def instance_inference(
     num_classes = num_classes_p1 - 1
     device = mask_logits.device
     probs = class_probs.to(device=device, dtype=torch.float32)[..., :-1]
-    is_stuff = _stuff_mask(stuff_classes, num_classes, device)
+    is_stuff = _stuff_mask(_stuff_ids(stuff_ids, stuff_classes, "instance_inference"), num_classes, device)
     sizes = _sizes(batch, mask_logits.shape[-2:], output_sizes, unpadded_sizes, mask_stride)
     k = min(top_k if top_k is not None else num_queries, num_queries * num_classes)
     top_scores, top_index = probs.flatten(1).topk(k, dim=1)
@@ -703,9 +718,7 @@ def instance_inference(
         binary_masks = None
         if return_binary_masks:
             binary_masks = _binary_masks(grid, logits[nonempty], mask_threshold)
-        results.append(
-            InstanceSegments(seg, label[nonempty], score[nonempty], query[nonempty], binary_masks)
-        )
+        results.append(InstanceSegments(seg, label[nonempty], score[nonempty], query[nonempty], binary_masks))
     return results
 
 

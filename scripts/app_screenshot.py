@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from training import cli
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Headless Chromium as root in a container: no sandbox, no GPU, nothing that calls home.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -90,7 +92,8 @@ def segment_in_browser(url: str, image: str | os.PathLike, screenshot: str | os.
                        ensemble_alpha: float | None = None, chromium: str | None = None,
                        viewport: tuple[int, int] = (1400, 900), timeout_s: float = 120.0) -> dict:
     """Open the app in headless Chromium, upload ``image``, choose ``task`` (and ``ensemble_alpha``), press Segment,
-    wait for both result pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label, score, area],
+    wait for both result pictures and the segment table, save a full-page ``screenshot``. Returns ``{"rows": [[label,
+    score, area],
     ...], "pictures": [(width, height) of the result images], "status": text, "page_text": the page's text}``."""
     from playwright.sync_api import sync_playwright
 
@@ -138,7 +141,7 @@ def shrink_png(path: str | os.PathLike, max_width: int = 1400, colours: int = 25
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--image", required=True, help="The image to upload and segment.")
     parser.add_argument("--output", required=True, help="Screenshot file (PNG).")
     parser.add_argument("--model", default=None, help="Model folder or Hub id for app.py (default: the app's default).")
@@ -164,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

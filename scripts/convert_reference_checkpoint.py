@@ -2,7 +2,8 @@
 Hugging Face DEARLi folder (``save_pretrained``: safetensors weights, config with ``auto_map``, remote code, image
 processor config).
 
-    python scripts/convert_reference_checkpoint.py --checkpoint checkpoints/coco-panoptic_weights/DEAR_coco_pan_1_128.pth \\
+    python scripts/convert_reference_checkpoint.py \\
+        --checkpoint checkpoints/coco-panoptic_weights/DEAR_coco_pan_1_128.pth \\
         --dataset coco_panoptic --output_dir converted/dear-coco-panoptic-1-128
 """
 
@@ -66,12 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synonyms x 14 templates with ConvNeXt-B's text tower; a GPU takes seconds).",
     )
     parser.add_argument(
-        "--verify_size", type=cli.positive_int, default=128,
-        help="Side of the random image used to verify output shapes."
+        "--verify_size",
+        type=cli.positive_int,
+        default=128,
+        help="Side of the random image used to verify output shapes.",
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty output folder.")
-    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-                        help="Logging level.")
+    parser.add_argument(
+        "--log_level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="Logging level.",
+    )
     return parser.parse_args(argv)
 
 

@@ -25,6 +25,8 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 # isort: split
 import argparse
 import logging
+import os
+import sys
 import time
 
 from training import cli
@@ -36,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/demo",
                         help="Folder of the world, the runs, the models, the pictures (reuse it to resume).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the labeled subset, initialisation and data order.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the labeled subset, initialisation and data order.")
     parser.add_argument("--num_workers", type=cli.positive_int, default=2,
                         help="Trainings run at once, one CPU thread each (the CPU cores to use).")
     return parser.parse_args(argv)
@@ -45,12 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Quiet loading: no "Loading weights" bars between the log lines (here and in the jobs, which inherit it).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     start = time.perf_counter()
     results = run_demo(args.output_dir, world_seed=args.world_seed, seed=args.seed, num_workers=args.num_workers)
     fraction = results["fraction"]
     rows = results["rows"]
     print(f"\nMiniature world, {fraction} of the training images labeled ({DEMO.supervised_steps} supervised steps; "
-          f"DeWa {DEMO.dewa_steps} + Mean Teacher {DEMO.ssl_steps} steps), validation split:")
+          f"DeWa {DEMO.dewa_steps} + Mean Teacher {DEMO.ssl_steps} steps), validation split; in %: panoptic "
+          "quality PQ, over thing classes PQ_th, over stuff classes PQ_st, and mean IoU:")
     print(f"{'':<36}{'PQ':>7}{'PQ_th':>8}{'PQ_st':>8}{'mIoU':>8}")
     for row, title in (("supervised", "supervised (decoder posteriors)"),
                        ("supervised_ensemble", "supervised + CLIP ensemble (Eq. 6)"), ("dearli", "DEARLi")):

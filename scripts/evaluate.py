@@ -1,6 +1,6 @@
 """Evaluate a DEARLi model on a validation set: PQ / SQ / RQ (All, Things, Stuff, per class) and mIoU.
 
-    python scripts/evaluate.py --model_name_or_path PATH --dataset coco_panoptic --images_dir val2017 \
+    python scripts/evaluate.py --model_name_or_path PATH --dataset coco_panoptic --images_dir val2017 \\
         --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
     python scripts/evaluate.py --model_name_or_path PATH --dataset ade20k --dataset_root ADEChallengeData2016
     python scripts/evaluate.py --model_name_or_path PATH --from_disk saved_dataset   # saved with save_to_disk
@@ -24,14 +24,9 @@ from tqdm.auto import tqdm
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 from training import cli
-from training.data.panoptic_datasets import (
-    ClassNames,
-    dataset_class_names,
-    load_class_names,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    semantic_target_from_row,
-)
+from training.data.class_names import ClassNames, load_class_names
+from training.data.panoptic_datasets import dataset_class_names, load_panoptic_dataset
+from training.data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
 from training.data.resolutions import EVALUATION_SIZES, evaluation_size
 from training.data.train_datasets import row_image, without_image_decoding
 from training.evaluation.panoptic_quality import PanopticQuality, print_report

@@ -1,7 +1,7 @@
 """Evaluate panopticapi-format predictions: PQ / SQ / RQ for All, Things, Stuff and per class.
 
-    python scripts/evaluate_panoptic.py --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 \
-        --pred_json predictions.json --pred_folder predictions [--output report.json] [--per_class] \
+    python scripts/evaluate_panoptic.py --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 \\
+        --pred_json predictions.json --pred_folder predictions [--output report.json] [--per_class] \\
         [--engine {auto,hotcoco,numpy}]
 
 Results equal ``panopticapi.evaluation.pq_compute`` on the same files. ``--engine auto`` (default) runs hotcoco's

@@ -22,7 +22,7 @@ import argparse
 import json
 
 from training import cli
-from training.miniature import tiny_clip
+from training.miniature import tiny_clip, tiny_clip_zero_shot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.num_threads)
     if args.strong_views:
         return _strong_views(args)
-    report = tiny_clip.zero_shot_report(args.clip_model_config, args.clip_weights, crops_per_class=args.crops_per_class,
-                                        num_scenes=args.num_scenes, seed=args.seed, world_dir=args.world_dir,
-                                        max_world_images=args.max_world_images, input_scale=args.input_scale)
-    print(tiny_clip.format_report(report))
+    report = tiny_clip_zero_shot.zero_shot_report(
+        args.clip_model_config,
+        args.clip_weights,
+        crops_per_class=args.crops_per_class,
+        num_scenes=args.num_scenes,
+        seed=args.seed,
+        world_dir=args.world_dir,
+        max_world_images=args.max_world_images,
+        input_scale=args.input_scale,
+    )
+    print(tiny_clip_zero_shot.format_report(report))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

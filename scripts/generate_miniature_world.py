@@ -16,12 +16,13 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 import argparse
 import json
 
+from training import cli
 from training.miniature.world import WorldSettings, generate_world
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = WorldSettings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True, help="Folder to write the world to (new or empty).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the world (same seed, same bytes).")
     parser.add_argument("--num_train", type=int, default=2000, help="Training images.")
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

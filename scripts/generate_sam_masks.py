@@ -1,16 +1,16 @@
 """Generate class-agnostic SAM masks (COCO RLE, parquet shards) for the decoder warm-up (DeWa).
 
-    python scripts/generate_sam_masks.py --image_dir coco/train2017 --sam_checkpoint sam_vit_h_4b8939.pth \
+    python scripts/generate_sam_masks.py --image_dir coco/train2017 --sam_checkpoint sam_vit_h_4b8939.pth \\
         --output_dir sam_masks/coco
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
 Without SAM weights, an unsupervised algorithm writes masks in the same format (DeWa reads them the same way):
 
-    python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \
+    python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \\
         --output_dir world/masks_felzenszwalb
 
 Resumable: rerun the same command after an interruption. Read the output with
-`training.data.sam_masks.load_sam_masks(output_dir)`. Unreadable images are logged, recorded in the output folder's
+`training.data.mask_reading.load_masks(output_dir)`. Unreadable images are logged, recorded in the output folder's
 ``failures-*.jsonl`` and skipped; the exit code is then 1 unless ``--allow_skips``.
 """
 
@@ -21,7 +21,8 @@ import argparse
 import logging
 
 from training import cli
-from training.data.sam_masks import SAM_MODEL_REGISTRY, SamGeneratorConfig, generate_sam_masks
+from training.data.mask_generation import generate_masks
+from training.data.sam_models import SAM_MODEL_REGISTRY, SamGeneratorConfig
 from training.data.unsupervised_masks import MASK_SOURCES, FelzenszwalbConfig, FelzenszwalbMaskGenerator
 
 logger = logging.getLogger("generate_sam_masks")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model_type",
         default=defaults.model_type,
         choices=sorted(SAM_MODEL_REGISTRY),
-        help="SAM variant matching the checkpoint (vit_tiny is a test-only model)",
+        help="SAM variant matching the checkpoint",
     )
     parser.add_argument("--points_per_side", type=cli.positive_int, default=defaults.points_per_side,
                         help="point grid per side")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_generator = FelzenszwalbMaskGenerator(FelzenszwalbConfig(
             scale=args.felzenszwalb_scale, sigma=args.felzenszwalb_sigma, min_size=args.felzenszwalb_min_size,
             min_area=args.felzenszwalb_min_area))
-    stats = generate_sam_masks(
+    stats = generate_masks(
         source,
         args.output_dir,
         args.sam_checkpoint,

@@ -10,7 +10,8 @@ class names) are written, plus ``predictions.json`` (all annotations and the cat
 where two inputs (or an input and another output) would share a file name. ``--task semantic`` writes one segment per
 class, ``--task instance`` one per instance (best-scoring on top).
 
-Images are decoded in ``--num_workers`` DataLoader workers and batched ``--batch_size`` at a time with images of the same
+Images are decoded in ``--num_workers`` DataLoader workers and batched ``--batch_size`` at a time with images of the
+same
 padded size, so results equal those of one image at a time; the run reports images per second.
 
 Nothing is overwritten: an output folder that holds the inputs is refused, and so are existing output files unless
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     paths, not_found = find_images(args.inputs, args.recursive)
-    skipped = [{"path": item, "error": "matched no file" if glob.has_magic(item) else "not found"} for item in not_found]
+    skipped = [{"path": item, "error": "matched no file" if glob.has_magic(item) else "not found"}
+               for item in not_found]
     for item in skipped:
         logger.warning("skipping %s: %s", item["path"], item["error"])
     if not paths:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from training.miniature import tiny_clip
+from training import cli
+from training.miniature import tiny_clip, tiny_clip_zero_shot
 
 logger = logging.getLogger("pretrain_tiny_clip")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True, help="Run folder (checkpoints, log, final weights).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial weights and of the caption stream.")
     parser.add_argument("--max_train_steps", type=int, default=4000, help="Optimizer steps.")
@@ -35,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate (cosine decay).")
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay of matrices.")
     parser.add_argument("--warmup_steps", type=int, default=200, help="Linear warm-up steps.")
-    parser.add_argument("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps.")
+    parser.add_argument("--checkpointing_steps", type=int, default=250,
+                        help="Save a resumable checkpoint every N steps.")
     parser.add_argument("--logging_steps", type=int, default=10, help="Log the loss every N steps.")
     parser.add_argument("--eval_steps", type=int, default=0, help="Zero-shot report every N steps (0: never).")
     parser.add_argument("--kinds", type=str, default=None,
                         help='Mix of the caption stream as JSON, default {"object": 0.5, "stuff": 0.2, "scene": 0.3}.')
     parser.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     parser.add_argument("--init_weights", type=str, default=None,
-                        help="Continue from these OpenCLIP .safetensors weights (fresh optimizer) instead of random ones.")
+                        help="Continue from these OpenCLIP .safetensors weights (fresh optimizer) instead of random "
+                             "ones.")
     parser.add_argument("--stream_offset", type=int, default=0,
                         help="First step of the caption stream (a continuation reads pairs its first stage never saw).")
     parser.add_argument("--region_scenes", type=int, default=0,
@@ -63,9 +66,9 @@ def main(argv: list[str] | None = None) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.safetensors"
             tiny_clip.save_open_clip_weights(model, weights)
-            report = tiny_clip.zero_shot_report(Path(args.output_dir) / "tiny_clip_config.json", weights,
+            report = tiny_clip_zero_shot.zero_shot_report(Path(args.output_dir) / "tiny_clip_config.json", weights,
                                                 crops_per_class=4, num_scenes=24)
-        logger.info("\n%s", tiny_clip.format_report(report, per_class=False))
+        logger.info("\n%s", tiny_clip_zero_shot.format_report(report, per_class=False))
         return {k: {m: v[m] for m in ("all", "things", "stuff", "things_called_stuff")} if isinstance(v, dict) else v
                 for k, v in report.items()}
 
@@ -88,4 +91,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

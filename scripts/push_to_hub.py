@@ -2,7 +2,7 @@
 
 Writes the complete repository folder (safetensors weights, config with ``auto_map``, remote-code modules, image
 processor config, README model card filled from the config and an optional evaluation report) and uploads it with
-``huggingface_hub``. With ``--local-dir`` and no token (neither ``--token``, ``HF_TOKEN`` nor a cached login) it only
+``huggingface_hub``. With ``--local_dir`` and no token (neither ``--token``, ``HF_TOKEN`` nor a cached login) it only
 writes the folder.
 
     python scripts/push_to_hub.py --model_name_or_path outputs/dearli-ade20k-1_128 --repo_id me/dearli-ade20k-1-128 \\

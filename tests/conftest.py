@@ -76,9 +76,11 @@ def tiny_model_with_text_tower_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised test-size SAM (``vit_tiny``) saved as a checkpoint file."""
-    from training.data.sam_masks import build_sam_vit_tiny
+    """A randomly initialised test-size SAM saved as a checkpoint file; ``--model_type vit_tiny`` (registered here)
+    builds its architecture."""
+    from tiny_sam import build_sam_vit_tiny, register
 
+    register()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
     torch.save(build_sam_vit_tiny().state_dict(), path)
@@ -93,12 +95,9 @@ def trained_tiny_model_dir(coco_sample_dir, tmp_path_factory) -> Path:
     instances with score >= 0.5; about 20 s on one thread)."""
     from modeling_dearli import DearliImageProcessor
     from modeling_dearli import tiny_model as build_tiny_model
-    from training.data.panoptic_datasets import (
-        load_class_names,
-        load_coco_panoptic,
-        panoptic_target_from_row,
-        restrict_to_present_classes,
-    )
+    from training.data.class_names import load_class_names
+    from training.data.panoptic_datasets import load_coco_panoptic, restrict_to_present_classes
+    from training.data.panoptic_targets import panoptic_target_from_row
 
     sample = coco_sample_dir
     rows = load_coco_panoptic(sample / "images", sample / "panoptic", sample / "panoptic_annotations.json",

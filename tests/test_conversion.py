@@ -187,10 +187,14 @@ def test_round_trip_copies_every_reference_tensor(converted, reference, config):
         "sem_seg_head.pixel_decoder.input_proj.0.0.weight": "pixel_decoder.input_projections.0.0.weight",
         "sem_seg_head.pixel_decoder.input_proj.2.1.bias": "pixel_decoder.input_projections.2.1.bias",
         "sem_seg_head.pixel_decoder.transformer.level_embed": "pixel_decoder.level_embed",
-        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.sampling_offsets.weight": "pixel_decoder.encoder.layers.0.self_attn.sampling_offsets.weight",
-        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.linear1.weight": "pixel_decoder.encoder.layers.0.fc1.weight",
-        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm1.bias": "pixel_decoder.encoder.layers.0.self_attn_layer_norm.bias",
-        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm2.weight": "pixel_decoder.encoder.layers.0.final_layer_norm.weight",
+        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.sampling_offsets.weight":
+            "pixel_decoder.encoder.layers.0.self_attn.sampling_offsets.weight",
+        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.linear1.weight":
+            "pixel_decoder.encoder.layers.0.fc1.weight",
+        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm1.bias":
+            "pixel_decoder.encoder.layers.0.self_attn_layer_norm.bias",
+        "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm2.weight":
+            "pixel_decoder.encoder.layers.0.final_layer_norm.weight",
         "sem_seg_head.pixel_decoder.adapter_1.weight": "pixel_decoder.adapter_1.0.weight",
         "sem_seg_head.pixel_decoder.adapter_1.norm.weight": "pixel_decoder.adapter_1.1.weight",
         "sem_seg_head.pixel_decoder.layer_1.norm.bias": "pixel_decoder.layer_1.1.bias",
@@ -198,14 +202,21 @@ def test_round_trip_copies_every_reference_tensor(converted, reference, config):
         "sem_seg_head.predictor.query_feat.weight": "transformer_module.queries_features.weight",
         "sem_seg_head.predictor.query_embed.weight": "transformer_module.queries_embedder.weight",
         "sem_seg_head.predictor.level_embed.weight": "transformer_module.level_embed.weight",
-        "sem_seg_head.predictor.transformer_cross_attention_layers.1.multihead_attn.in_proj_weight": "transformer_module.decoder.layers.1.cross_attn.in_proj_weight",
-        "sem_seg_head.predictor.transformer_cross_attention_layers.1.norm.weight": "transformer_module.decoder.layers.1.cross_attn_layer_norm.weight",
-        "sem_seg_head.predictor.transformer_self_attention_layers.0.self_attn.out_proj.weight": "transformer_module.decoder.layers.0.self_attn.out_proj.weight",
-        "sem_seg_head.predictor.transformer_self_attention_layers.0.norm.bias": "transformer_module.decoder.layers.0.self_attn_layer_norm.bias",
-        "sem_seg_head.predictor.transformer_ffn_layers.1.linear2.weight": "transformer_module.decoder.layers.1.fc2.weight",
-        "sem_seg_head.predictor.transformer_ffn_layers.1.norm.weight": "transformer_module.decoder.layers.1.final_layer_norm.weight",
+        "sem_seg_head.predictor.transformer_cross_attention_layers.1.multihead_attn.in_proj_weight":
+            "transformer_module.decoder.layers.1.cross_attn.in_proj_weight",
+        "sem_seg_head.predictor.transformer_cross_attention_layers.1.norm.weight":
+            "transformer_module.decoder.layers.1.cross_attn_layer_norm.weight",
+        "sem_seg_head.predictor.transformer_self_attention_layers.0.self_attn.out_proj.weight":
+            "transformer_module.decoder.layers.0.self_attn.out_proj.weight",
+        "sem_seg_head.predictor.transformer_self_attention_layers.0.norm.bias":
+            "transformer_module.decoder.layers.0.self_attn_layer_norm.bias",
+        "sem_seg_head.predictor.transformer_ffn_layers.1.linear2.weight":
+            "transformer_module.decoder.layers.1.fc2.weight",
+        "sem_seg_head.predictor.transformer_ffn_layers.1.norm.weight":
+            "transformer_module.decoder.layers.1.final_layer_norm.weight",
         "sem_seg_head.predictor.decoder_norm.weight": "transformer_module.decoder.layernorm.weight",
-        "sem_seg_head.predictor.mask_embed.layers.2.weight": "transformer_module.decoder.mask_predictor.mask_embedder.2.0.weight",
+        "sem_seg_head.predictor.mask_embed.layers.2.weight":
+            "transformer_module.decoder.mask_predictor.mask_embedder.2.0.weight",
         "sem_seg_head.predictor.class_embed.layers.2.weight": "class_embed.2.0.weight",
         "sem_seg_head.predictor.logit_scale": "logit_scale",
         "void_embedding.weight": "void_embedding.weight",
@@ -319,8 +330,10 @@ def test_missing_unexpected_and_mismatched_keys_fail_clearly(reference, config):
         convert(edited("sem_seg_head.predictor.transformer_ffn_layers.1.linear1.bias"))
 
     moved = reference["sem_seg_head.predictor.class_embed.layers.2.weight"]
-    renamed = edited("sem_seg_head.predictor.class_embed.layers.2.weight",
-                     **{"sem_seg_head/predictor/class_embed/layers/9/weight": moved})
+    renamed = edited(
+        "sem_seg_head.predictor.class_embed.layers.2.weight",
+        **{"sem_seg_head/predictor/class_embed/layers/9/weight": moved},
+    )
     with pytest.raises(ReferenceCheckpointError) as error:
         convert(renamed)
     assert "class_embed.layers.2.weight" in str(error.value) and "class_embed.layers.9.weight" in str(error.value)

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 from safetensors.torch import load_file
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
-from training.data.sam_masks import SAM_MASKS_SCHEMA
+from training.data.mask_shards import MASKS_SCHEMA
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model_preset", "tiny", "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
@@ -47,7 +47,7 @@ def _sam_records(sample_dir: Path, limit: int | None = None) -> list[dict]:
 
 def _write_sam_dir(path: Path, records: list[dict]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records, schema=SAM_MASKS_SCHEMA), path / "shard-r000-000000.parquet")
+    pq.write_table(pa.Table.from_pylist(records, schema=MASKS_SCHEMA), path / "shard-r000-000000.parquet")
     return path
 
 
@@ -58,14 +58,14 @@ def sam_dir(coco_sample_dir, tmp_path_factory) -> Path:
 
 def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
     """Every SAM mask is one class-0 target; as in the released DeWa, masks the crop leaves empty stay as (empty)
-    targets, unless drop_empty_masks (--drop_empty_sam_masks)."""
-    from training.data.sam_masks import load_sam_masks
-    from training.data.train_datasets import SamMasksTrainDataset
+    targets, unless drop_empty_masks (--drop_empty_masks)."""
+    from training.data.mask_reading import load_masks
+    from training.data.train_datasets import MasksTrainDataset
     from training.data.transforms import ResizeShortestEdgeJitter
 
-    records = load_sam_masks(sam_dir)
+    records = load_masks(sam_dir)
     transform = ResizeShortestEdgeJitter((96, 128), 1.5, 2.0)  # 144..192 shorter side: the crop cuts masks away
-    dataset = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform)
+    dataset = MasksTrainDataset([(records, coco_sample_dir / "images")], transform)
     item = dataset[(1, 123)]
     assert item["pixel_values"].shape == (3, 96, 128)
     assert item["mask_labels"].shape[1:] == (96, 128) and len(item["mask_labels"]) == records[1]["num_masks"]
@@ -76,7 +76,7 @@ def test_sam_dataset_gives_class_agnostic_targets(sam_dir, coco_sample_dir):
     again = dataset[(1, 123)]
     assert torch.equal(item["pixel_values"], again["pixel_values"]) and torch.equal(item["mask_labels"],
                                                                                      again["mask_labels"])
-    dropping = SamMasksTrainDataset([(records, coco_sample_dir / "images")], transform, drop_empty_masks=True)
+    dropping = MasksTrainDataset([(records, coco_sample_dir / "images")], transform, drop_empty_masks=True)
     dropped = dropping[(1, 123)]
     assert torch.equal(dropped["mask_labels"], item["mask_labels"][non_empty])
     assert torch.equal(dropped["pixel_values"], item["pixel_values"])
@@ -121,7 +121,7 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_accelerate_launch_checkpoint_and_exact_resume(sam_dir, coco_sample_dir, tmp_path, check_saved_processor):
-    common = [*TINY, "--sam_masks_dir", str(sam_dir), "--image_dir", str(coco_sample_dir / "images"),
+    common = [*TINY, "--masks_dir", str(sam_dir), "--image_dir", str(coco_sample_dir / "images"),
               "--train_batch_size", "2", "--crop_size", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--checkpoints_total_limit", "0", "--logging_steps", "1", "--with_tracking", "--report_to", "tensorboard"]
     straight = tmp_path / "straight"
@@ -173,7 +173,7 @@ def test_nan_loss_is_reported_and_never_checkpointed(sam_dir, coco_sample_dir, t
     monkeypatch.setattr(dewa, "build_model", build_model_with_nan)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteError) as error:
-        dewa.main([*TINY, "--sam_masks_dir", str(sam_dir), "--image_dir", str(coco_sample_dir / "images"),
+        dewa.main([*TINY, "--masks_dir", str(sam_dir), "--image_dir", str(coco_sample_dir / "images"),
                    "--train_batch_size", "1", "--crop_size", "48", "--max_train_steps", "5", "--checkpointing_steps",
                    "1", "--checkpoints_total_limit", "0", "--output_dir", str(out)])
     assert error.value.step == 3 and "step 3" in str(error.value)
@@ -191,9 +191,10 @@ def test_tiny_model_overfits_one_image_of_sam_masks(coco_sample_dir, tmp_path, f
     records[0]["masks"] = [m for m in records[0]["masks"] if m["area"] > 8000]  # 4 regions: tree, grass, sky, crowd
     assert len(records[0]["masks"]) == 4
     sam_one = _write_sam_dir(tmp_path / "one", records)
-    result = dewa.main([*TINY, "--sam_masks_dir", str(sam_one), "--image_dir", str(coco_sample_dir / "images"),
+    result = dewa.main([*TINY, "--masks_dir", str(sam_one), "--image_dir", str(coco_sample_dir / "images"),
                         "--train_batch_size", "1", "--crop_size", "96", "144", "--scale_augmentation", "lsj",
-                        "--min_scale", "1", "--max_scale", "1", "--flip_prob", "0", "--color_augmentation", "none", "--learning_rate", "0.001", "--max_train_steps", "90",
+                        "--min_scale", "1", "--max_scale", "1", "--flip_prob", "0", "--color_augmentation", "none",
+                        "--learning_rate", "0.001", "--max_train_steps", "90",
                         "--checkpointing_steps", "0", "--logging_steps", "1", "--output_dir", str(tmp_path / "out")])
     losses = [h["train/loss"] for h in result.history]
     assert len(losses) == 90

@@ -71,7 +71,7 @@ def in_process_report(tiny_folder, tiny_model, load_script):
 def test_evaluate_matches_manual_loop(in_process_report, tiny_model):
     import torch
 
-    from training.data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+    from training.data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
     from training.evaluation.panoptic_quality import PanopticQuality
 
     report, ds, processor = in_process_report
@@ -113,7 +113,7 @@ def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report,
 
 def test_label_space_mismatch_is_reported(tiny_model, tmp_path, load_script):
     script = load_script("evaluate")
-    from training.data.panoptic_datasets import ClassNames
+    from training.data.class_names import ClassNames
 
     names = ClassNames((1, 2), ("a", "b"), (True, False))
     with pytest.raises(ValueError, match="3 classes, the dataset 2"):

@@ -1,4 +1,4 @@
-"""The fault suite (issue 18): bad input as a careless or hostile user gives it, table by table, each case asserting its
+"""The fault suite: bad input as a careless or hostile user gives it, table by table, each case asserting its
 outcome — a clear one-line error, a logged and counted skip, or the correct result — with the inputs unchanged.
 
 Tables: the image reader (every PIL mode, broken files), the one reader in every consumer (16-bit images), vocabularies
@@ -198,7 +198,7 @@ def _consumer_training_dataset(path: Path) -> torch.Tensor:
 
 
 def _consumer_sam_masks(path: Path) -> torch.Tensor:
-    from training.data.sam_masks import list_image_items
+    from training.data.mask_generation import list_image_items
 
     (item,) = list_image_items([path])
     return torch.from_numpy(np.asarray(item.load()).copy())
@@ -454,7 +454,8 @@ def tampered_model_dir(tiny_model_with_processor_dir, tmp_path_factory) -> Path:
     assert modules and all((folder / f"{m}.py").is_file() for m in modules)
     for module in modules:
         code = (folder / f"{module}.py").read_text()
-        (folder / f"{module}.py").write_text(f"{code}\nimport pathlib\n\npathlib.Path({str(folder.parent / 'MARKER')!r})"
+        marker = str(folder.parent / "MARKER")
+        (folder / f"{module}.py").write_text(f"{code}\nimport pathlib\n\npathlib.Path({marker!r})"
                                              ".write_text('model folder code ran')\n")
     return folder
 
@@ -610,7 +611,8 @@ def test_model_folder_code_never_runs_unasked(photos, tampered_model_dir, tmp_pa
     # Our own model type: the installed package's code is used, even with --trust_remote_code (transformers prefers
     # explicitly registered classes).
     for extra in ([], ["--trust_remote_code"]):
-        assert predict.main(_predict_args([str(photos)], tampered_model_dir, tmp_path / f"out{len(extra)}", *extra)) == 0
+        out = tmp_path / f"out{len(extra)}"
+        assert predict.main(_predict_args([str(photos)], tampered_model_dir, out, *extra)) == 0
         assert not marker.exists()
     # A model type this package does not provide: refused unless --trust_remote_code, in one line.
     other = tmp_path / "other_model"
@@ -625,7 +627,8 @@ def test_model_folder_code_never_runs_unasked(photos, tampered_model_dir, tmp_pa
     # folder does run its code, so the checks above are not vacuous.
     check = ("import sys; sys.modules['modeling_dearli'] = None\n"
              "from transformers import AutoModelForUniversalSegmentation\n"
-             f"AutoModelForUniversalSegmentation.from_pretrained({str(tampered_model_dir)!r}, trust_remote_code=True)\n")
+             f"AutoModelForUniversalSegmentation.from_pretrained({str(tampered_model_dir)!r}, "
+             "trust_remote_code=True)\n")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path, check=False)
@@ -785,8 +788,8 @@ def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
     """Each training dataset returns the next readable example in place of an unreadable one and reports it."""
     from training.data.panoptic_datasets import load_coco_panoptic
     from training.data.train_datasets import (
+        MasksTrainDataset,
         PanopticTrainDataset,
-        SamMasksTrainDataset,
         UnlabeledTrainDataset,
     )
 
@@ -796,7 +799,7 @@ def test_training_datasets_replace_an_unreadable_example(kind, training_folder):
     if kind == "sam_masks":
         records = [{"image_id": Path(name).stem, "file_name": name, "height": h, "width": w, "masks": []}
                    for name, (h, w) in zip(rows["file_name"], [(427, 640), (360, 640), (427, 640)])]
-        dataset = SamMasksTrainDataset([(records, training_folder / "images")], None)
+        dataset = MasksTrainDataset([(records, training_folder / "images")], None)
     else:
         dataset = (PanopticTrainDataset if kind == "labeled" else UnlabeledTrainDataset)(rows, None)
     item = dataset[(bad_index, 7)]

@@ -52,15 +52,15 @@ def model_dir(tmp_path_factory) -> Path:
     """A trained-model folder as the training scripts leave it (a tiny model with ADE20K's 150 classes, as the card's
     dataset requires): weights, a small-resolution processor, provenance."""
     from modeling_dearli import tiny_model
-    from training.data.panoptic_datasets import load_class_names
+    from training.data.class_names import load_class_names
 
     path = tmp_path_factory.mktemp("model") / "dearli"
     ade20k = load_class_names("ade20k")
     model = tiny_model(class_names=list(ade20k.names), thing_ids=ade20k.thing_ids, seed=0)
     model.save_pretrained(path)
-    DearliImageProcessor.from_model_config(model.config, size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(
-        path
-    )
+    DearliImageProcessor.from_model_config(
+        model.config, size={"shortest_edge": 64, "longest_edge": 128}
+    ).save_pretrained(path)
     (path / "conversion_info.json").write_text(json.dumps(CONVERSION_INFO))
     return path
 
@@ -98,8 +98,13 @@ def test_repo_folder_has_everything_remote_code_needs(repo_dir):
         "README.md",
         "conversion_info.json",
     } <= names
-    assert {"modeling_dearli.py", "configuration_dearli.py", "clip_backbone.py", "image_processing_dearli.py",
-            "pipeline_dearli.py"} <= names
+    assert {
+        "modeling_dearli.py",
+        "configuration_dearli.py",
+        "clip_backbone.py",
+        "image_processing_dearli.py",
+        "pipeline_dearli.py",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     config = json.loads((repo_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForUniversalSegmentation"] == "modeling_dearli.DearliForPanopticSegmentation"

@@ -28,7 +28,8 @@ CHECK = textwrap.dedent(
     from modeling_dearli.presets import tiny_model
     from training.arguments import resolve_config_path
     from training.data.package_data import COCO_PANOPTIC_SAMPLE, DATA_DIR
-    from training.data.panoptic_datasets import load_class_names, partition_keys
+    from training.data.class_names import load_class_names
+    from training.data.partitions import partition_keys
 
     site = Path(sys.argv[1]).resolve()
     for module in (modeling_dearli, training):  # the installed copy, not the checkout

@@ -12,13 +12,10 @@ import pytest
 from PIL import Image
 
 from modeling_dearli.image_processing_dearli import rgb_to_id
-from training.data.panoptic_datasets import (
-    load_coco_panoptic,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    read_class_names,
-    split_labeled_unlabeled,
-)
+from training.data.class_names import read_class_names
+from training.data.panoptic_datasets import load_coco_panoptic, load_panoptic_dataset
+from training.data.panoptic_targets import panoptic_target_from_row
+from training.data.partitions import split_labeled_unlabeled
 from training.evaluation.panoptic_quality import evaluate_panoptic_folders
 from training.miniature import world as W
 
@@ -109,8 +106,7 @@ def test_loads_through_the_coco_panoptic_code_with_the_class_names_file(small_wo
 
 
 def test_class_names_file_gives_the_loops_synonyms(small_world: Path):
-    from training.arguments import parse_args
-    from training.data.train_datasets import load_panoptic_training_data
+    from training.arguments import load_panoptic_training_data, parse_args
 
     train, val = W.world_paths(small_world, "train"), W.world_paths(small_world, "val")
     argv = ["--dataset_name", "custom", "--train_images_dir", str(train["images"]), "--train_panoptic_dir",

@@ -88,7 +88,8 @@ def test_loss_is_finite_and_backward_reaches_only_the_decoder():
 
 def test_loss_terms_are_weighted_like_the_paper():
     config = DearliConfig(class_names=["a", "b"], clip_model_config=TINY_CLIP_MODEL_CONFIG)
-    assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
+    weights = (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight)
+    assert weights == (2.0, 5.0, 5.0, 0.1)
     model = tiny_model(seed=3, class_weight=2.0).train()
     masks, classes = _labels(1, 64, 64, model.config.num_classes)
     pixel_values = torch.randn(1, 3, 64, 64)
@@ -96,7 +97,8 @@ def test_loss_terms_are_weighted_like_the_paper():
     weighted = model(pixel_values, mask_labels=masks, class_labels=classes).loss_dict
     torch.manual_seed(0)
     raw = model.criterion(
-        **{k: v for k, v in model(pixel_values, output_auxiliary_logits=True).items() if k in ("masks_queries_logits", "class_queries_logits")},
+        **{k: v for k, v in model(pixel_values, output_auxiliary_logits=True).items()
+           if k in ("masks_queries_logits", "class_queries_logits")},
         mask_labels=masks,
         class_labels=classes,
     )
@@ -257,7 +259,8 @@ def test_remote_code_loads_in_a_fresh_process_without_the_package(tiny_model, tm
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
@@ -304,7 +307,8 @@ def test_from_pretrained_with_id2label_re_encodes_the_classes_or_refuses(tiny_mo
         with torch.no_grad():
             out = model.eval()(torch.randn(1, 3, 64, 64))
         assert out.class_queries_logits.shape[-1] == 4 and out.clip_class_logits.shape[-1] == 3
-    same = DearliForPanopticSegmentation.from_pretrained(tmp_path / "kept", id2label={0: "person", 1: "sky", 2: "grass"})
+    same = DearliForPanopticSegmentation.from_pretrained(tmp_path / "kept",
+                                                         id2label={0: "person", 1: "sky", 2: "grass"})
     assert same.config.class_names == saved.config.class_names  # the saved labels: synonyms and embeddings kept
     assert torch.equal(same.text_embeddings, saved.text_embeddings)
     with pytest.raises(ValueError, match="thing_ids"):
@@ -333,7 +337,8 @@ def test_base_model_prefix_follows_transformers_convention_for_a_model_without_b
 
 
 def tiny_model_factory(class_names=None, **kwargs):
-    return tiny_model(class_names=class_names or ["person,man,woman", "sky", "grass,lawn"], thing_ids=[0], seed=0, **kwargs)
+    return tiny_model(class_names=class_names or ["person,man,woman", "sky", "grass,lawn"], thing_ids=[0], seed=0,
+                      **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -342,19 +347,23 @@ def tiny_model_factory(class_names=None, **kwargs):
         (dict(pixel_values=torch.randn(1, 1, 64, 64)), "3, height, width"),
         (dict(pixel_values=torch.randn(3, 64, 64)), "3, height, width"),
         (
-            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([3])]),
+            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)],
+                 class_labels=[torch.tensor([3])]),
             r"class_labels must lie in \[0, 3\)",
         ),
         (
-            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([-1])]),
+            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)],
+                 class_labels=[torch.tensor([-1])]),
             r"class_labels must lie in \[0, 3\)",
         ),
         (
-            dict(pixel_values=torch.randn(2, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([0])]),
+            dict(pixel_values=torch.randn(2, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)],
+                 class_labels=[torch.tensor([0])]),
             "for a batch of 2 images",
         ),
         (
-            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(2, 64, 64)], class_labels=[torch.tensor([0])]),
+            dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(2, 64, 64)],
+                 class_labels=[torch.tensor([0])]),
             "matching class_labels",
         ),
         (dict(pixel_values=torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)]), "together"),
@@ -377,8 +386,10 @@ def test_config_validation_and_synonyms():
     with pytest.raises(ValueError, match="ensemble_alpha"):
         DearliConfig(class_names=["a"], ensemble_alpha=1.5, clip_model_config=TINY_CLIP_MODEL_CONFIG)
     default = DearliConfig(class_names=["a"])
-    assert (default.clip_model_name, default.clip_pretrained) == ("convnext_base_w_320", "laion_aesthetic_s13b_b82k_augreg")
-    assert (default.num_queries, default.decoder_layers, default.hidden_dim, default.encoder_layers) == (200, 10, 256, 6)
+    assert default.clip_model_name == "convnext_base_w_320"
+    assert default.clip_pretrained == "laion_aesthetic_s13b_b82k_augreg"
+    sizes = (default.num_queries, default.decoder_layers, default.hidden_dim, default.encoder_layers)
+    assert sizes == (200, 10, 256, 6)
     assert default.ensemble_alpha == 0.6
 
 

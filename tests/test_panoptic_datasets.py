@@ -16,25 +16,18 @@ from PIL import Image
 
 from modeling_dearli.image_processing_dearli import id_to_rgb, rgb_to_id
 from training.data.ade20k_conversion import convert_annotation, prepare_ade20k_panoptic
+from training.data.class_names import ADE20K_THING_IDS, ClassNames, load_class_names, read_class_names
 from training.data.package_data import COCO_PANOPTIC_SAMPLE, DATA_DIR
 from training.data.panoptic_datasets import (
-    ADE20K_THING_IDS,
-    ClassNames,
     dataset_class_names,
     load_ade20k_panoptic,
-    load_class_names,
     load_coco_objects,
     load_coco_panoptic,
     load_panoptic_dataset,
-    masks_and_labels,
-    panoptic_target_from_row,
-    partition_keys,
-    read_class_names,
-    read_split_file,
-    semantic_target_from_row,
-    split_labeled_unlabeled,
     to_coco_objects,
 )
+from training.data.panoptic_targets import masks_and_labels, panoptic_target_from_row, semantic_target_from_row
+from training.data.partitions import partition_keys, read_split_file, split_labeled_unlabeled
 from training.evaluation.panoptic_quality import PanopticQuality
 
 REPO = Path(__file__).resolve().parents[1]
@@ -485,7 +478,7 @@ def test_standard_partition_on_a_dataset_with_those_images(tmp_path):
 
 def test_class_names_dataclass():
     names = ClassNames((5, 9), ("cat,kitty", "grass"), (True, False))
-    assert names.id_to_label == {5: 0, 9: 1} and names.label_to_id == [5, 9]
+    assert names.category_to_index == {5: 0, 9: 1} and names.index_to_category == [5, 9]
     assert names.thing_ids == [0] and names.first_names == ["cat", "grass"]
     assert names.categories()[0] == {"id": 5, "name": "cat", "isthing": 1}
     assert names.contiguous_categories()[1] == {"id": 1, "name": "grass", "isthing": 0}

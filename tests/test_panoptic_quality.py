@@ -1,4 +1,5 @@
-"""PQ / SQ / RQ and mIoU against panopticapi and hotcoco on the shipped COCO panoptic sample with perturbed predictions."""
+"""PQ / SQ / RQ and mIoU against panopticapi and hotcoco on the shipped COCO panoptic sample with perturbed
+predictions."""
 
 from __future__ import annotations
 
@@ -448,6 +449,23 @@ def test_evaluate_panoptic_cli(perturbed_case, tmp_path, engine):
     assert set(report["All"]) == {"pq", "sq", "rq", "n"}
     report["per_class"] = {int(k): v for k, v in report["per_class"].items()}
     assert_same(panopticapi(*files), report)
+
+
+@pytest.mark.skipif(not _has_hotcoco(), reason="hotcoco not installed")
+def test_folder_evaluation_does_not_import_torch(perturbed_case, tmp_path):
+    """The folder evaluation (the command's whole path, hotcoco engine) runs without importing torch or transformers:
+    they would multiply the command's start-up time."""
+    files, _, _, _ = perturbed_case
+    code = ("import runpy, sys\n"
+            f"script = runpy.run_path({str(REPO / 'scripts' / 'evaluate_panoptic.py')!r})\n"
+            f"code = script['main'](['--gt_json', {files[0]!r}, '--gt_folder', {files[2]!r}, '--pred_json', "
+            f"{files[1]!r}, '--pred_folder', {files[3]!r}, '--no_progress', '--engine', 'hotcoco'])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules)\n"
+            "print('exit', code, 'heavy', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "All" in proc.stdout  # the report was printed
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 heavy []"
 
 
 def test_evaluate_panoptic_cli_output_dir(perturbed_case, tmp_path):

@@ -242,7 +242,7 @@ def test_panoptic_matches_reference(case, seed, use_method):
     for variant in METHODS:
         method = use_method(variant)
         results = panoptic_inference(
-            probs, masks, threshold=threshold, stuff_classes=stuff, method=method, **kw
+            probs, masks, threshold=threshold, stuff_ids=stuff, method=method, **kw
         )
         for b, result in enumerate(results):
             valid, out = _valid_and_out(kw, b, *masks.shape[-2:])
@@ -266,7 +266,7 @@ def test_sparse_path_at_model_scale_equals_dense(threshold, monkeypatch):
     sparse = segmentation_inference._panoptic_pixels_sparse
     monkeypatch.setattr(segmentation_inference, "_panoptic_pixels_sparse",
                         lambda *a, **k: calls.append(sparse(*a, **k)) or calls[-1])
-    kw = dict(threshold=threshold, stuff_classes=range(10, 20), output_sizes=[(250, 330)],
+    kw = dict(threshold=threshold, stuff_ids=range(10, 20), output_sizes=[(250, 330)],
               unpadded_sizes=torch.tensor([[250, 300]]))
     fast = panoptic_inference(probs, masks, method="sparse", **kw)[0]
     assert calls and (calls[0] is not None or threshold > 0)  # uncovered regions may make dense cheaper
@@ -284,7 +284,7 @@ def test_panoptic_finds_segments_and_fuses_stuff():
     # Two queries of one stuff class covering different regions become one segment.
     labels[0, 1] = labels[0, 2] = 6
     probs = F.one_hot(labels, 9).float() * 0.9 + 0.1 / 9
-    result = panoptic_inference(probs, masks, stuff_classes=[6])[0]
+    result = panoptic_inference(probs, masks, stuff_ids=[6])[0]
     assert len(result.ids) == 5
     assert sorted(result.labels.tolist()) == [0, 0, 3, 4, 6]  # queries 1 and 2 fused, class-0 things not
     assert result.was_fused[result.labels == 6].all() and not result.was_fused[result.labels != 6].any()
@@ -293,6 +293,9 @@ def test_panoptic_finds_segments_and_fuses_stuff():
     masks_out, classes_out = result.to_mask_labels()
     assert masks_out.shape == (len(result.ids), *result.segmentation.shape)
     assert (masks_out.sum(0) <= 1).all() and torch.equal(classes_out, result.labels)
+    with pytest.warns(FutureWarning, match="stuff_classes= is now called stuff_ids="):
+        earlier = panoptic_inference(probs, masks, stuff_classes=[6])[0]
+    assert torch.equal(earlier.segmentation, result.segmentation) and torch.equal(earlier.labels, result.labels)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -316,7 +319,7 @@ def test_instance_matches_reference(case, use_method):
     stuff = {6, 7}
     for variant in METHODS:
         method = use_method(variant)
-        results = instance_inference(probs, masks, threshold=0.2, stuff_classes=stuff, method=method,
+        results = instance_inference(probs, masks, threshold=0.2, stuff_ids=stuff, method=method,
                                      return_binary_masks=True, **kw)
         for b, result in enumerate(results):
             valid, out = _valid_and_out(kw, b, *masks.shape[-2:])

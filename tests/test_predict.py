@@ -26,12 +26,27 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def test_predict_panoptic_writes_png_json_overlay(load_script, tiny_model_with_processor_dir, inputs, tmp_path, tiny_model):
+def test_predict_panoptic_writes_png_json_overlay(
+    load_script, tiny_model_with_processor_dir, inputs, tmp_path, tiny_model
+):
     predict = load_script("predict")
     out = tmp_path / "out"
-    code = predict.main([str(SAMPLE / "images"), str(inputs / "*.jpg"), "--model_name_or_path",
-                         str(tiny_model_with_processor_dir),
-                         "--output_dir", str(out), "--batch_size", "2", "--device", "cpu", "--ensemble_alpha", "0.6"])
+    code = predict.main(
+        [
+            str(SAMPLE / "images"),
+            str(inputs / "*.jpg"),
+            "--model_name_or_path",
+            str(tiny_model_with_processor_dir),
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--ensemble_alpha",
+            "0.6",
+        ]
+    )
     assert code == 1  # an input was skipped (--allow_skips would make it 0)
     skipped = json.loads((out / "skipped.json").read_text())
     assert [Path(s["path"]).name for s in skipped] == ["corrupt.jpg"]
@@ -62,8 +77,25 @@ def test_predict_other_tasks(load_script, tiny_model_with_processor_dir, tmp_pat
     predict = load_script("predict")
     image = SAMPLE / "images" / "000000439180.jpg"
     out = tmp_path / task
-    assert predict.main([str(image), "--model_name_or_path", str(tiny_model_with_processor_dir), "--output_dir",
-                         str(out), "--task", task, "--threshold", "0.0", "--no_labels", "--device", "cpu"]) == 0
+    assert (
+        predict.main(
+            [
+                str(image),
+                "--model_name_or_path",
+                str(tiny_model_with_processor_dir),
+                "--output_dir",
+                str(out),
+                "--task",
+                task,
+                "--threshold",
+                "0.0",
+                "--no_labels",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     entry = json.loads((out / "000000439180.json").read_text())
     assert entry["task"] == task and entry["segments_info"]
     if task == "semantic":  # one segment per class, covering the image
@@ -77,13 +109,21 @@ def test_predict_reports_missing_inputs(load_script, tiny_model_with_processor_d
 
     predict = load_script("predict")
     with pytest.raises(CliError, match="no images found"):
-        predict.main([str(tmp_path / "nothing-here"), "--model_name_or_path", str(tiny_model_with_processor_dir),
-                      "--output_dir", str(tmp_path / "o")])
+        predict.main(
+            [
+                str(tmp_path / "nothing-here"),
+                "--model_name_or_path",
+                str(tiny_model_with_processor_dir),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_predict_cli_help():
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "predict.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "--ensemble_alpha" in done.stdout and "--task" in done.stdout
     assert "--output_dir" in done.stdout and "--output-dir" not in done.stdout and "--debug" in done.stdout
 
@@ -107,22 +147,43 @@ def test_overlay_colours_outlines_and_labels():
 
 
 def test_batched_prediction_equals_batch_size_one(load_script, tiny_model_with_processor_dir, tmp_path, caplog):
-    """Five images of three padded sizes, batch 3 decoded in 2 workers == batch 1 in this process (issue 16 item 4)."""
+    """Five images of three padded sizes, batch 3 decoded in 2 workers == batch 1 in this process."""
     predict = load_script("predict")
     folder = tmp_path / "in"
     folder.mkdir()
     first, second = sorted((SAMPLE / "images").glob("*.jpg"))
-    for name, source, transform in [("a", first, None), ("b", second, None), ("c", first, Image.FLIP_LEFT_RIGHT),
-                                    ("d", second, Image.FLIP_TOP_BOTTOM), ("e", first, Image.ROTATE_90)]:
+    for name, source, transform in [
+        ("a", first, None),
+        ("b", second, None),
+        ("c", first, Image.FLIP_LEFT_RIGHT),
+        ("d", second, Image.FLIP_TOP_BOTTOM),
+        ("e", first, Image.ROTATE_90),
+    ]:
         image = Image.open(source)
         (image.transpose(transform) if transform is not None else image).save(folder / f"{name}.png")
     outputs = {}
     for batch_size, workers in ((1, 0), (3, 2)):
         out = tmp_path / f"batch{batch_size}"
         with caplog.at_level("INFO", logger="predict"):
-            assert predict.main([str(folder), "--model_name_or_path", str(tiny_model_with_processor_dir), "--output_dir",
-                                 str(out), "--batch_size", str(batch_size), "--num_workers", str(workers),
-                                 "--device", "cpu", "--no_overlay"]) == 0
+            assert (
+                predict.main(
+                    [
+                        str(folder),
+                        "--model_name_or_path",
+                        str(tiny_model_with_processor_dir),
+                        "--output_dir",
+                        str(out),
+                        "--batch_size",
+                        str(batch_size),
+                        "--num_workers",
+                        str(workers),
+                        "--device",
+                        "cpu",
+                        "--no_overlay",
+                    ]
+                )
+                == 0
+            )
         assert "images/s" in caplog.text
         outputs[batch_size] = out
     for name in "abcde":
@@ -132,4 +193,5 @@ def test_batched_prediction_equals_batch_size_one(load_script, tiny_model_with_p
         assert [s["id"] for s in segments[0]] == [s["id"] for s in segments[1]]
         assert [s["score"] for s in segments[0]] == pytest.approx([s["score"] for s in segments[1]], abs=1e-5)
     assert [a["image_id"] for a in json.loads((outputs[3] / "predictions.json").read_text())["annotations"]] == list(
-        "abcde")
+        "abcde"
+    )

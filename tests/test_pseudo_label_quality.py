@@ -49,7 +49,7 @@ def test_monitor_scores_the_pseudo_labels_of_the_training_path(sample_rows, tmp_
     size = 128
     monitor = PseudoLabelMonitor(Accelerator(cpu=True), rows, class_names, teacher.teacher, model,
                                  ensemble_alpha=0.6, threshold=0.0, overlap_threshold=0.8, shortest_edge=size,
-                                 max_size=None, num_images=4, output_dir=tmp_path)
+                                 longest_edge=None, num_images=4, output_dir=tmp_path)
     reported = monitor(7)
 
     metric = PanopticQuality.from_class_names(model.config.class_names, model.config.thing_ids)
@@ -83,4 +83,4 @@ def test_monitor_refuses_unlabeled_images_without_ground_truth(sample_rows):
     rows, class_names, model = sample_rows
     with pytest.raises(ValueError, match="ground truth of the unlabeled images"):
         PseudoLabelMonitor(Accelerator(cpu=True), rows.remove_columns(["panoptic"]), class_names, model, model,
-                           ensemble_alpha=0.6, threshold=0.0, overlap_threshold=0.8, shortest_edge=96, max_size=None)
+                           ensemble_alpha=0.6, threshold=0.0, overlap_threshold=0.8, shortest_edge=96, longest_edge=None)

@@ -1,10 +1,7 @@
-"""SAM class-agnostic pseudo-labels (issue 6): generation, resume, sharding, loading, DeWa targets."""
+"""Class-agnostic SAM masks: generation, resume, sharding, loading, DeWa targets."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -15,17 +12,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
-import training.data.sam_masks as sam_masks
+import training.data.mask_generation as mask_generation
+from training.data.mask_generation import generate_masks
+from training.data.mask_reading import decode_masks, load_masks, masks_index, masks_to_targets
 from training.data.package_data import COCO_PANOPTIC_SAMPLE
-from training.data.sam_masks import (
-    SamGeneratorConfig,
-    build_sam,
-    decode_sam_masks,
-    generate_sam_masks,
-    load_sam_masks,
-    sam_masks_index,
-    sam_masks_to_targets,
-)
+from training.data.sam_models import SamGeneratorConfig, build_sam
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = COCO_PANOPTIC_SAMPLE.images
@@ -57,14 +48,14 @@ def image_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, image_dir, tiny_sam_checkpoint):
     out = tmp_path_factory.mktemp("sam_out")
-    stats = generate_sam_masks(
+    stats = generate_masks(
         image_dir, out, tiny_sam_checkpoint, config=TINY, device="cpu", shard_size=2, process_index=0, num_processes=1
     )
     return out, stats
 
 
 def _load(out: Path, tmp_path: Path) -> datasets.Dataset:
-    return load_sam_masks(out, cache_dir=tmp_path / "hf_cache")
+    return load_masks(out, cache_dir=tmp_path / "hf_cache")
 
 
 def test_generation_writes_parquet_shards_with_decodable_rles(generated, image_dir, tmp_path):
@@ -74,20 +65,20 @@ def test_generation_writes_parquet_shards_with_decodable_rles(generated, image_d
     assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-r000-000000.parquet", "shard-r000-000001.parquet"]
     assert not list(out.glob("*.tmp"))
 
-    # Plain datasets reads the shards directly; load_sam_masks is the same thing.
+    # Plain datasets reads the shards directly; load_masks is the same thing.
     raw = datasets.load_dataset(
         "parquet", data_files=str(out / "shard-*.parquet"), split="train", cache_dir=str(tmp_path / "raw_cache")
     )
     dataset = _load(out, tmp_path)
     assert sorted(raw["image_id"]) == sorted(dataset["image_id"]) == GOOD_IDS
-    assert set(sam_masks_index(dataset)) == set(GOOD_IDS)
+    assert set(masks_index(dataset)) == set(GOOD_IDS)
 
     for record in dataset:
         with Image.open(image_dir / record["file_name"]) as image:
             width, height = image.size
         assert (record["height"], record["width"]) == (height, width)
         assert record["num_masks"] == len(record["masks"]) == 12
-        dense = decode_sam_masks(record)
+        dense = decode_masks(record)
         assert dense.shape == (12, height, width)
         for mask, ann in zip(dense, record["masks"]):
             assert list(ann["segmentation"]["size"]) == [height, width]
@@ -115,7 +106,7 @@ def test_stored_masks_equal_segment_anything_output(generated, image_dir, tiny_s
     image = np.asarray(Image.open(image_dir / "000000439180.jpg").convert("RGB"))
     reference = SamAutomaticMaskGenerator(sam, **kwargs).generate(image)
     assert len(reference) == record["num_masks"]
-    np.testing.assert_array_equal(decode_sam_masks(record), np.stack([r["segmentation"] for r in reference]))
+    np.testing.assert_array_equal(decode_masks(record), np.stack([r["segmentation"] for r in reference]))
     for ref, ann in zip(reference, record["masks"]):
         assert ann["bbox"] == pytest.approx(ref["bbox"])
         assert ann["predicted_iou"] == pytest.approx(ref["predicted_iou"], abs=1e-6)
@@ -129,17 +120,17 @@ def test_rerun_skips_done_and_failed_images_without_loading_sam(generated, image
     def no_model(*args, **kwargs):
         raise AssertionError("SAM must not be loaded when every image is done")
 
-    monkeypatch.setattr(sam_masks, "build_sam", no_model)
-    stats = generate_sam_masks(image_dir, out, tiny_sam_checkpoint, config=TINY, process_index=0, num_processes=1)
+    monkeypatch.setattr(mask_generation, "build_sam", no_model)
+    stats = generate_masks(image_dir, out, tiny_sam_checkpoint, config=TINY, process_index=0, num_processes=1)
     assert (stats.num_images, stats.num_failed, stats.num_skipped) == (0, 0, 4)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
 
     # Other mask-changing settings are refused in the same folder (points_per_batch does not change masks).
     with pytest.raises(ValueError, match="other settings"):
         other = SamGeneratorConfig(model_type="vit_tiny")
-        generate_sam_masks(image_dir, out, tiny_sam_checkpoint, config=other, process_index=0, num_processes=1)
+        generate_masks(image_dir, out, tiny_sam_checkpoint, config=other, process_index=0, num_processes=1)
     monkeypatch.undo()
-    retry = generate_sam_masks(
+    retry = generate_masks(
         image_dir, out, tiny_sam_checkpoint, config=TINY, retry_failed=True, process_index=0, num_processes=1
     )
     assert (retry.num_images, retry.num_failed, retry.num_skipped) == (0, 1, 3)
@@ -148,7 +139,7 @@ def test_rerun_skips_done_and_failed_images_without_loading_sam(generated, image
 
 def test_interrupted_run_resumes_without_duplicates(generated, image_dir, tiny_sam_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_write = sam_masks._write_shard
+    real_write = mask_generation.write_shard
     calls = []
 
     def dying_write(records, path):
@@ -158,14 +149,14 @@ def test_interrupted_run_resumes_without_duplicates(generated, image_dir, tiny_s
             raise KeyboardInterrupt("killed")
         real_write(records, path)
 
-    monkeypatch.setattr(sam_masks, "_write_shard", dying_write)
+    monkeypatch.setattr(mask_generation, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        generate_sam_masks(image_dir, out, tiny_sam_checkpoint, config=TINY, shard_size=1, process_index=0, num_processes=1)
+        generate_masks(image_dir, out, tiny_sam_checkpoint, config=TINY, shard_size=1, process_index=0, num_processes=1)
     assert [p.name for p in out.glob("*.parquet")] == ["shard-r000-000000.parquet"]
     assert len(_load(out, tmp_path)) == 1  # the half-written shard is invisible
 
     monkeypatch.undo()
-    stats = generate_sam_masks(
+    stats = generate_masks(
         image_dir, out, tiny_sam_checkpoint, config=TINY, shard_size=1, process_index=0, num_processes=1, progress=False
     )
     assert (stats.num_images, stats.num_failed, stats.num_skipped) == (2, 1, 1)
@@ -181,7 +172,7 @@ def test_processes_split_images_into_distinct_shards(image_dir, tiny_sam_checkpo
     out = tmp_path / "out"
     seen = []
     for rank in (0, 1):
-        stats = generate_sam_masks(
+        stats = generate_masks(
             image_dir, out, tiny_sam_checkpoint, config=TINY, process_index=rank, num_processes=2, progress=False
         )
         seen.append(stats.num_images + stats.num_failed)
@@ -205,11 +196,11 @@ def test_hf_dataset_source_with_corrupt_image(tiny_sam_checkpoint, tmp_path):
     images = [{"bytes": first.read_bytes(), "path": None}, {"bytes": b"not an image", "path": None}]
     source = datasets.Dataset.from_dict({"id": [139, 7], "image": images}).cast_column("image", datasets.Image())
     out = tmp_path / "out"
-    stats = generate_sam_masks(source, out, tiny_sam_checkpoint, config=TINY, process_index=0, num_processes=1)
+    stats = generate_masks(source, out, tiny_sam_checkpoint, config=TINY, process_index=0, num_processes=1)
     assert (stats.num_images, stats.num_failed) == (1, 1)
     record = _load(out, tmp_path)[0]
     assert record["image_id"] == "139"
-    assert decode_sam_masks(record).shape[1:] == (427, 640)  # (height, width) of the first sample image
+    assert decode_masks(record).shape[1:] == (427, 640)  # (height, width) of the first sample image
     assert json.loads((out / "failures-r000.jsonl").read_text())["image_id"] == "7"
 
 
@@ -229,29 +220,29 @@ def test_targets_are_class_agnostic_overlapping_and_unfiltered():
     masks[2, 5, 7] = 1  # a single pixel: no area filter
     record = _record_from_masks(masks)  # mask 3 is empty
 
-    mask_labels, class_labels = sam_masks_to_targets(record)
+    mask_labels, class_labels = masks_to_targets(record)
     assert mask_labels.dtype == torch.float32 and class_labels.dtype == torch.long
     torch.testing.assert_close(mask_labels, torch.from_numpy(masks[:3]).float())
     assert class_labels.tolist() == [0, 0, 0]
     assert (mask_labels.sum(0) > 1).any()  # overlaps kept
 
-    kept, labels = sam_masks_to_targets(record, drop_empty=False)
+    kept, labels = masks_to_targets(record, drop_empty=False)
     assert kept.shape == (4, 6, 8) and labels.shape == (4,)
 
-    cropped, labels = sam_masks_to_targets(record, transform=lambda m: m[:, :2, :3])  # crop hook
+    cropped, labels = masks_to_targets(record, transform=lambda m: m[:, :2, :3])  # crop hook
     torch.testing.assert_close(cropped, torch.from_numpy(masks[:1, :2, :3]).float())  # masks 1, 2 cropped away
     assert labels.tolist() == [0]
 
-    resized, _ = sam_masks_to_targets(record, size=(12, 16))
+    resized, _ = masks_to_targets(record, size=(12, 16))
     upsampled = torch.from_numpy(masks[:3]).float().repeat_interleave(2, 1).repeat_interleave(2, 2)
     torch.testing.assert_close(resized, upsampled)
 
 
 def test_targets_from_generated_record(generated, tmp_path):
     record = next(iter(_load(generated[0], tmp_path)))
-    mask_labels, class_labels = sam_masks_to_targets(record, drop_empty=False)
+    mask_labels, class_labels = masks_to_targets(record, drop_empty=False)
     assert mask_labels.shape == (record["num_masks"], record["height"], record["width"])
-    torch.testing.assert_close(mask_labels, torch.from_numpy(decode_sam_masks(record)).float())
+    torch.testing.assert_close(mask_labels, torch.from_numpy(decode_masks(record)).float())
     assert torch.equal(class_labels, torch.zeros(record["num_masks"], dtype=torch.long))
 
 
@@ -275,11 +266,9 @@ def test_real_registry_loads_random_vit_b_checkpoint(tiny_sam_checkpoint, tmp_pa
         build_sam("vit_x", path)
 
 
-def test_cli(image_dir, tiny_sam_checkpoint, tmp_path):
+def test_cli(image_dir, tiny_sam_checkpoint, tmp_path, load_script, capsys):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        str(REPO / "scripts" / "generate_sam_masks.py"),
+    argv = [
         "--image_dir", str(image_dir),
         "--sam_checkpoint", str(tiny_sam_checkpoint),
         "--model_type", "vit_tiny",
@@ -291,8 +280,23 @@ def test_cli(image_dir, tiny_sam_checkpoint, tmp_path):
         "--shard_size", "2",
         "--max_images", "2",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "images/s" in result.stdout and "masks/s" in result.stdout
+    assert load_script("generate_sam_masks").main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "masks/s" in printed
     assert sorted(_load(out, tmp_path)["image_id"]) == GOOD_IDS[:2]
+
+
+def test_folders_with_the_earlier_settings_file_name_are_still_checked(tmp_path):
+    """A masks folder written with ``sam_config.json`` (the earlier name) keeps guarding its settings: other settings
+    are refused, the same ones accepted without writing a second settings file."""
+    from training.data.mask_shards import CONFIG_FILE, EARLIER_CONFIG_FILE, check_config
+
+    (tmp_path / EARLIER_CONFIG_FILE).write_text(json.dumps(TINY.identity()))
+    check_config(tmp_path, TINY, write=True)
+    assert not (tmp_path / CONFIG_FILE).exists()
+    with pytest.raises(ValueError, match="other settings"):
+        check_config(tmp_path, SamGeneratorConfig(model_type="vit_tiny", points_per_side=3), write=True)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    check_config(fresh, TINY, write=True)
+    assert json.loads((fresh / CONFIG_FILE).read_text()) == TINY.identity()

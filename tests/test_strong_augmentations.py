@@ -175,5 +175,15 @@ def test_cutmix_labels_fuse_stuff_and_drop_covered_segments():
 def test_config_defaults_follow_reference():
     c = StrongAugmentationConfig()
     assert (c.brightness, c.contrast, c.saturation, c.hue) == (0.8, 0.8, 0.8, 0.2)
-    assert (c.grayscale_p, c.blur_p, c.blur_sigma, c.cutmix_p) == (0.2, 0.5, (0.1, 2.0), 0.5)
+    assert (c.grayscale_prob, c.blur_prob, c.blur_sigma, c.cutmix_prob) == (0.2, 0.5, (0.1, 2.0), 0.5)
     assert c.cutmix_area == (0.02, 0.4)
+
+
+def test_config_accepts_the_earlier_probability_names():
+    with pytest.warns(FutureWarning, match="cutmix_p= is now called cutmix_prob="):
+        c = StrongAugmentationConfig(cutmix_p=1.0, grayscale_p=0.0)
+    assert (c.cutmix_prob, c.grayscale_prob, c.blur_prob) == (1.0, 0.0, 0.5)
+    with pytest.raises(TypeError, match="both cutmix_p= and cutmix_prob="):
+        StrongAugmentationConfig(cutmix_p=1.0, cutmix_prob=0.5)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        StrongAugmentationConfig(cutmix=1.0)

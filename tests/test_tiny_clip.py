@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from modeling_dearli.configuration_dearli import resolve_open_clip_config
 from training.miniature import tiny_clip as T
+from training.miniature import tiny_clip_zero_shot as Z
 from training.miniature import world as W
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,9 @@ def shipped_model():
 
 def test_shipped_files_are_small_and_describe_the_architecture():
     assert T.SHIPPED_WEIGHTS.stat().st_size <= 25 * 2**20
-    config = resolve_open_clip_config(str(T.SHIPPED_CONFIG))  # the OpenCLIP model-config JSON, as from_open_clip reads it
+    config = resolve_open_clip_config(
+        str(T.SHIPPED_CONFIG)
+    )  # the OpenCLIP model-config JSON, as from_open_clip reads it
     assert config["vision_cfg"]["timm_model_name"].startswith("convnext") and config["vision_cfg"]["timm_pool"] == ""
     assert set(load_file(str(T.SHIPPED_WEIGHTS))) == set(T.build_tiny_clip(config).state_dict())
     record = json.loads(T.SHIPPED_RECORD.read_text())
@@ -56,8 +59,8 @@ def test_loads_through_from_open_clip_with_every_weight(shipped_model):
 
 
 def test_mask_pooled_zero_shot_accuracy_on_held_out_ground_truth_masks(shipped_model):
-    scenes = T.probe_scenes(num_scenes=12, seed=1)  # fixed held-out scenes, classes drawn uniformly
-    report = T.evaluate_masks(shipped_model, scenes)
+    scenes = Z.probe_scenes(num_scenes=12, seed=1)  # fixed held-out scenes, classes drawn uniformly
+    report = Z.evaluate_masks(shipped_model, scenes)
     chance = 100 / len(W.CLASSES)
     assert report["n"] > 80
     assert report["things"] >= MIN_MASK_THING_ACCURACY > 5 * chance
@@ -65,7 +68,7 @@ def test_mask_pooled_zero_shot_accuracy_on_held_out_ground_truth_masks(shipped_m
 
 
 def test_global_zero_shot_accuracy_on_held_out_crops(shipped_model):
-    report = T.evaluate_crops(shipped_model, per_class=2, seed=1)
+    report = Z.evaluate_crops(shipped_model, per_class=2, seed=1)
     assert report["all"] >= MIN_CROP_ACCURACY
 
 
@@ -75,7 +78,7 @@ def test_random_weights_are_at_chance(tmp_path: Path):
     weights = tmp_path / "random.safetensors"
     T.save_open_clip_weights(T.build_tiny_clip(), weights)
     model = T.dearli_on_tiny_clip(T.SHIPPED_CONFIG, weights, prompt_templates=["a photo of a {}."])
-    report = T.evaluate_masks(model, T.probe_scenes(num_scenes=6, seed=1))
+    report = Z.evaluate_masks(model, Z.probe_scenes(num_scenes=6, seed=1))
     assert report["things"] < 25
 
 
@@ -98,8 +101,9 @@ def test_captions_name_the_classes_they_show():
 
 @pytest.mark.parametrize("script", ["pretrain_tiny_clip.py", "evaluate_tiny_clip.py"])
 def test_script_help(script):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--output_dir" in out or "--output" in out
 
 
@@ -131,6 +135,6 @@ def test_region_embeddings_are_what_dearli_mask_pools(shipped_model):
         ours = T.region_embeddings(clip, batch["pixel_values"], batch["masks"], batch["scene_index"])
         features = shipped_model.backbone(batch["pixel_values"])[-1]
         for r, (scene, mask) in enumerate(zip(batch["scene_index"].tolist(), batch["masks"])):
-            pooled = mask_pool(features[scene:scene + 1], mask[None, None].float())
+            pooled = mask_pool(features[scene : scene + 1], mask[None, None].float())
             expected = torch.nn.functional.normalize(shipped_model.backbone.embed_pooled_features(pooled), dim=-1)
             torch.testing.assert_close(ours[r], expected[0, 0], atol=1e-5, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Plain supervised fine-tuning with `transformers.Trainer` (issue 3): the collator's batches train the model."""
+"""Plain supervised fine-tuning with `transformers.Trainer`: the collator's batches train the model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from training.data.collator import DearliDataCollator
 
 def test_trainer_runs_a_few_steps_with_finite_loss(coco_sample_dir, tmp_path):
     from modeling_dearli import tiny_model
-    from training.data.panoptic_datasets import load_class_names, load_coco_panoptic
+    from training.data.class_names import load_class_names
+    from training.data.panoptic_datasets import load_coco_panoptic
     from training.data.train_datasets import PanopticTrainDataset
     from training.data.transforms import LargeScaleJitter
 

@@ -42,7 +42,8 @@ def test_every_flag_has_help():
 
 def test_config_values_replace_defaults_and_cli_wins(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("learning-rate: 0.5\ntrain_batch_size: 4\ncrop_size: [32, 48]\nnames: [a, b]\nmodel_preset: tiny\n")
+    config.write_text("learning-rate: 0.5\ntrain_batch_size: 4\ncrop_size: [32, 48]\nnames: [a, b]\n"
+                      "model_preset: tiny\n")
     args = parse_args_with_config(_parser(), ["--config", str(config), "--train_batch_size", "8"])
     assert args.learning_rate == 0.5 and args.train_batch_size == 8 and args.crop_size == [32, 48]
     assert args.names == ["a", "b"] and args.model_preset == "tiny" and args.config == str(config)

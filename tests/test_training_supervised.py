@@ -14,7 +14,8 @@ from training.checkpointing import list_checkpoints
 
 def _data_args(sample) -> list[str]:
     return ["--dataset_name", "coco_panoptic", "--train_images_dir", str(sample / "images"),
-            "--train_panoptic_dir", str(sample / "panoptic"), "--train_annotations", str(sample / "panoptic_annotations.json"),
+            "--train_panoptic_dir", str(sample / "panoptic"),
+            "--train_annotations", str(sample / "panoptic_annotations.json"),
             "--val_annotations", str(sample / "panoptic_annotations.json"), "--restrict_to_present_classes",
             "--mixed_precision", "no", "--num_workers", "0", "--seed", "0"]
 

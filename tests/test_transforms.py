@@ -108,19 +108,19 @@ def test_shortest_edge_choices_are_the_released_configs():
     assert shortest_edge_sizes(640, 1.0, 1.0) == [640]
 
 
-@pytest.mark.parametrize(("size", "short_edge", "max_size", "expected"), [
+@pytest.mark.parametrize(("size", "short_edge", "longest_edge", "expected"), [
     ((600, 800), 320, 2560, (320, 427)),  # shorter side to 320, aspect kept, rounded half up
     ((600, 1500), 1280, 2560, (1024, 2560)),  # 1280 x 3200 exceeds 2560: both scaled by 2560 / 3200
     ((480, 640), 307, 2048, (307, 409)),
     ((800, 600), 320, 2560, (427, 320)),  # portrait
 ])
-def test_shortest_edge_resize_is_detectron2s(size, short_edge, max_size, expected):
-    assert shortest_edge_output_shape(*size, short_edge, max_size) == expected
+def test_shortest_edge_resize_is_detectron2s(size, short_edge, longest_edge, expected):
+    assert shortest_edge_output_shape(*size, short_edge, longest_edge) == expected
 
 
 def test_shortest_edge_jitter_draws_the_list_crops_uniformly_and_pads_only_small_draws():
     transform = ResizeShortestEdgeJitter(640, flip_prob=0.5)
-    assert transform.max_size == 2560 and len(transform.sizes) == 16
+    assert transform.longest_edge == 2560 and len(transform.sizes) == 16
     draws = [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
     assert draws == [transform.sample(600, 800, torch.Generator().manual_seed(s)) for s in range(400)]
     short_sides = [p.resized_size[0] for p in draws]
@@ -129,7 +129,8 @@ def test_shortest_edge_jitter_draws_the_list_crops_uniformly_and_pads_only_small
     for p in draws:
         h, w = p.resized_size
         assert (h, w) == shortest_edge_output_shape(600, 800, h, 2560)
-        assert p.output_size == (640, 640) and 0 <= p.crop_top <= max(h - 640, 0) and 0 <= p.crop_left <= max(w - 640, 0)
+        assert p.output_size == (640, 640)
+        assert 0 <= p.crop_top <= max(h - 640, 0) and 0 <= p.crop_left <= max(w - 640, 0)
         assert p.valid_size == (min(h, 640), min(w, 640))  # padding only where the resized image is smaller
     lefts = [p.crop_left / max(p.resized_size[1] - 640, 1) for p in draws if p.resized_size[1] > 1000]
     assert min(lefts) < 0.1 and max(lefts) > 0.9 and 0.35 < float(np.mean(lefts)) < 0.65  # uniform offsets
@@ -170,7 +171,7 @@ def test_panoptic_to_targets_ignores_void_crowd_and_missing():
 def test_sam_record_targets_follow_the_geometry():
     from pycocotools import mask as mask_utils
 
-    from training.data.transforms import sam_record_to_targets
+    from training.data.transforms import mask_record_to_targets
 
     dense = np.zeros((2, 30, 40), dtype=np.uint8)
     dense[0, 2:10, 3:20] = 1
@@ -179,7 +180,7 @@ def test_sam_record_targets_follow_the_geometry():
     record = {"height": 30, "width": 40,
               "masks": [{"segmentation": {"size": r["size"], "counts": r["counts"].decode()}} for r in rles]}
     params = GeometricParams((30, 40), (60, 80), 10, 30, (32, 32), True)
-    masks, classes = sam_record_to_targets(record, params)
+    masks, classes = mask_record_to_targets(record, params)
     assert classes.tolist() == [0] * len(masks)
     expected = apply_to_masks(torch.from_numpy(dense), params).float()
     expected = expected[expected.flatten(1).any(1)]
@@ -189,8 +190,8 @@ def test_sam_record_targets_follow_the_geometry():
 def test_collator_pads_and_builds_pixel_mask():
     collate = DearliDataCollator(size_divisor=32)
     features = [
-        {"pixel_values": torch.ones(3, 40, 50), "mask_labels": torch.ones(2, 40, 50), "class_labels": torch.tensor([1, 2]),
-         "image_id": "a"},
+        {"pixel_values": torch.ones(3, 40, 50), "mask_labels": torch.ones(2, 40, 50),
+         "class_labels": torch.tensor([1, 2]), "image_id": "a"},
         {"pixel_values": torch.ones(3, 70, 20), "mask_labels": torch.ones(1, 70, 20), "class_labels": torch.tensor([0]),
          "pixel_mask": torch.cat([torch.ones(60, 20), torch.zeros(10, 20)]).long(), "image_id": "b"},
     ]
@@ -206,7 +207,8 @@ def test_collator_pads_and_builds_pixel_mask():
     unlabeled = collate([{"pixel_values": torch.ones(3, 8, 8)}])
     assert "mask_labels" not in unlabeled and unlabeled["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(ValueError):
-        collate([{"pixel_values": torch.ones(3, 8, 8), "mask_labels": torch.ones(1, 4, 4), "class_labels": torch.tensor([0])}])
+        collate([{"pixel_values": torch.ones(3, 8, 8), "mask_labels": torch.ones(1, 4, 4),
+                  "class_labels": torch.tensor([0])}])
 
 
 def test_collated_batch_runs_through_the_model(tiny_model):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data.sam_masks import decode_sam_masks, generate_sam_masks, load_sam_masks
+from training.data.mask_generation import generate_masks
+from training.data.mask_reading import decode_masks, load_masks
 from training.data.unsupervised_masks import FelzenszwalbConfig, FelzenszwalbMaskGenerator, segments_to_annotations
 from training.miniature import world as W
 
@@ -36,7 +37,7 @@ def test_annotations_decode_to_the_segments_largest_first_without_scores():
     labels[15:17, 0:3] = 9  # 6 px: below min_area
     annotations = segments_to_annotations(labels, min_area=10)
     record = {"height": 20, "width": 30, "masks": annotations}
-    masks = decode_sam_masks(record)
+    masks = decode_masks(record)
     assert len(annotations) == 2 and [a["area"] for a in annotations] == [600 - 66, 60]
     np.testing.assert_array_equal(masks[0], labels == 0)
     np.testing.assert_array_equal(masks[1], labels == 4)
@@ -47,15 +48,15 @@ def test_annotations_decode_to_the_segments_largest_first_without_scores():
 def test_felzenszwalb_shards_find_the_objects_and_refuse_other_settings(world_images, tmp_path):
     folder, truth = world_images
     out = tmp_path / "masks"
-    stats = generate_sam_masks(folder, out, mask_generator=FelzenszwalbMaskGenerator(), progress=False,
+    stats = generate_masks(folder, out, mask_generator=FelzenszwalbMaskGenerator(), progress=False,
                                process_index=0, num_processes=1)
     assert stats.num_images == 4 and stats.num_masks > 4 * 4
-    records = load_sam_masks(out)
+    records = load_masks(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_images"] == 4 and manifest["config"]["mask_source"] == "felzenszwalb"
     recalled, total = 0, 0
     for record in records:
-        masks = decode_sam_masks(record).astype(bool)
+        masks = decode_masks(record).astype(bool)
         assert masks.shape[1:] == (record["height"], record["width"]) == (256, 256)
         assert masks.sum(0).max() == 1  # a partition (minus the dropped fragments)
         assert masks.sum((1, 2)).min() >= FelzenszwalbConfig().min_area
@@ -67,7 +68,7 @@ def test_felzenszwalb_shards_find_the_objects_and_refuse_other_settings(world_im
             total += 1
     assert recalled / total >= 0.6  # measured 0.75 (things) / 0.97 (stuff) on 40 scenes
     with pytest.raises(ValueError, match="other settings"):
-        generate_sam_masks(folder, out, mask_generator=FelzenszwalbMaskGenerator(FelzenszwalbConfig(scale=100)),
+        generate_masks(folder, out, mask_generator=FelzenszwalbMaskGenerator(FelzenszwalbConfig(scale=100)),
                            progress=False, process_index=0, num_processes=1)
 
 
@@ -80,9 +81,9 @@ def test_script_writes_masks_that_dewa_trains_on(world_images, tmp_path, load_sc
         module.parse_args(["--image-dir", str(folder), "--output-dir", str(tmp_path / "x")])
     module.main(["--mask_source", "felzenszwalb", "--image-dir", str(folder), "--output-dir", str(tmp_path / "masks"),
                  "--no-progress"])
-    assert len(load_sam_masks(tmp_path / "masks")) == 4
+    assert len(load_masks(tmp_path / "masks")) == 4
     result = dewa.main(["--model_preset", "tiny", "--mixed_precision", "no", "--num_workers", "0", "--seed", "0",
-                        "--sam_masks_dir", str(tmp_path / "masks"), "--image_dir", str(folder),
+                        "--masks_dir", str(tmp_path / "masks"), "--image_dir", str(folder),
                         "--output_dir", str(tmp_path / "dewa"), "--max_train_steps", "2", "--train_batch_size", "2",
                         "--crop_size", "128", "--checkpointing_steps", "0", "--logging_steps", "1"])
     assert result.final_step == 2 and math.isfinite(result.last_loss)

@@ -2,7 +2,8 @@
 overrides.
 
 Style of transformers' ``*_no_trainer.py`` examples: argparse with ``help=`` on every flag. :func:`build_parser` gives
-each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (SAM masks, or a panoptic dataset with its
+each loop (``dewa``, ``supervised``, ``ssl``) its groups: the data it reads (class-agnostic masks, or a panoptic dataset
+with its
 labeled partition and validation set), the semi-supervised settings (``ssl`` only), the options every loop shares
 (output, schedule, optimisation, checkpoints, tracking) and the initial model. :func:`parse_args` parses and checks
 them.
@@ -24,10 +25,18 @@ from typing import Any
 
 import yaml
 
-from . import cli
-from .data.color_augmentation import COLOR_AUGMENTATIONS
+from . import cli, earlier_names
+from .data.color_augmentation import COLOR_AUGMENTATIONS, ColorAugSSD
 from .data.resolutions import evaluation_size
-from .data.transforms import SCALE_AUGMENTATIONS
+from .data.train_datasets import (
+    MasksTrainDataset,
+    PanopticDataConfig,
+    PanopticTrainingData,
+    load_training_data,
+    mask_train_dataset,
+)
+from .data.transforms import SCALE_AUGMENTATIONS, GeometricAugmentation, build_geometric_augmentation
+from .model_init import DECODER_INIT_ALIASES, DECODER_INITS
 
 __all__ = [
     "CONFIG_DIR",
@@ -35,15 +44,26 @@ __all__ = [
     "LOOPS",
     "add_common_training_args",
     "add_model_args",
+    "add_mask_data_args",
     "add_panoptic_data_args",
-    "add_sam_data_args",
     "add_ssl_args",
     "build_parser",
+    "color_augmentation",
+    "geometric_augmentation",
     "load_config_file",
+    "load_panoptic_training_data",
+    "mask_training_dataset",
+    "panoptic_data_config",
     "parse_args",
     "parse_args_with_config",
     "resolve_config_path",
 ]
+
+
+def _decoder_init(value: str) -> str:
+    """A --decoder_init value, with the accepted earlier spellings mapped to their names."""
+    return DECODER_INIT_ALIASES.get(value, value)
+
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_KEY = "_base_"
@@ -80,6 +100,7 @@ def load_config_file(config: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
     if not isinstance(data, Mapping):
         raise ValueError(f"Config {path} must be a YAML mapping of argument names to values, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {earlier_names.FLAGS.get(k, k): v for k, v in data.items()}
     bases = data.pop(BASE_KEY, None)
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases or []:
@@ -113,8 +134,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
                 bad = [v for v in (value if isinstance(value, list) else [value]) if not isinstance(v, str)]
                 if bad:
                     raise ValueError(
-                        f"Config {config_path}: {key}={value!r} must be a string; quote it in the YAML file (YAML reads "
-                        f"e.g. 1_128 as the integer 1128)"
+                        f"Config {config_path}: {key}={value!r} must be a string; quote it in the YAML file "
+                        f"(YAML reads e.g. 1_128 as the integer 1128)"
                     )
             if isinstance(value, str) and action.type is not None and action.type is not str:
                 value = action.type(value)
@@ -199,10 +220,10 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW weight decay.")
     g.add_argument("--weight_decay_norm", type=float, default=d["weight_decay_norm"],
                    help="Weight decay of normalisation-layer parameters (the released configs: 0; equal to "
-                        "--weight_decay decays them like everything else, the old behaviour).")
+                        "--weight_decay decays them like everything else).")
     g.add_argument("--weight_decay_embed", type=float, default=d["weight_decay_embed"],
                    help="Weight decay of nn.Embedding parameters: object queries, decoder level embedding, no-object "
-                        "embedding (the released configs: 0; equal to --weight_decay: the old behaviour).")
+                        "embedding (the released configs: 0; equal to --weight_decay: decayed like everything else).")
     g.add_argument("--lr_power", type=float, default=d["lr_power"],
                    help="Power of the poly learning-rate schedule lr * (1 - step / max_steps) ** power.")
     g.add_argument("--lr_warmup_steps", type=int, default=d["lr_warmup_steps"],
@@ -217,12 +238,12 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--scale_augmentation", type=str, default=d["scale_augmentation"], choices=SCALE_AUGMENTATIONS,
                    help="Random scale before the crop: 'shortest_edge' = the released configs' (shorter side drawn "
                         "from min_scale..max_scale x the crop in steps of 0.1, longer side capped at "
-                        "--train_max_size); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
+                        "--train_longest_edge); 'lsj' = large-scale jitter as the paper's text says (image fitted into "
                         "s x the crop, s ~ U(min_scale, max_scale): smaller objects, more padding).")
     g.add_argument("--min_scale", type=float, default=None,
                    help="Smallest scale of the crop size (default: 0.5 for shortest_edge, 0.1 for lsj).")
     g.add_argument("--max_scale", type=float, default=None, help="Largest scale of the crop size (default: 2.0).")
-    g.add_argument("--train_max_size", type=int, default=None,
+    g.add_argument("--train_longest_edge", type=int, default=None,
                    help="shortest_edge only: cap of the longer side of the resized training image (default: 4 x the "
                         "crop, as the released configs: 2560 for crop 640, 2048 for 512).")
     g.add_argument("--flip_prob", type=float, default=d["flip_prob"], help="Probability of a horizontal flip.")
@@ -248,39 +269,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="OpenCLIP architecture of a fresh model (when neither --model_preset nor --init_from).")
     g.add_argument("--clip_pretrained", type=str, default=None,
                    help="OpenCLIP pretrained tag or local checkpoint file for a fresh model, or to re-encode class "
-                        "names when --init_from lacks the CLIP text tower. Nothing is downloaded unless a tag needs it.")
+                        "names when --init_from lacks the CLIP text tower. Nothing is downloaded unless a tag needs "
+                        "it.")
     g.add_argument("--init_from", type=str, default=None,
                    help="Initialise from a saved DEARLi folder (save_pretrained output, e.g. of dewa.py); the class "
                         "names are switched to the dataset's.")
     g.add_argument("--keep_text_tower", action="store_true",
                    help="Keep the CLIP text tower in the model and its saved folder (allows set_class_names later).")
-    g.add_argument("--num_queries", type=int, default=None, help="Override the number of object queries of a fresh model.")
+    g.add_argument("--num_queries", type=int, default=None,
+                   help="Override the number of object queries of a fresh model.")
     g.add_argument("--train_num_points", type=int, default=None,
                    help="Override the number of points sampled for the mask losses (default of the config).")
     g.add_argument("--ensemble_alpha", type=float, default=None,
                    help="Eq. 6 weight of the decoder posterior (1 - ensemble_alpha for CLIP; 1 = decoder only), stored "
                         "in the model's config: used by validation, the SSL teacher's pseudo-labels and the saved "
                         "model (default: the initial model's, 0.6 for a fresh one).")
-    g.add_argument("--decoder_init", type=str, default="reference", choices=["reference", "normal"],
-                   help="Initial decoder weights of a fresh model: 'reference' = transformers' Mask2Former init with "
-                        "the reference's pixel-decoder fills (deformable sampling grid, Xavier); 'normal' = N(0, 0.02) "
-                        "everywhere and no sampling grid, what models got before that was fixed (for comparisons).")
+    g.add_argument("--decoder_init", type=_decoder_init, default="xavier", choices=DECODER_INITS,
+                   help="Initial decoder weights of a fresh model: 'xavier' = transformers' Mask2Former init with "
+                        "the reference's pixel-decoder fills (Xavier-uniform, a deformable sampling grid); 'normal' = "
+                        "N(0, 0.02) everywhere and no sampling grid (for comparisons).")
     g.add_argument("--model_config_overrides", type=str, default=None,
                    help='JSON dict of DearliConfig values for a fresh model, e.g. \'{"decoder_layers": 4}\' (with '
                         '--init_from only loss settings such as class_weight or train_num_points).')
     return parser
 
 
-def add_sam_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """DeWa's data: class-agnostic SAM masks and the images they were generated from."""
-    g = parser.add_argument_group("SAM data")
-    g.add_argument("--sam_masks_dir", type=str, nargs="+", default=None,
-                   help="Output folder(s) of scripts/generate_sam_masks.py (parquet shards of SAM masks as RLE).")
+def add_mask_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeWa's data: class-agnostic masks (SAM's or Felzenszwalb's) and the images they were generated from."""
+    g = parser.add_argument_group("class-agnostic mask data")
+    g.add_argument("--masks_dir", type=str, nargs="+", default=None,
+                   help="Output folder(s) of scripts/generate_sam_masks.py (parquet shards of class-agnostic masks as "
+                        "RLE, from SAM or another --mask_source).")
     g.add_argument("--image_dir", type=str, nargs="+", default=None,
                    help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
-                        "one per --sam_masks_dir, or one for all.")
-    g.add_argument("--drop_empty_sam_masks", action="store_true",
-                   help="Drop the SAM masks that the crop leaves empty. By default they stay as empty targets, as in "
+                        "one per --masks_dir, or one for all.")
+    g.add_argument("--drop_empty_masks", action="store_true",
+                   help="Drop the masks that the crop leaves empty. By default they stay as empty targets, as in "
                         "the released DeWa: they count in the loss normalisation and teach the queries matched to "
                         "them to predict nothing.")
     g.add_argument("--no_exif_transpose", action="store_true",
@@ -317,7 +341,7 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--coco_objects_void", type=str, default="background", choices=["background", "void"],
                    help="COCO-Objects: unlabeled (void) pixels become background in training and in the validation "
                         "ground truth, as the reference's prepare_coco_objects.py ('background'), or stay void "
-                        "('void': no target, not evaluated; the old behaviour).")
+                        "('void': no target, not evaluated).")
     g.add_argument("--restrict_to_present_classes", action="store_true",
                    help="Use only the classes that occur in the labeled training images (small demos).")
     g.add_argument("--eval_steps", type=int, default=5_000, help="Validate every N steps (0: only at the end).")
@@ -325,7 +349,7 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="Validation images are resized so that their shorter side has this length; also the size of "
                         "the image processor saved with the model (default: the dataset's test size, ADE20K 640, COCO "
                         "512, otherwise 640).")
-    g.add_argument("--eval_max_size", type=int, default=None,
+    g.add_argument("--eval_longest_edge", type=int, default=None,
                    help="Cap of the longer side of validation images and of the saved image processor (default: the "
                         "dataset's, ADE20K 2560, COCO 2048, otherwise 2560).")
     g.add_argument("--eval_threshold", type=float, default=0.0,
@@ -408,13 +432,16 @@ def build_parser(loop: str, description: str | None = None) -> argparse.Argument
         raise ValueError(f"unknown loop {loop!r}; known: {LOOPS}")
     parser = cli.ArgumentParser(description=description)
     if loop == "dewa":
-        add_sam_data_args(parser)
+        add_mask_data_args(parser)
     else:
         add_panoptic_data_args(parser)
     if loop == "ssl":
         add_ssl_args(parser)
     add_common_training_args(parser, **LOOP_DEFAULTS[loop])
     add_model_args(parser)
+    for earlier, current in earlier_names.FLAGS.items():
+        if f"--{current}" in parser._option_string_actions:
+            parser.add_hidden_alias(f"--{earlier}", f"--{current}")
     return parser
 
 
@@ -427,7 +454,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
         "pseudo_label_overlap_threshold", "ensemble_alpha")},
     **{name: (0.0, None, True) for name in (
         "learning_rate", "min_scale", "max_scale", "max_train_steps", "train_batch_size", "unlabeled_batch_size",
-        "eval_batch_size", "eval_shortest_edge", "eval_max_size", "max_eval_images", "num_queries",
+        "eval_batch_size", "eval_shortest_edge", "eval_longest_edge", "max_eval_images", "num_queries",
         "train_num_points", "pseudo_label_eval_images")},
     **{name: (0.0, None, False) for name in (
         "weight_decay", "gradient_clip", "lr_power", "lr_warmup_steps", "checkpointing_steps",
@@ -475,16 +502,16 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
     if problems:
         parser.error("; ".join(problems))
     if loop == "dewa":
-        if not args.sam_masks_dir or not args.image_dir:
-            parser.error("--sam_masks_dir and --image_dir are required (on the command line or in --config)")
-        if len(args.image_dir) not in (1, len(args.sam_masks_dir)):
-            parser.error("give one --image_dir, or one per --sam_masks_dir")
-        return args
+        if not args.masks_dir or not args.image_dir:
+            parser.error("--masks_dir and --image_dir are required (on the command line or in --config)")
+        if len(args.image_dir) not in (1, len(args.masks_dir)):
+            parser.error("give one --image_dir, or one per --masks_dir")
+        return _with_earlier_attributes(args)
     size = evaluation_size(args.dataset_name)
     if args.eval_shortest_edge is None:
         args.eval_shortest_edge = size["shortest_edge"]
-    if args.eval_max_size is None:
-        args.eval_max_size = size["longest_edge"]
+    if args.eval_longest_edge is None:
+        args.eval_longest_edge = size["longest_edge"]
     if args.dataset_name == "ade20k":
         if not args.ade20k_root:
             parser.error("--dataset_name ade20k needs --ade20k_root")
@@ -495,4 +522,53 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
                      "unlabeled data)")
     if args.partition and args.labeled_fraction:
         parser.error("give at most one of --partition and --labeled_fraction")
+    return _with_earlier_attributes(args)
+
+
+def _with_earlier_attributes(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with each renamed flag's value under its earlier attribute name too (callers not yet moved)."""
+    for earlier, current in earlier_names.FLAGS.items():
+        if hasattr(args, current):
+            setattr(args, earlier, getattr(args, current))
     return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loops' data from their arguments (training.data takes plain values)
+# --------------------------------------------------------------------------------------------------------------------
+def geometric_augmentation(args: argparse.Namespace) -> GeometricAugmentation:
+    """The scale / crop / flip of ``--scale_augmentation``, ``--crop_size``, ``--min_scale``, ``--max_scale``,
+    ``--train_longest_edge``, ``--flip_prob``."""
+    return build_geometric_augmentation(args.scale_augmentation, args.crop_size, args.min_scale, args.max_scale,
+                                        args.train_longest_edge, args.flip_prob)
+
+
+def color_augmentation(args: argparse.Namespace) -> ColorAugSSD | None:
+    """The photometric augmentation of images with ground truth (``--color_augmentation``)."""
+    return ColorAugSSD() if args.color_augmentation == "ssd" else None
+
+
+def mask_training_dataset(args: argparse.Namespace) -> MasksTrainDataset:
+    """DeWa's data: every ``--masks_dir`` with its ``--image_dir``, under :func:`geometric_augmentation` and
+    :func:`color_augmentation`."""
+    return mask_train_dataset(args.masks_dir, args.image_dir, geometric_augmentation(args),
+                              exif_transpose=not args.no_exif_transpose, color_augmentation=color_augmentation(args),
+                              drop_empty_masks=args.drop_empty_masks)
+
+
+def panoptic_data_config(args: argparse.Namespace) -> PanopticDataConfig:
+    """The ``panoptic data`` flags as a :class:`~training.data.train_datasets.PanopticDataConfig`."""
+    return PanopticDataConfig(
+        dataset_name=args.dataset_name, train_images_dir=args.train_images_dir,
+        train_panoptic_dir=args.train_panoptic_dir, train_annotations=args.train_annotations,
+        val_images_dir=args.val_images_dir, val_panoptic_dir=args.val_panoptic_dir,
+        val_annotations=args.val_annotations, ade20k_root=args.ade20k_root, class_names_file=args.class_names_file,
+        partition=args.partition, labeled_fraction=args.labeled_fraction, seed=args.seed,
+        restrict_to_present_classes=args.restrict_to_present_classes, max_eval_images=args.max_eval_images,
+        coco_objects_void_to_background=getattr(args, "coco_objects_void", "background") == "background",
+    )
+
+
+def load_panoptic_training_data(args: argparse.Namespace) -> PanopticTrainingData:
+    """:func:`~training.data.train_datasets.load_training_data` of :func:`panoptic_data_config`."""
+    return load_training_data(panoptic_data_config(args))

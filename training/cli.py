@@ -1,7 +1,8 @@
 """The command-line conventions of every script and training loop, in one place.
 
 - :class:`ArgumentParser`: underscore flags as in transformers' examples (``--output_dir``); the dashed spelling of
-  any flag (``--output-dir``) is still accepted but not shown in ``--help``; ``--debug`` on every command.
+  any flag (``--output-dir``) is still accepted but not shown in ``--help``; ``--debug`` on every command; ``--help``
+  keeps the description's lines (usage examples) and names each flag's default (:class:`HelpFormatter`).
 - Range-checked argument types (:func:`probability`, :func:`positive_int`, ...): a threshold of 2 or NaN is a usage
   error, not an all-void result.
 - :func:`run`: the ``__main__`` of every command. An error ends the command with ONE line on stderr
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 
 __all__ = [
     "ArgumentParser",
+    "HelpFormatter",
     "CliError",
     "check_output_file",
     "non_negative_int",
@@ -39,12 +41,27 @@ class CliError(Exception):
     """A user error with a message that says everything (printed as it is, without the exception's type)."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with the description as written (module docstrings with their usage examples, line by line) and each
+    flag's default after its help, as ``ArgumentDefaultsHelpFormatter`` does, except where there is nothing to say
+    (``None``, ``False``) or the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text.lower():
+            return action.help
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return action.help
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with the project's conventions: dashed spellings of underscore flags accepted
-    (hidden), a ``--debug`` flag, and ``RawDescriptionHelpFormatter`` (module docstrings as descriptions)."""
+    (hidden), a ``--debug`` flag, and :class:`HelpFormatter` (module docstrings as descriptions, defaults shown)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.hidden_aliases: dict[str, str] = {}
         self.add_argument("--debug", action="store_true",
@@ -117,7 +134,8 @@ def _one_line(error: BaseException) -> str:
     message = " ".join(str(error).split())
     if isinstance(error, CliError):
         return message
-    if isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError)) and error.filename and error.strerror:
+    missing = isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError))
+    if missing and error.filename and error.strerror:
         return f"{error.strerror}: {error.filename}"
     if isinstance(error, (ValueError, OSError, RuntimeError)) and message:
         return message

@@ -19,7 +19,7 @@ from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_mo
 
 from .pretrained import check_model_location
 
-__all__ = ["DECODER_INITS", "adapt_class_names", "apply_decoder_init", "build_model"]
+__all__ = ["DECODER_INITS", "DECODER_INIT_ALIASES", "adapt_class_names", "apply_decoder_init", "build_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +27,17 @@ logger = logging.getLogger(__name__)
 _NOT_COPIED = {"self", "kwargs", "class_names", "thing_ids", "clip_model_name", "clip_pretrained", "keep_text_tower"}
 _COPIED_CONFIG_KEYS = [p for p in inspect.signature(DearliConfig.__init__).parameters if p not in _NOT_COPIED]
 _TEXT_BUFFERS = ("text_embeddings", "text_class_index")
-# Settings that only affect the loss (may be overridden for an --init_from model; the criterion is rebuilt).
-# Initial decoder weights of a fresh model: "reference" is the model's own (transformers' Mask2Former + the reference's
-# pixel-decoder fills, modeling_dearli/initialization.py); "normal" is what models got before that was fixed.
-DECODER_INITS = ("reference", "normal")
-_LOSS_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio",
-              "importance_sample_ratio", "use_auxiliary_loss", "localization_only", "ensemble_alpha",
-              "mask_pooling_threshold"}
+# Initial decoder weights of a fresh model, named by their distribution: "xavier" is the model's own (transformers'
+# Mask2Former + the reference's pixel-decoder fills: Xavier-uniform, a deformable sampling grid;
+# modeling_dearli/initialization.py); "normal" draws N(0, init_std) everywhere, with no sampling grid.
+DECODER_INITS = ("xavier", "normal")
+# Accepted spellings of DECODER_INITS values (scripts written for an earlier release).
+DECODER_INIT_ALIASES = {"reference": "xavier"}
+# Config settings of the loss and of inference, not of the architecture: the ones --model_config_overrides may change
+# for an --init_from model (the criterion is rebuilt).
+_OVERRIDABLE_KEYS = {"class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points",
+                     "oversample_ratio", "importance_sample_ratio", "use_auxiliary_loss", "localization_only",
+                     "ensemble_alpha", "mask_pooling_threshold"}
 
 
 def _config_overrides(args: Any) -> dict[str, Any]:
@@ -88,18 +92,19 @@ def adapt_class_names(
     return fresh
 
 
-def apply_decoder_init(model: DearliForPanopticSegmentation, scheme: str = "reference") -> None:
+def apply_decoder_init(model: DearliForPanopticSegmentation, scheme: str = "xavier") -> None:
     """Initial decoder weights of a fresh `model` by `scheme` (:data:`DECODER_INITS`).
 
-    ``"reference"`` keeps what the model was built with. ``"normal"`` redraws the decoder as every DEARLi model was
-    initialised before the initialisation fix (transformers skipped Mask2Former's ``_init_weights`` for our
-    custom-code model on modules without parameters of their own): N(0, ``config.init_std``) weights and zero biases
-    for every linear / convolution (the deformable sampling offsets included: no grid), N(0, 1) embeddings, PyTorch's
-    default cross-attention init. Only for comparisons with runs made before the fix.
+    ``"xavier"`` keeps what the model was built with (the reference's initialisation). ``"normal"`` redraws the
+    decoder with Mask2Former's ``_init_weights`` applied only to modules with parameters of their own:
+    N(0, ``config.init_std``) weights and zero biases for every linear / convolution (the deformable sampling offsets
+    included: no sampling grid), N(0, 1) embeddings, PyTorch's default cross-attention init. For comparisons with
+    models initialised that way.
     """
+    scheme = DECODER_INIT_ALIASES.get(scheme, scheme)
     if scheme not in DECODER_INITS:
         raise ValueError(f"unknown decoder_init {scheme!r}; known: {DECODER_INITS}")
-    if scheme == "reference":
+    if scheme == "xavier":
         return
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerPreTrainedModel
 
@@ -119,15 +124,16 @@ def build_model(
     ``--init_from`` / ``--keep_text_tower`` / ``--num_queries`` / ``--train_num_points`` / ``--ensemble_alpha`` /
     ``--model_config_overrides`` / ``--decoder_init`` arguments."""
     overrides = _config_overrides(args)
-    decoder_init = getattr(args, "decoder_init", None) or "reference"
+    decoder_init = getattr(args, "decoder_init", None) or "xavier"
+    decoder_init = DECODER_INIT_ALIASES.get(decoder_init, decoder_init)
     keep_text_tower = bool(getattr(args, "keep_text_tower", False))
     seed = int(getattr(args, "seed", 0))
     if getattr(args, "init_from", None):
-        if decoder_init != "reference":
+        if decoder_init != "xavier":
             raise ValueError("--decoder_init applies to a fresh model; an --init_from model keeps its weights")
         model = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.init_from))
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
-        architecture = set(_COPIED_CONFIG_KEYS) - _LOSS_KEYS
+        architecture = set(_COPIED_CONFIG_KEYS) - _OVERRIDABLE_KEYS
         for key, value in overrides.items():
             if key in architecture and value != getattr(model.config, key):
                 raise ValueError(f"{key} cannot be changed for an --init_from model (only loss settings can)")

@@ -6,10 +6,19 @@
 folder from ``sys.path`` before anything else is imported; the project's own code is imported as the ``training`` and
 ``modeling_dearli`` packages (installed with ``pip install -e .``, or on ``PYTHONPATH``). It does nothing when the
 entry point is imported as a module (tests, ``python -m training.ssl``).
+
+It also sets how progress bars write into a log file: when stderr is not a terminal (``cmd > log 2>&1``), tqdm
+redraws a bar at most once a minute (``TQDM_MININTERVAL``, read when tqdm is first imported; a value in the
+environment wins), so that the log holds the periodic log lines rather than one redraw per step.
 """
 
 import os
 import sys
+
+# Seconds between two redraws of a progress bar written to a file.
+LOG_FILE_BAR_INTERVAL = 60
+if not (sys.stderr is not None and sys.stderr.isatty()):
+    os.environ.setdefault("TQDM_MININTERVAL", str(LOG_FILE_BAR_INTERVAL))
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _script = getattr(sys.modules.get("__main__"), "__file__", None)

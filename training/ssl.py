@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
             accelerator, data.unlabeled, data.class_names, teacher.teacher, run.model,
             ensemble_alpha=views.ensemble_alpha, threshold=args.pseudo_label_threshold,
             overlap_threshold=args.pseudo_label_overlap_threshold, shortest_edge=args.eval_shortest_edge,
-            max_size=args.eval_max_size, num_images=args.pseudo_label_eval_images, seed=args.seed,
+            longest_edge=args.eval_longest_edge, num_images=args.pseudo_label_eval_images, seed=args.seed,
             output_dir=args.output_dir, batch_size=args.eval_batch_size, num_workers=args.num_workers)
         monitors.append((args.pseudo_label_eval_steps, monitor))
 

@@ -18,13 +18,8 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 from collections.abc import Sequence
 
 from training import cli
-from training.arguments import parse_args
-from training.data.train_datasets import (
-    PanopticTrainDataset,
-    color_augmentation,
-    geometric_augmentation,
-    load_panoptic_training_data,
-)
+from training.arguments import color_augmentation, geometric_augmentation, load_panoptic_training_data, parse_args
+from training.data.train_datasets import PanopticTrainDataset
 from training.evaluation.validation import make_evaluator
 from training.loop import TrainingResult, prepare_training, run_training, setup_accelerator
 from training.model_init import build_model

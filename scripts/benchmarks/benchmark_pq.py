@@ -10,7 +10,9 @@ ground truth, predictions shifted, with dropped, merged and relabelled segments 
   ``engine="auto"`` (hotcoco's evaluator mapped to our report when installed) and ``engine="numpy"`` (threads);
 * in memory: already-decoded RGB arrays in, one core: panopticapi's per-image core fed from memory vs our
   ``PanopticQuality`` accumulator (what training loops use); wall and CPU time (CPU time is steadier on a busy
-  machine).
+  machine);
+* whole process: ``python scripts/evaluate_panoptic.py`` on the pairs (start-up and imports included) vs hotcoco's
+  own evaluation in a fresh ``python -c`` process, and the ratio of the two.
 
 Each timing is the best of ``--repeats`` runs, interleaved so background load hits every method alike.
 """
@@ -22,6 +24,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +98,27 @@ def max_diff(a: dict, b: dict) -> float:
             other = b["per_class"].get(int(cid), b["per_class"].get(str(cid)))
             d = max(d, abs(float(r[m]) - max(float(other[m]), 0.0)))
     return d
+
+
+def whole_process_times(root: Path, repeats: int) -> dict[str, float]:
+    """Best wall time of ``scripts/evaluate_panoptic.py`` and of hotcoco's ``pq_compute``, each in a fresh process
+    (interleaved, ``repeats`` runs each) on the pairs under ``root``."""
+    script = Path(__file__).resolve().parents[1] / "evaluate_panoptic.py"
+    files = [str(root / "gt.json"), str(root / "pred.json"), str(root / "gt"), str(root / "pred")]
+    commands = {
+        "evaluate_panoptic.py": [sys.executable, str(script), "--gt_json", files[0], "--pred_json", files[1],
+                                 "--gt_folder", files[2], "--pred_folder", files[3], "--no_progress"],
+        "hotcoco":
+            [sys.executable, "-c", "import sys; from hotcoco import panoptic; panoptic.pq_compute(*sys.argv[1:])",
+                    *files],
+    }
+    best = {name: float("inf") for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{1000 * best_cpu[name] / n:11.2f} {cpu_ratio:9.1f}x")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"(1-minute load average at the end: {load:.1f}; timings on a busy machine are inflated)")
+    if hp is not None:
+        whole = whole_process_times(root, args.repeats)
+        print(f"\nwhole process (fresh python, best of {args.repeats}): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in whole.items()))
+        ratio = whole["evaluate_panoptic.py"] / whole["hotcoco"]
+        print(f"evaluate_panoptic.py vs hotcoco (whole process): {ratio:.2f}x its time (target: at most 1.25x)")
     ref = results["panopticapi"]
     diffs = {k: max_diff(ref, v) for k, v in results.items() if k != "panopticapi" and "per_class" in v}
     print("\nmax |difference| to panopticapi: " + ", ".join(f"{k}: {v:.1e}" for k, v in diffs.items()))

@@ -1,6 +1,7 @@
 """Time class-name encoding with the CLIP text tower over the used context vs OpenCLIP's full 77-token context.
 
-    python scripts/benchmarks/benchmark_text_encoding.py [--dataset coco_panoptic] [--num_classes 20] [--clip_model_name NAME]
+    python scripts/benchmarks/benchmark_text_encoding.py [--dataset coco_panoptic] [--num_classes 20] [--clip_model_name
+    NAME]
 
 Builds the text tower of ``--clip_model_name`` (default: the paper's ConvNeXt-B, ``convnext_base_w``) with random
 weights (nothing is downloaded; the cost does not depend on the weights), encodes the first ``--num_classes`` class
@@ -23,12 +24,13 @@ from torch.nn import functional as F
 from modeling_dearli.clip_backbone import ClipTextEncoder, build_open_clip_model
 from modeling_dearli.configuration_dearli import DearliConfig, split_synonyms
 from training import cli
-from training.data.panoptic_datasets import load_class_names
+from training.data.class_names import load_class_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", default="coco_panoptic", help="Class-name list shipped in training/data/assets/class_names/.")
+    parser.add_argument("--dataset", default="coco_panoptic",
+                        help="Class-name list shipped in training/data/assets/class_names/.")
     parser.add_argument("--num_classes", type=int, default=20, help="Encode the first N classes (0: all).")
     parser.add_argument("--clip_model_name", default="convnext_base_w", help="OpenCLIP architecture of the tower.")
     parser.add_argument("--batch_size", type=int, default=256, help="Prompts per forward pass.")
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(names)} classes, {len(synonyms)} synonyms x {len(templates)} templates = {len(tokens)} prompts; "
           f"longest prompt {used} of {tokens.shape[1]} tokens; {torch.get_num_threads()} threads")
     timings, outputs = {}, {}
-    for label, encode in (("used context (ours)", encoder.encode_tokens), ("full context (OpenCLIP)", reference.encode_text)):
+    methods = (("used context (ours)", encoder.encode_tokens), ("full context (OpenCLIP)", reference.encode_text))
+    for label, encode in methods:
         start = time.perf_counter()
         with torch.no_grad():
             outputs[label] = torch.cat([F.normalize(encode(tokens[i : i + args.batch_size]).float(), dim=-1)

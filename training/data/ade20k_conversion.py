@@ -35,7 +35,8 @@ from PIL import Image
 
 from modeling_dearli.image_processing_dearli import id_to_rgb
 
-from .panoptic_datasets import ADE20K_NUM_CLASSES, ADE20K_SPLITS, ADE20K_THING_IDS, load_class_names
+from .class_names import ADE20K_NUM_CLASSES, ADE20K_THING_IDS, load_class_names
+from .panoptic_datasets import ADE20K_SPLITS
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,9 @@ class DearliDataCollator:
         images = [torch.as_tensor(f["pixel_values"]) for f in features]
         for i, image in enumerate(images):
             if image.ndim != 3:
-                raise ValueError(f"example {i}: pixel_values must be (channels, height, width), got {tuple(image.shape)}")
+                raise ValueError(
+                    f"example {i}: pixel_values must be (channels, height, width), got {tuple(image.shape)}"
+                )
         divisor = max(int(self.size_divisor), 1)
         height = math.ceil(max(im.shape[-2] for im in images) / divisor) * divisor
         width = math.ceil(max(im.shape[-1] for im in images) / divisor) * divisor
@@ -87,7 +89,8 @@ class DearliDataCollator:
                 classes = torch.as_tensor(f["class_labels"]).long().reshape(-1)
                 if masks.ndim != 3 or masks.shape[0] != classes.shape[0]:
                     raise ValueError(
-                        f"example {i}: mask_labels {tuple(masks.shape)} do not match class_labels {tuple(classes.shape)}"
+                        f"example {i}: mask_labels {tuple(masks.shape)} do not match class_labels "
+                        f"{tuple(classes.shape)}"
                     )
                 if masks.shape[-2:] != images[i].shape[-2:]:
                     raise ValueError(

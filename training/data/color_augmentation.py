@@ -61,8 +61,10 @@ class ColorAugSSD:
         self.hue_delta = int(hue_delta)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(brightness_delta={self.brightness_delta}, contrast_range={self.contrast_range}, "
-                f"saturation_range={self.saturation_range}, hue_delta={self.hue_delta})")
+        return (
+            f"{type(self).__name__}(brightness_delta={self.brightness_delta}, contrast_range={self.contrast_range}, "
+            f"saturation_range={self.saturation_range}, hue_delta={self.hue_delta})"
+        )
 
     def sample(self, generator: torch.Generator | None = None) -> SSDColorParams:
         """Draw the adjustments of one image (uses 9 numbers of `generator`)."""

@@ -9,9 +9,9 @@ Rows have the columns
 * optionally ``semantic`` (``datasets.Image``: a semantic map of category ids, 0 = ignore; ADE20K),
 * optionally ``void_segment_id`` (COCO-Objects): the segment that the PNG's void pixels (id 0) belong to.
 
-``save_to_disk`` embeds the image bytes; ``push_to_hub`` works as for any dataset.
-Model targets come from :func:`panoptic_target_from_row` (segment-id map + ``{segment id: class}``), which the
-image processor or :func:`masks_and_labels` turn into Mask2Former-style ``mask_labels``/``class_labels``.
+``save_to_disk`` embeds the image bytes; ``push_to_hub`` works as for any dataset. Label spaces are in
+:mod:`training.data.class_names`, partitions in :mod:`training.data.partitions`, model targets in
+:mod:`training.data.panoptic_targets`.
 """
 
 from __future__ import annotations
@@ -20,159 +20,16 @@ import itertools
 import json
 import logging
 import os
-import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from modeling_dearli.image_processing_dearli import rgb_to_id
-from training.data.package_data import DATA_DIR
-from training.evaluation.panoptic_quality import VOID
+from training.data.class_names import ClassNames, load_class_names, read_class_names
+from training.data.panoptic_format import VOID_SEGMENT_COLUMN
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
-DATASET_CLASS_FILES = {
-    "ade20k": "ade20k_150.txt",
-    "coco": "coco_panoptic.txt",
-    "coco_panoptic": "coco_panoptic.txt",
-    "coco_objects": "coco_objects.txt",
-    "sa1b": "sa1b.txt",
-}
-SPLIT_DIRS = {"ade20k": "ade20k", "coco": "coco", "coco_panoptic": "coco", "coco_objects": "coco"}
-COCO_MAX_THING_ID = 90  # COCO panoptic: category ids 1..90 are things, 92..200 stuff
-# Row column naming the segment that takes the PNG's void pixels (COCO-Objects: the background segment).
-VOID_SEGMENT_COLUMN = "void_segment_id"
-
-# ADE20K-150 class ids of the 100 instance-benchmark classes, in instance-class order (instance class k -> entry k-1).
-# Source: the ADE20K instance/scene-parsing category correspondence used by the standard panoptic conversion.
-ADE20K_THING_IDS: tuple[int, ...] = (
-    8, 9, 11, 13, 15, 16, 19, 20, 21, 23, 24, 25, 28, 31, 32, 33, 34, 36, 37, 38,
-    39, 40, 42, 43, 44, 45, 46, 48, 50, 51, 54, 56, 57, 58, 59, 63, 65, 66, 67, 68,
-    70, 71, 72, 73, 74, 75, 76, 77, 79, 81, 82, 83, 84, 86, 87, 88, 89, 90, 91, 93,
-    94, 96, 98, 99, 103, 104, 105, 108, 109, 111, 112, 113, 116, 117, 119, 120, 121, 122, 124, 125,
-    126, 127, 128, 130, 131, 133, 134, 135, 136, 137, 138, 139, 140, 143, 144, 145, 147, 148, 149, 150,
-)  # fmt: skip
-ADE20K_NUM_CLASSES = 150
 # ADE20K split names -> the ADEChallengeData2016 folder names.
 ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# class names
-# --------------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ClassNames:
-    """A label space: contiguous class index <-> dataset category id, names with synonyms, thing flags."""
-
-    category_ids: tuple[int, ...]
-    names: tuple[str, ...]  # "name,synonym,..." per contiguous index
-    is_thing: tuple[bool, ...]
-    _index: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not (len(self.category_ids) == len(self.names) == len(self.is_thing)):
-            raise ValueError("category_ids, names and is_thing must have the same length")
-        self._index.update({c: i for i, c in enumerate(self.category_ids)})
-        if len(self._index) != len(self.category_ids):
-            raise ValueError("duplicate category ids")
-
-    def __len__(self) -> int:
-        return len(self.category_ids)
-
-    @property
-    def id_to_label(self) -> dict[int, int]:
-        """Dataset category id -> contiguous index."""
-        return dict(self._index)
-
-    @property
-    def label_to_id(self) -> list[int]:
-        """Contiguous index -> dataset category id."""
-        return list(self.category_ids)
-
-    @property
-    def thing_ids(self) -> list[int]:
-        """Contiguous indices of thing classes (``config.thing_ids``)."""
-        return [i for i, t in enumerate(self.is_thing) if t]
-
-    @property
-    def first_names(self) -> list[str]:
-        return [n.split(",")[0].strip() for n in self.names]
-
-    def label(self, category_id: int) -> int:
-        try:
-            return self._index[int(category_id)]
-        except KeyError:
-            raise KeyError(f"category id {category_id} is not in this label space") from None
-
-    def categories(self) -> list[dict[str, Any]]:
-        """COCO-style category dicts (dataset ids) for :class:`training.evaluation.panoptic_quality.PanopticQuality`."""
-        return [{"id": c, "name": n, "isthing": int(t)} for c, n, t in zip(self.category_ids, self.first_names,
-                                                                              self.is_thing)]
-
-    def contiguous_categories(self) -> list[dict[str, Any]]:
-        """Categories whose id is the contiguous index (the model's label space)."""
-        return [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(self.first_names,
-                                                                                       self.is_thing))]
-
-
-def read_class_names(
-    path: str | os.PathLike[str],
-    *,
-    thing_category_ids: Iterable[int] | None = None,
-    categories_json: str | os.PathLike[str] | None = None,
-) -> ClassNames:
-    """Read ``id:name,synonym,...`` lines (ids not in the dataset read ``invalid_class_id`` and are skipped).
-
-    Thing flags come from ``thing_category_ids``, else from a COCO categories JSON (``isthing``; a list or a dict
-    with ``categories``), else all classes are stuff.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file not found: {path}")
-    ids: list[int] = []
-    names: list[str] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if ":" not in line:
-            raise ValueError(f"{path}:{lineno}: expected 'id:name,...', got {line!r}")
-        cid, name = line.split(":", 1)
-        if name.strip() == "invalid_class_id":
-            continue
-        ids.append(int(cid))
-        names.append(name.strip())
-    if thing_category_ids is None and categories_json is not None:
-        with open(categories_json) as f:
-            cats = json.load(f)
-        cats = cats["categories"] if isinstance(cats, dict) else cats
-        thing_category_ids = [c["id"] for c in cats if int(c.get("isthing", 0)) == 1]
-    things = {int(t) for t in thing_category_ids} if thing_category_ids is not None else set()
-    return ClassNames(tuple(ids), tuple(names), tuple(c in things for c in ids))
-
-
-def load_class_names(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> ClassNames:
-    """Class names of ``ade20k``, ``coco_panoptic`` (alias ``coco``), ``coco_objects`` or ``sa1b`` with thing flags.
-
-    ADE20K things are the standard 100 (:data:`ADE20K_THING_IDS`); COCO things are ids
-    1..90; COCO-Objects' background (0) is stuff; the class-agnostic SA-1B class is a thing. The files are read from
-    ``data_dir/class_names/`` (default: the package's own, :data:`training.data.package_data.DATA_DIR`).
-    """
-    if dataset not in DATASET_CLASS_FILES:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_CLASS_FILES)}")
-    path = Path(data_dir or DATA_DIR) / "class_names" / DATASET_CLASS_FILES[dataset]
-    if dataset == "ade20k":
-        things: Iterable[int] = ADE20K_THING_IDS
-    elif dataset in ("coco", "coco_panoptic", "coco_objects"):
-        things = range(1, COCO_MAX_THING_ID + 1)
-    else:
-        things = [0]
-    return read_class_names(path, thing_category_ids=things)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,7 +116,7 @@ def load_coco_panoptic(
             tuple(str(c["name"]) for c in cats),
             tuple(int(c.get("isthing", 0)) == 1 for c in cats),
         )
-    id_to_label = class_names.id_to_label
+    category_to_index = class_names.category_to_index
 
     images = {img["id"]: img for img in data["images"]}
     annotated = set()
@@ -291,12 +148,12 @@ def load_coco_panoptic(
         segs = []
         for s in ann.get("segments_info", []):
             cid = int(s["category_id"])
-            if cid not in id_to_label:
+            if cid not in category_to_index:
                 raise ValueError(
                     f"{annotations_json}: image {image_id!r} segment {s.get('id')} has category_id {cid}, which is "
                     f"not in the label space ({len(class_names)} classes)"
                 )
-            label = id_to_label[cid]
+            label = category_to_index[cid]
             segs.append(
                 {
                     "id": int(s["id"]),
@@ -399,7 +256,7 @@ def to_coco_objects(ds: Any, class_names: ClassNames | None = None, void_to_back
     the image has no void pixel). ``void_to_background=False`` leaves void pixels void (unlabeled, not evaluated).
     """
     objects = class_names or load_class_names("coco_objects")
-    to_label = objects.id_to_label
+    to_label = objects.category_to_index
     if 0 not in to_label:
         raise ValueError("COCO-Objects label space needs category 0 (background)")
 
@@ -490,268 +347,29 @@ def load_panoptic_dataset(
     return ds, names or dataset_class_names(ds)
 
 
-def restrict_to_present_classes(ds: Any, class_names: ClassNames, validation: Any = None) -> tuple[Any, ClassNames, Any]:
+def restrict_to_present_classes(
+    ds: Any, class_names: ClassNames, validation: Any = None
+) -> tuple[Any, ClassNames, Any]:
     """Keep only the classes annotated in `ds` (small demos): ``(ds, restricted label space, validation)`` with the
     segments' ``label`` renumbered in place (no file is re-read); validation segments of other classes are dropped."""
     present = sorted({s["category_id"] for segs in ds["segments_info"] for s in segs})
-    keep = [class_names.id_to_label[c] for c in present]
-    restricted = ClassNames(tuple(present), tuple(class_names.names[i] for i in keep),
-                            tuple(class_names.is_thing[i] for i in keep))
-    new_label = restricted.id_to_label
+    keep = [class_names.category_to_index[c] for c in present]
+    restricted = ClassNames(
+        tuple(present), tuple(class_names.names[i] for i in keep), tuple(class_names.is_thing[i] for i in keep)
+    )
+    new_label = restricted.category_to_index
 
     def relabel(segments: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"segments_info": [{**s, "label": new_label[s["category_id"]]} for s in segments
-                                  if s["category_id"] in new_label]}
+        return {
+            "segments_info": [
+                {**s, "label": new_label[s["category_id"]]} for s in segments if s["category_id"] in new_label
+            ]
+        }
 
     ds = ds.map(relabel, input_columns="segments_info", desc="restrict classes")
     if validation is not None:
         validation = validation.map(relabel, input_columns="segments_info", desc="restrict classes")
     return ds, restricted, validation
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# partitions
-# --------------------------------------------------------------------------------------------------------------------
-def read_split_file(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """Lines ``<image path> <annotation path>`` -> list of pairs (a single column is allowed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    pairs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) > 2:
-            raise ValueError(f"{path}:{lineno}: expected '<image> [<annotation>]', got {line!r}")
-        pairs.append((parts[0], parts[-1]))
-    return pairs
-
-
-def split_file(dataset: str, partition: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Path of ``labeled.txt`` for ``partition`` (e.g. ``1_128``) or of ``val.txt`` for ``partition="val"``."""
-    base = Path(data_dir or DATA_DIR) / "splits" / SPLIT_DIRS.get(dataset, dataset)
-    path = base / "val.txt" if partition == "val" else base / partition / "labeled.txt"
-    if not path.is_file():
-        avail = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-        raise FileNotFoundError(f"partition file not found: {path} (available partitions: {avail})")
-    return path
-
-
-def partition_keys(dataset: str, partition: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """Image keys (file stems, e.g. ``ADE_train_00001609`` / ``000000283213``) of a standard partition."""
-    return [Path(img).stem for img, _ in read_split_file(split_file(dataset, partition, data_dir))]
-
-
-def row_key(file_name: str) -> str:
-    """The key partitions use for a row: its image file stem."""
-    return Path(file_name).stem
-
-
-def split_labeled_unlabeled(
-    ds: Any,
-    labeled: Sequence[str | int] | None = None,
-    *,
-    dataset: str | None = None,
-    partition: str | None = None,
-    fraction: float | None = None,
-    seed: int = 0,
-    data_dir: str | os.PathLike[str] | None = None,
-    strict: bool = True,
-) -> tuple[Any, Any]:
-    """Split a training dataset into (labeled, unlabeled = the rest).
-
-    Exactly one of: ``labeled`` (image file stems or image ids), ``dataset`` + ``partition`` (standard partition
-    files, e.g. ``("ade20k", "1_128")``), or ``fraction`` (random subset of that size, drawn with ``seed``).
-    With ``strict``, listed images missing from ``ds`` raise ``KeyError`` naming them.
-    """
-    given = sum(x is not None for x in (labeled, partition, fraction))
-    if given != 1:
-        raise ValueError("give exactly one of labeled=, partition= (with dataset=) or fraction=")
-    keys = [row_key(f) for f in ds["file_name"]]
-    if partition is not None:
-        if dataset is None:
-            raise ValueError("partition= needs dataset= ('ade20k' or 'coco')")
-        labeled = partition_keys(dataset, partition, data_dir)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        n = max(1, round(fraction * len(keys)))
-        chosen = sorted(random.Random(seed).sample(range(len(keys)), n))
-    else:
-        assert labeled is not None
-        index: dict[Any, int] = {}
-        for i, k in enumerate(keys):
-            index.setdefault(k, i)
-        ids = ds["image_id"]
-        for i, image_id in enumerate(ids):
-            index.setdefault(image_id, i)
-        chosen_set: dict[int, None] = {}
-        missing = []
-        for k in labeled:
-            i = index.get(k, index.get(str(k)))
-            if i is None:
-                missing.append(str(k))
-            else:
-                chosen_set[i] = None
-        if missing:
-            msg = f"{len(missing)} labeled images not in the dataset: {', '.join(missing[:5])}"
-            if strict:
-                raise KeyError(msg)
-            logger.warning(msg)
-        chosen = sorted(chosen_set)
-    chosen_mask = np.zeros(len(keys), dtype=bool)
-    chosen_mask[chosen] = True
-    rest = np.flatnonzero(~chosen_mask).tolist()
-    logger.info("partition: %d labeled, %d unlabeled", len(chosen), len(rest))
-    return ds.select(chosen), ds.select(rest)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# row -> targets
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class PanopticTarget:
-    """Ground truth of one image: segment-id map (0 = void) and its segments in the contiguous label space."""
-
-    id_map: np.ndarray  # (H, W) int64
-    segments: list[dict[str, Any]]  # {"id", "label", "category_id", "iscrowd", "isthing"}
-
-    def instance_id_to_label(self, include_crowd: bool = False) -> dict[int, int]:
-        """``{segment id: contiguous class}`` of non-crowd segments (pair it with :meth:`training_id_map`)."""
-        return {s["id"]: s["label"] for s in self.segments if include_crowd or not s["iscrowd"]}
-
-    def instance_id_to_semantic_id(self) -> dict[int, int]:
-        """Every segment -> contiguous class, crowd segments -> -1 (ignored): the ``instance_id_to_semantic_id``
-        argument of ``DearliImageProcessor.preprocess`` for :attr:`id_map`."""
-        return {s["id"]: (-1 if s["iscrowd"] else s["label"]) for s in self.segments}
-
-    def training_id_map(self) -> np.ndarray:
-        """The id map with crowd segments set to void (0): crowd regions belong to no training mask."""
-        crowd = [s["id"] for s in self.segments if s["iscrowd"]]
-        if not crowd:
-            return self.id_map
-        return np.where(np.isin(self.id_map, crowd), VOID, self.id_map)
-
-    def eval_segments(self) -> list[dict[str, Any]]:
-        """Segments for :class:`~training.evaluation.panoptic_quality.PanopticQuality` in the contiguous label space."""
-        return [{"id": s["id"], "category_id": s["label"], "iscrowd": s["iscrowd"]} for s in self.segments]
-
-    def semantic_map(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-        """(H, W) contiguous class per pixel (crowd included), ``ignore_index`` for void / unlisted ids."""
-        ids = np.array(sorted({s["id"] for s in self.segments}), dtype=np.int64)
-        labels = {s["id"]: s["label"] for s in self.segments}
-        if len(ids) == 0:
-            return np.full(self.id_map.shape, ignore_index, dtype=np.int64)
-        lut = np.array([labels[i] for i in ids.tolist()] + [ignore_index], dtype=np.int64)
-        pos = np.searchsorted(ids, self.id_map)
-        found = ids[np.minimum(pos, len(ids) - 1)] == self.id_map
-        return np.where(found, lut[np.minimum(pos, len(ids) - 1)], ignore_index)
-
-
-def _image_array(value: Any) -> np.ndarray | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, os.PathLike)):
-        from PIL import Image
-
-        with Image.open(value) as im:
-            return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L", "I", "I;16") else im)
-    if isinstance(value, dict):  # datasets.Image(decode=False)
-        import io
-
-        from PIL import Image
-
-        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        with Image.open(src) as im:
-            return np.asarray(im)
-    if hasattr(value, "mode") and value.mode == "P":
-        value = value.convert("RGB")
-    return np.asarray(value)
-
-
-def panoptic_target_from_row(row: Mapping[str, Any], *, merge_stuff: bool = True) -> PanopticTarget:
-    """A dataset row -> :class:`PanopticTarget`.
-
-    With ``merge_stuff`` (default) all segments of one stuff class become a single segment (the first one's id), as
-    panoptic segmentation requires; this is what makes COCO-Objects' remapped background one segment. A row's
-    ``void_segment_id`` (COCO-Objects) gives the void pixels to that segment.
-    """
-    color = _image_array(row["panoptic"])
-    if color is None:
-        raise ValueError(f"row {row.get('image_id')!r} has no panoptic annotation")
-    id_map = rgb_to_id(color).astype(np.int64)
-    void_segment = int(row.get(VOID_SEGMENT_COLUMN) or -1)
-    if void_segment > 0:  # COCO-Objects: void pixels belong to the background segment (see to_coco_objects)
-        id_map[id_map == VOID] = void_segment
-    segments = [
-        {"id": int(s["id"]), "label": int(s["label"]), "category_id": int(s["category_id"]),
-         "iscrowd": int(s["iscrowd"]), "isthing": bool(s["isthing"])}
-        for s in row["segments_info"]
-    ]
-    if merge_stuff:
-        first: dict[tuple[int, int], int] = {}
-        remap: dict[int, int] = {}
-        kept = []
-        for s in segments:
-            if s["isthing"]:
-                kept.append(s)
-                continue
-            key = (s["label"], s["iscrowd"])
-            if key in first:
-                remap[s["id"]] = first[key]
-            else:
-                first[key] = s["id"]
-                kept.append(s)
-        if remap:
-            src = np.array(list(remap), dtype=np.int64)
-            dst = np.array([remap[i] for i in src.tolist()], dtype=np.int64)
-            order = np.argsort(src)
-            src, dst = src[order], dst[order]
-            pos = np.minimum(np.searchsorted(src, id_map), len(src) - 1)
-            id_map = np.where(src[pos] == id_map, dst[pos], id_map)
-        segments = kept
-    if void_segment > 0 and not (id_map == void_segment).any():  # an added background segment left without pixels
-        segments = [s for s in segments if s["id"] != void_segment]
-    return PanopticTarget(id_map=id_map, segments=segments)
-
-
-def semantic_target_from_row(
-    row: Mapping[str, Any], class_names: ClassNames | None = None, ignore_index: int = IGNORE_INDEX
-) -> np.ndarray:
-    """(H, W) int64 contiguous semantic labels for mIoU: from the ``semantic`` column when present (category ids,
-    0 = ignore; needs ``class_names``), else from the panoptic annotation (crowd included, void ignored).
-    """
-    sem = row.get("semantic")
-    if sem is not None:
-        if class_names is None:
-            raise ValueError("semantic column holds category ids: pass class_names to map them")
-        arr = _image_array(sem).astype(np.int64)
-        lut = np.full(max(max(class_names.category_ids), int(arr.max(initial=0))) + 1, ignore_index, dtype=np.int64)
-        for cid, label in class_names.id_to_label.items():
-            if cid >= 0:
-                lut[cid] = label
-        return lut[arr]
-    return panoptic_target_from_row(row).semantic_map(ignore_index)
-
-
-def masks_and_labels(
-    id_map: np.ndarray, instance_id_to_label: Mapping[int, int]
-) -> tuple[Any, Any]:
-    """``mask_labels`` float (n, H, W) and ``class_labels`` long (n,) torch tensors for the listed segments
-    (segments absent from the map are dropped; unlisted ids such as void or crowd get no mask)."""
-    import torch
-
-    id_map = np.asarray(id_map)
-    ids = [i for i in instance_id_to_label]
-    if not ids:
-        return torch.zeros((0,) + id_map.shape, dtype=torch.float32), torch.zeros(0, dtype=torch.long)
-    t = torch.from_numpy(id_map.astype(np.int64))
-    id_t = torch.tensor(ids, dtype=torch.int64)
-    masks = t.unsqueeze(0) == id_t.view(-1, 1, 1)
-    present = masks.flatten(1).any(1)
-    labels = torch.tensor([instance_id_to_label[i] for i in ids], dtype=torch.long)
-    return masks[present].float(), labels[present]
 
 
 def dataset_class_names(ds: Any) -> ClassNames | None:

@@ -41,7 +41,11 @@ class ResumableSampler(Sampler):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
         chunks, total = [], 0
         while total < self.epoch_length:
-            chunk = torch.randperm(self.num_samples, generator=generator) if self.shuffle else torch.arange(self.num_samples)
+            chunk = (
+                torch.randperm(self.num_samples, generator=generator)
+                if self.shuffle
+                else torch.arange(self.num_samples)
+            )
             chunks.append(chunk)
             total += len(chunk)
         order = torch.cat(chunks)[: self.epoch_length].tolist()
@@ -50,7 +54,8 @@ class ResumableSampler(Sampler):
 
 
 def unpack_index(key: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
-    """``index`` or ``(index, seed)`` (from :class:`ResumableSampler`) -> ``(index, seed)`` (seed 0 for a bare index)."""
+    """``index`` or ``(index, seed)`` (from :class:`ResumableSampler`) -> ``(index, seed)`` (seed 0 for a bare
+    index)."""
     if isinstance(key, (tuple, list)):
         return int(key[0]), int(key[1])
     return int(key), 0

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from training.earlier_names import renamed_keywords
 
 __all__ = [
     "StrongAugmentationConfig",
@@ -53,21 +56,30 @@ __all__ = [
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 
 
-@dataclass
+@dataclass(init=False)
 class StrongAugmentationConfig:
-    """Parameters of the strong view (defaults: the DEARLi reference)."""
+    """Parameters of the strong view (defaults: the DEARLi reference); probabilities are ``*_prob`` as the flags."""
 
     brightness: float = 0.8
     contrast: float = 0.8
     saturation: float = 0.8
     hue: float = 0.2
-    color_jitter_p: float = 1.0
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    color_jitter_prob: float = 1.0
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    cutmix_p: float = 0.5
+    cutmix_prob: float = 0.5
     cutmix_area: tuple[float, float] = (0.02, 0.4)
     cutmix_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = renamed_keywords(kwargs, "StrongAugmentationConfig")
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"StrongAugmentationConfig got unknown arguments {unknown}")
+        for name in known:
+            setattr(self, name, kwargs.get(name, getattr(type(self), name)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,12 +379,12 @@ class StrongAugmentation:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Photometric strong augmentation of ``(B, 3, H, W)`` images in ``[0, 1]``."""
         c = self.config
-        images = color_jitter(images, generator, c.brightness, c.contrast, c.saturation, c.hue, c.color_jitter_p)
-        images = random_grayscale(images, generator, c.grayscale_p)
-        images = random_gaussian_blur(images, generator, c.blur_p, c.blur_sigma)
+        images = color_jitter(images, generator, c.brightness, c.contrast, c.saturation, c.hue, c.color_jitter_prob)
+        images = random_grayscale(images, generator, c.grayscale_prob)
+        images = random_gaussian_blur(images, generator, c.blur_prob, c.blur_sigma)
         return images
 
     def cutmix_boxes(self, batch: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
         """CutMix boxes for a batch with this configuration."""
         c = self.config
-        return sample_cutmix_boxes(batch, size, generator, c.cutmix_p, c.cutmix_area, c.cutmix_aspect)
+        return sample_cutmix_boxes(batch, size, generator, c.cutmix_prob, c.cutmix_area, c.cutmix_aspect)

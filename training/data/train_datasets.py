@@ -1,8 +1,9 @@
 """What the loops train on: augmented panoptic ground truth (supervised, SSL labeled part), weak views of unlabeled
-images (SSL) and SAM masks (DeWa), and the functions that build them from the loops' arguments.
+images (SSL) and class-agnostic masks (DeWa), and the loops' data from plain settings (:class:`PanopticDataConfig`;
+:mod:`training.arguments` builds them from the command line).
 
 The datasets take an index or an ``(index, seed)`` pair from :class:`training.data.sampler.ResumableSampler`; the seed
-drives the geometric augmentation (a scale scheme of :mod:`training.data.transforms`, :func:`geometric_augmentation`),
+drives the geometric augmentation (a scale scheme of :mod:`training.data.transforms`),
 so an example is a pure function of ``(index, seed)``. Items are dicts the
 :class:`training.data.collator.DearliDataCollator` collates::
 
@@ -18,6 +19,7 @@ training loop logs, counts and checks against ``--max_skipped_share`` (:class:`t
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -32,41 +34,36 @@ from torch.utils.data import Dataset
 
 from modeling_dearli.image_reading import read_image, to_rgb
 
+from .class_names import ClassNames
 from .color_augmentation import ColorAugSSD
-from .panoptic_datasets import (
-    ClassNames,
-    load_panoptic_dataset,
-    panoptic_target_from_row,
-    restrict_to_present_classes,
-    split_labeled_unlabeled,
-)
+from .panoptic_datasets import load_panoptic_dataset, restrict_to_present_classes
+from .panoptic_targets import panoptic_target_from_row
+from .partitions import split_labeled_unlabeled
 from .sampler import unpack_index
 from .transforms import (
     GeometricAugmentation,
     GeometricParams,
     apply_to_id_map,
     apply_to_image,
-    build_geometric_augmentation,
     fixed_params,
+    mask_record_to_targets,
     normalize_image,
     panoptic_to_targets,
-    sam_record_to_targets,
     valid_pixel_mask,
 )
 
 __all__ = [
     "MAX_REPLACEMENTS",
+    "MasksTrainDataset",
+    "PanopticDataConfig",
     "PanopticTrainDataset",
     "PanopticTrainingData",
-    "SamMasksTrainDataset",
     "UnlabeledTrainDataset",
     "UnreadableSample",
-    "color_augmentation",
-    "geometric_augmentation",
-    "load_panoptic_training_data",
+    "load_training_data",
+    "mask_train_dataset",
     "row_image",
     "row_source",
-    "sam_masks_train_dataset",
     "without_image_decoding",
 ]
 
@@ -235,8 +232,8 @@ class PanopticTrainDataset(_AugmentedRows):
         return item
 
 
-class SamMasksTrainDataset(_SkipsUnreadable):
-    """Class-agnostic DeWa examples: images with their SAM masks (`training.data.sam_masks.load_sam_masks` records).
+class MasksTrainDataset(_SkipsUnreadable):
+    """Class-agnostic DeWa examples: images with their SAM masks (`training.data.mask_reading.load_masks` records).
 
     Args:
         sources: ``(records, image_root)`` pairs; a record's image is ``image_root / record["file_name"]`` (the
@@ -283,7 +280,7 @@ class SamMasksTrainDataset(_SkipsUnreadable):
                                               f"{(height, width)}")
         generator = torch.Generator().manual_seed(seed)
         params = _sample_geometry(self.transform, height, width, generator)
-        mask_labels, class_labels = sam_record_to_targets(record, params, drop_empty=self.drop_empty_masks)
+        mask_labels, class_labels = mask_record_to_targets(record, params, drop_empty=self.drop_empty_masks)
         return {
             "pixel_values": normalize_image(_augmented_image(image, params, self.color_augmentation, generator)),
             "pixel_mask": valid_pixel_mask(params),
@@ -326,35 +323,68 @@ class UnlabeledTrainDataset(_AugmentedRows):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# From the loops' arguments (training.arguments)
+# The loops' data, from plain settings (training.arguments turns the command line into them)
 # --------------------------------------------------------------------------------------------------------------------
-def geometric_augmentation(args: Any) -> GeometricAugmentation:
-    """The scale / crop / flip of ``--scale_augmentation``, ``--crop_size``, ``--min_scale``, ``--max_scale``,
-    ``--train_max_size``, ``--flip_prob``."""
-    return build_geometric_augmentation(args.scale_augmentation, args.crop_size, args.min_scale, args.max_scale,
-                                        args.train_max_size, args.flip_prob)
+def mask_train_dataset(
+    masks_dirs: Sequence[str | os.PathLike],
+    image_dirs: Sequence[str | os.PathLike],
+    transform: GeometricAugmentation | None,
+    *,
+    exif_transpose: bool = True,
+    color_augmentation: ColorAugSSD | None = None,
+    drop_empty_masks: bool = False,
+) -> MasksTrainDataset:
+    """DeWa's data: the mask records of every folder of `masks_dirs` paired with its image folder (one of
+    `image_dirs` per masks folder, or one for all), under `transform` and `color_augmentation`."""
+    from .mask_reading import load_masks
 
-
-def color_augmentation(args: Any) -> ColorAugSSD | None:
-    """The photometric augmentation of images with ground truth (``--color_augmentation``)."""
-    return ColorAugSSD() if args.color_augmentation == "ssd" else None
-
-
-def sam_masks_train_dataset(args: Any) -> SamMasksTrainDataset:
-    """DeWa's data: the SAM records of every ``--sam_masks_dir`` paired with its ``--image_dir``, under the random
-    scale / crop / flip of :func:`geometric_augmentation` and the :func:`color_augmentation`."""
-    from .sam_masks import load_sam_masks
-
-    image_dirs = args.image_dir * len(args.sam_masks_dir) if len(args.image_dir) == 1 else args.image_dir
+    if len(image_dirs) not in (1, len(masks_dirs)):
+        raise ValueError("give one image folder, or one per masks folder")
+    image_dirs = list(image_dirs) * len(masks_dirs) if len(image_dirs) == 1 else list(image_dirs)
     sources = []
-    for masks_dir, image_dir in zip(args.sam_masks_dir, image_dirs):
-        records = load_sam_masks(masks_dir)
+    for masks_dir, image_dir in zip(masks_dirs, image_dirs):
+        records = load_masks(masks_dir)
         if len(records) == 0:
-            raise ValueError(f"no SAM masks in {masks_dir}: run scripts/generate_sam_masks.py first")
+            raise ValueError(f"no masks in {masks_dir}: run scripts/generate_sam_masks.py first")
         sources.append((records, image_dir))
-    return SamMasksTrainDataset(sources, geometric_augmentation(args), exif_transpose=not args.no_exif_transpose,
-                                color_augmentation=color_augmentation(args),
-                                drop_empty_masks=args.drop_empty_sam_masks)
+    return MasksTrainDataset(sources, transform, exif_transpose=exif_transpose, color_augmentation=color_augmentation,
+                             drop_empty_masks=drop_empty_masks)
+
+
+@dataclass(frozen=True)
+class PanopticDataConfig:
+    """Where a loop's panoptic data comes from and how it is split (the ``panoptic data`` flags of
+    :mod:`training.arguments`).
+
+    Args:
+        dataset_name: label space and loader (``coco_panoptic``, ``coco_objects``, ``ade20k``, ``custom``).
+        train_images_dir, train_panoptic_dir, train_annotations: the training split in COCO panoptic format.
+        val_images_dir, val_panoptic_dir, val_annotations: the validation split (none without annotations; the
+            folders default to the training ones).
+        ade20k_root: the ADEChallengeData2016 folder (``ade20k``; replaces the folders).
+        class_names_file: class names with synonyms (``id:name,synonym,...`` lines).
+        partition: a shipped labeled partition (e.g. ``1_128``), or
+        labeled_fraction: a random labeled subset of this share, drawn with `seed`.
+        restrict_to_present_classes: keep only the classes annotated in the training images.
+        max_eval_images: validate on at most this many images.
+        coco_objects_void_to_background: COCO-Objects' void pixels become background (the reference's).
+    """
+
+    dataset_name: str = "coco_panoptic"
+    train_images_dir: str | None = None
+    train_panoptic_dir: str | None = None
+    train_annotations: str | None = None
+    val_images_dir: str | None = None
+    val_panoptic_dir: str | None = None
+    val_annotations: str | None = None
+    ade20k_root: str | None = None
+    class_names_file: str | None = None
+    partition: str | None = None
+    labeled_fraction: float | None = None
+    seed: int = 0
+    restrict_to_present_classes: bool = False
+    max_eval_images: int | None = None
+    coco_objects_void_to_background: bool = True
 
 
 @dataclass
@@ -368,36 +398,45 @@ class PanopticTrainingData:
     class_names: ClassNames
 
 
-def load_panoptic_training_data(args: Any) -> PanopticTrainingData:
-    """The panoptic data arguments (``--dataset_name``, the folders, ``--class_names_file``, ``--partition`` /
-    ``--labeled_fraction``, ``--restrict_to_present_classes``, ``--max_eval_images``, ``--coco_objects_void``) ->
-    :class:`PanopticTrainingData`.
+def load_training_data(config: PanopticDataConfig) -> PanopticTrainingData:
+    """The data of `config` as :class:`PanopticTrainingData`.
 
-    With ``--restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
+    With ``restrict_to_present_classes`` the label space is the classes annotated in the training set (before the
     labeled / unlabeled split); validation segments of other classes are dropped.
     """
-    void_to_background = getattr(args, "coco_objects_void", "background") == "background"
+    c = config
     train, class_names = load_panoptic_dataset(
-        args.dataset_name, images_dir=args.train_images_dir, panoptic_dir=args.train_panoptic_dir,
-        annotations_json=args.train_annotations, ade20k_root=args.ade20k_root, split="training", with_semantic=False,
-        coco_objects_void_to_background=void_to_background, class_names_file=args.class_names_file,
+        c.dataset_name, images_dir=c.train_images_dir, panoptic_dir=c.train_panoptic_dir,
+        annotations_json=c.train_annotations, ade20k_root=c.ade20k_root, split="training", with_semantic=False,
+        coco_objects_void_to_background=c.coco_objects_void_to_background, class_names_file=c.class_names_file,
     )
     val = None
-    if args.dataset_name == "ade20k" or args.val_annotations:
+    if c.dataset_name == "ade20k" or c.val_annotations:
         val, _ = load_panoptic_dataset(
-            args.dataset_name, images_dir=args.val_images_dir or args.train_images_dir,
-            panoptic_dir=args.val_panoptic_dir or args.train_panoptic_dir, annotations_json=args.val_annotations,
-            ade20k_root=args.ade20k_root, split="validation", coco_objects_void_to_background=void_to_background,
-            class_names_file=args.class_names_file,
+            c.dataset_name, images_dir=c.val_images_dir or c.train_images_dir,
+            panoptic_dir=c.val_panoptic_dir or c.train_panoptic_dir, annotations_json=c.val_annotations,
+            ade20k_root=c.ade20k_root, split="validation",
+            coco_objects_void_to_background=c.coco_objects_void_to_background, class_names_file=c.class_names_file,
         )
-    if args.restrict_to_present_classes:
+    if c.restrict_to_present_classes:
         train, class_names, val = restrict_to_present_classes(train, class_names, val)
     unlabeled = None
-    if args.partition:
-        split_name = "coco" if args.dataset_name.startswith("coco") else args.dataset_name
-        train, unlabeled = split_labeled_unlabeled(train, dataset=split_name, partition=args.partition)
-    elif args.labeled_fraction:
-        train, unlabeled = split_labeled_unlabeled(train, fraction=args.labeled_fraction, seed=args.seed)
-    if args.max_eval_images is not None and val is not None:
-        val = val.select(range(min(args.max_eval_images, len(val))))
+    if c.partition:
+        split_name = "coco" if c.dataset_name.startswith("coco") else c.dataset_name
+        train, unlabeled = split_labeled_unlabeled(train, dataset=split_name, partition=c.partition)
+    elif c.labeled_fraction:
+        train, unlabeled = split_labeled_unlabeled(train, fraction=c.labeled_fraction, seed=c.seed)
+    if c.max_eval_images is not None and val is not None:
+        val = val.select(range(min(c.max_eval_images, len(val))))
     return PanopticTrainingData(train, unlabeled, val, class_names)
+
+
+# The command-line adapters live in training.arguments; these names still resolve here, on first use, for callers not
+# yet moved (nothing in training.data calls them).
+_MOVED_TO_ARGUMENTS = ("color_augmentation", "geometric_augmentation", "load_panoptic_training_data")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_ARGUMENTS:
+        return getattr(importlib.import_module("training.arguments"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

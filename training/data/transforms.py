@@ -7,7 +7,7 @@ CLIP mean colour, i.e. 0 after normalisation; id map: void 0):
 * :class:`ResizeShortestEdgeJitter` -- **the released DEARLi configs' scheme** (every stage: DeWa, labeled and
   unlabeled SSL images), detectron2's ``ResizeShortestEdge`` with ``"choice"`` sampling: the shorter side becomes one
   of ``int(x * 0.1 * C)`` for ``x = 5 .. 20`` (``0.5 C .. 2 C``, ``C`` the crop size; ADE20K ``320 .. 1280``, COCO
-  ``256 .. 1024``), the longer side capped at ``max_size`` (ADE20K 2560, COCO 2048), then a uniform crop;
+  ``256 .. 1024``), the longer side capped at ``longest_edge`` (ADE20K 2560, COCO 2048), then a uniform crop;
 * :class:`LargeScaleJitter` -- detectron2's large-scale jitter (``ResizeScale`` + ``FixedSizeCrop``), which
   Mask2Former uses for COCO and the DEARLi *paper* describes ("random scaling (0.1 to 2.0)"): the image is resized
   to fit inside ``s * crop_size`` with ``s ~ U(min_scale, max_scale)``. Objects come out about 0.6x the size of the
@@ -35,11 +35,11 @@ from torch.nn import functional as F
 
 from modeling_dearli.image_processing_dearli import CLIP_MEAN, CLIP_STD
 from modeling_dearli.image_reading import to_rgb
+from training.data.panoptic_format import VOID_ID
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "VOID_ID",
     "SCALE_AUGMENTATIONS",
     "GeometricAugmentation",
     "GeometricParams",
@@ -52,17 +52,15 @@ __all__ = [
     "build_geometric_augmentation",
     "fixed_params",
     "image_to_tensor",
+    "mask_record_to_targets",
     "normalize_image",
     "panoptic_to_targets",
-    "sam_record_to_targets",
     "shortest_edge_output_shape",
     "shortest_edge_sizes",
     "valid_pixel_mask",
 ]
 
 # CLIP_MEAN / CLIP_STD: the normalisation of DearliImageProcessor (one definition, imported above).
-# Panoptic id of unlabeled (void) pixels in COCO-format id maps; also the id given to padding.
-VOID_ID = 0
 # --scale_augmentation choices: the released configs' scheme (default) and the paper text's large-scale jitter.
 SCALE_AUGMENTATIONS = ("shortest_edge", "lsj")
 
@@ -173,13 +171,13 @@ def shortest_edge_sizes(crop: int, min_scale: float = 0.5, max_scale: float = 2.
     return [int(x * 0.1 * crop) for x in range(low, high + 1)]
 
 
-def shortest_edge_output_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+def shortest_edge_output_shape(height: int, width: int, short_edge: int, longest_edge: int) -> tuple[int, int]:
     """detectron2's ``ResizeShortestEdge.get_output_shape``: the shorter side becomes `short_edge`, then both are
-    scaled down if the longer exceeds `max_size`, and rounded half up."""
+    scaled down if the longer exceeds `longest_edge`, and rounded half up."""
     scale = short_edge / min(height, width)
     new_h, new_w = (short_edge, scale * width) if height < width else (scale * height, short_edge)
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
+    if max(new_h, new_w) > longest_edge:
+        shrink = longest_edge / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
     return int(new_h + 0.5), int(new_w + 0.5)
 
@@ -192,7 +190,8 @@ class ResizeShortestEdgeJitter(_Augmentation):
         crop_size: output (height, width), or one int (or a one-element list) for a square crop.
         min_scale, max_scale: the shorter side is drawn uniformly from :func:`shortest_edge_sizes` of the (smaller)
             crop side, i.e. ``min_scale .. max_scale`` times the crop in steps of 0.1 (released: 0.5 .. 2.0).
-        max_size: cap of the longer side after resizing (released: 4 x the crop, ADE20K 2560 and COCO 2048; default).
+        longest_edge: cap of the longer side after resizing (released: 4 x the crop, ADE20K 2560 and COCO 2048;
+        default).
         flip_prob: probability of a horizontal flip.
     """
 
@@ -201,28 +200,28 @@ class ResizeShortestEdgeJitter(_Augmentation):
         crop_size: int | Sequence[int],
         min_scale: float = 0.5,
         max_scale: float = 2.0,
-        max_size: int | None = None,
+        longest_edge: int | None = None,
         flip_prob: float = 0.5,
     ) -> None:
         self.crop_size = _crop_size(crop_size)
         self.sizes = shortest_edge_sizes(min(self.crop_size), min_scale, max_scale)
-        self.max_size = int(max_size) if max_size else 4 * max(self.crop_size)
-        if self.max_size < max(self.sizes):
-            raise ValueError(f"max_size {self.max_size} is below the largest shortest edge {max(self.sizes)}")
+        self.longest_edge = int(longest_edge) if longest_edge else 4 * max(self.crop_size)
+        if self.longest_edge < max(self.sizes):
+            raise ValueError(f"longest_edge {self.longest_edge} is below the largest shortest edge {max(self.sizes)}")
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.flip_prob = _check_flip_prob(flip_prob)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(crop_size={self.crop_size}, sizes={self.sizes[0]}..{self.sizes[-1]} "
-            f"({len(self.sizes)}), max_size={self.max_size}, flip_prob={self.flip_prob})"
+            f"({len(self.sizes)}), longest_edge={self.longest_edge}, flip_prob={self.flip_prob})"
         )
 
     def sample(self, height: int, width: int, generator: torch.Generator | None = None) -> GeometricParams:
         """Draw the geometry for a (height, width) input (uses 4 numbers of `generator`)."""
         u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         short_edge = self.sizes[min(int(u[0] * len(self.sizes)), len(self.sizes) - 1)]
-        new_h, new_w = shortest_edge_output_shape(height, width, short_edge, self.max_size)
+        new_h, new_w = shortest_edge_output_shape(height, width, short_edge, self.longest_edge)
         crop_h, crop_w = self.crop_size
         range_h, range_w = max(new_h - crop_h, 0), max(new_w - crop_w, 0)
         top = min(int(u[1] * (range_h + 1)), range_h)
@@ -276,14 +275,14 @@ def build_geometric_augmentation(
     crop_size: int | Sequence[int],
     min_scale: float | None = None,
     max_scale: float | None = None,
-    max_size: int | None = None,
+    longest_edge: int | None = None,
     flip_prob: float = 0.5,
 ) -> ResizeShortestEdgeJitter | LargeScaleJitter:
-    """The scale scheme ``"shortest_edge"`` (released configs; scales default 0.5 .. 2.0, `max_size` 4 x crop) or
-    ``"lsj"`` (paper text; scales default 0.1 .. 2.0, `max_size` unused)."""
+    """The scale scheme ``"shortest_edge"`` (released configs; scales default 0.5 .. 2.0, `longest_edge` 4 x crop) or
+    ``"lsj"`` (paper text; scales default 0.1 .. 2.0, `longest_edge` unused)."""
     if scheme == "shortest_edge":
         return ResizeShortestEdgeJitter(crop_size, 0.5 if min_scale is None else min_scale,
-                                        2.0 if max_scale is None else max_scale, max_size, flip_prob)
+                                        2.0 if max_scale is None else max_scale, longest_edge, flip_prob)
     if scheme == "lsj":
         return LargeScaleJitter(crop_size, 0.1 if min_scale is None else min_scale,
                                 2.0 if max_scale is None else max_scale, flip_prob)
@@ -342,7 +341,9 @@ def _place(valid: torch.Tensor, params: GeometricParams, fill: torch.Tensor | fl
     return valid
 
 
-def apply_to_image(image: Any, params: GeometricParams, pad_value: Iterable[float] | float | None = None) -> torch.Tensor:
+def apply_to_image(
+    image: Any, params: GeometricParams, pad_value: Iterable[float] | float | None = None
+) -> torch.Tensor:
     """Apply the geometry to an image: float (3, h, w) in the input's value range (uint8/PIL -> [0, 1]).
 
     Resizing is bilinear with antialiasing; padding uses `pad_value` (default the CLIP mean in [0, 1], which becomes
@@ -351,8 +352,9 @@ def apply_to_image(image: Any, params: GeometricParams, pad_value: Iterable[floa
     image = image_to_tensor(image)
     _check_size(image.shape, params, "image")
     if tuple(params.resized_size) != tuple(params.input_size):
-        image = F.interpolate(image[None], size=params.resized_size, mode="bilinear", align_corners=False,
-                              antialias=True)[0]
+        image = F.interpolate(
+            image[None], size=params.resized_size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
     h, w = params.valid_size
     image = image[:, params.crop_top : params.crop_top + h, params.crop_left : params.crop_left + w]
     fill = torch.tensor(CLIP_MEAN if pad_value is None else pad_value, dtype=torch.float32)
@@ -369,7 +371,9 @@ def apply_to_id_map(id_map: torch.Tensor | np.ndarray, params: GeometricParams, 
     return _place(id_map[rows][:, cols], params, pad_id).contiguous()
 
 
-def apply_to_masks(masks: torch.Tensor | np.ndarray, params: GeometricParams, pad_value: float | int = 0) -> torch.Tensor:
+def apply_to_masks(
+    masks: torch.Tensor | np.ndarray, params: GeometricParams, pad_value: float | int = 0
+) -> torch.Tensor:
     """Apply the geometry to a stack of masks (n, H, W) (nearest neighbour; dtype kept; padding = `pad_value`)."""
     masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
     if masks.ndim != 3:
@@ -387,7 +391,9 @@ def valid_pixel_mask(params: GeometricParams) -> torch.Tensor:
     return mask
 
 
-def normalize_image(image: torch.Tensor, mean: Iterable[float] = CLIP_MEAN, std: Iterable[float] = CLIP_STD) -> torch.Tensor:
+def normalize_image(
+    image: torch.Tensor, mean: Iterable[float] = CLIP_MEAN, std: Iterable[float] = CLIP_STD
+) -> torch.Tensor:
     """CLIP normalisation of a float image (..., 3, H, W) in [0, 1]."""
     mean_t = torch.as_tensor(tuple(mean), dtype=image.dtype, device=image.device).reshape(3, 1, 1)
     std_t = torch.as_tensor(tuple(std), dtype=image.dtype, device=image.device).reshape(3, 1, 1)
@@ -431,12 +437,12 @@ def panoptic_to_targets(
     return masks.float(), classes
 
 
-def sam_record_to_targets(
+def mask_record_to_targets(
     record: Mapping[str, Any], params: GeometricParams, drop_empty: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-agnostic DeWa targets of a SAM record under a geometry: every mask is one target of class 0 (overlaps
     kept, no area filter; masks cropped away dropped unless ``drop_empty=False``). Decoding is
-    `training.data.sam_masks.sam_masks_to_targets`."""
-    from .sam_masks import sam_masks_to_targets
+    `training.data.mask_reading.masks_to_targets`."""
+    from .mask_reading import masks_to_targets
 
-    return sam_masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params), drop_empty=drop_empty)
+    return masks_to_targets(record, transform=lambda masks: apply_to_masks(masks, params), drop_empty=drop_empty)

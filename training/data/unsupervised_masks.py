@@ -4,8 +4,8 @@ masks' shard format, for the decoder warm-up (DeWa) where SAM checkpoints cannot
 :class:`FelzenszwalbMaskGenerator` runs Felzenszwalb & Huttenlocher's graph-based segmentation (IJCV 2004, as
 implemented by scikit-image's ``skimage.segmentation.felzenszwalb``) and returns its segments in the output format of
 segment_anything's ``SamAutomaticMaskGenerator.generate`` with ``output_mode="coco_rle"``, so that
-:func:`training.data.sam_masks.generate_sam_masks` writes them as it writes SAM's (same parquet shards, manifest,
-resumption) and ``training/dewa.py --sam_masks_dir`` reads them unchanged. Differences from SAM's masks: they
+:func:`training.data.mask_generation.generate_masks` writes them as it writes SAM's (same parquet shards, manifest,
+resumption) and ``training/dewa.py --masks_dir`` reads them unchanged. Differences from SAM's masks: they
 partition the image (no overlapping whole/part masks), and ``predicted_iou`` / ``stability_score`` are NaN (the
 algorithm has no such scores). Masks smaller than ``min_area`` pixels (texture fragments) are dropped.
 
@@ -83,7 +83,7 @@ class FelzenszwalbMaskGenerator:
 
     Example::
 
-        generate_sam_masks("images/", "masks/", mask_generator=FelzenszwalbMaskGenerator())
+        generate_masks("images/", "masks/", mask_generator=FelzenszwalbMaskGenerator())
     """
 
     def __init__(self, config: FelzenszwalbConfig | None = None) -> None:

@@ -2,9 +2,10 @@
 
 Hand-written because no installed library offers an in-memory, mergeable accumulator: panopticapi and hotcoco
 both read PNG folders. For folders, :func:`evaluate_panoptic_folders` runs hotcoco's compiled evaluator by default
-(``engine="auto"``) and rebuilds our report from its per-class counts; the numpy path is the fallback. The per-image statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
+(``engine="auto"``) and rebuilds our report from its per-class counts; the numpy path is the fallback. The per-image
+statistics follow ``panopticapi.evaluation.pq_compute_single_core``:
 
-* ground-truth segment id 0 (``VOID``) and ids absent from ``segments_info`` are not segments;
+* ground-truth segment id 0 (``VOID_ID``) and ids absent from ``segments_info`` are not segments;
 * a (gt, pred) pair of the same category matches when ``IoU > 0.5`` with
   ``IoU = |g & p| / (|p| + |g| - |g & p| - |p & void|)`` (``|g|`` is the JSON ``area`` when ``gt_area="segments"``);
 * crowd ground truth never matches; unmatched non-crowd ground truth is a false negative;
@@ -29,16 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from modeling_dearli.image_processing_dearli import rgb_to_id
+from training.data.panoptic_format import VOID_ID
 
 logger = logging.getLogger(__name__)
 
-VOID = 0
 OFFSET = 256 * 256 * 256
 ENGINES = ("auto", "hotcoco", "numpy")
 
 __all__ = [
-    "VOID",
     "OFFSET",
     "read_panoptic_png",
     "pq_image_stats",
@@ -106,6 +105,9 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
         arr = np.asarray(Image.open(io.BytesIO(data)))
     if arr.ndim == 3:
         arr = arr[..., :3]
+    # Imported here: modeling_dearli loads torch and transformers, which the hotcoco engine does not need.
+    from modeling_dearli.image_processing_dearli import rgb_to_id
+
     return rgb_to_id(arr)
 
 
@@ -186,9 +188,9 @@ def pq_image_stats(
     gt_segms = {int(s["id"]): s for s in gt_segments}
     pred_segms = {int(s["id"]): s for s in pred_segments}
 
-    gt_labels = np.array(sorted(set(gt_segms) | {VOID}), dtype=np.int64)
-    # VOID gets its own prediction column even when it is not a segment, so void pixels are not "unlisted"
-    pred_all = np.array(sorted(set(pred_segms) | {VOID}), dtype=np.int64)
+    gt_labels = np.array(sorted(set(gt_segms) | {VOID_ID}), dtype=np.int64)
+    # VOID_ID gets its own prediction column even when it is not a segment, so void pixels are not "unlisted"
+    pred_all = np.array(sorted(set(pred_segms) | {VOID_ID}), dtype=np.int64)
     n_gt = len(gt_labels)
 
     counts = _pair_counts(gt_id_map, pred_id_map, gt_labels, pred_all)
@@ -196,7 +198,7 @@ def pq_image_stats(
     # prediction sanity checks (panopticapi raises KeyError for both)
     if counts[:, 0].any():
         stray = pred_id_map[~np.isin(pred_id_map, pred_all)]
-        bad = np.unique(stray[stray > VOID])  # negative ids (e.g. -1 = no segment) are void like 0
+        bad = np.unique(stray[stray > VOID_ID])  # negative ids (e.g. -1 = no segment) are void like 0
         if len(bad):
             raise KeyError(
                 f"In the image with ID {image_ref} segment with ID {int(bad[0])} is presented in PNG and not presented "
@@ -238,7 +240,7 @@ def pq_image_stats(
     gt_cat_idx = np.array([category_index.get(int(c), -1) for c in gt_cat.tolist()], dtype=np.int64)
 
     inter = cols[1:]  # (n_gt, n_pred)
-    void_row = inter[row_of[VOID]]  # |p & void|
+    void_row = inter[row_of[VOID_ID]]  # |p & void|
     if gt_area == "segments":
         g_area = gt_json_area
     elif gt_area == "map":
@@ -343,7 +345,8 @@ class PanopticQuality:
         """Categories in contiguous label space: category id == class index (the model's convention)."""
         things = set(int(t) for t in thing_ids)
         cats = [
-            {"id": i, "name": str(n).split(",")[0].strip(), "isthing": int(i in things)} for i, n in enumerate(class_names)
+            {"id": i, "name": str(n).split(",")[0].strip(), "isthing": int(i in things)}
+            for i, n in enumerate(class_names)
         ]
         return cls(cats, **kwargs)
 

@@ -48,7 +48,7 @@ class PseudoLabelMonitor:
         class_names: its class names (:class:`training.data.panoptic_datasets.ClassNames`).
         teacher: the EMA teacher's model; student: the (prepared) student.
         ensemble_alpha / threshold / overlap_threshold: how the teacher labels the weak views.
-        shortest_edge / max_size: the images' test-time resize (the validation size).
+        shortest_edge / longest_edge: the images' test-time resize (the validation size).
         num_images / seed: the fixed subset.
         output_dir: where ``pseudo_label_quality.jsonl`` is written (main process).
     """
@@ -65,7 +65,7 @@ class PseudoLabelMonitor:
         threshold: float,
         overlap_threshold: float,
         shortest_edge: int,
-        max_size: int | None,
+        longest_edge: int | None,
         num_images: int = 64,
         seed: int = 0,
         output_dir: str | Path | None = None,
@@ -79,7 +79,7 @@ class PseudoLabelMonitor:
                              "annotation per image); turn --pseudo_label_eval_steps off for images without one")
         self.accelerator = accelerator
         self.subset = fixed_subset(unlabeled, num_images, seed)
-        self.loader = build_eval_loader(accelerator, self.subset, class_names, shortest_edge, max_size, batch_size,
+        self.loader = build_eval_loader(accelerator, self.subset, class_names, shortest_edge, longest_edge, batch_size,
                                         num_workers, with_semantic=False)
         self.models = {"pseudo_labels": (teacher, ensemble_alpha), "student_decoder_only": (student, 1.0)}
         if ensemble_alpha < 1.0:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from modeling_dearli.image_processing_dearli import DearliImageProcessor
 
 from ..data.collator import DearliDataCollator
-from ..data.panoptic_datasets import panoptic_target_from_row, semantic_target_from_row
+from ..data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
 from ..data.train_datasets import row_image, without_image_decoding
 from .panoptic_quality import PanopticQuality
 
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 class PanopticEvalDataset(Dataset):
     """Validation examples of a `training.data.panoptic_datasets` dataset.
 
-    Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original (H, W)), ``gt_id_map`` (H, W) int64,
+    Items: ``pixel_values`` (resized and CLIP-normalised by `DearliImageProcessor`, unpadded), ``target_size`` (original
+    (H, W)), ``gt_id_map`` (H, W) int64,
     ``gt_segments`` (contiguous ``category_id``, ``iscrowd``), ``gt_semantic`` (H, W) contiguous classes (255 ignore)
     when `with_semantic`, ``image_id``.
     """
@@ -47,18 +48,18 @@ class PanopticEvalDataset(Dataset):
         self,
         dataset: Any,
         shortest_edge: int = 640,
-        max_size: int | None = 2560,
+        longest_edge: int | None = 2560,
         with_semantic: bool = True,
         class_names: Any = None,
     ) -> None:
         self.dataset = without_image_decoding(dataset)  # read by the project's image reader, which names bad files
         self.shortest_edge = shortest_edge
-        self.max_size = max_size
+        self.longest_edge = longest_edge
         self.with_semantic = with_semantic
         self.class_names = class_names
         size = {"shortest_edge": int(shortest_edge)}
-        if max_size is not None:
-            size["longest_edge"] = int(max_size)
+        if longest_edge is not None:
+            size["longest_edge"] = int(longest_edge)
         self.processor = DearliImageProcessor(size=size, size_divisor=1)
 
     def __len__(self) -> int:
@@ -155,13 +156,13 @@ def build_eval_loader(
     dataset: Any,
     class_names: Any,
     shortest_edge: int,
-    max_size: int | None,
+    longest_edge: int | None,
     batch_size: int = 1,
     num_workers: int = 0,
     with_semantic: bool = True,
 ) -> Any:
     """A data loader of :class:`PanopticEvalDataset` items of `dataset`, sharded over `accelerator`'s processes."""
-    items = PanopticEvalDataset(dataset, shortest_edge, max_size, with_semantic=with_semantic, class_names=class_names)
+    items = PanopticEvalDataset(dataset, shortest_edge, longest_edge, with_semantic=with_semantic, class_names=class_names)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=DearliDataCollator())
     return accelerator.prepare_data_loader(loader, device_placement=True)
@@ -172,12 +173,12 @@ def make_evaluator(
 ) -> Callable[[int], dict[str, float]] | None:
     """``evaluate(step)`` for :func:`training.loop.run_training` (``None`` without validation data): PQ / mIoU of
     each of `models` (``eval/<name>/PQ``, ...; ``eval/PQ`` for the name ``""``) with ``--eval_shortest_edge``,
-    ``--eval_max_size``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
+    ``--eval_longest_edge``, ``--eval_threshold``, ``--eval_overlap_threshold``, ``--eval_batch_size``; the reports are
     written to ``<output_dir>/eval_results.json`` and the metrics appended to ``<output_dir>/eval_history.jsonl`` (one
     line per evaluation; after a resume a step may appear twice, the later line counts)."""
     if validation is None or len(validation) == 0:
         return None
-    loader = build_eval_loader(accelerator, validation, class_names, args.eval_shortest_edge, args.eval_max_size,
+    loader = build_eval_loader(accelerator, validation, class_names, args.eval_shortest_edge, args.eval_longest_edge,
                                args.eval_batch_size, args.num_workers)
 
     def evaluate(step: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ It is the reproduction (:mod:`training.miniature.reproduction`) restricted to th
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from PIL import Image, ImageDraw
 from .reproduction import ENSEMBLE_ALPHA, Schedule, fraction_key, reproduce
 
 __all__ = ["DEMO", "DEMO_ROWS", "run_demo", "side_by_side"]
+
+logger = logging.getLogger(__name__)
 
 DEMO = Schedule("demo", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=120,
                 ssl_steps=120, dewa_steps=100, mask_images=400)
@@ -98,6 +101,7 @@ def _pictures(output_dir: Path, world_dir: Path, supervised_dir: Path, dearli_di
     written = []
     scale = PICTURE_SCALE
     for index in range(num_pictures):
+        logger.info("pictures: %d of %d", index + 1, num_pictures)
         image, name, truth_ids, truth_segments = _ground_truth(world_dir, index)
         big = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
         panels = [("image", big),
@@ -141,6 +145,7 @@ def run_demo(output_dir: str | Path, world_seed: int = 0, seed: int = 0, num_wor
     size = json.loads((world_dir / "world.json").read_text())["config"]["settings"]["image_size"]
     cell = output_dir / "runs" / schedule.name / f"fraction_1_{round(1 / schedule.headline_fraction)}" / f"seed{seed}"
     models = {"supervised": output_dir / "supervised", "dearli": output_dir / "dearli"}
+    logger.info("keeping the models in %s and %s", models["supervised"], models["dearli"])
     _keep_model(cell / "supervised" / "model", models["supervised"], size)
     _keep_model(cell / "dearli" / "model", models["dearli"], size)
     from .world import world_paths

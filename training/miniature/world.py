@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSES",
@@ -365,7 +368,8 @@ def stuff_texture(rng: np.random.Generator, spec: ClassSpec, h: int, w: int, sca
         img = base * (1 - crest) + np.array([150, 200, 240], np.float32) * crest
     elif spec.pattern == "sand":  # tan with sparse dark and light specks
         speck = rng.random((h, w))
-        img = np.repeat(base[None, None], h, 0).repeat(w, 1) * (1 + 0.05 * _smooth_noise(rng, h, w, cell(10)))[..., None]
+        shade = 1 + 0.05 * _smooth_noise(rng, h, w, cell(10))
+        img = np.repeat(base[None, None], h, 0).repeat(w, 1) * shade[..., None]
         img[speck < 0.08] *= 0.7
         img[speck > 0.94] = img[speck > 0.94] * 0.4 + 255 * 0.6
     elif spec.pattern == "brick":  # staggered bricks with light mortar
@@ -579,6 +583,16 @@ def _write_image(output_dir: Path, split: str, index: int, world_seed: int, sett
              "segments_info": [{k: v for k, v in s.items() if k != "isthing"} for s in segments]})
 
 
+def _logged(items: Any, total: int, what: str, times: int = 10) -> Any:
+    """`items`, with a log line at every tenth (``times``) of `total`: progress where no bar is shown."""
+    start = time.perf_counter()
+    marks = {max(1, round(total * k / times)) for k in range(1, times + 1)}
+    for done, item in enumerate(items, 1):
+        yield item
+        if done in marks:
+            logger.info("%s: %d of %d images (%.0f s)", what, done, total, time.perf_counter() - start)
+
+
 def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int, settings: WorldSettings,
                  progress: bool, num_workers: int = 1) -> dict[str, Any]:
     paths = world_paths(output_dir, split)
@@ -597,6 +611,8 @@ def _write_split(output_dir: Path, split: str, num_images: int, world_seed: int,
         from tqdm.auto import tqdm
 
         entries = tqdm(entries, total=num_images, desc=f"world {split}", unit="img")
+    else:
+        entries = _logged(entries, num_images, f"world: {split} split")
     try:
         images, annotations = (list(column) for column in zip(*entries)) if num_images else ([], [])
     finally:
@@ -656,7 +672,8 @@ def frequency_markdown(table: dict[str, Any]) -> str:
     for c in CLASSES:
         cells = [f"{table['columns'][k][c.category_id]['instances']} ({table['columns'][k][c.category_id]['images']})"
                  for k in cols]
-        lines.append(f"| {c.category_id} | {c.name} | {'thing' if c.isthing else 'stuff'} | " + " | ".join(cells) + " |")
+        kind = "thing" if c.isthing else "stuff"
+        lines.append(f"| {c.category_id} | {c.name} | {kind} | " + " | ".join(cells) + " |")
     subsets = ", ".join(f"{k}: {v['num_images']} images (seed {v['seed']})" for k, v in table["subsets"].items())
     return "\n".join(lines) + f"\n\nLabeled subsets as drawn by `--labeled_fraction` with `--seed`: {subsets}.\n"
 
@@ -691,6 +708,8 @@ def generate_world(
         raise FileExistsError(f"{output_dir} is not empty and holds no world.json; use an empty or new folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    logger.info("world: generating %d training and %d validation images in %s (seed %d)", num_train, num_val,
+                output_dir, world_seed)
     train = _write_split(output_dir, "train", num_train, world_seed, settings, progress, num_workers)
     val = _write_split(output_dir, "val", num_val, world_seed, settings, progress, num_workers)
     seconds = time.perf_counter() - start

@@ -270,7 +270,7 @@ def dataset_vocabulary(
     or from ``data_dir/class_names/``."""
     if dataset not in REFERENCE_DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {REFERENCE_DATASETS}")
-    from training.data.panoptic_datasets import load_class_names
+    from training.data.class_names import load_class_names
 
     vocabulary = load_class_names(dataset, data_dir)
     return list(vocabulary.names), list(vocabulary.thing_ids)
