@@ -37,18 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "ground-truth segments without classes).")
     parser.add_argument("--evaluation_split", default="val", choices=EVALUATION_SPLITS,
                         help="Evaluate on the world's validation split (the table) or on the last 10%% of its training "
-                             "images, held out of training ('heldout': where settings are chosen; results_heldout.json).")
+                             "images, held out of training ('heldout': where settings are chosen; "
+                             "results_heldout.json).")
     parser.add_argument("--curve_steps", type=int, default=0,
-                        help="Also validate every N steps (PQ-vs-step curves in each run's eval_history.jsonl; 0: off).")
+                        help="Also validate every N steps (PQ-vs-step curves in each run's eval_history.jsonl, "
+                             "pseudo-label quality in the SSL runs' pseudo_label_quality.jsonl; 0: off).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")
     parser.add_argument("--seed", type=int, default=0,
                         help="First seed of the runs (labeled subset, initialisation, data order); the headline "
                              "fraction also runs seed + 1, ...")
     parser.add_argument("--num_workers", type=int, default=2,
-                        help="Jobs (trainings, evaluations) run at once, one intra-op thread each: the CPU cores to use.")
+                        help="Jobs (trainings, evaluations) run at once, one intra-op thread each: the CPU cores to "
+                             "use.")
     parser.add_argument("--recipe", default="released", choices=RECIPES,
                         help="Training recipe of the loops: 'released' (the presets: the reference's released "
-                             "configs) or 'before_issue_14' (the project's earlier defaults; training/configs/RECIPE.md). "
+                             "configs) or 'earlier_defaults' (the project's earlier defaults; "
+                             "training/configs/RECIPE.md). "
                              "Use another --output_dir per recipe.")
     parser.add_argument("--loop_args", type=str, default="",
                         help="Extra flags appended to every training loop, e.g. '--scale_augmentation lsj' (their "

@@ -23,7 +23,7 @@ def test_weak_view_accuracy_is_the_zero_shot_report_and_colour_changes_lower_it(
     """With no perturbation the report equals the zero-shot report's mask-pooled accuracy on the same scenes (an
     independent code path); grayscale and the reference's hue jitter lower it, the class-keeping view much less."""
     from training.miniature.class_identity import STRONG_VIEWS, class_identity_report
-    from training.miniature.tiny_clip import evaluate_masks
+    from training.miniature.tiny_clip_zero_shot import evaluate_masks
 
     names = ["weak view (none)", "grayscale", "hue 0.2", "class-keeping (jitter 0.1/0.2/0.4/0.02, blur 0.5)"]
     report = class_identity_report(shipped_model, scenes, {n: STRONG_VIEWS[n] for n in names})

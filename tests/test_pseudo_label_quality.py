@@ -83,4 +83,5 @@ def test_monitor_refuses_unlabeled_images_without_ground_truth(sample_rows):
     rows, class_names, model = sample_rows
     with pytest.raises(ValueError, match="ground truth of the unlabeled images"):
         PseudoLabelMonitor(Accelerator(cpu=True), rows.remove_columns(["panoptic"]), class_names, model, model,
-                           ensemble_alpha=0.6, threshold=0.0, overlap_threshold=0.8, shortest_edge=96, longest_edge=None)
+                           ensemble_alpha=0.6, threshold=0.0, overlap_threshold=0.8, shortest_edge=96,
+                           longest_edge=None)

@@ -147,11 +147,11 @@ def test_demo_keeps_working_models_and_draws_pictures(smoke_run, load_script):
 
 
 def test_the_earlier_recipe_is_flags_every_loop_accepts(tmp_path):
-    """``--recipe before_issue_14``: each job gets the earlier defaults its loop takes (no flag left unparsed), and
+    """``--recipe earlier_defaults``: each job gets the earlier defaults its loop takes (no flag left unparsed), and
     ``--decoder_init normal`` only where the model is built fresh (dearli starts from DeWa)."""
     from training.arguments import build_parser
 
-    jobs = {j.name: j for j in R.plan_jobs(tmp_path, SMOKE, 0, recipe="before_issue_14")}
+    jobs = {j.name: j for j in R.plan_jobs(tmp_path, SMOKE, 0, recipe="earlier_defaults")}
     for job in jobs.values():
         if job.loop is None:
             continue

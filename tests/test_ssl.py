@@ -36,7 +36,7 @@ def test_presets_parse_with_paper_settings(preset):
     args = parse_args("ssl", ["--config", preset, "--output_dir", "out", *data])
     crop = 640 if "ade20k" in preset else 512
     assert args.crop_size == [crop] and (args.min_scale, args.max_scale) == (0.5, 2.0)
-    assert args.scale_augmentation == "shortest_edge" and args.train_max_size == 4 * crop
+    assert args.scale_augmentation == "shortest_edge" and args.train_longest_edge == 4 * crop
     assert (args.train_batch_size, args.unlabeled_batch_size, args.max_train_steps) == (8, 8, 80_000)
     assert (args.learning_rate, args.weight_decay, args.ema_decay) == (1e-4, 0.05, 0.999)
     assert (args.pseudo_label_threshold, args.pseudo_label_overlap_threshold, args.cutmix_prob) == (0.0, 0.8, 0.5)
@@ -76,7 +76,7 @@ def test_one_ssl_step_updates_student_and_teacher(tiny_model):
     optimizer = build_optimizer(student)
     run = _prepared(student, optimizer, build_poly_scheduler(optimizer, 10), gradient_clip=0.01)
     teacher = MeanTeacher(student, decay=0.999)
-    views = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_p=1.0)),
+    views = StudentViewBuilder(teacher, StrongAugmentation(StrongAugmentationConfig(cutmix_prob=1.0)),
                                stuff_ids=[1, 2], num_classes=3, ensemble_alpha=0.6)
     before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     out = MeanTeacherStep(teacher, views)(run, _ssl_batches(torch.Generator().manual_seed(0)), 1)
@@ -227,7 +227,8 @@ def test_cutmix_pastes_a_box_and_its_pseudo_label_from_the_source(tiny_model, so
     calls = []
     forward = teacher.teacher.forward
     teacher.teacher.forward = lambda *a, **k: calls.append(k["pixel_values"].shape[0]) or forward(*a, **k)
-    photometric_off = StrongAugmentationConfig(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, cutmix_p=1.0)
+    photometric_off = StrongAugmentationConfig(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                                               cutmix_prob=1.0)
     builder = StudentViewBuilder(teacher, StrongAugmentation(photometric_off), stuff_ids=[1, 2], num_classes=3,
                                  ensemble_alpha=1.0, cutmix_source=source)
     g = torch.Generator().manual_seed(3)
@@ -247,10 +248,10 @@ def test_cutmix_pastes_a_box_and_its_pseudo_label_from_the_source(tiny_model, so
     else:
         assert calls == [3, 3]  # the batch, then the three crops with a box
         donors, donor_images = torch.arange(3), sources
-    own_pseudo = panoptic_pseudo_labels(teacher(pixel_values=normalize_image(weak)), stuff_classes=[1, 2],
+    own_pseudo = panoptic_pseudo_labels(teacher(pixel_values=normalize_image(weak)), stuff_ids=[1, 2],
                                         ensemble_alpha=1.0, image_size=(64, 64))
     donor_pseudo = own_pseudo if source == "same_batch" else panoptic_pseudo_labels(
-        teacher(pixel_values=normalize_image(sources), pixel_mask=source_mask), stuff_classes=[1, 2],
+        teacher(pixel_values=normalize_image(sources), pixel_mask=source_mask), stuff_ids=[1, 2],
         ensemble_alpha=1.0, image_size=(64, 64))
     labelled = 0
     for b in range(3):

@@ -506,7 +506,7 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
             parser.error("--masks_dir and --image_dir are required (on the command line or in --config)")
         if len(args.image_dir) not in (1, len(args.masks_dir)):
             parser.error("give one --image_dir, or one per --masks_dir")
-        return _with_earlier_attributes(args)
+        return args
     size = evaluation_size(args.dataset_name)
     if args.eval_shortest_edge is None:
         args.eval_shortest_edge = size["shortest_edge"]
@@ -522,14 +522,6 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
                      "unlabeled data)")
     if args.partition and args.labeled_fraction:
         parser.error("give at most one of --partition and --labeled_fraction")
-    return _with_earlier_attributes(args)
-
-
-def _with_earlier_attributes(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with each renamed flag's value under its earlier attribute name too (callers not yet moved)."""
-    for earlier, current in earlier_names.FLAGS.items():
-        if hasattr(args, current):
-            setattr(args, earlier, getattr(args, current))
     return args
 
 

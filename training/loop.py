@@ -120,7 +120,8 @@ def setup_accelerator(args: Any, **kwargs: Any):
 
     if not args.output_dir:
         raise ValueError("--output_dir is required")
-    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    project_config = ProjectConfiguration(project_dir=args.output_dir,
+                                          logging_dir=os.path.join(args.output_dir, "logs"))
     log_with = None
     if args.with_tracking:
         log_with = [name.strip() for name in str(args.report_to).split(",") if name.strip()]
@@ -250,7 +251,8 @@ class PreparedTraining:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def forward_backward(self, inputs: Mapping[str, Any], step: int, weight: float = 1.0) -> tuple[float, dict[str, float]]:
+    def forward_backward(self, inputs: Mapping[str, Any], step: int, weight: float = 1.0
+                         ) -> tuple[float, dict[str, float]]:
         """``weight * loss`` of the model on `inputs` back-propagated into the gradients (after checking on every
         process that it is finite, see :func:`check_finite_loss`); returns its value and the final layer's terms. The
         outputs are released on return, so only one forward's activations are alive at a time."""
@@ -482,7 +484,7 @@ def run_training(
             last, logged like validation (e.g. the SSL loop's pseudo-label quality).
         final_models: sub-folder of ``--output_dir`` (``""`` = itself) -> model saved there at the end (default: the
             trained model in ``--output_dir``), each with its image processor at the validation size
-            (``--eval_shortest_edge`` / ``--eval_max_size``: the dataset's test size) when the loop has one.
+            (``--eval_shortest_edge`` / ``--eval_longest_edge``: the dataset's test size) when the loop has one.
 
     Also uses ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--logging_steps``, ``--with_tracking`` and
     ``--max_skipped_share`` (see :class:`SkippedSamples`).
@@ -571,7 +573,7 @@ def run_training(
                        ", ".join(progress.skipped_samples[:10]))
     image_size = None
     if getattr(args, "eval_shortest_edge", None) is not None:
-        image_size = {"shortest_edge": args.eval_shortest_edge, "longest_edge": args.eval_max_size}
+        image_size = {"shortest_edge": args.eval_shortest_edge, "longest_edge": args.eval_longest_edge}
     for folder, model in (final_models or {"": run.model}).items():
         save_final_model(accelerator, model, Path(args.output_dir) / folder, image_size)
     if args.with_tracking:

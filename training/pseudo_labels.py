@@ -20,7 +20,7 @@ from modeling_dearli.segmentation_inference import panoptic_inference
 
 __all__ = ["PanopticPseudoLabels", "panoptic_pseudo_labels", "segments_to_targets"]
 
-VOID = -1
+NO_SEGMENT = -1  # pixels no pseudo-label segment covers (void, padding)
 
 
 @dataclass
@@ -77,7 +77,7 @@ def segments_to_targets(
 def panoptic_pseudo_labels(
     outputs,
     *,
-    stuff_classes: Iterable[int] | torch.Tensor | None,
+    stuff_ids: Iterable[int] | torch.Tensor | None,
     ensemble_alpha: float,
     image_size: tuple[int, int] | None = None,
     unpadded_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
@@ -90,7 +90,7 @@ def panoptic_pseudo_labels(
     Args:
         outputs: teacher forward output with ``class_queries_logits`` ``(B, Q, C+1)``, ``masks_queries_logits``
             ``(B, Q, H/4, W/4)`` and ``clip_class_logits`` ``(B, Q, C)`` (``None`` -> plain M2F).
-        stuff_classes: contiguous ids of stuff classes (fused into one segment per class).
+        stuff_ids: contiguous ids of stuff classes (fused into one segment per class).
         ensemble_alpha: Eq. 6 weight of the decoder posterior (1.0 = decoder only).
         image_size: padded input ``(H, W)``; default ``4 x`` the mask resolution.
         unpadded_sizes: ``(B, 2)`` valid region per image; default ``outputs.unpadded_sizes`` or the whole input.
@@ -117,12 +117,12 @@ def panoptic_pseudo_labels(
         threshold=threshold,
         mask_threshold=mask_threshold,
         overlap_threshold=overlap_threshold,
-        stuff_classes=stuff_classes,
+        stuff_ids=stuff_ids,
         output_sizes=sizes,
         unpadded_sizes=sizes,
         mask_stride=mask_stride,
     )
-    segmentation = torch.full((batch, height, width), VOID, dtype=torch.long, device=device)
+    segmentation = torch.full((batch, height, width), NO_SEGMENT, dtype=torch.long, device=device)
     valid = torch.zeros((batch, height, width), dtype=torch.bool, device=device)
     labels, scores = [], []
     for b, (seg, (h, w)) in enumerate(zip(segments, sizes)):

@@ -22,7 +22,8 @@ teacher from :mod:`training.ema`. ``--pseudo_label_eval_steps N`` scores the tea
 unlabeled images' ground truth during training (:mod:`training.evaluation.pseudo_label_quality`).
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
-(``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly (``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
+(``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly
+(``--resume_from_checkpoint latest``). Validation (``--eval_steps``) reports
 PQ and mIoU of the student and of the teacher. The final student is saved with ``save_pretrained`` (+ image processor)
 in ``--output_dir`` (the paper reports the student of the last iteration) and the teacher in ``--output_dir/teacher``.
 """
@@ -38,16 +39,10 @@ from typing import Any
 from torch import nn
 
 from training import cli
-from training.arguments import parse_args
+from training.arguments import color_augmentation, geometric_augmentation, load_panoptic_training_data, parse_args
 from training.data.collator import model_inputs
 from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
-from training.data.train_datasets import (
-    PanopticTrainDataset,
-    UnlabeledTrainDataset,
-    color_augmentation,
-    geometric_augmentation,
-    load_panoptic_training_data,
-)
+from training.data.train_datasets import PanopticTrainDataset, UnlabeledTrainDataset
 from training.ema import MeanTeacher
 from training.evaluation.pseudo_label_quality import PseudoLabelMonitor
 from training.evaluation.validation import make_evaluator
@@ -129,8 +124,8 @@ def build_views(args: Any, teacher: MeanTeacher, config: Any, accelerator: Any) 
     brightness, contrast, saturation, hue = args.color_jitter
     strong = StrongAugmentation(StrongAugmentationConfig(
         brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-        color_jitter_p=args.color_jitter_prob, grayscale_p=args.grayscale_prob, blur_p=args.blur_prob,
-        cutmix_p=args.cutmix_prob,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob, blur_prob=args.blur_prob,
+        cutmix_prob=args.cutmix_prob,
     ))
     views = StudentViewBuilder(
         teacher, strong, stuff_ids=config.stuff_ids, num_classes=config.num_classes,

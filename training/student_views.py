@@ -124,14 +124,15 @@ class StudentViewBuilder:
             )
         return panoptic_pseudo_labels(
             teacher_outputs,
-            stuff_classes=self.stuff_ids,
+            stuff_ids=self.stuff_ids,
             ensemble_alpha=self.ensemble_alpha,
             image_size=tuple(images.shape[-2:]),
             threshold=self.threshold,
             overlap_threshold=self.overlap_threshold,
         )
 
-    def _strong(self, images: torch.Tensor, pixel_mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    def _strong(self, images: torch.Tensor, pixel_mask: torch.Tensor | None, generator: torch.Generator
+                ) -> torch.Tensor:
         """Photometric strong view, padding reset to the CLIP mean."""
         strong = self.strong_augmentation(images, generator)
         if pixel_mask is not None:
@@ -159,8 +160,8 @@ class StudentViewBuilder:
         applied = 0
         if self.cutmix and self.cutmix_source == "separate_image":
             if cutmix_images is None:
-                raise ValueError("cutmix_source='separate_image' needs the separate CutMix crops (cutmix_images): build "
-                                 "the unlabeled data with UnlabeledTrainDataset(..., cutmix_source=True)")
+                raise ValueError("cutmix_source='separate_image' needs the separate CutMix crops (cutmix_images): "
+                                 "build the unlabeled data with UnlabeledTrainDataset(..., cutmix_source=True)")
             strong, segmentation, labels, applied = self._cutmix_separate(
                 strong, segmentation, labels, cutmix_images.float(), cutmix_pixel_mask, generator)
         elif self.cutmix and batch > 1:
@@ -186,7 +187,7 @@ class StudentViewBuilder:
         source_mask: torch.Tensor | None,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]:
-        """The reference's CutMix: a box inside each source crop's real content (probability ``cutmix_p``), the
+        """The reference's CutMix: a box inside each source crop's real content (probability ``cutmix_prob``), the
         teacher's pseudo-label of the sources that got a box (second pass), their own strong view pasted."""
         batch, _, height, width = strong.shape
         if tuple(source_images.shape) != tuple(strong.shape):

@@ -275,12 +275,12 @@ def synthetic_batches(args: argparse.Namespace, batch_size: int, num_classes: in
 
 def benchmark_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from accelerate import Accelerator
+    from training.ssl_step import StudentViewBuilder, ssl_train_step
 
     from training.data.strong_augmentations import StrongAugmentation
     from training.ema import MeanTeacher
     from training.loop import optimization_step
     from training.schedules import build_optimizer, build_poly_scheduler
-    from training.ssl_step import StudentViewBuilder, ssl_train_step
 
     accelerator = Accelerator(cpu=device.type != "cuda")
     model = build_model(args, accelerator.device)

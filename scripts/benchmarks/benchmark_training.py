@@ -200,13 +200,13 @@ def build_model(args: argparse.Namespace, class_names: Any) -> torch.nn.Module:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
+    from training.ssl_step import StudentViewBuilder, ssl_train_step
 
     from training.data.collator import model_inputs
     from training.data.strong_augmentations import StrongAugmentation
     from training.ema import MeanTeacher
     from training.loop import optimization_step
     from training.schedules import build_optimizer, build_poly_scheduler
-    from training.ssl_step import StudentViewBuilder, ssl_train_step
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=args.mixed_precision)

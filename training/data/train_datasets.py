@@ -19,7 +19,6 @@ training loop logs, counts and checks against ``--max_skipped_share`` (:class:`t
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -429,14 +428,3 @@ def load_training_data(config: PanopticDataConfig) -> PanopticTrainingData:
     if c.max_eval_images is not None and val is not None:
         val = val.select(range(min(c.max_eval_images, len(val))))
     return PanopticTrainingData(train, unlabeled, val, class_names)
-
-
-# The command-line adapters live in training.arguments; these names still resolve here, on first use, for callers not
-# yet moved (nothing in training.data calls them).
-_MOVED_TO_ARGUMENTS = ("color_augmentation", "geometric_augmentation", "load_panoptic_training_data")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_ARGUMENTS:
-        return getattr(importlib.import_module("training.arguments"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

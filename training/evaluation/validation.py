@@ -162,7 +162,8 @@ def build_eval_loader(
     with_semantic: bool = True,
 ) -> Any:
     """A data loader of :class:`PanopticEvalDataset` items of `dataset`, sharded over `accelerator`'s processes."""
-    items = PanopticEvalDataset(dataset, shortest_edge, longest_edge, with_semantic=with_semantic, class_names=class_names)
+    items = PanopticEvalDataset(dataset, shortest_edge, longest_edge, with_semantic=with_semantic,
+                                class_names=class_names)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=DearliDataCollator())
     return accelerator.prepare_data_loader(loader, device_placement=True)

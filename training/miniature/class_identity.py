@@ -29,7 +29,7 @@ from ..data.transforms import normalize_image
 
 __all__ = ["STRONG_VIEWS", "class_identity_report", "format_class_identity"]
 
-_NONE = {"color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "cutmix_p": 0.0}
+_NONE = {"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob": 0.0, "cutmix_prob": 0.0}
 
 
 def _view(**changes: Any) -> StrongAugmentationConfig:
@@ -42,17 +42,17 @@ def _view(**changes: Any) -> StrongAugmentationConfig:
 # perturbations at strengths that keep a region's class here.
 STRONG_VIEWS: dict[str, StrongAugmentationConfig] = {
     "weak view (none)": _view(),
-    **{f"{name} {x:g}": _view(**{name: x}, color_jitter_p=1.0)
+    **{f"{name} {x:g}": _view(**{name: x}, color_jitter_prob=1.0)
        for name, strengths in (("brightness", (0.1, 0.2, 0.4, 0.8)), ("contrast", (0.1, 0.2, 0.4, 0.8)),
                                ("saturation", (0.2, 0.4, 0.8)), ("hue", (0.02, 0.05, 0.1, 0.2)))
        for x in strengths},
-    "grayscale": _view(grayscale_p=1.0),
-    "blur sigma 0.1-2": _view(blur_p=1.0),
-    "reference (jitter 0.8/0.8/0.8/0.2, grayscale 0.2, blur 0.5)": StrongAugmentationConfig(cutmix_p=0.0),
+    "grayscale": _view(grayscale_prob=1.0),
+    "blur sigma 0.1-2": _view(blur_prob=1.0),
+    "reference (jitter 0.8/0.8/0.8/0.2, grayscale 0.2, blur 0.5)": StrongAugmentationConfig(cutmix_prob=0.0),
     # Each jitter at the largest strength above that costs no more accuracy than blur (the reference's perturbation
     # that keeps identity here); no grayscale.
     "class-keeping (jitter 0.1/0.2/0.4/0.02, blur 0.5)": StrongAugmentationConfig(
-        brightness=0.1, contrast=0.2, saturation=0.4, hue=0.02, grayscale_p=0.0, cutmix_p=0.0),
+        brightness=0.1, contrast=0.2, saturation=0.4, hue=0.02, grayscale_prob=0.0, cutmix_prob=0.0),
 }
 
 
@@ -79,7 +79,9 @@ def class_identity_report(model: Any, scenes: Sequence[tuple[np.ndarray, np.ndar
     """Per strong view: the mask-pooled zero-shot accuracy (%, all / things / stuff, per class) of `model` (a DEARLi
     model on the tiny CLIP) on the segments of `scenes` seen through that view; image ``i`` draws its perturbation
     from seed ``seed + i`` in every view."""
-    from .tiny_clip import W, _accuracy_table, _classify_masks, quarter_resolution_masks
+    from . import world as W
+    from .tiny_clip import quarter_resolution_masks
+    from .tiny_clip_zero_shot import _accuracy_table, _classify_masks
 
     index = {c.category_id: i for i, c in enumerate(W.CLASSES)}
     report: dict[str, Any] = {"images": len(scenes), "chance": round(100 / len(W.CLASSES), 2), "views": {}}

@@ -111,13 +111,13 @@ SCHEDULES = {
 
 
 # The training recipe of the loops: "released" = the presets' defaults (the reference's released configs, see
-# training/configs/RECIPE.md); "before_issue_14" = the project's earlier defaults, flag by flag (RECIPE.md's last
+# training/configs/RECIPE.md); "earlier_defaults" = the project's earlier defaults, flag by flag (RECIPE.md's last
 # table), for the table run with the old and the new recipe. Per loop, since each loop takes only its own flags;
 # --decoder_init applies to a model built fresh (not to an --init_from one).
-RECIPES = ("released", "before_issue_14")
+RECIPES = ("released", "earlier_defaults")
 _EARLIER_COMMON = ["--scale_augmentation", "lsj", "--min_scale", "0.1", "--max_scale", "2.0", "--color_augmentation",
                    "none", "--weight_decay_norm", "0.05", "--weight_decay_embed", "0.05"]
-_EARLIER_BY_LOOP = {"supervised": [], "dewa": ["--drop_empty_sam_masks"],
+_EARLIER_BY_LOOP = {"supervised": [], "dewa": ["--drop_empty_masks"],
                     "ssl": ["--ema_schedule", "ramp_up", "--cutmix_source", "same_batch"]}
 
 
@@ -168,8 +168,9 @@ class Job:
 
 def development_split(world_dir: Path, heldout_share: float = HELDOUT_SHARE) -> dict[str, dict[str, Path]]:
     """The world's training images split into a fitting part and held-out images (the last `heldout_share` of them by
-    index, at least one), as annotation files in ``world_dir/heldout`` that share the training split's image and panoptic folders
-    (written once; the same files on every call). Returns :func:`world_paths`-style ``{"train": ..., "val": ...}``."""
+    index, at least one), as annotation files in ``world_dir/heldout`` that share the training split's image and
+    panoptic folders (written once; the same files on every call). Returns :func:`world_paths`-style
+    ``{"train": ..., "val": ...}``."""
     from .world import world_paths
 
     train = world_paths(world_dir, "train")
@@ -257,7 +258,7 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
         for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
             folder = runs / f"dewa_seed{s}"
             jobs.append(Job(f"dewa_seed{s}", str(folder), loop="dewa", after=["masks"], argv=[
-                "--config", "miniature_dewa", *model, "--sam_masks_dir", str(masks_dir), "--image_dir", train_images,
+                "--config", "miniature_dewa", *model, "--masks_dir", str(masks_dir), "--image_dir", train_images,
                 "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
                 *recipe_args(recipe, "dewa"), *common]))
     if "dearli_oracle_masks" in rows:
@@ -267,7 +268,7 @@ def plan_jobs(output_dir: Path, schedule: Schedule, seed: int, extra_args: Seque
         for s in sorted({s for seeds in seeds_of.values() for s in seeds}):
             folder = runs / f"dewa_oracle_seed{s}"
             jobs.append(Job(f"dewa_oracle_seed{s}", str(folder), loop="dewa", after=["oracle_masks"], argv=[
-                "--config", "miniature_dewa", *model, "--sam_masks_dir", str(oracle_dir), "--image_dir", train_images,
+                "--config", "miniature_dewa", *model, "--masks_dir", str(oracle_dir), "--image_dir", train_images,
                 "--seed", str(s), "--max_train_steps", str(schedule.dewa_steps), "--output_dir", str(folder / "model"),
                 *recipe_args(recipe, "dewa"), *common]))
     # row -> (ensemble_alpha of the pseudo-labels, the DeWa run it starts from)
@@ -335,14 +336,8 @@ def _evaluate_model(model_dir: Path, world_dir: Path, alphas: dict[str, float], 
 
 
 def _clip_report(world_dir: Path) -> dict[str, Any]:
-    from .tiny_clip import (
-        SHIPPED_CONFIG,
-        SHIPPED_WEIGHTS,
-        dearli_on_tiny_clip,
-        evaluate_crops,
-        evaluate_masks,
-        world_split_scenes,
-    )
+    from .tiny_clip import SHIPPED_CONFIG, SHIPPED_WEIGHTS, dearli_on_tiny_clip
+    from .tiny_clip_zero_shot import evaluate_crops, evaluate_masks, world_split_scenes
 
     model = dearli_on_tiny_clip(SHIPPED_CONFIG, SHIPPED_WEIGHTS)
     keep = ("n", "all", "things", "stuff", "things_called_stuff", "per_class")
@@ -356,14 +351,14 @@ def _clip_report(world_dir: Path) -> dict[str, Any]:
 def _write_oracle_masks(world_dir: Path, evaluation_split: str, masks_dir: Path) -> dict[str, Any]:
     """The ground-truth segments (without classes) of the training images the rows train on, in the SAM masks'
     format (:mod:`training.miniature.oracle_masks`)."""
-    from ..data.sam_masks import generate_sam_masks
+    from ..data.mask_generation import generate_masks
     from .oracle_masks import GroundTruthMaskGenerator
 
     train = world_splits(world_dir, evaluation_split)["train"]
     files = [im["file_name"] for im in json.loads(train["annotations"].read_text())["images"]]
     generator = GroundTruthMaskGenerator(train["images"], train["panoptic"], train["annotations"])
-    stats = generate_sam_masks([str(train["images"] / f) for f in files], masks_dir, mask_generator=generator,
-                               progress=False)
+    stats = generate_masks([str(train["images"] / f) for f in files], masks_dir, mask_generator=generator,
+                           progress=False)
     if stats.num_failed:
         raise RuntimeError(f"{stats.num_failed} images without oracle masks in {masks_dir}")
     return {"images": stats.num_images + stats.num_skipped, "masks": stats.num_masks}
@@ -646,14 +641,14 @@ def results_markdown(results: dict[str, Any]) -> str:
     clip = results.get("clip_zero_shot")
     if clip:
         masks = clip["masks_world_val"]
-        lines += ["", (f"Tiny CLIP zero-shot accuracy (chance {clip['chance']}%): mask-pooled ground-truth masks of the "
-                      f"validation split {masks['all']}% (things {masks['things']}%, stuff {masks['stuff']}%); "
+        lines += ["", (f"Tiny CLIP zero-shot accuracy (chance {clip['chance']}%): mask-pooled ground-truth masks of "
+                      f"the validation split {masks['all']}% (things {masks['things']}%, stuff {masks['stuff']}%); "
                       f"close-up crops {clip['crops']['all']}%.")]
     per_class = results.get("per_class")
     if per_class:
         rows = [r for r in ("supervised", "supervised_ensemble", "dearli") if r in per_class[0]]
-        lines += ["", f"Per class at {results['headline_fraction']} labeled (mean over seeds): labeled instances, the tiny "
-                      "CLIP's mask-pooled zero-shot accuracy (%), PQ per row; rarest labeled first.", "",
+        lines += ["", f"Per class at {results['headline_fraction']} labeled (mean over seeds): labeled instances, the "
+                      "tiny CLIP's mask-pooled zero-shot accuracy (%), PQ per row; rarest labeled first.", "",
                   "| class | labeled inst. | CLIP acc. | " + " | ".join(f"`{r}` PQ" for r in rows) + " |",
                   "|---|---:|---:|" + "---:|" * len(rows)]
         for e in per_class:

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -499,15 +498,3 @@ def dearli_on_tiny_clip(
     model = DearliForPanopticSegmentation.from_open_clip(str(config_path), str(weights_path), class_names=class_names,
                                                          thing_ids=thing_ids, **kwargs)
     return model.eval()
-
-
-# The zero-shot evaluation lives in tiny_clip_zero_shot; these names still resolve here, on first use, for callers not
-# yet moved.
-_MOVED_TO_ZERO_SHOT = ("evaluate_crops", "evaluate_masks", "format_report", "probe_crops", "probe_scenes",
-                       "world_split_scenes", "zero_shot_report")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_ZERO_SHOT:
-        return getattr(importlib.import_module(f"{__package__}.tiny_clip_zero_shot"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
