@@ -1,4 +1,4 @@
-"""The fault suite (issue 18): bad input as a careless or hostile user gives it, table by table, each case asserting its
+"""The fault suite: bad input as a careless or hostile user gives it, table by table, each case asserting its
 outcome — a clear one-line error, a logged and counted skip, or the correct result — with the inputs unchanged.
 
 Tables: the image reader (every PIL mode, broken files), the one reader in every consumer (16-bit images), vocabularies
@@ -922,3 +922,109 @@ def test_evaluate_and_push_to_hub_never_run_model_folder_code(tampered_model_dir
     assert load_script("push_to_hub").main(["--model_name_or_path", str(tampered_model_dir), "--repo_id", "me/x",
                                             "--local_dir", str(tmp_path / "repo"), "--no_upload"]) == 0
     assert (tmp_path / "repo" / "README.md").is_file() and not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. No finished work lost, no checkpoint that contradicts itself
+# --------------------------------------------------------------------------------------------------------------------
+def test_training_refuses_an_output_dir_holding_a_finished_run(training_folder, tmp_path, capsys,
+                                                              fresh_accelerate_state):
+    from training import supervised
+
+    out = tmp_path / "run"
+    supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5"))
+    finished = tree_digest(out)
+    _reset_accelerate()
+    code, err = run_cli(supervised.main, _supervised(training_folder, out, "--max_skipped_share", "0.5"), capsys)
+    assert code == 1
+    assert_one_line_error(err, f"--output_dir {out} already holds a finished run (config.json, model.safetensors",
+                          "checkpoints (step_00000001, step_00000002)", "--resume_from_checkpoint latest",
+                          "--overwrite_output_dir")
+    assert tree_digest(out) == finished  # nothing touched
+    # Resuming the finished run is allowed (nothing left to train); so is starting over when asked to.
+    _reset_accelerate()
+    assert supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5", "--resume_from_checkpoint",
+                                       "latest")).final_step == 2
+    _reset_accelerate()
+    result = supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5", "--max_train_steps", "1",
+                                         "--overwrite_output_dir"))
+    assert result.start_step == 0 and result.final_step == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]  # the old run's are gone
+
+
+@pytest.mark.parametrize("content", ["checkpoints_only", "model_only", "logs_only", "empty"])
+def test_output_dir_check(content, tmp_path):
+    from training.checkpointing import OutputDirError, check_output_dir
+
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    if content == "checkpoints_only":
+        (out / "checkpoints" / "step_00000005").mkdir(parents=True)
+    elif content == "model_only":
+        (out / "model.safetensors").write_bytes(b"x")
+    if content in ("logs_only", "empty"):
+        check_output_dir(out)  # nothing of a run: accepted
+        return
+    with pytest.raises(OutputDirError, match="already holds"):
+        check_output_dir(out)
+    check_output_dir(out, resume_from_checkpoint="latest")
+    before = tree_digest(out)
+    check_output_dir(out, overwrite=True, is_main_process=False)  # only the main process removes anything
+    assert tree_digest(out) == before
+    check_output_dir(out, overwrite=True)
+    assert not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else True
+
+
+@pytest.mark.parametrize("where", ["training_state_step_beyond", "training_state_step_behind", "complete_marker",
+                                   "training_state_without_step"])
+def test_checkpoint_that_contradicts_itself_is_refused(where, saved_run, fresh_accelerate_state):
+    from training.checkpointing import CheckpointError, TrainingProgress, load_checkpoint, resolve_resume_path
+
+    path, _ = saved_run
+    state = json.loads((path / "training_state.json").read_text())
+    if where == "complete_marker":
+        (path / "COMPLETE").write_text("7\n")
+        words = "training_state.json says step 2 but COMPLETE says 7"
+    elif where == "training_state_without_step":
+        del state["step"]
+        words = "training_state.json holds no step count"
+    else:
+        state["step"] = 99 if where == "training_state_step_beyond" else 1
+        words = f"training_state.json says step {state['step']} but the folder name step_00000002 says 2"
+    (path / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=words):
+        resolve_resume_path(str(path), None, 1, ("counter",))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        resolve_resume_path("latest", path.parent.parent, 1, ("counter",))
+    progress = TrainingProgress()
+    accelerator, _, _, _ = _tiny_run(seed=1)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(accelerator, path, progress, {"counter": Counter()})
+    assert progress.step == 0
+
+
+def test_checkpoint_is_written_aside_and_renamed(saved_run, monkeypatch, fresh_accelerate_state):
+    """A save that dies half-way leaves no step_* folder; the next save removes the leftover."""
+    from training.checkpointing import TrainingProgress, list_checkpoints, save_checkpoint
+
+    path, _ = saved_run
+    run = path.parent.parent
+    accelerator, model, _, _ = _tiny_run(seed=0)
+    progress = TrainingProgress()
+    progress.step = 3
+    original = accelerator.save_state
+
+    def dies_half_way(folder, *args, **kwargs):
+        original(folder, *args, **kwargs)
+        raise KeyboardInterrupt  # after the weights, before our own files and the marker
+
+    monkeypatch.setattr(accelerator, "save_state", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, model, progress, run, states={"counter": Counter()})
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")] == [path.name]
+    assert (run / "checkpoints" / ".partial-step_00000003").is_dir()
+    monkeypatch.setattr(accelerator, "save_state", original)
+    progress.step = 4
+    save_checkpoint(accelerator, model, progress, run, total_limit=1, states={"counter": Counter()})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+    assert list_checkpoints(run) == [run / "checkpoints" / "step_00000004"]
