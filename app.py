@@ -76,24 +76,22 @@ def default_locations() -> tuple[Path, Path]:
     return APP_DIR / DEFAULT_MODEL_DIR, APP_DIR / DEFAULT_EXAMPLES_DIR
 
 
-def uploaded_file_component() -> Any:
-    """A ``gr.Image`` whose value reaches the event handlers as the path of the file that was uploaded, not decoded
-    by Gradio (which would open it with PIL first, decode 16-bit images its own way and fail with a traceback on a
-    broken file): the handler reads it with the project's image reader."""
-    import gradio as gr
+def read_uploads_as_files(image: Any) -> Any:
+    """Make the ``gr.Image`` `image` hand its value to event handlers as the path of the file that was uploaded, not
+    decoded by Gradio (which would open it with PIL first, read 16-bit images its own way and fail with a traceback on
+    a broken file): the handler reads it with the project's image reader. (Set on the instance: a subclass of a Gradio
+    component would make Gradio write a type stub beside this file.)"""
+    decode = image.preprocess
 
-    class UploadedImage(gr.Image):
-        def get_block_name(self) -> str:
-            return "image"  # the same component in the page
+    def preprocess(payload: Any) -> str | None:
+        if payload is None:
+            return None
+        if getattr(payload, "path", None) is None:  # an image given as a data: URL (pasted)
+            return decode(payload)
+        return str(payload.path)
 
-        def preprocess(self, payload: Any) -> str | None:
-            if payload is None:
-                return None
-            if payload.path is None:  # an image given as a data: URL (pasted)
-                return super().preprocess(payload)
-            return str(payload.path)
-
-    return UploadedImage
+    image.preprocess = preprocess
+    return image
 
 
 def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: bool = False) -> Any:
@@ -150,8 +148,8 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: boo
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = uploaded_file_component()(type="filepath", image_mode=None, label="Image",
-                                                  sources=["upload", "clipboard"], elem_id="input-image")
+                image = read_uploads_as_files(gr.Image(type="filepath", image_mode=None, label="Image",
+                                                       sources=["upload", "clipboard"], elem_id="input-image"))
                 example_list = None
                 if examples:
                     example_list = gr.Examples(examples=[[str(p)] for p in examples], inputs=image, label="Examples",
