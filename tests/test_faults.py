@@ -1035,15 +1035,19 @@ def test_checkpoint_is_written_aside_and_renamed(saved_run, monkeypatch, fresh_a
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def three_class_folders(two_class_folder, tmp_path_factory) -> dict[str, Path]:
-    """The two-class folder with a third category, person (a thing without segments): ``model_order`` lists the
-    categories in the tiny model's order (person, sky, grass), ``other_order`` as sky, grass, person (same count)."""
+    """The two-class folder with a third category, person (a thing without segments): ``model_order.json`` has the
+    tiny model's classes in its order (person, sky, grass), ``other_order.json`` as sky, grass, person."""
     root = tmp_path_factory.mktemp("three_classes")
     shutil.copytree(two_class_folder / "images", root / "images")
     shutil.copytree(two_class_folder / "panoptic", root / "panoptic")
-    data = json.loads((two_class_folder / "panoptic.json").read_text())
-    person = {"id": 3, "name": "person", "isthing": 1}
-    (root / "model_order.json").write_text(json.dumps({**data, "categories": [person, *data["categories"]]}))
-    (root / "other_order.json").write_text(json.dumps({**data, "categories": [*data["categories"], person]}))
+    data = json.loads((two_class_folder / "panoptic.json").read_text())  # sky = 1, grass = 2
+    (root / "other_order.json").write_text(json.dumps(
+        {**data, "categories": [*data["categories"], {"id": 3, "name": "person", "isthing": 1}]}))
+    for segment in data["annotations"][0]["segments_info"]:  # classes ordered by category id: person first
+        segment["category_id"] += 1
+    data["categories"] = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0},
+                          {"id": 3, "name": "grass", "isthing": 0}]
+    (root / "model_order.json").write_text(json.dumps(data))
     return {"root": root}
 
 
@@ -1112,8 +1116,8 @@ def test_evaluate_report_records_the_model(evaluated, tiny_model, tiny_model_wit
 def test_push_to_hub_publishes_a_report_of_the_model(evaluated, tiny_model_with_processor_dir, tmp_path, load_script):
     assert load_script("push_to_hub").main(_push(tiny_model_with_processor_dir, evaluated, tmp_path / "repo")) == 0
     card = (tmp_path / "repo" / "README.md").read_text()
-    pq = round(100 * json.loads(evaluated.read_text())["All"]["pq"], 2)
-    assert f"value: {pq}" in card
+    report = json.loads(evaluated.read_text())
+    assert f"| {100 * report['All']['pq']:.1f} | {100 * report['All']['sq']:.1f} |" in card
 
 
 @pytest.mark.parametrize("case", sorted(FALSE_REPORTS))
@@ -1182,12 +1186,14 @@ def test_evaluate_panoptic_says_when_it_falls_back_to_numpy(two_class_folder, tm
                         _panoptic_args(gt_json, two_class_folder / "panoptic", "hotcoco"), capsys)
     assert code == 1
     assert_one_line_error(err, "segment ids overflow")
+    report = tmp_path / "report.json"
     with caplog.at_level(logging.WARNING):
         code, _ = run_cli(load_script("evaluate_panoptic").main,
-                          _panoptic_args(gt_json, two_class_folder / "panoptic", "auto"), capsys)
+                          [*_panoptic_args(gt_json, two_class_folder / "panoptic", "auto"), "--output", str(report)],
+                          capsys)
     assert code == 0
     assert "hotcoco cannot read this input (segment ids overflow): using the numpy engine instead" in caplog.text
-    assert "(numpy engine)" in capsys.readouterr().out
+    assert json.loads(report.read_text())["engine"] == "numpy"
 
 
 def test_sam_masks_refuse_a_foreign_manifest(two_class_folder, tiny_sam_checkpoint, tmp_path, load_script, capsys):
