@@ -755,8 +755,8 @@ def test_sam_failures_log_with_corrupt_lines(two_class_folder, tiny_sam_checkpoi
     log = out / "failures-r000.jsonl"  # an earlier run: image 1 failed, then a line was damaged, then one cut off
     log.write_text('{"image_id": "1", "file_name": "1.jpg", "error": "x"}\n\x00\x00garbage\n{"image_id": "2", "fi')
     script = load_script("generate_sam_masks")
-    with caplog.at_level(logging.WARNING):
-        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 0
+    with caplog.at_level(logging.WARNING):  # exit code 1: image 1 is still recorded as unreadable, without masks
+        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 1
     assert f"{log}:2: skipping a corrupt line" in caplog.text and f"{log}:3: skipping a corrupt line" in caplog.text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_images"] == 1 and manifest["failed_image_ids"] == ["1"]  # image 2 was retried and done
