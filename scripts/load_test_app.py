@@ -174,8 +174,11 @@ def client_loop(url: str, seed: int, deadline: float, good: list[Path], bad: dic
 
     client = Client(url, verbose=False)
     rng = random.Random(seed)
+    first = True
     while time.monotonic() < deadline:
         is_bad = rng.random() < bad_share
+        if first and bad_share > 0:  # every other client starts with a bad upload: both kinds in every run
+            is_bad, first = seed % 2 == 1, False
         path = rng.choice(sorted(bad)) if is_bad else rng.choice(good)
         started = time.monotonic()
         record = {"file": path.name, "bad": is_bad}

@@ -19,5 +19,5 @@ def test_eight_clients_every_request_answered_and_memory_flat(load_script, tmp_p
     figures = json.loads(output.read_text())
     assert code == 0, (figures, capsys.readouterr().err)
     assert figures["failures"] == 0 and figures["tracebacks_in_app_log"] == 0
-    assert figures["requests"] >= 16 and 0 < figures["bad_requests"] < figures["requests"]
+    assert figures["requests"] >= 8 and 0 < figures["bad_requests"] < figures["requests"]  # each client answered
     assert figures["memory_growth_mb"] <= 100
