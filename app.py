@@ -7,24 +7,40 @@
 Upload an image or pick an example, choose panoptic / semantic / instance, set ``ensemble_alpha`` (Eq. 6: 1.0 = decoder
 only, 0.0 = CLIP only) and edit the vocabulary (one class per line, synonyms comma-separated, ``[stuff]`` at the end
 of a stuff class's line). The decoder-only (α = 1) and the ensembled result of the image appear side by side, with the
-ensembled segments in a table. The inference lives in ``training/evaluation/segmenter.py``; this file is the layout.
+ensembled segments in a table. Clicking an example segments it. The inference lives in
+``training/evaluation/segmenter.py``; this file is the layout.
+
+Uploads reach the model as the files that were uploaded, read by the project's one image reader
+(``modeling_dearli.image_reading.read_image``, as ``predict.py`` reads them): an image that cannot be read is answered
+in the page with one line naming it, and every other error too; the console shows one line per refused request, and a
+model folder that cannot be loaded stops the app with one line (``--debug`` shows tracebacks instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 APP_DIR = Path(__file__).resolve().parent
+logger = logging.getLogger("app")
+
+# Requests run one at a time (the model and its cached forward pass are shared; Segmenter holds a lock anyway), in
+# Gradio's queue: a limit of 1 for every event that runs the model (one concurrency group) keeps one decoded image
+# and one forward pass in memory instead of a thread per waiting request, and the queue answers the others in turn.
+# MAX_QUEUED bounds the waiting requests (a client beyond it is told the queue is full instead of growing memory).
+CONCURRENCY_GROUP = "segmenter"
+MAX_QUEUED = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from training.cli import ArgumentParser
     from training.evaluation.segmenter import DEFAULT_EXAMPLES_DIR, DEFAULT_MODEL_DIR
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)  # also --debug
     parser.add_argument("--model", default=None,
                         help=f"Saved model folder or Hub id (default: model/ beside app.py in an exported Space, else "
                              f"{DEFAULT_MODEL_DIR}, the miniature world's trained model).")
@@ -60,8 +76,27 @@ def default_locations() -> tuple[Path, Path]:
     return APP_DIR / DEFAULT_MODEL_DIR, APP_DIR / DEFAULT_EXAMPLES_DIR
 
 
-def build_demo(segmenter: Any, examples: list[Path], model_name: str) -> Any:
-    """The Gradio Blocks of the demo around a :class:`~training.evaluation.segmenter.Segmenter`."""
+def read_uploads_as_files(image: Any) -> Any:
+    """Make the ``gr.Image`` `image` hand its value to event handlers as the path of the file that was uploaded, not
+    decoded by Gradio (which would open it with PIL first, read 16-bit images its own way and fail with a traceback on
+    a broken file): the handler reads it with the project's image reader. (Set on the instance: a subclass of a Gradio
+    component would make Gradio write a type stub beside this file.)"""
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        if payload is None:
+            return None
+        if getattr(payload, "path", None) is None:  # an image given as a data: URL (pasted)
+            return decode(payload)
+        return str(payload.path)
+
+    image.preprocess = preprocess
+    return image
+
+
+def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: bool = False) -> Any:
+    """The Gradio Blocks of the demo around a :class:`~training.evaluation.segmenter.Segmenter` (``debug``: errors
+    other than unreadable images and vocabularies propagate, with their traceback)."""
     import gradio as gr
 
     from training.evaluation.segmenter import TASKS, VocabularyError
@@ -75,14 +110,25 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str) -> Any:
         "new class names."
     )
 
+    def refuse(message: str) -> Any:
+        message = " ".join(message.split())
+        logger.warning("request refused: %s", message)
+        return gr.Error(message, print_exception=False)
+
     def segment(image, task, ensemble_alpha, vocabulary):
         if image is None:
-            raise gr.Error("Upload an image or pick an example first.")
+            raise refuse("Upload an image or pick an example first.")
         try:
             decoder_only, ensembled = segmenter.predict(image, task, [1.0, float(ensemble_alpha)],
                                                         vocabulary=vocabulary if editable else None)
         except VocabularyError as error:
-            raise gr.Error(str(error)) from None
+            raise refuse(str(error)) from None
+        except OSError as error:  # the image reader's one line, naming the file as it was uploaded
+            raise refuse(str(error).replace(str(image), Path(str(image)).name)) from None
+        except Exception as error:
+            if debug:
+                raise
+            raise refuse(f"segmentation failed: {type(error).__name__}: {error}") from None
         status = (f"**{task}**, ensemble_alpha = {ensembled.ensemble_alpha:.2f}: {len(ensembled.result.segments)} "
                   f"segments (decoder only: {len(decoder_only.result.segments)}); vocabulary of "
                   f"{len(segmenter.class_names)} classes.")
@@ -102,9 +148,12 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
+                image = read_uploads_as_files(gr.Image(type="filepath", image_mode=None, label="Image",
+                                                       sources=["upload", "clipboard"], elem_id="input-image"))
+                example_list = None
                 if examples:
-                    gr.Examples(examples=[[str(p)] for p in examples], inputs=image, label="Examples")
+                    example_list = gr.Examples(examples=[[str(p)] for p in examples], inputs=image, label="Examples",
+                                               cache_examples=False)
                 task = gr.Radio(list(TASKS), value="panoptic", label="Task", elem_id="task")
                 ensemble_alpha = gr.Slider(0.0, 1.0, value=float(segmenter.processor.ensemble_alpha), step=0.05,
                                            label="ensemble_alpha", elem_id="ensemble-alpha",
@@ -124,20 +173,30 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str) -> Any:
                                      label="Segments (ensembled)", interactive=False, elem_id="segments")
         inputs = [image, task, ensemble_alpha, vocabulary]
         outputs = [decoder_only, ensembled, table, status]
-        run.click(segment, inputs, outputs)
-        task.change(refresh, inputs, outputs)
-        ensemble_alpha.release(refresh, inputs, outputs)
+        queued = {"concurrency_limit": 1, "concurrency_id": CONCURRENCY_GROUP}
+        run.click(segment, inputs, outputs, api_name="segment", **queued)
+        if example_list is not None:  # a click on an example loads it and segments it
+            example_list.load_input_event.then(segment, inputs, outputs, api_visibility="undocumented", **queued)
+        task.change(refresh, inputs, outputs, api_visibility="undocumented", **queued)
+        ensemble_alpha.release(refresh, inputs, outputs, api_visibility="undocumented", **queued)
     return demo
+
+
+def launch(demo: Any, **kwargs: Any) -> Any:
+    """Serve `demo` through Gradio's queue (see :data:`CONCURRENCY_GROUP`, :data:`MAX_QUEUED`)."""
+    return demo.queue(max_size=MAX_QUEUED, default_concurrency_limit=1).launch(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from training import cli
     from training.evaluation.segmenter import (
         DEFAULT_MODEL_COMMAND,
         find_example_images,
         load_segmenter,
     )
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     default_model, default_examples = default_locations()
     model = args.model or str(default_model)
     examples_dir = Path(args.examples) if args.examples else default_examples
@@ -158,15 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         segmenter = load_segmenter(model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                                    device=device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"app.py: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise cli.CliError(f"cannot load the model {model}: {reason}") from error
     examples = find_example_images(examples_dir)
-    demo = build_demo(segmenter, examples, args.model or os.path.relpath(default_model, APP_DIR))
-    demo.queue().launch(server_name=args.server_name, server_port=args.server_port,
-                        allowed_paths=[str(examples_dir)] if examples else None)
+    demo = build_demo(segmenter, examples, args.model or os.path.relpath(default_model, APP_DIR), debug=args.debug)
+    launch(demo, server_name=args.server_name, server_port=args.server_port, show_error=True,
+           allowed_paths=[str(examples_dir)] if examples else None)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run
+
+    run(main)

@@ -7,8 +7,9 @@
 
 Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``). Runs
 on several processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end. A dataset
-whose number of classes differs from the model's is refused; code in the model folder runs only with
-``--trust_remote_code``.
+whose classes differ from the model's (in number, or by name) is refused; code in the model folder runs only with
+``--trust_remote_code``. The report records the model (location, weights fingerprint, classes), which
+``push_to_hub.py`` checks before it publishes the numbers.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -59,6 +60,19 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
                                  panoptic_root=args.panoptic_root, data_dir=args.data_dir)
 
 
+def check_class_names(model_names: list[str], dataset_names: list[str]) -> None:
+    """Refuse a dataset whose classes are not the model's, compared by name in order: class i matches when the
+    model's and the dataset's names for it share a synonym (case and surrounding spaces ignored)."""
+    def synonyms(name: str) -> set[str]:
+        return {s.strip().lower() for s in str(name).split(",") if s.strip()}
+
+    differing = [f"class {i}: model {m!r}, dataset {d!r}" for i, (m, d) in enumerate(zip(model_names, dataset_names))
+                 if not synonyms(m) & synonyms(d)]
+    if differing:
+        raise ValueError(f"the model's classes are not the dataset's ({len(differing)} of {len(model_names)} differ by "
+                         f"name; {'; '.join(differing[:3])}): evaluate a model on a dataset of its own label space")
+
+
 def evaluate(
     model: Any,
     processor: Any,
@@ -76,6 +90,7 @@ def evaluate(
     if len(config.class_names) != len(names):
         raise ValueError(f"the model has {len(config.class_names)} classes, the dataset {len(names)}: evaluate a model "
                          "on a dataset of its own label space")
+    check_class_names(list(config.class_names), list(names.names))
     if len(ds) == 0:
         raise ValueError("the dataset has no images to evaluate")
     if sorted(config.thing_ids or []) != names.thing_ids:
@@ -152,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         ds = ds.select(range(min(args.limit, len(ds))))
     model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    from training.publishing.hub import model_fingerprint
+
+    fingerprint = model_fingerprint(model)  # before any device move: what push_to_hub.py compares
     model.to(device)
     if args.size is not None:
         processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
@@ -163,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                       accelerator=accelerator, progress=not args.no_progress and accelerator.is_local_main_process)
     report["ensemble_alpha"] = ensemble_alpha
     report["model"] = args.model_name_or_path
+    report["model_fingerprint"] = fingerprint
+    report["num_classes"] = len(model.config.class_names)
+    report["class_names"] = list(model.config.class_names)
     report["seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
         summary = f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s"

@@ -11,14 +11,18 @@ Without SAM weights, an unsupervised algorithm writes masks in the same format (
 
 Resumable: rerun the same command after an interruption. Read the output with
 `training.data.mask_reading.load_masks(output_dir)`. Unreadable images are logged, recorded in the output folder's
-``failures-*.jsonl`` and skipped; the exit code is then 1 unless ``--allow_skips``.
+``failures-*.jsonl`` and skipped; the exit code is then 1 unless ``--allow_skips``, on a rerun too, as long as images
+recorded as unreadable are without masks (``--retry_failed`` tries them again). A ``manifest.json`` in the output
+folder that this tool did not write is refused, not overwritten.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
 import argparse
+import json
 import logging
+from pathlib import Path
 
 from training import cli
 from training.data.mask_generation import generate_masks
@@ -101,10 +105,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MANIFEST = "manifest.json"
+
+
+def check_manifest_is_ours(output_dir: str | Path) -> None:
+    """Refuse an output folder whose ``manifest.json`` was not written by this tool (it is rewritten at the end of
+    every run): a file of the user's own with that name is never overwritten."""
+    path = Path(output_dir) / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dearli-")
+            and "shards" in manifest):
+        raise cli.CliError(f"{path} was not written by this tool and would be overwritten: move it away or choose "
+                           "another --output_dir")
+
+
+def images_still_without_masks(output_dir: str | Path) -> list[str]:
+    """Ids of the images recorded as unreadable in `output_dir` that have no masks (``manifest.json``), this run's
+    failures and earlier runs' alike."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    return [str(i) for i in json.loads(path.read_text()).get("failed_image_ids", [])]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cli.prepare_output_dir(args.output_dir)  # before SAM is loaded
+    check_manifest_is_ours(args.output_dir)
     if args.image_dir:
         source = args.image_dir
     else:
@@ -146,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    main_process = PartialState().is_main_process
+    if main_process:
         print(
             f"SAM masks: {stats.num_images} images, {stats.num_masks} masks, {stats.num_failed} unreadable, "
             f"{stats.num_skipped} already done; {stats.seconds:.1f} s, {stats.images_per_second:.3f} images/s, "
@@ -155,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if stats.num_images + stats.num_failed + stats.num_skipped == 0:
         raise cli.CliError(f"no images found in {args.image_dir or args.dataset}")
-    if stats.num_failed and not args.allow_skips:
-        logger.error("%d images could not be read (recorded in %s/failures-*.jsonl); pass --allow_skips to exit with 0",
-                     stats.num_failed, args.output_dir)
+    without_masks = images_still_without_masks(args.output_dir) if main_process else []
+    failed = max(stats.num_failed, len(without_masks))
+    if failed and not args.allow_skips:
+        logger.error("%d images could not be read and have no masks (recorded in %s/failures-*.jsonl, e.g. %s); "
+                     "--retry_failed tries them again, --allow_skips exits with 0", failed, args.output_dir,
+                     ", ".join(without_masks[:3]) or "see the log")
         return 1
     return 0
 

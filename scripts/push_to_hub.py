@@ -8,8 +8,9 @@ writes the folder.
     python scripts/push_to_hub.py --model_name_or_path outputs/dearli-ade20k-1_128 --repo_id me/dearli-ade20k-1-128 \\
         --eval_report outputs/dearli-ade20k-1_128/eval_report.json --dataset ade20k --partition 1_128
 
-A dataset whose number of classes differs from the model's is refused (the card would describe another model). Code
-in the model folder runs only with ``--trust_remote_code``.
+A dataset whose number of classes differs from the model's is refused (the card would describe another model), and so
+is an evaluation report made for another model (its weights' fingerprint, location or classes differ) or holding
+impossible values (a metric outside [0, 1]). Code in the model folder runs only with ``--trust_remote_code``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -26,8 +27,10 @@ from training.pretrained import add_model_arguments, load_model_and_processor
 from training.publishing.hub import (
     DATASETS,
     CardContext,
+    check_report_belongs_to_model,
     count_parameters,
     load_eval_report,
+    model_fingerprint,
     normalize_dataset,
     normalize_partition,
     render_model_card,
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model_path = Path(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else None
+    if args.eval_report:
+        check_report_belongs_to_model(load_eval_report(args.eval_report), model.config, model_fingerprint(model),
+                                      args.model_name_or_path, args.eval_report)
     context = build_context(args, model_path)
     card = render_model_card(model.config, context, count_parameters(model))
     extra = {}

@@ -758,8 +758,8 @@ def test_sam_failures_log_with_corrupt_lines(two_class_folder, tiny_sam_checkpoi
     log = out / "failures-r000.jsonl"  # an earlier run: image 1 failed, then a line was damaged, then one cut off
     log.write_text('{"image_id": "1", "file_name": "1.jpg", "error": "x"}\n\x00\x00garbage\n{"image_id": "2", "fi')
     script = load_script("generate_sam_masks")
-    with caplog.at_level(logging.WARNING):
-        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 0
+    with caplog.at_level(logging.WARNING):  # exit code 1: image 1 is still recorded as unreadable, without masks
+        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 1
     assert f"{log}:2: skipping a corrupt line" in caplog.text and f"{log}:3: skipping a corrupt line" in caplog.text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_images"] == 1 and manifest["failed_image_ids"] == ["1"]  # image 2 was retried and done
@@ -925,3 +925,305 @@ def test_evaluate_and_push_to_hub_never_run_model_folder_code(tampered_model_dir
     assert load_script("push_to_hub").main(["--model_name_or_path", str(tampered_model_dir), "--repo_id", "me/x",
                                             "--local_dir", str(tmp_path / "repo"), "--no_upload"]) == 0
     assert (tmp_path / "repo" / "README.md").is_file() and not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. No finished work lost, no checkpoint that contradicts itself
+# --------------------------------------------------------------------------------------------------------------------
+def test_training_refuses_an_output_dir_holding_a_finished_run(training_folder, tmp_path, capsys,
+                                                              fresh_accelerate_state):
+    from training import supervised
+
+    out = tmp_path / "run"
+    supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5"))
+    finished = tree_digest(out)
+    _reset_accelerate()
+    code, err = run_cli(supervised.main, _supervised(training_folder, out, "--max_skipped_share", "0.5"), capsys)
+    assert code == 1
+    assert_one_line_error(err, f"--output_dir {out} already holds a finished run (config.json, model.safetensors",
+                          "checkpoints (step_00000001, step_00000002)", "--resume_from_checkpoint latest",
+                          "--overwrite_output_dir")
+    assert tree_digest(out) == finished  # nothing touched
+    # Resuming the finished run is allowed (nothing left to train); so is starting over when asked to.
+    _reset_accelerate()
+    assert supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5", "--resume_from_checkpoint",
+                                       "latest")).final_step == 2
+    _reset_accelerate()
+    result = supervised.main(_supervised(training_folder, out, "--max_skipped_share", "0.5", "--max_train_steps", "1",
+                                         "--overwrite_output_dir"))
+    assert result.start_step == 0 and result.final_step == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]  # the old run's are gone
+
+
+@pytest.mark.parametrize("content", ["checkpoints_only", "model_only", "logs_only", "empty"])
+def test_output_dir_check(content, tmp_path):
+    from training.checkpointing import OutputDirError, check_output_dir
+
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    if content == "checkpoints_only":
+        (out / "checkpoints" / "step_00000005").mkdir(parents=True)
+    elif content == "model_only":
+        (out / "model.safetensors").write_bytes(b"x")
+    if content in ("logs_only", "empty"):
+        check_output_dir(out)  # nothing of a run: accepted
+        return
+    with pytest.raises(OutputDirError, match="already holds"):
+        check_output_dir(out)
+    check_output_dir(out, resume_from_checkpoint="latest")
+    before = tree_digest(out)
+    check_output_dir(out, overwrite=True, is_main_process=False)  # only the main process removes anything
+    assert tree_digest(out) == before
+    check_output_dir(out, overwrite=True)
+    assert not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else True
+
+
+@pytest.mark.parametrize("where", ["training_state_step_beyond", "training_state_step_behind", "complete_marker",
+                                   "training_state_without_step"])
+def test_checkpoint_that_contradicts_itself_is_refused(where, saved_run, fresh_accelerate_state):
+    from training.checkpointing import CheckpointError, TrainingProgress, load_checkpoint, resolve_resume_path
+
+    path, _ = saved_run
+    state = json.loads((path / "training_state.json").read_text())
+    if where == "complete_marker":
+        (path / "COMPLETE").write_text("7\n")
+        words = "training_state.json says step 2 but COMPLETE says 7"
+    elif where == "training_state_without_step":
+        del state["step"]
+        words = "training_state.json holds no step count"
+    else:
+        state["step"] = 99 if where == "training_state_step_beyond" else 1
+        words = f"training_state.json says step {state['step']} but the folder name step_00000002 says 2"
+    (path / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=words):
+        resolve_resume_path(str(path), None, 1, ("counter",))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        resolve_resume_path("latest", path.parent.parent, 1, ("counter",))
+    progress = TrainingProgress()
+    accelerator, _, _, _ = _tiny_run(seed=1)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(accelerator, path, progress, {"counter": Counter()})
+    assert progress.step == 0
+
+
+def test_checkpoint_is_written_aside_and_renamed(saved_run, monkeypatch, fresh_accelerate_state):
+    """A save that dies half-way leaves no step_* folder; the next save removes the leftover."""
+    from training.checkpointing import TrainingProgress, list_checkpoints, save_checkpoint
+
+    path, _ = saved_run
+    run = path.parent.parent
+    accelerator, model, _, _ = _tiny_run(seed=0)
+    progress = TrainingProgress()
+    progress.step = 3
+    original = accelerator.save_state
+
+    def dies_half_way(folder, *args, **kwargs):
+        original(folder, *args, **kwargs)
+        raise KeyboardInterrupt  # after the weights, before our own files and the marker
+
+    monkeypatch.setattr(accelerator, "save_state", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, model, progress, run, states={"counter": Counter()})
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")] == [path.name]
+    assert (run / "checkpoints" / ".partial-step_00000003").is_dir()
+    monkeypatch.setattr(accelerator, "save_state", original)
+    progress.step = 4
+    save_checkpoint(accelerator, model, progress, run, total_limit=1, states={"counter": Counter()})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+    assert list_checkpoints(run) == [run / "checkpoints" / "step_00000004"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. Nothing false published, no silent answers on odd input (evaluate, evaluate_panoptic, push_to_hub, SAM masks)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_class_folders(two_class_folder, tmp_path_factory) -> dict[str, Path]:
+    """The two-class folder with a third category, person (a thing without segments): ``model_order.json`` has the
+    tiny model's classes in its order (person, sky, grass), ``other_order.json`` as sky, grass, person."""
+    root = tmp_path_factory.mktemp("three_classes")
+    shutil.copytree(two_class_folder / "images", root / "images")
+    shutil.copytree(two_class_folder / "panoptic", root / "panoptic")
+    data = json.loads((two_class_folder / "panoptic.json").read_text())  # sky = 1, grass = 2
+    (root / "other_order.json").write_text(json.dumps(
+        {**data, "categories": [*data["categories"], {"id": 3, "name": "person", "isthing": 1}]}))
+    for segment in data["annotations"][0]["segments_info"]:  # classes ordered by category id: person first
+        segment["category_id"] += 1
+    data["categories"] = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0},
+                          {"id": 3, "name": "grass", "isthing": 0}]
+    (root / "model_order.json").write_text(json.dumps(data))
+    return {"root": root}
+
+
+def test_evaluate_compares_class_names_not_only_their_count(three_class_folders, tiny_model_with_processor_dir,
+                                                            load_script, capsys):
+    root = three_class_folders["root"]
+    code, err = run_cli(load_script("evaluate").main,
+                        _evaluate_args(root, tiny_model_with_processor_dir, "other_order.json"), capsys)
+    assert code == 1
+    assert_one_line_error(err, "the model's classes are not the dataset's (3 of 3 differ by name",
+                          "class 0: model 'person,man,woman', dataset 'sky'")
+
+
+@pytest.fixture(scope="module")
+def evaluated(three_class_folders, tiny_model_with_processor_dir, tmp_path_factory, load_script) -> Path:
+    """A report written by evaluate.py for the tiny model."""
+    root = three_class_folders["root"]
+    report = tmp_path_factory.mktemp("evaluated") / "report.json"
+    assert load_script("evaluate").main(_evaluate_args(root, tiny_model_with_processor_dir, "model_order.json",
+                                                       output=report)) == 0
+    return report
+
+
+def _push(model: Path, report: Path, out: Path) -> list[str]:
+    return ["--model_name_or_path", str(model), "--repo_id", "me/x", "--eval_report", str(report), "--local_dir",
+            str(out), "--no_upload"]
+
+
+def _edited(report: Path, tmp_path: Path, change) -> Path:
+    data = json.loads(report.read_text())
+    change(data)
+    path = tmp_path / "edited_report.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _without_identity(data: dict) -> None:
+    for key in ("model_fingerprint", "class_names", "num_classes", "per_class", "model"):
+        data.pop(key, None)
+
+
+FALSE_REPORTS = {  # name -> (change to evaluate.py's report, words of the refusal)
+    "pq_above_one": (lambda d: d["All"].update(pq=1.7), "All pq = 1.7 is not a fraction in [0, 1]"),
+    "miou_in_hundreds": (lambda d: d.update(mIoU=250), "mIoU = 250 is not a fraction in [0, 1]"),
+    "negative_pq": (lambda d: d["Things"].update(pq=-0.2), "Things pq = -0.2 is not a fraction"),
+    "other_weights": (lambda d: d.update(model_fingerprint="sha256:" + "0" * 64),
+                      "was made for another model: its weights' fingerprint is sha256:000"),
+    "other_class_count": (lambda d: d.update(num_classes=150), "was made for a model of 150 classes, this model has 3"),
+    "other_class_names": (lambda d: d.update(class_names=["cat", "sky", "grass"]),
+                          "names other classes than the model (1 differ; 0: report 'cat', model 'person')"),
+    "other_location_without_fingerprint": (lambda d: (d.pop("model_fingerprint"), d.update(model="runs/another")),
+                                           "was made for the model runs/another"),
+    "no_identity": (_without_identity, "records neither the model's fingerprint nor its classes"),
+}
+
+
+def test_evaluate_report_records_the_model(evaluated, tiny_model, tiny_model_with_processor_dir):
+    from training.publishing.hub import model_fingerprint
+
+    report = json.loads(evaluated.read_text())
+    assert report["model_fingerprint"] == model_fingerprint(tiny_model)
+    assert report["class_names"] == list(tiny_model.config.class_names) and report["num_classes"] == 3
+    assert report["model"] == str(tiny_model_with_processor_dir)
+
+
+def test_push_to_hub_publishes_a_report_of_the_model(evaluated, tiny_model_with_processor_dir, tmp_path, load_script):
+    assert load_script("push_to_hub").main(_push(tiny_model_with_processor_dir, evaluated, tmp_path / "repo")) == 0
+    card = (tmp_path / "repo" / "README.md").read_text()
+    report = json.loads(evaluated.read_text())
+    assert f"| {100 * report['All']['pq']:.1f} | {100 * report['All']['sq']:.1f} |" in card
+
+
+@pytest.mark.parametrize("case", sorted(FALSE_REPORTS))
+def test_push_to_hub_refuses_a_false_report(case, evaluated, tiny_model_with_processor_dir, tmp_path, load_script,
+                                            capsys):
+    change, words = FALSE_REPORTS[case]
+    report = _edited(evaluated, tmp_path, change)
+    code, err = run_cli(load_script("push_to_hub").main, _push(tiny_model_with_processor_dir, report, tmp_path / "r"),
+                        capsys)
+    assert code == 1
+    assert_one_line_error(err, words)
+    assert not (tmp_path / "r" / "README.md").exists()
+
+
+def test_push_to_hub_refuses_the_report_of_another_model_with_the_same_classes(evaluated,
+                                                                              tiny_model_with_text_tower_dir,
+                                                                              tmp_path, load_script, capsys):
+    code, err = run_cli(load_script("push_to_hub").main,
+                        _push(tiny_model_with_text_tower_dir, evaluated, tmp_path / "r"), capsys)
+    assert code == 1
+    assert_one_line_error(err, "was made for another model", str(tiny_model_with_text_tower_dir))
+
+
+def _panoptic_args(gt_json: Path, folder: Path, engine: str = "auto") -> list[str]:
+    return ["--gt_json", str(gt_json), "--gt_folder", str(folder), "--pred_json", str(gt_json), "--pred_folder",
+            str(folder), "--no_progress", "--engine", engine]
+
+
+@pytest.mark.parametrize("engine", ["auto", "numpy", "hotcoco"])
+@pytest.mark.parametrize("case", ["empty_set", "category_without_isthing"])
+def test_evaluate_panoptic_odd_input_is_an_error(case, engine, two_class_folder, tmp_path, load_script, capsys):
+    data = json.loads((two_class_folder / "panoptic.json").read_text())
+    if case == "empty_set":
+        data["images"], data["annotations"] = [], []
+        words = "has no annotations: there is nothing to evaluate"
+    else:
+        del data["categories"][1]["isthing"]
+        words = "1 categories do not say whether they are things (isthing 1) or stuff (isthing 0), e.g. ids 2"
+    gt_json = _write_text(tmp_path / "gt.json", json.dumps(data))
+    code, err = run_cli(load_script("evaluate_panoptic").main, _panoptic_args(gt_json, two_class_folder / "panoptic",
+                                                                              engine), capsys)
+    assert code == 1
+    assert_one_line_error(err, words)
+
+
+def test_evaluate_panoptic_says_when_it_falls_back_to_numpy(two_class_folder, tmp_path, load_script, monkeypatch,
+                                                             caplog, capsys):
+    """An input hotcoco refuses: --engine hotcoco is an error, --engine auto says it used numpy instead."""
+    pytest.importorskip("hotcoco")
+    from training.evaluation import panoptic_quality
+
+    class Refusing:
+        class PanopticEval:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def reference_deviations(self):
+                return []
+
+            def evaluate(self):
+                raise ValueError("segment ids overflow")
+
+    monkeypatch.setattr(panoptic_quality, "_import_hotcoco", lambda: Refusing)
+    gt_json = two_class_folder / "panoptic.json"
+    code, err = run_cli(load_script("evaluate_panoptic").main,
+                        _panoptic_args(gt_json, two_class_folder / "panoptic", "hotcoco"), capsys)
+    assert code == 1
+    assert_one_line_error(err, "segment ids overflow")
+    report = tmp_path / "report.json"
+    with caplog.at_level(logging.WARNING):
+        code, _ = run_cli(load_script("evaluate_panoptic").main,
+                          [*_panoptic_args(gt_json, two_class_folder / "panoptic", "auto"), "--output", str(report)],
+                          capsys)
+    assert code == 0
+    assert "hotcoco cannot read this input (segment ids overflow): using the numpy engine instead" in caplog.text
+    assert json.loads(report.read_text())["engine"] == "numpy"
+
+
+def test_sam_masks_refuse_a_foreign_manifest(two_class_folder, tiny_sam_checkpoint, tmp_path, load_script, capsys):
+    out = tmp_path / "sam"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"my": "own notes"}')
+    before = tree_digest(out)
+    code, err = run_cli(load_script("generate_sam_masks").main,
+                        _sam_args(two_class_folder / "images", tiny_sam_checkpoint, out), capsys)
+    assert code == 1
+    assert_one_line_error(err, f"{out / 'manifest.json'} was not written by this tool")
+    assert tree_digest(out) == before
+
+
+def test_sam_masks_rerun_fails_while_images_lack_masks(two_class_folder, tiny_sam_checkpoint, tmp_path, load_script,
+                                                       caplog):
+    images = tmp_path / "images"
+    shutil.copytree(two_class_folder / "images", images)
+    (images / "truncated.jpg").write_bytes(_jpeg_bytes()[:400])
+    script = load_script("generate_sam_masks")
+    out = tmp_path / "sam"
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 1
+    with caplog.at_level(logging.ERROR):
+        assert script.main(_sam_args(images, tiny_sam_checkpoint, out)) == 1  # nothing new failed: still 1
+    assert "1 images could not be read and have no masks" in caplog.text and "truncated" in caplog.text
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, out, "--retry_failed")) == 1  # still unreadable
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, out, "--allow_skips")) == 0
+    (images / "truncated.jpg").write_bytes(_jpeg_bytes())  # repaired: the retry gives it masks
+    assert script.main(_sam_args(images, tiny_sam_checkpoint, out, "--retry_failed")) == 0
+    assert json.loads((out / "manifest.json").read_text())["failed_image_ids"] == []

@@ -70,7 +70,8 @@ def repo_dir(model_dir, tmp_path_factory, load_script) -> Path:
     """The push_to_hub CLI with --local-dir and no token: writes the folder, uploads nothing."""
     tmp = tmp_path_factory.mktemp("push")
     report = tmp / "report.json"
-    report.write_text(json.dumps({**REPORT, "dataset": "ade20k", "partition": "1_128"}))
+    class_names = json.loads((model_dir / "config.json").read_text())["class_names"]  # the report is the model's
+    report.write_text(json.dumps({**REPORT, "dataset": "ade20k", "partition": "1_128", "class_names": class_names}))
     local_dir = tmp / "repo"
     cli = load_script("push_to_hub")
     mp = pytest.MonkeyPatch()

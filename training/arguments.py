@@ -201,6 +201,9 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="Resume from a checkpoint folder, or 'latest' for the newest one in output_dir (starts fresh "
                         "when there is none). Continues exactly: model, optimizer, scheduler, RNG and data position.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Train from scratch in an --output_dir that holds a finished run or checkpoints, replacing "
+                        "them (without it, or --resume_from_checkpoint, such a folder is refused).")
     g.add_argument("--with_tracking", action="store_true",
                    help="Log losses, learning rate and metrics with the tracker(s) of --report_to.")
     g.add_argument("--report_to", type=str, default=d["report_to"],

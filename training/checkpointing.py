@@ -13,6 +13,10 @@ A checkpoint is ``<output_dir>/checkpoints/step_<N>/``:
   teacher's weights and its EMA step), see :func:`save_state_files`;
 - ``COMPLETE``, written last.
 
+A checkpoint is written into a hidden sibling folder (``.partial-step_<N>``) and renamed to ``step_<N>`` once complete
+(one atomic ``rename``), and an old checkpoint is renamed aside before it is deleted: a process killed at any moment
+(``kill -9``) leaves only complete ``step_*`` folders, and the leftovers are removed by the next save.
+
 accelerate's ``register_for_checkpointing`` is not used: it writes ``custom_checkpoint_<i>.pkl`` and loads it with
 ``torch.load(weights_only=False)``, so a tampered checkpoint folder would run code on resume. A folder holding such a
 file is refused. Resuming is all or nothing: :func:`verify_checkpoint` checks that every file is present and readable
@@ -52,9 +56,11 @@ __all__ = [
     "TRAINING_STATE_FILE",
     "CheckpointError",
     "NonFiniteError",
+    "OutputDirError",
     "TrainingProgress",
     "assert_finite_parameters",
     "checkpoint_dir",
+    "check_output_dir",
     "list_checkpoints",
     "load_checkpoint",
     "load_state_files",
@@ -72,6 +78,8 @@ CHECKPOINT_FORMAT = "dearli-checkpoint/2"
 TRAINING_STATE_FILE = "training_state.json"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_PARTIAL_PREFIX = ".partial-"  # a checkpoint being written
+_DISCARDED_PREFIX = ".discarded-"  # a checkpoint being deleted
 _PICKLED_CUSTOM_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
@@ -85,6 +93,11 @@ class NonFiniteError(FloatingPointError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from: a missing, unreadable or unexpected file (named in the message)."""
+
+
+class OutputDirError(ValueError):
+    """An ``--output_dir`` that holds a finished run or checkpoints, given without ``--resume_from_checkpoint`` or
+    ``--overwrite_output_dir``."""
 
 
 class TrainingProgress:
@@ -255,7 +268,26 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1, state_names: tup
             problems.append(f"{file} is missing")
         elif (reason := _check_file(path / file)) is not None:
             problems.append(f"{file} cannot be read ({reason})")
+    if not problems:
+        problems += _contradictions(path)
     return problems
+
+
+def _contradictions(path: Path) -> list[str]:
+    """Where a complete, readable checkpoint contradicts itself: the step in ``training_state.json`` must be a
+    non-negative whole number equal to the step in the folder's name (``step_<N>``) and in the ``COMPLETE`` marker."""
+    state = json.loads((path / TRAINING_STATE_FILE).read_text())
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return [f"{TRAINING_STATE_FILE} holds no step count (got {step!r})"]
+    claims = {}
+    if (match := _STEP_RE.match(path.name)) is not None:
+        claims[f"the folder name {path.name}"] = int(match.group(1))
+    marker = (path / COMPLETE_MARKER).read_text().strip() if (path / COMPLETE_MARKER).is_file() else ""
+    if marker:
+        claims[COMPLETE_MARKER] = int(marker) if marker.isdigit() else marker
+    return [f"{TRAINING_STATE_FILE} says step {step} but {where} says {claim}: the checkpoint contradicts itself"
+            for where, claim in claims.items() if claim != step]
 
 
 def resolve_resume_path(
@@ -317,25 +349,89 @@ def save_checkpoint(
 ) -> Path:
     """Write the resumable state after ``progress.step`` steps (all processes must call it), after checking that
     every weight is finite; `states` are extra objects (name -> object with ``state_dict``) written with
-    :func:`save_state_files`. Keeps at most `total_limit` checkpoints (0/None: all). Returns the folder."""
+    :func:`save_state_files`. Keeps at most `total_limit` checkpoints (0/None: all). Returns the folder.
+
+    The files go to a hidden ``.partial-step_<N>`` folder first, which is renamed to ``step_<N>`` when complete, so a
+    killed process never leaves a ``step_*`` folder that is half written or half deleted (see the module docstring).
+    """
     assert_finite_parameters(accelerator.unwrap_model(model), progress.step)
     path = checkpoint_dir(output_dir, progress.step)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    (path / rng_state_file(accelerator.process_index)).write_text(json.dumps(rng_states()))
+    partial = path.with_name(_PARTIAL_PREFIX + path.name)
     if accelerator.is_main_process:
-        (path / TRAINING_STATE_FILE).write_text(json.dumps(progress.state_dict(), indent=1))
+        _remove_leftovers(path.parent)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    (partial / rng_state_file(accelerator.process_index)).write_text(json.dumps(rng_states()))
+    if accelerator.is_main_process:
+        (partial / TRAINING_STATE_FILE).write_text(json.dumps(progress.state_dict(), indent=1))
         for name, state in (states or {}).items():
-            save_state_files(state.state_dict(), path, name)
+            save_state_files(state.state_dict(), partial, name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / COMPLETE_MARKER).write_text(f"{progress.step}\n")
+        (partial / COMPLETE_MARKER).write_text(f"{progress.step}\n")
+        if path.exists():  # the same step saved again (a run started over with --overwrite_output_dir)
+            _discard(path)
+        partial.rename(path)
         if total_limit and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         logger.info("Saved checkpoint %s", path)
     accelerator.wait_for_everyone()
     return path
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder: renamed aside first (atomic), so an interrupted deletion leaves no ``step_*``
+    folder with files missing."""
+    aside = path.with_name(_DISCARDED_PREFIX + path.name)
+    if aside.exists():
+        shutil.rmtree(aside)
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_leftovers(checkpoints: Path) -> None:
+    """Remove what an interrupted save or deletion left in the checkpoints folder (never a ``step_*`` folder)."""
+    if checkpoints.is_dir():
+        for leftover in checkpoints.iterdir():
+            if leftover.is_dir() and leftover.name.startswith((_PARTIAL_PREFIX, _DISCARDED_PREFIX)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+# Files of a finished run in an output folder (``save_pretrained`` of the model and its image processor).
+_FINISHED_RUN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json")
+
+
+def check_output_dir(output_dir: str | Path, resume_from_checkpoint: str | None = None, overwrite: bool = False,
+                     is_main_process: bool = True) -> None:
+    """Refuse to start a training run in `output_dir` when it holds a finished run (a saved model) or checkpoints,
+    unless the run resumes (``--resume_from_checkpoint``) or `overwrite` (``--overwrite_output_dir``) is given, in
+    which case the old checkpoints are removed by the main process (the new run's checkpoints would otherwise mix
+    with them). Raises :class:`OutputDirError` naming what is there and both flags."""
+    output_dir = Path(output_dir)
+    if resume_from_checkpoint or not output_dir.is_dir():
+        return
+    found = [name for name in _FINISHED_RUN_FILES if (output_dir / name).is_file()]
+    root = output_dir / CHECKPOINTS_SUBDIR
+    steps = sorted(p.name for p in root.iterdir() if _STEP_RE.match(p.name)) if root.is_dir() else []
+    if not found and not steps:
+        return
+    if overwrite:
+        if is_main_process:
+            for step in steps:
+                _discard(root / step)
+            logger.warning("--overwrite_output_dir: training %s again from scratch (%s replaced)", output_dir,
+                           ", ".join(found + [f"{len(steps)} checkpoint(s)"] * bool(steps)))
+        return
+    what = []
+    if found:
+        what.append(f"a finished run ({', '.join(found)})")
+    if steps:
+        what.append(f"checkpoints ({', '.join(steps[-3:])}{', ...' if len(steps) > 3 else ''})")
+    raise OutputDirError(f"--output_dir {output_dir} already holds {' and '.join(what)}: pass "
+                         "--resume_from_checkpoint latest to continue that run, or --overwrite_output_dir to train "
+                         "again from scratch and replace it")
 
 
 def load_checkpoint(

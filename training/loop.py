@@ -38,6 +38,7 @@ from .checkpointing import (
     NonFiniteError,
     TrainingProgress,
     assert_finite_parameters,
+    check_output_dir,
     load_checkpoint,
     resolve_resume_path,
     save_checkpoint,
@@ -133,6 +134,8 @@ def setup_accelerator(args: Any, **kwargs: Any):
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),
+                     accelerator.is_main_process)  # a finished run is never replaced unasked
     if accelerator.is_main_process:
         prepare_output_dir(args.output_dir)  # created and checked for writing before any model is built
     accelerator.wait_for_everyone()

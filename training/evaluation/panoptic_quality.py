@@ -626,6 +626,7 @@ def evaluate_panoptic_folders(
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    _check_folder_input(gt_data, gt_json)
     acc = PanopticQuality(gt_data["categories"], gt_area="segments")
     preds = {a["image_id"]: a for a in pred_data["annotations"]}
     tasks = []
@@ -666,6 +667,21 @@ def evaluate_panoptic_folders(
     return report
 
 
+def _check_folder_input(gt_data: Mapping[str, Any], gt_json: str) -> None:
+    """Refuse ground truth that would give a silent answer: no images (panopticapi raises on it too) or categories
+    that do not say whether they are things (``isthing``), which would otherwise all be counted as stuff."""
+    if not gt_data["annotations"]:
+        raise ValueError(f"ground-truth JSON {gt_json} has no annotations: there is nothing to evaluate")
+    categories = gt_data.get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise ValueError(f"ground-truth JSON {gt_json} has no 'categories' list")
+    unsaid = [str(c.get("id", "?")) if isinstance(c, Mapping) else repr(c) for c in categories
+              if not isinstance(c, Mapping) or c.get("isthing") not in (0, 1, True, False)]
+    if unsaid:
+        raise ValueError(f"ground-truth JSON {gt_json}: {len(unsaid)} categories do not say whether they are things "
+                         f"(isthing 1) or stuff (isthing 0), e.g. ids {', '.join(unsaid[:5])}")
+
+
 def _import_hotcoco() -> Any:
     """``hotcoco.panoptic`` or None when hotcoco is not installed."""
     try:
@@ -697,7 +713,8 @@ def _hotcoco_report(
     deviations = list(ev.reference_deviations())
     if deviations:
         if not strict:
-            logger.info("hotcoco departs from panopticapi here (%s): using the numpy engine", "; ".join(deviations))
+            logger.warning("hotcoco departs from panopticapi here (%s): using the numpy engine instead",
+                           "; ".join(deviations))
             return None
         logger.warning("hotcoco departs from panopticapi here: %s", "; ".join(deviations))
     try:
@@ -705,7 +722,7 @@ def _hotcoco_report(
     except (ValueError, OSError) as err:
         if strict:
             raise
-        logger.info("hotcoco rejected the input (%s): using the numpy engine for panopticapi's error", err)
+        logger.warning("hotcoco cannot read this input (%s): using the numpy engine instead", err)
         return None
     per_class = ev.results()["per_class"]
     k = acc.num_classes

@@ -15,6 +15,11 @@ and testable without a browser.
   Lines that are empty or start with ``#`` are ignored. A new vocabulary is applied with the model's
   ``set_class_names`` (its kept CLIP text tower encodes the names); a model saved without it
   (``config.keep_text_tower=False``) keeps the vocabulary it was trained with and says so.
+- Pictures show unlabelled (void) pixels dimmed towards grey, with an "unlabeled" entry in the legend, so that a
+  region no segment claims is not mistaken for one of the classes.
+- Images come in as files (a path or bytes) read by the project's one reader,
+  :func:`modeling_dearli.image_reading.read_image` (16-bit scaled, EXIF orientation, one ``OSError`` naming an
+  unreadable file), or as already decoded images brought to RGB by its :func:`~modeling_dearli.image_reading.to_rgb`.
 - :func:`load_segmenter` loads a saved folder or a Hub id (``revision=`` pins a commit). DEARLi checkpoints run the
   installed ``modeling_dearli`` code; the code saved inside a model folder runs only with ``trust_remote_code=True``.
 - The web demo's default model and example images: :data:`DEFAULT_MODEL_DIR`, :data:`DEFAULT_EXAMPLES_DIR` (left
@@ -37,7 +42,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .visualization import SegmentationResult, from_instance, from_panoptic, from_semantic, overlay
+from modeling_dearli.image_reading import ImageSource, read_image, to_rgb
+
+from .visualization import (
+    SegmentationResult,
+    draw_legend,
+    from_instance,
+    from_panoptic,
+    from_semantic,
+    legend_entries,
+    overlay,
+)
 
 __all__ = [
     "DEFAULT_EXAMPLES_DIR",
@@ -47,6 +62,7 @@ __all__ = [
     "SPACE_EXAMPLES_DIR",
     "SPACE_MODEL_DIR",
     "TASKS",
+    "UNLABELED",
     "Prediction",
     "Segmenter",
     "VocabularyError",
@@ -54,6 +70,7 @@ __all__ = [
     "format_vocabulary",
     "load_segmenter",
     "parse_vocabulary",
+    "picture_with_unlabeled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +89,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Segments below this class probability are dropped (the image processor's defaults: DEARLi keeps every panoptic
 # segment; instance output lists the confident ones).
 _THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+# The legend's name for pixels no segment claims (void), and their colour: a grey no class colour comes near
+# (class colours have a saturation of at least 0.55), blended as segments are.
+UNLABELED = "unlabeled"
+_UNLABELED_COLOUR = np.array([128, 128, 128], dtype=np.uint8)
+_TINT = 0.55  # opacity of segment and void tints (the overlay's default)
 _TAG = re.compile(r"\[\s*([A-Za-z]*)\s*\]\s*$")
 
 
@@ -210,13 +232,13 @@ class Segmenter:
 
     # Segmentation ---------------------------------------------------------------------------------------------------
 
-    def prepare_image(self, image: Image.Image | np.ndarray) -> Image.Image:
-        """RGB, EXIF orientation applied, longest side at most ``max_image_side``."""
-        from PIL import ImageOps
-
+    def prepare_image(self, image: ImageSource | Image.Image | np.ndarray) -> Image.Image:
+        """8-bit RGB, longest side at most ``max_image_side``. A file (path or bytes) is read by the project's image
+        reader (EXIF orientation applied; ``OSError`` naming a file that cannot be read); a decoded image is brought
+        to RGB by its ``to_rgb`` (16-bit images scaled, not clipped)."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = to_rgb(image) if isinstance(image, Image.Image) else read_image(image)
         if max(image.size) > self.max_image_side:
             scale = self.max_image_side / max(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -225,7 +247,7 @@ class Segmenter:
 
     def predict(
         self,
-        image: Image.Image | np.ndarray,
+        image: ImageSource | Image.Image | np.ndarray,
         task: str = "panoptic",
         ensemble_alphas: Sequence[float | None] = (None,),
         vocabulary: str | None = None,
@@ -270,7 +292,28 @@ class Segmenter:
                 outputs, threshold=_THRESHOLDS["instance"], target_sizes=sizes, ensemble_alpha=alpha)[0]
             result = from_instance(raw, id2label)
         font_size = max(11, round(13 * image.width / self.display_width))
-        return Prediction(task, alpha, result, overlay(image, result, font_size=font_size))
+        return Prediction(task, alpha, result, picture_with_unlabeled(image, result, font_size))
+
+
+def picture_with_unlabeled(image: Image.Image, result: SegmentationResult, font_size: int) -> Image.Image:
+    """:func:`~training.evaluation.visualization.overlay` of `result` on `image`, with the void pixels (id 0) dimmed
+    towards grey and the legend listing them as :data:`UNLABELED` (last) when there are any."""
+    void = result.id_map == 0
+    if void.any():
+        rgb = np.asarray(image, dtype=np.float32).copy()
+        rgb[void] = (1 - _TINT) * rgb[void] + _TINT * _UNLABELED_COLOUR.astype(np.float32)
+        image = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
+    picture = overlay(image, result, legend=False, font_size=font_size)
+    entries = legend_entries(result) + ([(UNLABELED, _UNLABELED_COLOUR)] if void.any() else [])
+    if not entries:
+        return picture
+    from PIL import ImageFont
+
+    panel = draw_legend(entries, picture.width, ImageFont.load_default(size=font_size))
+    framed = Image.new("RGB", (picture.width, picture.height + panel.height), (255, 255, 255))
+    framed.paste(picture, (0, 0))
+    framed.paste(panel, (0, picture.height))
+    return framed
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -102,11 +102,105 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
 
 
 def _percent(value: float) -> float:
-    """Report values are fractions (PanopticQuality.compute); values above 1 are taken as percentages already."""
+    """A report value (a fraction, as PanopticQuality.compute writes it) in percent; anything outside [0, 1] is
+    refused."""
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Non-finite metric value {value}")
-    return round(value * 100.0 if value <= 1.0 else value, 2)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"metric value {value} is not a fraction in [0, 1]")
+    return round(value * 100.0, 2)
+
+
+def model_fingerprint(model: Any) -> str:
+    """``sha256:<hex>`` of a model's weights (every state-dict tensor's name, dtype, shape and bytes, in name order):
+    the evaluation tools write it into their reports and :func:`check_report_belongs_to_model` compares it, so a
+    report cannot be published with another model. Independent of the folder's path and of the file layout."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _report_problems_in_range(report: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for group in ("All", "Things", "Stuff"):
+        for key in ("pq", "sq", "rq"):
+            value = report[group].get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or not 0.0 <= value <= 1.0:
+                problems.append(f"{group} {key} = {value!r} is not a fraction in [0, 1]")
+    for key in ("mIoU", "miou"):
+        value = report.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or not 0.0 <= value <= 1.0):
+            problems.append(f"{key} = {value!r} is not a fraction in [0, 1]")
+    for cid, row in (report.get("per_class") or {}).items():
+        for key in ("pq", "sq", "rq"):
+            value = row.get(key) if isinstance(row, Mapping) else None
+            if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+                problems.append(f"per_class {cid} {key} = {value!r} is not a fraction in [0, 1]")
+                break
+    return problems
+
+
+def _first_synonym(name: str) -> str:
+    return str(name).split(",")[0].strip().lower()
+
+
+def check_report_belongs_to_model(report: Mapping[str, Any], config: Any, fingerprint: str | None = None,
+                                  model_location: str | None = None, report_path: str | Path = "the report") -> None:
+    """Refuse (``ValueError`` naming both sides) an evaluation report that was not made for this model, or whose
+    metrics are impossible:
+
+    - every headline metric (All / Things / Stuff ``pq, sq, rq``, ``mIoU``) and per-class value a fraction in [0, 1];
+    - ``model_fingerprint`` (written by ``scripts/evaluate.py``, see :func:`model_fingerprint`) equal to the model's;
+      without one, the report's ``model`` location, when given, must be the model's;
+    - the label space: ``num_classes`` and ``class_names`` when the report has them, else its ``per_class`` rows (one
+      per class, named by the class's first synonym, in the model's order); a report with none of these says nothing
+      about the model it describes and is refused.
+    """
+    problems = _report_problems_in_range(report)
+    if problems:
+        raise ValueError(f"{report_path} holds impossible values: {'; '.join(problems[:3])}")
+    names = list(config.class_names)
+    report_fingerprint = report.get("model_fingerprint")
+    if report_fingerprint is not None and fingerprint is not None and report_fingerprint != fingerprint:
+        raise ValueError(f"{report_path} was made for another model: its weights' fingerprint is {report_fingerprint} "
+                         f"({report.get('model', 'location not recorded')}), this model's is {fingerprint} "
+                         f"({model_location})")
+    if report_fingerprint is None and report.get("model") and model_location:
+        theirs, ours = Path(str(report["model"])), Path(str(model_location))
+        same = theirs.resolve() == ours.resolve() if theirs.exists() and ours.exists() else str(theirs) == str(ours)
+        if not same:
+            raise ValueError(f"{report_path} was made for the model {report['model']}, not {model_location} (and "
+                             "records no weights fingerprint to tell whether they are the same): evaluate this model "
+                             "with scripts/evaluate.py")
+    count = report.get("num_classes")
+    if count is not None and count != len(names):
+        raise ValueError(f"{report_path} was made for a model of {count} classes, this model has {len(names)}")
+    if report.get("class_names") is not None:
+        theirs = [_first_synonym(n) for n in report["class_names"]]
+        ours = [_first_synonym(n) for n in names]
+    elif report.get("per_class"):
+        rows = list(report["per_class"].values())
+        theirs = [_first_synonym(row.get("name", "?")) if isinstance(row, Mapping) else "?" for row in rows]
+        ours = [_first_synonym(n) for n in names]
+    else:
+        if report_fingerprint is not None:
+            return
+        raise ValueError(f"{report_path} records neither the model's fingerprint nor its classes (class_names or "
+                         "per_class): it cannot be checked against this model; evaluate it with scripts/evaluate.py")
+    if len(theirs) != len(ours):
+        raise ValueError(f"{report_path} covers {len(theirs)} classes, this model has {len(ours)}")
+    differing = [f"{i}: report {a!r}, model {b!r}" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b]
+    if differing:
+        raise ValueError(f"{report_path} names other classes than the model ({len(differing)} differ; "
+                         f"{'; '.join(differing[:3])})")
 
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
