@@ -33,7 +33,7 @@ def test_supervised_from_a_dewa_output(coco_sample_dir, tmp_path, fresh_accelera
     result = supervised.main([*_data_args(coco_sample_dir), "--init_from", str(tmp_path / "dewa"),
                               "--train_batch_size", "2", "--crop_size", "64", "--max_train_steps", "2",
                               "--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--eval_steps", "0",
-                              "--eval_shortest_edge", "48", "--eval_max_size", "96", "--output_dir", str(out)])
+                              "--eval_shortest_edge", "48", "--eval_longest_edge", "96", "--output_dir", str(out)])
     assert result.final_step == 2 and result.metrics is not None and "eval/PQ" in result.metrics
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
     model = DearliForPanopticSegmentation.from_pretrained(out)
