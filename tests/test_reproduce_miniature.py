@@ -159,7 +159,7 @@ def test_the_earlier_recipe_is_flags_every_loop_accepts(tmp_path):
         assert unknown == [], (job.name, unknown)
         assert args.scale_augmentation == "lsj" and args.color_augmentation == "none", job.name
         assert ("--decoder_init" in job.argv) == ("--init_from" not in job.argv), job.name
-    assert "--drop_empty_sam_masks" in jobs["dewa_seed0"].argv
+    assert "--drop_empty_masks" in jobs["dewa_seed0"].argv
     assert "same_batch" in jobs["dear_1/4_seed0"].argv
     released = {j.name: j.argv for j in R.plan_jobs(tmp_path, SMOKE, 0)}
     assert all("--scale_augmentation" not in argv for argv in released.values())
