@@ -9,8 +9,8 @@ read.
 
 :class:`GroundTruthMaskGenerator` has SAM's automatic generator interface (``generate(image)`` -> ``coco_rle``
 annotations, ``config.identity()``), so :func:`training.data.mask_generation.generate_masks` writes its masks as it
-writes SAM's. It finds an image's ground truth by the image's decoded pixels (a digest of the array it is given), which is
-how the generator interface identifies images; an image not in the annotation file raises.
+writes SAM's. It finds an image's ground truth by the image's decoded pixels (a digest of the array it is given),
+which is how the generator interface identifies images; an image not in the annotation file raises.
 """
 
 from __future__ import annotations
