@@ -42,7 +42,7 @@ from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("predict")
 
-DEFAULT_THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+DEFAULT_THRESHOLDS = {"panoptic": 0.0, "instance": 0.0}
 RUN_FILES = ("predictions.json", "skipped.json")
 
 

@@ -71,7 +71,7 @@ TASKS = ("panoptic", "semantic", "instance")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Segments below this class probability are dropped (the image processor's defaults: DEARLi keeps every panoptic
 # segment; instance output lists the confident ones).
-_THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+_THRESHOLDS = {"panoptic": 0.0, "instance": 0.0}
 _TAG = re.compile(r"\[\s*([A-Za-z]*)\s*\]\s*$")
 
 
