@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 MASK_STRIDE = 4
-# detectron2 Mask2Former's MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE ("test_topk_per_image"), kept by DEARLi.
+# Mask2Former's test_topk_per_image: detectron2's TEST.DETECTIONS_PER_IMAGE, 100 by default.
 INSTANCE_TOP_K = 100
 # Fall back to (blocked) dense evaluation when the exact per-pixel work at cell level would exceed this fraction of
 # the dense work: per value it costs several times more (gathers, scatter reductions). Measured break-even on CPU:
