@@ -28,6 +28,7 @@ from transformers.processing_utils import ImagesKwargs
 from .configuration_dearli import DEFAULT_ENSEMBLE_ALPHA
 from .ensembling import class_probabilities, output_field, resolve_ensemble_alpha
 from .segmentation_inference import (
+    INSTANCE_TOP_K,
     MASK_STRIDE,
     instance_inference,
     panoptic_inference,
@@ -411,7 +412,7 @@ class DearliImageProcessor(BaseImageProcessor):
     def post_process_instance_segmentation(
         self,
         outputs: Any,
-        threshold: float = 0.5,
+        threshold: float = 0.0,
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float = 0.8,
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
@@ -419,23 +420,39 @@ class DearliImageProcessor(BaseImageProcessor):
         return_binary_maps: bool = False,
         ensemble_alpha: float | None = None,
         label_ids_to_fuse: Iterable[int] | None = None,
-        top_k: int | None = None,
+        top_k: int | None = INSTANCE_TOP_K,
+        min_area: int = 0,
+        mask_iou_threshold: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Instance segmentation per image (thing classes only when the processor knows the stuff classes).
+        """Instance segmentation per image (thing classes only when the processor knows the stuff classes), with
+        detectron2 Mask2Former's defaults: the 100 best (query, class) pairs per image, no score threshold.
 
         Instances are sorted by decreasing score and numbered ``0..n-1``; in ``segmentation`` each pixel holds the
         best-scoring instance covering it (-1 = none). ``return_binary_maps`` gives ``(n, H, W)`` binary masks
         instead (overlaps kept), ``return_coco_annotation`` a list of COCO uncompressed RLE dicts (``{"size",
         "counts"}``, column-major, one per instance, usable with ``pycocotools.mask.frPyObjects``).
-        ``overlap_mask_area_threshold`` is accepted for API compatibility and not used. ``label_ids_to_fuse``:
-        classes to drop (default: the processor's stuff classes; pass ``[]`` to keep all).
+
+        Args:
+            outputs: model outputs (as for :meth:`post_process_panoptic_segmentation`).
+            threshold: minimal instance score (class probability x mean mask probability); 0.0 keeps every candidate.
+            mask_threshold: binarisation threshold of the mask probabilities.
+            overlap_mask_area_threshold: accepted for API compatibility with transformers, not used.
+            target_sizes: ``(height, width)`` per image; ``None`` = the unpadded input size.
+            return_coco_annotation: return COCO RLE dicts instead of the id map.
+            return_binary_maps: return ``(n, H, W)`` binary masks instead of the id map.
+            ensemble_alpha: decoder weight in Eq. 6; ``None`` = ``self.ensemble_alpha``.
+            label_ids_to_fuse: classes to drop (default: the processor's stuff classes; pass ``[]`` to keep all).
+            top_k: candidate (query, class) pairs per image; ``None`` = one per query.
+            min_area: drop instances with fewer pixels at the target size (0 = keep all).
+            mask_iou_threshold: drop an instance whose mask has an IoU above this with a higher-scoring instance of
+                the same class (fewer duplicates); ``None`` = keep them.
         """
         del overlap_mask_area_threshold
         if return_coco_annotation and return_binary_maps:
             raise ValueError("return_coco_annotation and return_binary_maps can not both be True")
         probs, masks, unpadded, target_sizes = self._probs_and_sizes(outputs, target_sizes, ensemble_alpha)
         results = instance_inference(
-            probs, masks, threshold=threshold, top_k=top_k,
+            probs, masks, threshold=threshold, top_k=top_k, min_area=min_area, mask_iou_threshold=mask_iou_threshold,
             return_binary_masks=return_binary_maps or return_coco_annotation,
             **self._inference_kwargs(mask_threshold, label_ids_to_fuse, target_sizes, unpadded),
         )

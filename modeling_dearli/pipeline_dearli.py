@@ -40,6 +40,8 @@ logger = logging.get_logger(__name__)
 
 TASK = "image-segmentation"
 SUBTASKS = ("panoptic", "semantic", "instance")
+# post_process_instance_segmentation's own options, passed through when the caller gives them.
+INSTANCE_OPTIONS = ("top_k", "min_area", "mask_iou_threshold")
 
 
 class DearliImageSegmentationPipeline(ImageSegmentationPipeline):
@@ -65,13 +67,22 @@ class DearliImageSegmentationPipeline(ImageSegmentationPipeline):
         if self.model.config.model_type != self.serves_model_type:
             logger.error(f"{type(self).__name__} serves DEARLi models, got {type(self.model).__name__}")
 
+    def _sanitize_parameters(self, **kwargs: Any):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        postprocess.update({name: kwargs[name] for name in INSTANCE_OPTIONS if name in kwargs})
+        return preprocess, forward, postprocess
+
     def postprocess(self, model_outputs: Any, subtask: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
         """Segments of one image as ``{"score", "label", "mask"}`` (``mask``: an ``L``-mode PIL image, 255 inside).
 
-        ``kwargs`` are only the thresholds the caller gave; ``subtask=None`` means panoptic.
+        ``kwargs`` are only the thresholds (and, for instances, ``top_k`` / ``min_area`` / ``mask_iou_threshold``) the
+        caller gave; ``subtask=None`` means panoptic.
         """
         processor, target_sizes = self.image_processor, model_outputs["target_size"]
         subtask = subtask or "panoptic"
+        misplaced = [name for name in INSTANCE_OPTIONS if name in kwargs and subtask != "instance"]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} apply to subtask='instance' only, got subtask={subtask!r}")
         if subtask == "panoptic":
             result = processor.post_process_panoptic_segmentation(model_outputs, target_sizes=target_sizes, **kwargs)[0]
             segmentation = result["segmentation"]

@@ -5,7 +5,9 @@
     python scripts/evaluate.py --model_name_or_path PATH --dataset ade20k --dataset_root ADEChallengeData2016
     python scripts/evaluate.py --model_name_or_path PATH --from_disk saved_dataset   # saved with save_to_disk
 
-Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``). Runs
+Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``).
+Several values (``--ensemble_alpha 1.0 0.8 0.6 0.4 0.2 0.0``) are evaluated from the same forward passes and reported
+side by side, PQ per α with the best marked: choose α on a held-out labeled split, not on the test set. Runs
 on several processes with ``accelerate launch``: each evaluates a shard, statistics are merged at the end. A dataset
 whose classes differ from the model's (in number, or by name) is refused; code in the model folder runs only with
 ``--trust_remote_code``. The report records the model (location, weights fingerprint, classes), which
@@ -16,8 +18,10 @@ import training.run_as_script  # noqa: F401  (first: keeps this file's folder of
 
 # isort: split
 import argparse
+import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -86,6 +90,23 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` over ``ds`` (this process's shard when ``accelerator`` spans several) and return the report
     (``ensemble_alpha``: Eq. 6 weight; ``None`` = the processor's)."""
+    return evaluate_alphas(model, processor, ds, names, [ensemble_alpha], batch_size=batch_size,
+                           accelerator=accelerator, progress=progress)[0]
+
+
+def evaluate_alphas(
+    model: Any,
+    processor: Any,
+    ds: Any,
+    names: ClassNames,
+    ensemble_alphas: Sequence[float | None],
+    *,
+    batch_size: int = 1,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One report per Eq. 6 weight in ``ensemble_alphas`` (``None`` = the processor's), all from one forward pass per
+    batch; otherwise as :func:`evaluate`."""
     config = model.config
     if len(config.class_names) != len(names):
         raise ValueError(f"the model has {len(config.class_names)} classes, the dataset {len(names)}: evaluate a model "
@@ -97,7 +118,8 @@ def evaluate(
         logger.warning("model thing_ids %s differ from the dataset's %s; using the model's",
                        config.thing_ids, names.thing_ids)
     stuff = [i for i in range(len(names)) if i not in set(config.thing_ids or [])]
-    acc = PanopticQuality.from_class_names(list(config.class_names), config.thing_ids or [])
+    accumulators = [PanopticQuality.from_class_names(list(config.class_names), config.thing_ids or [])
+                    for _ in ensemble_alphas]
     if accelerator is not None and accelerator.num_processes > 1:
         ds = ds.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     ds = without_image_decoding(ds)  # images read by the project's reader, which names an unreadable file
@@ -110,21 +132,34 @@ def evaluate(
         inputs = processor(images, return_tensors="pt")
         with torch.no_grad():
             outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        panoptic = processor.post_process_panoptic_segmentation(
-            outputs, threshold=0.0, label_ids_to_fuse=stuff, target_sizes=sizes, ensemble_alpha=ensemble_alpha
-        )
-        semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes,
-                                                                 ensemble_alpha=ensemble_alpha)
-        for row, pan, sem in zip(rows, panoptic, semantic):
-            target = panoptic_target_from_row(row)
-            acc.update(pan["segmentation"].cpu(), pan["segments_info"], target.id_map, target.eval_segments(),
-                       image_id=row["image_id"])
-            acc.update_semantic(sem.cpu(), semantic_target_from_row(row, names), image_id=row["image_id"])
+        targets = [(panoptic_target_from_row(row), semantic_target_from_row(row, names)) for row in rows]
+        for acc, ensemble_alpha in zip(accumulators, ensemble_alphas):
+            panoptic = processor.post_process_panoptic_segmentation(
+                outputs, threshold=0.0, label_ids_to_fuse=stuff, target_sizes=sizes, ensemble_alpha=ensemble_alpha
+            )
+            semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes,
+                                                                     ensemble_alpha=ensemble_alpha)
+            for row, (target, semantic_target), pan, sem in zip(rows, targets, panoptic, semantic):
+                acc.update(pan["segmentation"].cpu(), pan["segments_info"], target.id_map, target.eval_segments(),
+                           image_id=row["image_id"])
+                acc.update_semantic(sem.cpu(), semantic_target, image_id=row["image_id"])
         bar.update(len(rows))
     bar.close()
     if accelerator is not None:
-        acc.gather(accelerator)
-    return acc.compute()
+        for acc in accumulators:
+            acc.gather(accelerator)
+    return [acc.compute() for acc in accumulators]
+
+
+def format_alpha_table(reports: Sequence[dict[str, Any]]) -> str:
+    """PQ / PQ_th / PQ_st / mIoU (percent) per Eq. 6 weight, the best PQ marked."""
+    best = max(range(len(reports)), key=lambda i: reports[i]["All"]["pq"])
+    lines = [f"{'ensemble_alpha':>14s}  {'PQ':>5s}  {'PQ_th':>5s}  {'PQ_st':>5s}  {'mIoU':>5s}"]
+    for i, r in enumerate(reports):
+        values = [100 * r["All"]["pq"], 100 * r["Things"]["pq"], 100 * r["Stuff"]["pq"], 100 * r.get("mIoU", 0.0)]
+        lines.append(f"{r['ensemble_alpha']:>14.2f}  " + "  ".join(f"{v:5.1f}" for v in values)
+                     + ("  <- best PQ" if i == best else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from_disk", default=None, help="a datasets.Dataset saved with save_to_disk instead")
     parser.add_argument("--data_dir", default=None, help="folder with class_names/ and splits/ of your own "
                         "(default: the data that ships in training/data/assets)")
-    parser.add_argument("--ensemble_alpha", type=cli.probability, default=None,
+    parser.add_argument("--ensemble_alpha", type=cli.probability, nargs="+", default=None,
                         help="Eq. 6 weight of the decoder posterior in [0, 1] (1 = decoder only, 0 = CLIP only); "
+                        "several values are evaluated from the same forward passes and reported side by side; "
                         "default: the model's config.ensemble_alpha")
     parser.add_argument("--batch_size", type=cli.positive_int, default=1, help="images per forward pass")
     parser.add_argument("--size", type=cli.positive_int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
@@ -175,19 +211,41 @@ def main(argv: list[str] | None = None) -> int:
         processor.size = {"shortest_edge": args.size[0], "longest_edge": args.size[1]}
     elif args.dataset in EVALUATION_SIZES:  # the paper's test resolution of a standard dataset
         processor.size = evaluation_size(args.dataset)
-    ensemble_alpha = resolve_ensemble_alpha(args.ensemble_alpha, model.config)
+    alphas = [resolve_ensemble_alpha(a, model.config) for a in (args.ensemble_alpha or [None])]
+    progress = not args.no_progress and accelerator.is_local_main_process
+    # What push_to_hub.py checks before it publishes a report: the model's location, weights and classes.
+    identity = {"model": args.model_name_or_path, "model_fingerprint": fingerprint,
+                "num_classes": len(model.config.class_names), "class_names": list(model.config.class_names)}
     start = time.perf_counter()
-    report = evaluate(model, processor, ds, names, ensemble_alpha=ensemble_alpha, batch_size=args.batch_size,
-                      accelerator=accelerator, progress=not args.no_progress and accelerator.is_local_main_process)
-    report["ensemble_alpha"] = ensemble_alpha
-    report["model"] = args.model_name_or_path
-    report["model_fingerprint"] = fingerprint
-    report["num_classes"] = len(model.config.class_names)
-    report["class_names"] = list(model.config.class_names)
-    report["seconds"] = time.perf_counter() - start
+    if len(alphas) == 1:
+        report = evaluate(model, processor, ds, names, ensemble_alpha=alphas[0], batch_size=args.batch_size,
+                          accelerator=accelerator, progress=progress)
+        report["ensemble_alpha"] = alphas[0]
+        report.update(identity)
+        report["seconds"] = time.perf_counter() - start
+        if accelerator.is_main_process:
+            summary = f"{report['num_images']} images, ensemble_alpha={alphas[0]}, {report['seconds']:.1f} s"
+            print_report(report, summary, per_class=args.per_class, output=args.output)
+        return 0
+    reports = evaluate_alphas(model, processor, ds, names, alphas, batch_size=args.batch_size,
+                              accelerator=accelerator, progress=progress)
+    for alpha, report in zip(alphas, reports):
+        report["ensemble_alpha"] = alpha
+        report.update(identity)
+    seconds = time.perf_counter() - start
     if accelerator.is_main_process:
-        summary = f"{report['num_images']} images, ensemble_alpha={ensemble_alpha}, {report['seconds']:.1f} s"
-        print_report(report, summary, per_class=args.per_class, output=args.output)
+        for report in reports:
+            print(f"\nensemble_alpha={report['ensemble_alpha']}:")
+            print_report(report, per_class=args.per_class)
+        best = max(reports, key=lambda r: r["All"]["pq"])
+        print(f"\n{format_alpha_table(reports)}\n{reports[0]['num_images']} images, {len(alphas)} values of "
+              f"ensemble_alpha from one forward pass each, {seconds:.1f} s")
+        if args.output:
+            sweep = {**identity, "seconds": seconds, "ensemble_alphas": alphas,
+                     "best_ensemble_alpha": best["ensemble_alpha"], "reports": reports}
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(sweep, indent=1))
+            print(f"report written to {args.output}")
     return 0
 
 

@@ -14,6 +14,14 @@ Images are decoded in ``--num_workers`` DataLoader workers and batched ``--batch
 same
 padded size, so results equal those of one image at a time; the run reports images per second.
 
+With ``--gt_json`` (a COCO panoptic ground-truth JSON) the annotations in ``predictions.json`` carry the dataset's
+image ids (images matched by file name) and category ids (class i = the i-th category in id order), so that
+``scripts/evaluate_panoptic.py --gt_json G --pred_json OUT/predictions.json`` scores them; inputs that are not
+in the ground truth are segmented but left out of ``predictions.json``.
+
+``--onnx DIR`` runs the graph that ``scripts/export_onnx.py`` wrote into DIR in onnxruntime instead of the PyTorch
+model (on the CPU); the model folder still gives the image processor and the class names.
+
 Nothing is overwritten: an output folder that holds the inputs is refused, and so are existing output files unless
 ``--overwrite``. The exit code is 1 when an input was skipped (``--allow_skips`` tolerates that) or nothing was
 segmented. Code in the model folder runs only with ``--trust_remote_code``.
@@ -43,7 +51,7 @@ from training.pretrained import add_model_arguments, load_model_and_processor
 
 logger = logging.getLogger("predict")
 
-DEFAULT_THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+DEFAULT_THRESHOLDS = {"panoptic": 0.0, "instance": 0.0}
 RUN_FILES = ("predictions.json", "skipped.json")
 
 
@@ -65,8 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="DataLoader worker processes that decode and preprocess images (0: in this process; "
                              "never more than the CPUs available).")
     parser.add_argument("--threshold", type=cli.probability, default=None,
-                        help="Minimal class probability of a segment, in [0, 1] (default: 0.0 panoptic, 0.5 "
-                             "instance).")
+                        help="Minimal score of a segment, in [0, 1] (default: 0.0, every segment: panoptic keeps every "
+                             "query that is not 'no object', instance the 100 best per image).")
+    parser.add_argument("--min_area", type=cli.non_negative_int, default=0,
+                        help="Instance: drop instances with fewer pixels (default: 0, keep all).")
+    parser.add_argument("--mask_iou_threshold", type=cli.probability, default=None,
+                        help="Instance: drop an instance whose mask overlaps a higher-scoring one of the same class "
+                             "with a larger IoU (default: keep duplicates).")
+    parser.add_argument("--gt_json", default=None,
+                        help="COCO panoptic ground-truth JSON: write its image ids and category ids into "
+                             "predictions.json, so that scripts/evaluate_panoptic.py scores the predictions.")
+    parser.add_argument("--onnx", default=None,
+                        help="Folder written by scripts/export_onnx.py: run that graph in onnxruntime (CPU) instead "
+                             "of the PyTorch model.")
     parser.add_argument("--mask_threshold", type=cli.probability, default=0.5,
                         help="Mask binarisation threshold in [0, 1].")
     parser.add_argument("--overlap_threshold", type=cli.probability, default=0.8,
@@ -119,6 +138,21 @@ def plan_outputs(paths: list[Path], out_dir: Path, overwrite: bool) -> list[str]
     return names
 
 
+def in_ground_truth_ids(annotations: list[dict], ground_truth) -> tuple[list[dict], list[dict]]:
+    """The annotations of images in the ground truth, with its image ids and category ids, and its categories."""
+    converted, missing = [], []
+    for entry in annotations:
+        image_id = ground_truth.image_id(entry["image"])
+        if image_id is None:
+            missing.append(entry["image"])
+            continue
+        converted.append(ground_truth.convert(entry, image_id))
+    if missing:
+        logger.warning("%d segmented images are not in the ground truth (matched by file name) and are left out of "
+                       "predictions.json, e.g. %s", len(missing), missing[0])
+    return converted, ground_truth.categories
+
+
 class Preprocess:
     """``collate_fn`` of the image loader: the processor's batch (run in the workers) plus the images and errors."""
 
@@ -155,12 +189,33 @@ def main(argv: list[str] | None = None) -> int:
     names = plan_outputs(paths, out_dir, args.overwrite)
     cli.prepare_output_dir(out_dir)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    model.to(device)
+    if args.task != "instance" and (args.min_area or args.mask_iou_threshold is not None):
+        raise cli.CliError("--min_area and --mask_iou_threshold apply to --task instance only")
+    if args.onnx is not None:
+        from training.deployment.onnx_runtime import DearliOnnxModel
+        from training.pretrained import check_model_location, load_image_processor
+
+        if args.device not in (None, "cpu"):
+            raise cli.CliError("--onnx runs on the CPU: leave --device out")
+        device = torch.device("cpu")
+        location = check_model_location(args.model_name_or_path)
+        model = DearliOnnxModel.from_pretrained(args.onnx, location)
+        processor = load_image_processor(location, model.config, args.trust_remote_code)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model.to(device)
     config = model.config
     id2label = {int(k): v for k, v in config.id2label.items()}
     thing_ids = list(getattr(config, "thing_ids", []) or [])
+    ground_truth = None
+    if args.gt_json is not None:
+        from training.evaluation.ground_truth_ids import GroundTruthIds
+
+        try:
+            ground_truth = GroundTruthIds.from_json(args.gt_json, config.class_names)
+        except (OSError, ValueError, KeyError) as error:
+            raise cli.CliError(f"--gt_json {args.gt_json}: {error}") from error
     threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS.get(args.task)
     size = {**processor.size, "shortest_edge": args.shortest_edge} if args.shortest_edge else None
 
@@ -202,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     results = [from_semantic(r, id2label, thing_ids) for r in raw]
                 else:
                     raw = processor.post_process_instance_segmentation(
-                        outputs, threshold=threshold, mask_threshold=args.mask_threshold, **common)
+                        outputs, threshold=threshold, mask_threshold=args.mask_threshold, min_area=args.min_area,
+                        mask_iou_threshold=args.mask_iou_threshold, **common)
                     results = [from_instance(r, id2label) for r in raw]
                 for item, image, result in zip(batch["good"], images, results):
                     path, name = paths[item["index"]], names[item["index"]]
@@ -218,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     annotations = [annotations[i] for i in sorted(annotations)]  # in input order
     categories = [{"id": i, "name": id2label[i], "isthing": int(i in thing_ids)} for i in sorted(id2label)]
+    if ground_truth is not None:
+        annotations, categories = in_ground_truth_ids(annotations, ground_truth)
     write_json(out_dir / "predictions.json", {"annotations": annotations, "categories": categories})
     write_json(out_dir / "skipped.json", skipped)
     logger.info("%d images segmented into %s in %.1f s (%.2f images/s, batch size %d, %d workers), %d skipped",

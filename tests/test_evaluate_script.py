@@ -111,6 +111,41 @@ def test_evaluate_cli_subprocess(tiny_folder, tiny_model_dir, in_process_report,
     assert report["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
 
 
+def test_alpha_sweep_equals_one_evaluation_per_alpha(tiny_folder, tiny_model, in_process_report, load_script):
+    """Several Eq. 6 weights from one forward pass each give the reports of separate evaluations."""
+    from training.data.panoptic_datasets import dataset_class_names
+
+    script = load_script("evaluate")
+    _, ds, processor = in_process_report
+    alphas = [1.0, 0.6, 0.0]
+    reports = script.evaluate_alphas(tiny_model, processor, ds, dataset_class_names(ds), alphas, batch_size=2,
+                                     progress=False)
+    for alpha, report in zip(alphas, reports, strict=True):
+        single = script.evaluate(tiny_model, processor, ds, dataset_class_names(ds), ensemble_alpha=alpha,
+                                 batch_size=1, progress=False)
+        for key in ("All", "Things", "Stuff"):
+            assert report[key]["pq"] == pytest.approx(single[key]["pq"], abs=1e-9), (alpha, key)
+        assert report["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+    assert len({round(r["mIoU"], 9) for r in reports}) > 1  # the weights change the result on this model
+    for report, alpha in zip(reports, alphas):
+        report["ensemble_alpha"] = alpha
+    table = script.format_alpha_table(reports).splitlines()
+    assert len(table) == 4 and sum("best" in line for line in table) == 1
+
+
+def test_alpha_sweep_cli(tiny_folder, tiny_model_dir, in_process_report, tmp_path):
+    out = tmp_path / "sweep.json"
+    args = args_for(tiny_folder, tiny_model_dir, out, "--ensemble_alpha", "1.0", "0.6", "--batch_size", "2")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best PQ" in proc.stdout
+    sweep = json.loads(out.read_text())
+    assert sweep["ensemble_alphas"] == [1.0, 0.6] and len(sweep["reports"]) == 2
+    assert sweep["best_ensemble_alpha"] in (1.0, 0.6)
+    assert sweep["reports"][1]["All"]["pq"] == pytest.approx(in_process_report[0]["All"]["pq"], abs=1e-6)
+
+
 def test_label_space_mismatch_is_reported(tiny_model, tmp_path, load_script):
     script = load_script("evaluate")
     from training.data.class_names import ClassNames

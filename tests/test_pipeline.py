@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import pipeline
 
@@ -83,7 +84,7 @@ def test_pipeline_returns_the_processors_segments_with_its_defaults(trained_tiny
     for subtask in ("panoptic", "semantic", "instance"):
         assert report[subtask]["same"] and report[subtask]["n"] > 0, (subtask, report)
     assert report["no_subtask_same_as_panoptic"], report
-    # transformers' default threshold (0.9) would have kept fewer instances: the processor's (0.5) applied.
+    # An explicit threshold (transformers' default, 0.9) keeps fewer instances: the processor's default (none) applied.
     assert report["explicit_threshold"]["same"] and report["explicit_threshold"]["n"] < report["instance"]["n"], report
     for noise in ("is not supported", "Falling back to", "Do you wish to run the custom code"):
         assert noise not in done.stderr, done.stderr[-3000:]
@@ -111,6 +112,24 @@ def test_pipeline_subtasks(segmenter, tiny_model, subtask):
         assert masks.sum(0).max() == 1
     if subtask == "semantic":  # and semantic classes cover every pixel
         assert masks.sum(0).min() == 1
+
+
+def test_pipeline_passes_instance_options(segmenter):
+    """`top_k`, `min_area` and `mask_iou_threshold` reach the processor's instance post-processing (and only it)."""
+    image = Image.open(SAMPLE_IMAGE)
+    with torch.no_grad():
+        outputs = segmenter.model(**segmenter.image_processor(image, return_tensors="pt"))
+    options = {"top_k": 20, "min_area": 50, "mask_iou_threshold": 0.5}
+    want = segmenter.image_processor.post_process_instance_segmentation(
+        outputs, target_sizes=[image.size[::-1]], return_binary_maps=True, **options)[0]
+    got = segmenter(image, subtask="instance", **options)
+    assert [(r["label"], r["score"]) for r in got] == [
+        (segmenter.model.config.id2label[s["label_id"]], s["score"]) for s in want["segments_info"]]
+    for r, mask in zip(got, want["segmentation"], strict=True):
+        assert np.array_equal(np.asarray(r["mask"]) > 0, mask.numpy())
+    assert len(got) < len(segmenter(image, subtask="instance"))
+    with pytest.raises(ValueError, match="instance"):
+        segmenter(image, subtask="panoptic", min_area=5)
 
 
 def test_pipeline_batch(segmenter):

@@ -80,12 +80,15 @@ def reference_semantic(probs, masks, valid_size, out_size):
     return grid.dense(scores).argmax(0)
 
 
-def reference_instance(probs, masks, threshold, mask_threshold, stuff, valid_size, out_size):
+def reference_instance(probs, masks, threshold, mask_threshold, stuff, valid_size, out_size, top_k=100, min_area=0,
+                       mask_iou_threshold=None):
+    """detectron2's Mask2Former instance_inference (top-k pairs, thing classes, score = class x mask quality), with the
+    optional area and same-class IoU filters, one candidate at a time."""
     num_queries, num_classes = probs.shape[0], probs.shape[1] - 1
     pairs = sorted(
         ((float(probs[q, c]), q * num_classes + c) for q in range(num_queries) for c in range(num_classes)),
         key=lambda t: (-t[0], t[1]),
-    )[:num_queries]
+    )[: top_k if top_k is not None else num_queries]
     vh, vw = -(-valid_size[0] // STRIDE), -(-valid_size[1] // STRIDE)
     grid = ResampleGrid(masks.shape[-2:], out_size, valid_size, STRIDE)
     candidates = []
@@ -97,9 +100,20 @@ def reference_instance(probs, masks, threshold, mask_threshold, stuff, valid_siz
         binary = m >= mask_threshold
         score = cls_score * float((m * binary).sum() / (binary.sum() + 1e-6))
         full = grid.dense(masks[q : q + 1].float()).sigmoid()[0] >= mask_threshold
-        if score >= threshold and full.any():
+        if score >= threshold and int(full.sum()) >= max(min_area, 1):
             candidates.append((score, q, c, full))
     candidates.sort(key=lambda t: -t[0])
+    if mask_iou_threshold is not None:
+        kept = []
+        for candidate in candidates:
+            duplicate = any(
+                c == candidate[2] and float((m & candidate[3]).sum()) / float((m | candidate[3]).sum())
+                > mask_iou_threshold
+                for _, _, c, m in kept
+            )
+            if not duplicate:
+                kept.append(candidate)
+        candidates = kept
     seg = torch.full(out_size, -1, dtype=torch.long)
     for i in reversed(range(len(candidates))):  # paint worst first: the best-scoring instance stays on top
         seg[candidates[i][3]] = i
@@ -329,6 +343,43 @@ def test_instance_matches_reference(case, use_method):
             torch.testing.assert_close(result.scores, torch.tensor([s for _, s in instances]))
             assert result.binary_masks.shape == (len(instances), *out)
             assert ((result.segmentation >= 0) == result.binary_masks.any(0)).all()
+
+
+@pytest.mark.parametrize("options", [{}, {"top_k": None}, {"top_k": 7}, {"min_area": 300},
+                                     {"mask_iou_threshold": 0.5}, {"min_area": 300, "mask_iou_threshold": 0.0}])
+def test_instance_defaults_and_filters_match_reference(options, use_method):
+    """Defaults are detectron2's (top 100 pairs of 24 x 8, no threshold); min_area and the same-class IoU
+    suppression match the loop reference, with and without binary masks."""
+    logits, masks, _ = model_like_outputs(seed=7, queries=24, classes=8)
+    probs = logits.softmax(-1)
+    stuff = {6, 7}
+    kw = {"output_sizes": [(37, 53), (80, 96)], "unpadded_sizes": [(70, 90), (80, 96)]}
+    for variant in METHODS:
+        method = use_method(variant)
+        for binary in (False, True):
+            results = instance_inference(probs, masks, stuff_classes=stuff, method=method, return_binary_masks=binary,
+                                         **options, **kw)
+            for b, result in enumerate(results):
+                seg, instances = reference_instance(probs[b], masks[b], 0.0, 0.5, stuff, kw["unpadded_sizes"][b],
+                                                    kw["output_sizes"][b], **options)
+                assert torch.equal(result.segmentation, seg), (method, options)
+                assert result.labels.tolist() == [c for c, _ in instances]
+                torch.testing.assert_close(result.scores, torch.tensor([s for _, s in instances]))
+                if binary:
+                    assert ((result.segmentation >= 0) == result.binary_masks.any(0)).all()
+    counts = {name: sum(len(r.labels) for r in instance_inference(probs, masks, stuff_classes=stuff, **extra, **kw))
+              for name, extra in {"default": {}, "all": {"top_k": 24 * 8}, "area": {"min_area": 300},
+                                  "iou": {"mask_iou_threshold": 0.5}}.items()}
+    # Every option changes the result on these outputs (the comparison above is not vacuous).
+    assert counts["all"] > counts["default"] > counts["area"] > 0 and counts["default"] > counts["iou"] > 0, counts
+
+
+def test_instance_options_are_checked():
+    logits, masks, _ = model_like_outputs()
+    probs = logits.softmax(-1)
+    for bad in ({"top_k": 0}, {"min_area": -1}, {"mask_iou_threshold": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            instance_inference(probs, masks, **bad)
 
 
 def test_empty_predictions():

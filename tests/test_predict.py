@@ -193,5 +193,43 @@ def test_batched_prediction_equals_batch_size_one(load_script, tiny_model_with_p
         assert [s["id"] for s in segments[0]] == [s["id"] for s in segments[1]]
         assert [s["score"] for s in segments[0]] == pytest.approx([s["score"] for s in segments[1]], abs=1e-5)
     assert [a["image_id"] for a in json.loads((outputs[3] / "predictions.json").read_text())["annotations"]] == list(
-        "abcde"
-    )
+        "abcde")
+
+
+def test_predict_with_ground_truth_ids_is_scored_by_evaluate_panoptic(load_script, trained_tiny_model_dir, tmp_path):
+    """predict.py --gt_json writes the dataset's image ids (not file stems) and category ids (not the model's
+    indices), so scripts/evaluate_panoptic.py scores them, with the PQ that scripts/evaluate.py measures in-process
+    on the same images and ground truth."""
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
+
+    from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
+
+    # The shipped sample's ground truth in the trained model's label space: the 8 categories present, in id order.
+    gt = json.loads((SAMPLE / "panoptic_annotations.json").read_text())
+    present = {s["category_id"] for a in gt["annotations"] for s in a["segments_info"]}
+    gt["categories"] = [c for c in gt["categories"] if c["id"] in present]
+    gt_json = tmp_path / "gt.json"
+    gt_json.write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    assert load_script("predict").main([str(SAMPLE / "images"), "--model_name_or_path", str(trained_tiny_model_dir),
+                                        "--output_dir", str(out), "--gt_json", str(gt_json), "--device", "cpu",
+                                        "--no_overlay", "--num_workers", "0"]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert sorted(a["image_id"] for a in predictions["annotations"]) == sorted(im["id"] for im in gt["images"])
+    used = {s["category_id"] for a in predictions["annotations"] for s in a["segments_info"]}
+    assert used and used <= present and predictions["categories"] == gt["categories"]
+    report_path = tmp_path / "scored.json"
+    assert load_script("evaluate_panoptic").main(
+        ["--gt_json", str(gt_json), "--gt_folder", str(SAMPLE / "panoptic"),
+         "--pred_json", str(out / "predictions.json"),
+         "--pred_folder", str(out), "--output", str(report_path), "--no_progress"]) == 0
+    scored = json.loads(report_path.read_text())
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(trained_tiny_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(trained_tiny_model_dir)
+    ds = load_coco_panoptic(SAMPLE / "images", SAMPLE / "panoptic", gt_json)
+    expected = load_script("evaluate").evaluate(model, processor, ds, dataset_class_names(ds), progress=False)
+    assert expected["All"]["pq"] > 0.05  # a trained model: the comparison is not between two zeros
+    for key in ("All", "Things", "Stuff"):
+        for metric in ("pq", "sq", "rq", "n"):
+            assert scored[key][metric] == pytest.approx(expected[key][metric], abs=1e-6), (key, metric)

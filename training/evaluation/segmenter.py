@@ -88,7 +88,7 @@ TASKS = ("panoptic", "semantic", "instance")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Segments below this class probability are dropped (the image processor's defaults: DEARLi keeps every panoptic
 # segment; instance output lists the confident ones).
-_THRESHOLDS = {"panoptic": 0.0, "instance": 0.5}
+_THRESHOLDS = {"panoptic": 0.0, "instance": 0.0}
 # The legend's name for pixels no segment claims (void), and their colour: a grey no class colour comes near
 # (class colours have a saturation of at least 0.55), blended as segments are.
 UNLABELED = "unlabeled"
