@@ -41,7 +41,7 @@ def _eq6(logits: torch.Tensor, clip_logits: torch.Tensor, alpha: float) -> torch
 
 def test_known_teacher_output_gives_expected_segments():
     out = _known_output()
-    pseudo = panoptic_pseudo_labels(out, stuff_classes=[1, 2], ensemble_alpha=0.6)
+    pseudo = panoptic_pseudo_labels(out, stuff_ids=[1, 2], ensemble_alpha=0.6)
     seg = pseudo.segmentation[0]
     assert seg.shape == (32, 32)
     # Segments in query order: q0 -> 1 (class 0), q1 -> 2 (class 1), q2 -> 3 (class 2 thanks to CLIP).
@@ -55,13 +55,13 @@ def test_known_teacher_output_gives_expected_segments():
                                rtol=1e-5, atol=1e-6)
 
     # Without ensembling the decoder's (wrong) class 1 wins for q2 and both class-1 stuff segments are fused.
-    plain = panoptic_pseudo_labels(out, stuff_classes=[1, 2], ensemble_alpha=1.0)
+    plain = panoptic_pseudo_labels(out, stuff_ids=[1, 2], ensemble_alpha=1.0)
     assert plain.labels[0].tolist() == [0, 1]
     assert (plain.segmentation[0][:, 18:] == 2).all()
 
 
 def test_targets_and_statistics():
-    pseudo = panoptic_pseudo_labels(_known_output(), stuff_classes=[1, 2], ensemble_alpha=0.6)
+    pseudo = panoptic_pseudo_labels(_known_output(), stuff_ids=[1, 2], ensemble_alpha=0.6)
     mask_labels, class_labels = pseudo.to_targets()
     assert mask_labels[0].shape == (3, 32, 32) and mask_labels[0].dtype == torch.float32
     assert class_labels[0].tolist() == [0, 1, 2]
@@ -86,7 +86,7 @@ def test_padding_is_void_and_overlap_rule_drops_occluded_queries():
     out["masks_queries_logits"] = torch.cat([masks, q4], dim=1)
     out["class_queries_logits"] = torch.cat([out["class_queries_logits"], torch.tensor([[[2.0, 0, 0, 0]]])], 1)
     out["clip_class_logits"] = torch.cat([out["clip_class_logits"], torch.tensor([[[2.0, 0, 0]]])], 1)
-    pseudo = panoptic_pseudo_labels(out, stuff_classes=[1, 2], ensemble_alpha=0.6,
+    pseudo = panoptic_pseudo_labels(out, stuff_ids=[1, 2], ensemble_alpha=0.6,
                                     unpadded_sizes=torch.tensor([[24, 32]]))
     seg = pseudo.segmentation[0]
     assert (seg[24:] == -1).all() and not pseudo.valid[0, 24:].any() and pseudo.valid[0, :24].all()
@@ -94,7 +94,7 @@ def test_padding_is_void_and_overlap_rule_drops_occluded_queries():
     assert (seg[:24, 17:19] == -1).all()  # q4's column: its query was rejected, nobody else covers it
     assert (seg[:24, :14] == 1).all() and (seg[:14, 22:] == 2).all()
     # A lower overlap threshold keeps q4 as a fourth (thing) segment.
-    lenient = panoptic_pseudo_labels(out, stuff_classes=[1, 2], ensemble_alpha=0.6, overlap_threshold=0.3,
+    lenient = panoptic_pseudo_labels(out, stuff_ids=[1, 2], ensemble_alpha=0.6, overlap_threshold=0.3,
                                      unpadded_sizes=torch.tensor([[24, 32]]))
     assert lenient.labels[0].tolist() == [0, 1, 2, 0]
     assert (lenient.segmentation[0][:24, 17:19] == 4).all()
@@ -114,7 +114,7 @@ def test_tiny_teacher_outputs_to_targets(tiny_model):
     with torch.no_grad():
         out = tiny_model(pixel_values, pixel_mask=pixel_mask)
     config = tiny_model.config
-    pseudo = panoptic_pseudo_labels(out, stuff_classes=config.stuff_ids, ensemble_alpha=config.ensemble_alpha,
+    pseudo = panoptic_pseudo_labels(out, stuff_ids=config.stuff_ids, ensemble_alpha=config.ensemble_alpha,
                                     image_size=(64, 64))
     assert pseudo.segmentation.shape == (2, 64, 64)
     assert (pseudo.segmentation[1, 48:] == -1).all()
