@@ -357,7 +357,7 @@ def test_instance_defaults_and_filters_match_reference(options, use_method):
     for variant in METHODS:
         method = use_method(variant)
         for binary in (False, True):
-            results = instance_inference(probs, masks, stuff_classes=stuff, method=method, return_binary_masks=binary,
+            results = instance_inference(probs, masks, stuff_ids=stuff, method=method, return_binary_masks=binary,
                                          **options, **kw)
             for b, result in enumerate(results):
                 seg, instances = reference_instance(probs[b], masks[b], 0.0, 0.5, stuff, kw["unpadded_sizes"][b],
@@ -367,7 +367,7 @@ def test_instance_defaults_and_filters_match_reference(options, use_method):
                 torch.testing.assert_close(result.scores, torch.tensor([s for _, s in instances]))
                 if binary:
                     assert ((result.segmentation >= 0) == result.binary_masks.any(0)).all()
-    counts = {name: sum(len(r.labels) for r in instance_inference(probs, masks, stuff_classes=stuff, **extra, **kw))
+    counts = {name: sum(len(r.labels) for r in instance_inference(probs, masks, stuff_ids=stuff, **extra, **kw))
               for name, extra in {"default": {}, "all": {"top_k": 24 * 8}, "area": {"min_area": 300},
                                   "iou": {"mask_iou_threshold": 0.5}}.items()}
     # Every option changes the result on these outputs (the comparison above is not vacuous).
