@@ -33,10 +33,9 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerPixelDecoderOutput,
     Mask2FormerSinePositionEmbedding,
-    multi_scale_deformable_attention,
 )
 
-from .deformable_attention import DeformableSampler, reference_pixel_coordinates
+from .deformable_attention import DeformableSampler, grid_sample_positions, reference_pixel_coordinates
 from .fused_linear import linear
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
@@ -148,6 +147,17 @@ def _encoder_layer(
     return hidden
 
 
+def _gather_sample(sampler: DeformableSampler):
+    """transformers' ``multi_scale_deformable_attention(value, shapes, locations, weights)`` computed by `sampler`
+    (its differentiable gather when gradients are on), positions rounded as ``grid_sample`` rounds them."""
+
+    def sample(value, spatial_shapes, locations, weights):
+        x, y = grid_sample_positions(locations, spatial_shapes)
+        return sampler(value, x, y, weights)
+
+    return sample
+
+
 class DearliPixelDecoder(Mask2FormerPixelDecoder):
     """transformers' `Mask2FormerPixelDecoder` (same parameters) with a forward that skips redundant work; see the
     module docstring. ``implementation="transformers"`` and the options it does not cover (``encoder_outputs``,
@@ -192,16 +202,18 @@ class DearliPixelDecoder(Mask2FormerPixelDecoder):
             1,
         )
 
-        if hidden.device.type == "cpu" and not torch.is_grad_enabled() and not self.training:
+        on_cpu = hidden.device.type == "cpu"
+        if on_cpu:
             attention = self.encoder.layers[0].self_attn
             sampler = DeformableSampler(
                 spatial_shapes, batch, attention.n_heads, attention.n_points, attention.d_model // attention.n_heads,
-                hidden.device, hidden.dtype,
+                hidden.device, torch.float32,
             )
+        if on_cpu and not torch.is_grad_enabled() and not self.training:
             for layer in self.encoder.layers:
                 hidden = _encoder_layer_fast(layer, hidden, position, sampler)
         else:
-            sample = multi_scale_deformable_attention if hidden.device.type == "cpu" else self._kernel_sample
+            sample = _gather_sample(sampler) if on_cpu else self._kernel_sample
             reference_points = _reference_points(spatial_shapes, batch, hidden.device, hidden.dtype)
             for layer in self.encoder.layers:
                 hidden = _encoder_layer(layer, hidden, position, reference_points, spatial_shapes, sample)
