@@ -130,7 +130,7 @@ class DeformableSampler:
         x0, y0 = x.floor(), y.floor()
         fx, fy = x.sub_(x0), y.sub_(y0)  # weights of the upper corners along x and y
         # corner weights times the attention weight, laid out (B, Q, heads, corner, L, P)
-        weights = value.new_empty(batch, queries, heads, 4, levels, points)
+        weights = self.table.new_empty(batch, queries, heads, 4, levels, points)
         upper_y = fy.mul_(attention_weights)
         lower_y = attention_weights - upper_y
         torch.mul(upper_y, fx, out=weights[:, :, :, 3])
@@ -169,7 +169,7 @@ class DeformableSampler:
         constant)."""
         batch, _, heads, dim = value.shape
         queries = x.shape[1]
-        table = self._padded_table(value)
+        table = self._padded_table(value.to(self.table.dtype))
         x = torch.clamp(x, min=self.lower, max=self.upper_x)
         y = torch.clamp(y, min=self.lower, max=self.upper_y)
         x0, y0 = x.detach().floor(), y.detach().floor()

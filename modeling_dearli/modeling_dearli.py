@@ -306,7 +306,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         pooled = mask_pool(dense_features, binary)
         embeddings = F.normalize(self.backbone.embed_pooled_features(pooled).float(), dim=-1)
         scale = self.backbone.logit_scale.exp().clamp(max=100.0)
-        logits = scale * embeddings @ self.text_embeddings.t()
+        logits = scale.float() * embeddings @ self.text_embeddings.float().t()
         return synonym_logits_to_class_logits(logits, self.text_class_index, self.config.num_classes)
 
     # ------------------------------------------------------------------ forward
@@ -441,16 +441,23 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             output_auxiliary_logits = getattr(self.config, "output_auxiliary_logits", None)
         need_auxiliary = bool(output_auxiliary_logits) or (mask_labels is not None and self.config.use_auxiliary_loss)
 
-        features = self.backbone(pixel_values) if backbone_features is None else backbone_features
+        if backbone_features is None:
+            # the backbone's dtype (a model loaded with dtype=torch.bfloat16 takes float32 images from the processor)
+            features = self.backbone(pixel_values.to(self.backbone.logit_scale.dtype))
+        else:
+            features = backbone_features
         pixel_decoder_output, decoder_output = self._decode(features, output_hidden_states, need_auxiliary)
         hidden_per_layer = decoder_output.intermediate_hidden_states
         masks_per_layer = decoder_output.masks_queries_logits
-        class_queries_logits = self.classify_queries(hidden_per_layer[-1].transpose(0, 1))
-        masks_queries_logits = masks_per_layer[-1]
+        # Logits in float32 whatever the compute dtype (bf16 autocast or weights): the loss, the matcher and the
+        # post-processing read them.
+        class_queries_logits = self.classify_queries(hidden_per_layer[-1].transpose(0, 1)).float()
+        masks_queries_logits = masks_per_layer[-1].float()
         auxiliary_logits = None
         if need_auxiliary:
             auxiliary_logits = [
-                {"class_queries_logits": self.classify_queries(h.transpose(0, 1)), "masks_queries_logits": m}
+                {"class_queries_logits": self.classify_queries(h.transpose(0, 1)).float(),
+                 "masks_queries_logits": None if m is None else m.float()}
                 for h, m in zip(hidden_per_layer[:-1], masks_per_layer[:-1])
             ]
 
@@ -458,13 +465,15 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         if mask_labels is not None:
             mask_labels = [m.to(masks_queries_logits.dtype) for m in mask_labels]
             class_labels = [c.long() for c in class_labels]
-            loss_dict = self.criterion(
-                masks_queries_logits=masks_queries_logits,
-                class_queries_logits=class_queries_logits,
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
-            )
+            # float32 loss and Hungarian matching, also under autocast
+            with torch.autocast(masks_queries_logits.device.type, enabled=False):
+                loss_dict = self.criterion(
+                    masks_queries_logits=masks_queries_logits,
+                    class_queries_logits=class_queries_logits,
+                    mask_labels=mask_labels,
+                    class_labels=class_labels,
+                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                )
             for key in loss_dict:
                 for term, weight in self.criterion.weight_dict.items():
                     if key.startswith(term):
@@ -473,7 +482,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
 
         clip_class_logits = None
         if output_clip_logits:
-            clip_class_logits = self.clip_classify_masks(features[-1], masks_queries_logits)
+            clip_class_logits = self.clip_classify_masks(features[-1], masks_queries_logits).float()
 
         unpadded_sizes = None
         if pixel_mask is not None:
