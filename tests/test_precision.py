@@ -1,0 +1,66 @@
+"""bf16 on a CPU: detected from the CPU's instructions, refused clearly without them, and a training step and an
+inference forward that run under torch's CPU autocast with float32 outputs and loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_dearli import precision, tiny_model
+from training.loop import resolve_mixed_precision
+
+needs_bf16 = pytest.mark.skipif(not precision.bf16_supported("cpu"), reason="this CPU lacks native bf16")
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--mixed_precision bf16 on this CPU.*avx512_bf16"):
+        resolve_mixed_precision("bf16")
+    with pytest.raises(ValueError, match="avx512_bf16"):
+        precision.autocast("cpu", bf16=True)
+    assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("auto") == "no"
+
+
+def test_cpu_flags_decide_without_torch_probes(monkeypatch, tmp_path):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(precision, "Path", lambda _: cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512bw\n")
+    assert not precision.bf16_supported("cpu")
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert precision.bf16_supported("cpu")
+
+
+@needs_bf16
+def test_training_step_under_accelerate_bf16_on_cpu():
+    from accelerate import Accelerator
+
+    assert resolve_mixed_precision("bf16") == "bf16"
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = tiny_model(class_names=["person", "sky", "grass"], thing_ids=[0], seed=0)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    masks = torch.zeros(2, 2, 64, 64)
+    masks[:, 0, :32], masks[:, 1, 32:] = 1, 1
+    outputs = model(torch.randn(2, 3, 64, 64), mask_labels=list(masks), class_labels=[torch.tensor([0, 2])] * 2)
+    assert outputs.loss.dtype == torch.float32 and outputs.masks_queries_logits.dtype == torch.float32
+    accelerator.backward(outputs.loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@needs_bf16
+def test_bf16_inference_is_close_to_float32():
+    model = tiny_model(class_names=["person", "sky", "grass"], thing_ids=[0], seed=0).eval()
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixel_values)
+        with precision.autocast("cpu", bf16=True):
+            actual = model(pixel_values)
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        assert actual[name].dtype == torch.float32
+        # bf16 keeps 8 significant bits: a few per cent of relative error through the backbone and decoders
+        error = (actual[name] - expected[name]).norm() / expected[name].norm()
+        assert error <= 0.05, f"{name}: relative error {error:.3f}"
