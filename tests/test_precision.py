@@ -64,3 +64,21 @@ def test_bf16_inference_is_close_to_float32():
         # bf16 keeps 8 significant bits: a few per cent of relative error through the backbone and decoders
         error = (actual[name] - expected[name]).norm() / expected[name].norm()
         assert error <= 0.05, f"{name}: relative error {error:.3f}"
+
+
+def test_predict_bf16_switch(load_script, tiny_model_with_processor_dir, tmp_path, monkeypatch):
+    import json
+
+    from training import cli
+    from training.data.package_data import COCO_PANOPTIC_SAMPLE
+
+    predict = load_script("predict")
+    image = COCO_PANOPTIC_SAMPLE.root / "images" / "000000439180.jpg"
+    argv = [str(image), "--model_name_or_path", str(tiny_model_with_processor_dir), "--threshold", "0.0",
+            "--no_overlay", "--device", "cpu", "--bf16"]
+    if precision.bf16_supported("cpu"):
+        assert predict.main([*argv, "--output_dir", str(tmp_path / "bf16")]) == 0
+        assert json.loads((tmp_path / "bf16" / "000000439180.json").read_text())["segments_info"]
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    with pytest.raises(cli.CliError, match="--bf16: bf16 on this CPU"):
+        predict.main([*argv, "--output_dir", str(tmp_path / "refused")])

@@ -214,8 +214,11 @@ class PartTimer:
         for model in models:
             modules += [("pixel_decoder", model.pixel_decoder), ("transformer_decoder", model.transformer_module),
                         ("loss", model.criterion)]
-        self.handles = []
+        self.handles, seen = [], set()
         for name, module in modules:
+            if id(module) in seen:  # shared by student and teacher (the backbone, the loss)
+                continue
+            seen.add(id(module))
             self.handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.start(n)))
             self.handles.append(module.register_forward_hook(lambda *_, n=name: self.stop(n)))
         backward = steps.accelerator.backward
