@@ -20,7 +20,13 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
-__all__ = ["DeformableSampler", "deformable_sample", "reference_pixel_coordinates"]
+__all__ = [
+    "DeformableSampler",
+    "WeightedGather",
+    "deformable_sample",
+    "grid_sample_positions",
+    "reference_pixel_coordinates",
+]
 
 
 @lru_cache(maxsize=4)
@@ -102,7 +108,8 @@ class DeformableSampler:
         self.row_stride = per_point([r * num_heads for r in row_length], self.index_float)
         level_base = per_point([(s + r + 1) * num_heads for s, r in zip(starts, row_length)], torch.float64)
         base = (
-            torch.arange(batch_size, device=device, dtype=torch.float64)[:, None, None, None] * (table_pixels * num_heads)
+            torch.arange(batch_size, device=device, dtype=torch.float64)[:, None, None, None]
+            * (table_pixels * num_heads)
             + level_base
             + torch.arange(num_heads, device=device, dtype=torch.float64)[:, None, None]
         )
@@ -115,6 +122,8 @@ class DeformableSampler:
     def __call__(
         self, value: torch.Tensor, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor
     ) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (value, x, y, attention_weights)):
+            return self._differentiable(value, x, y, attention_weights)
         batch, _, heads, dim = value.shape
         queries, levels, points = x.shape[1], x.shape[3], x.shape[4]
         source = 0
@@ -128,7 +137,7 @@ class DeformableSampler:
         x0, y0 = x.floor(), y.floor()
         fx, fy = x.sub_(x0), y.sub_(y0)  # weights of the upper corners along x and y
         # corner weights times the attention weight, laid out (B, Q, heads, corner, L, P)
-        weights = value.new_empty(batch, queries, heads, 4, levels, points)
+        weights = self.table.new_empty(batch, queries, heads, 4, levels, points)
         upper_y = fy.mul_(attention_weights)
         lower_y = attention_weights - upper_y
         torch.mul(upper_y, fx, out=weights[:, :, :, 3])
@@ -148,6 +157,90 @@ class DeformableSampler:
         )
         return out.view(batch, queries, heads * dim)
 
+    def _padded_table(self, value: torch.Tensor) -> torch.Tensor:
+        """The value table with its zero borders as a new tensor (autograd-friendly: no writes into a reused one)."""
+        batch, _, heads, dim = value.shape
+        levels, source = [], 0
+        for height, width in self.spatial_shapes:
+            level = value[:, source : source + height * width].view(batch, height, width, heads * dim)
+            levels.append(F.pad(level, (0, 0, 1, 2, 1, 2)).view(batch, -1, heads, dim))
+            source += height * width
+        return torch.cat(levels, 1)
+
+    def _differentiable(
+        self, value: torch.Tensor, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The same sum with gradients: the gather runs as :class:`WeightedGather` (backward: a scatter-add into the
+        values, one dot product per sample for the weights); the corner weights are differentiable in the positions
+        and attention weights by autograd (``grid_sample``'s gradient), the corner rows are not (piecewise
+        constant)."""
+        batch, _, heads, dim = value.shape
+        queries = x.shape[1]
+        table = self._padded_table(value.to(self.table.dtype))
+        x = torch.clamp(x, min=self.lower, max=self.upper_x)
+        y = torch.clamp(y, min=self.lower, max=self.upper_y)
+        x0, y0 = x.detach().floor(), y.detach().floor()
+        fx, fy = x - x0, y - y0
+        upper_y = fy * attention_weights
+        lower_y = attention_weights - upper_y
+        upper_right, lower_right = upper_y * fx, lower_y * fx
+        # (B, Q, heads, corner, L, P), corners (x0, y0), (x1, y0), (x0, y1), (x1, y1)
+        weights = torch.stack((lower_y - lower_right, lower_right, upper_y - upper_right, upper_right), 3)
+        rows = torch.addcmul(self.base, y0.to(self.index_float), self.row_stride)
+        rows = rows.add_(x0.to(self.index_float), alpha=heads).to(self.index_int)
+        index = rows[:, :, :, None] + self.corners  # (B, Q, heads, corner, L, P)
+        out = WeightedGather.apply(
+            table.reshape(-1, dim),
+            index.view(batch * queries * heads, -1),
+            weights.reshape(batch * queries * heads, -1).to(table.dtype),
+        )
+        return out.view(batch, queries, heads * dim)
+
+
+class WeightedGather(torch.autograd.Function):
+    """``out[n] = sum_k weights[n, k] * table[index[n, k]]`` (``F.embedding_bag`` in ``"sum"`` mode) with a faster
+    CPU backward than ``embedding_bag``'s own: the table's gradient is the same kind of weighted gather over the
+    samples sorted by table row, and the weights' gradient is gathered and dotted in chunks that stay in cache.
+
+    Args (of ``apply``): ``table`` ``(R, D)``, ``index`` ``(N, K)`` integer rows of ``table``, ``weights``
+    ``(N, K)``; returns ``(N, D)``.
+    """
+
+    CHUNK = 4096  # samples per chunk of the weights' gradient (4096 x K x D floats of scratch)
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, index, weights)
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        table, index, weights = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        samples, per_sample = index.shape
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            flat = index.reshape(-1)
+            rows, order = torch.sort(flat)
+            counts = torch.bincount(rows, minlength=table.shape[0])
+            offsets = torch.cumsum(counts, 0) - counts
+            sources = torch.div(order, per_sample, rounding_mode="floor")
+            grad_table = F.embedding_bag(
+                sources, grad_output, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum"
+            )
+        if ctx.needs_input_grad[2]:
+            chunk = min(WeightedGather.CHUNK, samples)
+            grad_weights = weights.new_empty(samples, 1, per_sample)
+            scratch = table.new_empty(chunk * per_sample, table.shape[1])
+            for start in range(0, samples, chunk):
+                stop = min(samples, start + chunk)
+                n = stop - start
+                gathered = torch.index_select(table, 0, index[start:stop].reshape(-1), out=scratch[: n * per_sample])
+                torch.bmm(grad_output[start:stop, None], gathered.view(n, per_sample, -1).transpose(1, 2),
+                          out=grad_weights[start:stop])
+            grad_weights = grad_weights.view(samples, per_sample)
+        return grad_table, None, grad_weights
+
 
 def deformable_sample(
     value: torch.Tensor,
@@ -161,3 +254,16 @@ def deformable_sample(
     sampler = DeformableSampler(spatial_shapes, batch, heads, points, dim, value.device, value.dtype)
     return sampler(value, pixel_xy[..., 0], pixel_xy[..., 1], attention_weights)
 
+
+
+def grid_sample_positions(
+    locations: torch.Tensor, spatial_shapes: tuple[tuple[int, int], ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel coordinates ``x, y`` ``(..., L, P)`` of normalised sampling locations ``(..., L, P, 2)``, computed
+    with the operations, in the order, of transformers' ``multi_scale_deformable_attention`` (``2 * loc - 1``) and
+    torch's CPU ``grid_sample`` (``(grid + 1) * size / 2 - 0.5``, ``align_corners=False``): the same floats, so a
+    position lies on the same side of a pixel boundary as there and the gradients' kinks coincide."""
+    grid = 2 * locations - 1
+    half = torch.tensor([[w / 2, h / 2] for h, w in spatial_shapes], dtype=locations.dtype, device=locations.device)
+    pixels = (grid + 1) * half[:, None, :] - 0.5
+    return pixels[..., 0], pixels[..., 1]

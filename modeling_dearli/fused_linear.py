@@ -21,8 +21,12 @@ def _use_onednn(x: torch.Tensor) -> bool:
     global _onednn_available
     if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.float32:
         return False
+    if torch.is_autocast_enabled("cpu"):  # F.linear then runs in the autocast dtype
+        return False
     if _onednn_available is None:
-        _onednn_available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        _onednn_available = bool(torch.backends.mkldnn.is_available()) and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
     return _onednn_available
 
 

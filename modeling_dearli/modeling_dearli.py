@@ -310,24 +310,63 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         pooled = mask_pool(dense_features, binary)
         embeddings = F.normalize(self.backbone.embed_pooled_features(pooled).float(), dim=-1)
         scale = self.backbone.logit_scale.exp().clamp(max=100.0)
-        logits = scale * embeddings @ self.text_embeddings.t()
+        logits = scale.float() * embeddings @ self.text_embeddings.float().t()
         return synonym_logits_to_class_logits(logits, self.text_class_index, self.config.num_classes)
 
     # ------------------------------------------------------------------ forward
-    def _check_inputs(self, pixel_values, mask_labels, class_labels) -> None:
+    @torch.no_grad()
+    def compute_backbone_features(self, *pixel_values: torch.Tensor) -> list[list[torch.Tensor]]:
+        """The frozen backbone's features of several batches from one backbone call.
+
+        The batches ``(B_i, 3, H, W)`` (same height and width) are concatenated, run through the backbone once and
+        split again: entry ``i`` is the list of four stage outputs of batch ``i``, to pass as ``backbone_features=``
+        to :meth:`forward` (of this model or of another that shares its backbone, e.g. a Mean Teacher's). The
+        backbone is frozen and in eval mode, so each image's features do not depend on the others in the call.
+        """
+        if not pixel_values:
+            raise ValueError("compute_backbone_features needs at least one batch of pixel_values")
+        for values in pixel_values:
+            self._check_pixel_values(values)
+        sizes = {tuple(values.shape[-2:]) for values in pixel_values}
+        if len(sizes) > 1:
+            raise ValueError(f"compute_backbone_features: the batches must have one image size, got {sorted(sizes)}")
+        counts = [values.shape[0] for values in pixel_values]
+        features = self.backbone(torch.cat(pixel_values) if len(pixel_values) > 1 else pixel_values[0])
+        return [list(parts) for parts in zip(*(stage.split(counts) for stage in features))]
+
+    @staticmethod
+    def _check_pixel_values(pixel_values: torch.Tensor) -> None:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must have shape (batch_size, 3, height, width) with RGB channels, got "
                 f"{tuple(pixel_values.shape)}. Use DearliImageProcessor to prepare images."
             )
+
+    def _check_backbone_features(self, features: list[torch.Tensor], pixel_values: torch.Tensor | None) -> None:
+        channels = [int(f.shape[1]) if f.ndim == 4 else -1 for f in features]
+        if len(features) != 4 or channels != list(self.backbone.channels):
+            raise ValueError(
+                f"backbone_features must be the backbone's four stage outputs (B, C, h, w) with channels "
+                f"{list(self.backbone.channels)}, got {[tuple(f.shape) for f in features]}: compute them with "
+                "model.compute_backbone_features(pixel_values)"
+            )
+        if len({int(f.shape[0]) for f in features}) != 1 or (
+            pixel_values is not None and int(features[0].shape[0]) != pixel_values.shape[0]
+        ):
+            raise ValueError("backbone_features must all have the batch size of pixel_values")
+
+    def _check_inputs(self, pixel_values, mask_labels, class_labels, batch_size: int | None = None) -> None:
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
+        batch_size = pixel_values.shape[0] if pixel_values is not None else batch_size
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("mask_labels and class_labels must be given together")
         if mask_labels is None:
             return
-        if len(mask_labels) != pixel_values.shape[0] or len(class_labels) != pixel_values.shape[0]:
+        if len(mask_labels) != batch_size or len(class_labels) != batch_size:
             raise ValueError(
                 f"Got {len(mask_labels)} mask_labels and {len(class_labels)} class_labels for a batch of "
-                f"{pixel_values.shape[0]} images"
+                f"{batch_size} images"
             )
         num_classes = 1 if self.config.localization_only else self.config.num_classes
         for i, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
@@ -359,7 +398,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         mask_labels: list[torch.Tensor] | None = None,
         class_labels: list[torch.Tensor] | None = None,
         pixel_mask: torch.Tensor | None = None,
@@ -367,6 +406,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         output_auxiliary_logits: bool | None = None,
         output_clip_logits: bool | None = None,
         return_dict: bool | None = None,
+        backbone_features: list[torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> DearliPanopticOutput | tuple:
         r"""
@@ -383,6 +423,10 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             output_auxiliary_logits (`bool`, *optional*): Return the intermediate layers' predictions.
             output_clip_logits (`bool`, *optional*):
                 Compute `clip_class_logits` (defaults to `True` in eval mode, `False` in training mode).
+            backbone_features (`list[torch.FloatTensor]`, *optional*):
+                The frozen backbone's four stage outputs for these images, from `compute_backbone_features` (which
+                runs several batches through the backbone in one call); the backbone is then not run again and
+                `pixel_values` may be left out. The outputs and gradients are those of the forward on the images.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
@@ -390,22 +434,36 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         )
         if output_clip_logits is None:
             output_clip_logits = not self.training
-        self._check_inputs(pixel_values, mask_labels, class_labels)
+        if backbone_features is None:
+            if pixel_values is None:
+                raise ValueError("forward needs pixel_values (or precomputed backbone_features)")
+        else:
+            backbone_features = list(backbone_features)
+            self._check_backbone_features(backbone_features, pixel_values)
+        batch_size = None if backbone_features is None else int(backbone_features[0].shape[0])
+        self._check_inputs(pixel_values, mask_labels, class_labels, batch_size)
 
         if output_auxiliary_logits is None:
             output_auxiliary_logits = getattr(self.config, "output_auxiliary_logits", None)
         need_auxiliary = bool(output_auxiliary_logits) or (mask_labels is not None and self.config.use_auxiliary_loss)
 
-        features = self.backbone(pixel_values)
+        if backbone_features is None:
+            # the backbone's dtype (a model loaded with dtype=torch.bfloat16 takes float32 images from the processor)
+            features = self.backbone(pixel_values.to(self.backbone.logit_scale.dtype))
+        else:
+            features = backbone_features
         pixel_decoder_output, decoder_output = self._decode(features, output_hidden_states, need_auxiliary)
         hidden_per_layer = decoder_output.intermediate_hidden_states
         masks_per_layer = decoder_output.masks_queries_logits
-        class_queries_logits = self.classify_queries(hidden_per_layer[-1].transpose(0, 1))
-        masks_queries_logits = masks_per_layer[-1]
+        # Logits in float32 whatever the compute dtype (bf16 autocast or weights): the loss, the matcher and the
+        # post-processing read them.
+        class_queries_logits = self.classify_queries(hidden_per_layer[-1].transpose(0, 1)).float()
+        masks_queries_logits = masks_per_layer[-1].float()
         auxiliary_logits = None
         if need_auxiliary:
             auxiliary_logits = [
-                {"class_queries_logits": self.classify_queries(h.transpose(0, 1)), "masks_queries_logits": m}
+                {"class_queries_logits": self.classify_queries(h.transpose(0, 1)).float(),
+                 "masks_queries_logits": None if m is None else m.float()}
                 for h, m in zip(hidden_per_layer[:-1], masks_per_layer[:-1])
             ]
 
@@ -413,13 +471,15 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         if mask_labels is not None:
             mask_labels = [m.to(masks_queries_logits.dtype) for m in mask_labels]
             class_labels = [c.long() for c in class_labels]
-            loss_dict = self.criterion(
-                masks_queries_logits=masks_queries_logits,
-                class_queries_logits=class_queries_logits,
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
-            )
+            # float32 loss and Hungarian matching, also under autocast
+            with torch.autocast(masks_queries_logits.device.type, enabled=False):
+                loss_dict = self.criterion(
+                    masks_queries_logits=masks_queries_logits,
+                    class_queries_logits=class_queries_logits,
+                    mask_labels=mask_labels,
+                    class_labels=class_labels,
+                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                )
             for key in loss_dict:
                 for term, weight in self.criterion.weight_dict.items():
                     if key.startswith(term):
@@ -428,7 +488,7 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
 
         clip_class_logits = None
         if output_clip_logits:
-            clip_class_logits = self.clip_classify_masks(features[-1], masks_queries_logits)
+            clip_class_logits = self.clip_classify_masks(features[-1], masks_queries_logits).float()
 
         unpadded_sizes = None
         if pixel_mask is not None:

@@ -13,9 +13,13 @@ checkpoints are unchanged) whose `forward` removes work that does not change the
   transposed), oneDNN's fused linear (+ReLU or residual) for the projections;
 - the FPN upsamples a contiguous copy of the encoder's 1/8 level instead of its transposed view.
 
-With gradients on a CPU the layers run transformers' arithmetic unchanged, sampling included: ``grid_sample``'s gradient
-with respect to a position jumps where the position crosses a pixel, so the gradients agree with transformers' only if
-the positions do to the last bit. On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
+With gradients on a CPU the layers run transformers' arithmetic except the sampling, which is the same weighted gather
+with a hand-written backward (`WeightedGather`: a scatter-add into the values, a dot product per sample for the
+weights) instead of ``grid_sample`` on re-laid-out copies. ``grid_sample``'s gradient with respect to a position jumps
+where the position crosses a pixel, so the positions are computed with ``grid_sample``'s own operations and rounding
+(`grid_sample_positions`): the jumps fall where transformers' fall.
+
+On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
 with ``use_kernels=True`` (or setting ``model.use_kernels = True``) makes transformers swap in its fused CUDA kernel
 from the Hub (``kernels-community/deformable-detr``, needs the ``kernels`` package), as for Deformable DETR.
 """
@@ -33,10 +37,9 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerPixelDecoderOutput,
     Mask2FormerSinePositionEmbedding,
-    multi_scale_deformable_attention,
 )
 
-from .deformable_attention import DeformableSampler, reference_pixel_coordinates
+from .deformable_attention import DeformableSampler, grid_sample_positions, reference_pixel_coordinates
 from .fused_linear import linear
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
@@ -102,15 +105,16 @@ def _encoder_layer_fast(
         query,
         attention.sampling_offsets.weight.view(planar).transpose(0, 1).reshape(-1, channels),
         attention.sampling_offsets.bias.view(planar[:2]).t().reshape(-1),
-    ).view(batch, length, 2, heads, levels, points)
+    ).view(batch, length, 2, heads, levels, points).float()  # positions in float32 (also under bf16 autocast)
     weights = _attention_weights(attention.attention_weights, query, heads).view(batch, length, heads, levels, points)
+    weights = weights.float()
     # reference + offset / size in normalised coordinates is reference_pixel + offset in pixels.
     reference_x, reference_y = reference_pixel_coordinates(
-        sampler.spatial_shapes, heads, points, hidden.device, hidden.dtype
+        sampler.spatial_shapes, heads, points, hidden.device, torch.float32
     )
     x = offsets[:, :, 0] + reference_x
     y = offsets[:, :, 1] + reference_y
-    sampled = sampler(value.view(batch, length, heads, channels // heads), x, y, weights)
+    sampled = sampler(value.view(batch, length, heads, channels // heads), x, y, weights).to(value.dtype)
     hidden = layer.self_attn_layer_norm(
         linear(sampled, attention.output_proj.weight, attention.output_proj.bias, residual=hidden)
     )
@@ -146,6 +150,17 @@ def _encoder_layer(
         clamp_value = torch.finfo(hidden.dtype).max - 1000
         hidden = torch.clamp(hidden, min=-clamp_value, max=clamp_value)
     return hidden
+
+
+def _gather_sample(sampler: DeformableSampler):
+    """transformers' ``multi_scale_deformable_attention(value, shapes, locations, weights)`` computed by `sampler`
+    (its differentiable gather when gradients are on), positions rounded as ``grid_sample`` rounds them."""
+
+    def sample(value, spatial_shapes, locations, weights):
+        x, y = grid_sample_positions(locations.float(), spatial_shapes)
+        return sampler(value, x, y, weights.float()).to(value.dtype)
+
+    return sample
 
 
 class DearliPixelDecoder(Mask2FormerPixelDecoder):
@@ -186,23 +201,28 @@ class DearliPixelDecoder(Mask2FormerPixelDecoder):
         )
         position = torch.cat(
             [
-                sine_position_embedding(self.position_embedding, h, w, x.device, x.dtype) + self.level_embed[i].view(1, 1, -1)
+                sine_position_embedding(self.position_embedding, h, w, x.device, x.dtype)
+                + self.level_embed[i].view(1, 1, -1)
                 for i, ((h, w), x) in enumerate(zip(spatial_shapes, levels))
             ],
             1,
         )
 
-        if hidden.device.type == "cpu" and not torch.is_grad_enabled() and not self.training:
+        on_cpu = hidden.device.type == "cpu"
+        if on_cpu:
             attention = self.encoder.layers[0].self_attn
             sampler = DeformableSampler(
                 spatial_shapes, batch, attention.n_heads, attention.n_points, attention.d_model // attention.n_heads,
-                hidden.device, hidden.dtype,
+                hidden.device, torch.float32,
             )
+        if on_cpu and not torch.is_grad_enabled() and not self.training:
             for layer in self.encoder.layers:
                 hidden = _encoder_layer_fast(layer, hidden, position, sampler)
         else:
-            sample = multi_scale_deformable_attention if hidden.device.type == "cpu" else self._kernel_sample
-            reference_points = _reference_points(spatial_shapes, batch, hidden.device, hidden.dtype)
+            sample = _gather_sample(sampler) if on_cpu else self._kernel_sample
+            # float32 positions on a CPU (a bf16 reference point is off by up to half a pixel of the 1/8 level)
+            reference_dtype = torch.float32 if on_cpu else hidden.dtype
+            reference_points = _reference_points(spatial_shapes, batch, hidden.device, reference_dtype)
             for layer in self.encoder.layers:
                 hidden = _encoder_layer(layer, hidden, position, reference_points, spatial_shapes, sample)
 

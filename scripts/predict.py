@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recursive", action="store_true", help="Search folders recursively.")
     parser.add_argument("--no_overlay", action="store_true", help="Do not write overlay pictures.")
     parser.add_argument("--no_labels", action="store_true", help="Overlay without class names.")
+    parser.add_argument("--bf16", action="store_true",
+                        help="Run the model under bfloat16 autocast: on a CPU with native bf16 (avx512_bf16 or "
+                             "amx_bf16 in lscpu) or a GPU with bf16 (refused elsewhere); see README, Benchmarks, for "
+                             "its speed and its cost in PQ.")
     parser.add_argument("--allow_skips", action="store_true",
                         help="Exit with 0 even when inputs were skipped (unreadable, not found), as long as one image "
                              "was segmented.")
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.task != "instance" and (args.min_area or args.mask_iou_threshold is not None):
         raise cli.CliError("--min_area and --mask_iou_threshold apply to --task instance only")
+    if args.onnx is not None and args.bf16:
+        raise cli.CliError("--bf16 applies to the PyTorch model, not to --onnx")
     if args.onnx is not None:
         from training.deployment.onnx_runtime import DearliOnnxModel
         from training.pretrained import check_model_location, load_image_processor
@@ -205,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, processor = load_model_and_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         model.to(device)
+    from modeling_dearli.precision import autocast
+
+    try:
+        precision = autocast(device, args.bf16)
+    except ValueError as error:
+        raise cli.CliError(f"--bf16: {error}") from None
     config = model.config
     id2label = {int(k): v for k, v in config.id2label.items()}
     thing_ids = list(getattr(config, "thing_ids", []) or [])
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append({"path": str(paths[item["index"]]), "error": item["error"]})
             if batch["good"]:
                 inputs = batch["inputs"]
-                with torch.inference_mode():
+                with torch.inference_mode(), precision:
                     outputs = model(pixel_values=inputs["pixel_values"].to(device),
                                     pixel_mask=inputs["pixel_mask"].to(device))
                 images = [item["image"] for item in batch["good"]]

@@ -25,7 +25,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
-from modeling_dearli.deformable_attention import deformable_sample
+from modeling_dearli.deformable_attention import WeightedGather, deformable_sample, grid_sample_positions
 from modeling_dearli.pixel_decoder import _encoder_layer, _reference_points
 from modeling_dearli.transformer_decoder import _attention_mask
 
@@ -159,6 +159,44 @@ def test_deformable_sampling_equals_transformers_grid_sample(integer_positions):
     expected = multi_scale_deformable_attention(value, shapes, locations, weights)
     actual = deformable_sample(value, shapes, locations * sizes - 0.5, weights)
     assert_equal_to_rounding(actual, expected, "sampled")
+
+
+def test_deformable_sampling_gradients_equal_transformers_grid_sample():
+    """With gradients: values, positions and attention weights get ``grid_sample``'s gradients (float64, positions
+    up to several pixels beyond every border)."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = ((3, 5), (6, 10), (12, 20))
+    value, locations, weights = (t.double().requires_grad_() for t in _sampling_case(2, shapes, generator))
+    expected = multi_scale_deformable_attention(value, shapes, locations, weights)
+    x, y = grid_sample_positions(locations, shapes)
+    actual = deformable_sample(value, shapes, torch.stack((x, y), -1), weights)
+    assert_equal_to_rounding(actual, expected, "sampled")
+    grad_output = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, (value, locations, weights), grad_output)
+    actual_grads = torch.autograd.grad(actual, (value, locations, weights), grad_output)
+    for name, a, e in zip(("value", "locations", "weights"), actual_grads, expected_grads):
+        assert_equal_to_rounding(a, e, name)
+
+
+def test_weighted_gather_backward_equals_embedding_bag_backward():
+    """`WeightedGather`'s hand-written backward against ``embedding_bag``'s (repeated rows included)."""
+    generator = torch.Generator().manual_seed(6)
+    table = torch.randn(50, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 50, (300, 12), generator=generator, dtype=torch.int32)
+    index[:, 1] = index[:, 0]  # the same row twice in one sum
+    weights = torch.randn(300, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(300, 7, generator=generator, dtype=torch.float64)
+    WeightedGather.CHUNK, chunk = 64, WeightedGather.CHUNK  # several chunks, the last one partial
+    try:
+        actual = WeightedGather.apply(table, index, weights)
+        actual_grads = torch.autograd.grad(actual, (table, weights), grad_output)
+    finally:
+        WeightedGather.CHUNK = chunk
+    expected = torch.nn.functional.embedding_bag(index.long(), table, per_sample_weights=weights, mode="sum")
+    expected_grads = torch.autograd.grad(expected, (table, weights), grad_output)
+    assert_equal_to_rounding(actual, expected, "gathered")
+    for name, a, e in zip(("table", "weights"), actual_grads, expected_grads):
+        assert_equal_to_rounding(a, e, name)
 
 
 def test_accelerator_path_calls_transformers_deformable_attention_layer_like_transformers():

@@ -214,7 +214,9 @@ def add_common_training_args(parser: argparse.ArgumentParser, **defaults: Any) -
     g.add_argument("--logging_steps", type=int, default=d["logging_steps"],
                    help="Log training losses every N steps.")
     g.add_argument("--mixed_precision", type=str, default=d["mixed_precision"], choices=["auto", "no", "fp16", "bf16"],
-                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given. "
+                   help="Mixed precision: 'auto' = bf16 on GPUs that support it (else fp16), 'no' on CPU; or as given "
+                        "('bf16' also on a CPU with native bf16, avx512_bf16 or amx_bf16 in lscpu: torch's CPU "
+                        "autocast, refused on other CPUs; the loss and sampling positions stay float32). "
                         "Default 'no' (fp32) for ssl.py, as the released SSL runs: bf16 roughly halves activation "
                         "memory and speeds up recent GPUs, but the teacher's pseudo-labels and the student's updates "
                         "then differ from the reference's (not measured); DeWa and the supervised loop default to "

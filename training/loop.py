@@ -97,15 +97,24 @@ def setup_logging(accelerator: Any) -> None:
 
 def resolve_mixed_precision(mixed_precision: str | None) -> str:
     """'auto' -> 'bf16' on a CUDA device with bf16 support, 'fp16' on other CUDA devices, 'no' elsewhere (CPU, or
-    ``accelerate launch --cpu``); other values are returned unchanged."""
-    if mixed_precision not in (None, "auto"):
-        return mixed_precision
+    ``accelerate launch --cpu``); other values are returned unchanged. 'bf16' on a CPU (accelerate's CPU autocast)
+    needs native bf16 instructions (``avx512_bf16`` / AMX): refused with a ``ValueError`` on a CPU without them, where
+    torch would emulate bf16 more slowly than float32."""
     from accelerate import PartialState
 
     device = PartialState().device
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    if mixed_precision in (None, "auto"):
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if device.type == "cpu" and mixed_precision == "bf16":
+        from modeling_dearli.precision import check_bf16_supported
+
+        try:
+            check_bf16_supported(device)
+        except ValueError as error:
+            raise ValueError(f"--mixed_precision {error}") from None
+    return mixed_precision
 
 
 def setup_accelerator(args: Any, **kwargs: Any):

@@ -1,27 +1,23 @@
-"""Where the full-size DEARLi forward spends its time, part by part, and what a training step costs: our decoder
-forwards (``decoder_implementation="dearli"``) against transformers' (``"transformers"``), measured in the same run.
+"""Where the full-size DEARLi forward spends its time, part by part: our decoder forwards
+(``decoder_implementation="dearli"``) against transformers' (``"transformers"``), measured in the same run, in float32
+and, where the device has native bf16 (a CPU with ``avx512_bf16`` / AMX, a recent GPU), under bf16 autocast.
 
-    python scripts/benchmarks/benchmark_forward.py                         # CPU, 2 threads: forward at 640², batch 1
-                                                                           # and 8, then an SSL and a supervised step
-    python scripts/benchmarks/benchmark_forward.py --sections forward --batch_sizes 1 --repeats 5
-    python scripts/benchmarks/benchmark_forward.py --device cuda           # GPU: fp32 and bf16 autocast, 8 + 8 steps
+    python scripts/benchmarks/benchmark_forward.py                         # CPU, 2 threads: 640², batch 1 and 8
+    python scripts/benchmarks/benchmark_forward.py --batch_sizes 1 --repeats 5 --implementations dearli
+    python scripts/benchmarks/benchmark_forward.py --device cuda           # GPU: images/s and peak memory
 
 The model is the paper's (OpenCLIP ConvNeXt-B ``convnext_base_w_320``, 200 queries, 150 classes) with random weights
 (nothing is downloaded); both implementations run the same model object, alternately, so that load from other
 processes affects them alike. Each measurement is repeated (``--repeats``, after ``--warmup``) and medians are
 reported.
 
-**Forward** (eval mode, ``torch.no_grad``): forward hooks time the frozen CLIP backbone, the pixel decoder and the
-transformer decoder inside one ``model(pixel_values)`` call; the CLIP mask pooling (``clip_classify_masks``) is timed
+Forward hooks time the frozen CLIP backbone, the pixel decoder and the transformer decoder inside one
+``model(pixel_values)`` call (eval mode, ``torch.no_grad``); the CLIP mask pooling (``clip_classify_masks``) is timed
 by wrapping it; "heads" is the rest of the forward (class head, glue). Every part is also given as a ratio to the
-backbone *of the same forward*, whose median is the number to compare with the issue's target (whole forward <= 1.6x
-the backbone on 2 CPU threads). Post-processing (``post_process_panoptic_segmentation`` at the input size) is timed
-after each forward; it is not part of the forward. On CUDA: fp32 and bf16 autocast, images/s and peak memory.
-
-**Training step** (``--sections training``): one supervised step (labeled batch: forward with the Mask2Former loss,
-backward, clipped AdamW step) and one SSL step (`training.ssl_step.ssl_train_step`: teacher forward on the unlabeled
-weak view, pseudo-labels, strong view, both losses, EMA update) on synthetic images (``--train_batch_size`` labeled +
-as many unlabeled at ``--image_size``; default 1 + 1 on a CPU, 8 + 8 on a GPU).
+backbone *of the same forward*, whose median is the number to compare with the target (whole forward <= 1.6x the
+backbone on 2 CPU threads). Post-processing (``post_process_panoptic_segmentation`` at the input size) is timed after
+each forward; it is not part of the forward. The last line gives the float32 / bf16 time of our whole forward.
+Training steps are measured by ``scripts/benchmarks/benchmark_training.py``.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -56,8 +52,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                    help="Decoder forwards to compare (config.decoder_implementation); run alternately.")
-    p.add_argument("--sections", nargs="+", default=["forward", "training"], choices=["forward", "training"],
-                   help="What to measure.")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="Where to run ('auto': CUDA when available).")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on a CPU.")
@@ -68,8 +62,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="Forward batch sizes.")
     p.add_argument("--repeats", type=int, default=3, help="Measured repetitions of each measurement.")
     p.add_argument("--warmup", type=int, default=1, help="Unmeasured repetitions first.")
-    p.add_argument("--train_batch_size", type=int, default=None,
-                   help="Labeled (and unlabeled) images per training step (default: 1 on a CPU, 8 on a GPU).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     p.add_argument("--output_json", type=str, default=None, help="Also write the results to this JSON file.")
     return p.parse_args(argv)
@@ -247,118 +239,11 @@ def print_forward(title: str, result: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Training step
-# --------------------------------------------------------------------------------------------------------------------
-def synthetic_batches(args: argparse.Namespace, batch_size: int, num_classes: int, device: torch.device):
-    """A labeled batch (normalised images, 4 rectangular segments each) and an unlabeled batch (RGB in [0, 1])."""
-    size = args.image_size
-    generator = torch.Generator().manual_seed(args.seed)
-    half = size // 2
-    mask_labels, class_labels = [], []
-    for _ in range(batch_size):
-        masks = torch.zeros(4, size, size)
-        masks[0, :half, :half] = masks[1, :half, half:] = masks[2, half:, :half] = masks[3, half:, half:] = 1
-        mask_labels.append(masks.to(device))
-        class_labels.append(torch.randint(0, num_classes, (4,), generator=generator).to(device))
-    labeled = {
-        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator).to(device),
-        "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long, device=device),
-        "mask_labels": mask_labels,
-        "class_labels": class_labels,
-    }
-    unlabeled = {
-        "pixel_values": torch.rand(batch_size, 3, size, size, generator=generator).to(device),
-        "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long, device=device),
-    }
-    return labeled, unlabeled
-
-
-def benchmark_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from training.ssl_step import StudentViewBuilder, ssl_train_step
-
-    from training.data.strong_augmentations import StrongAugmentation
-    from training.ema import MeanTeacher
-    from training.loop import optimization_step
-    from training.schedules import build_optimizer, build_poly_scheduler
-
-    accelerator = Accelerator(cpu=device.type != "cuda")
-    model = build_model(args, accelerator.device)
-    batch_size = args.train_batch_size or (8 if device.type == "cuda" else 1)
-    labeled, unlabeled = synthetic_batches(args, batch_size, model.config.num_classes, accelerator.device)
-    optimizer = build_optimizer(model)
-    scheduler = build_poly_scheduler(optimizer, 10 * (args.warmup + args.repeats) * len(args.implementations))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    student = accelerator.unwrap_model(model)
-    teacher = MeanTeacher(student)
-    config = student.config
-    builder = StudentViewBuilder(teacher, StrongAugmentation(), stuff_classes=config.stuff_ids,
-                                 num_classes=config.num_classes, ensemble_alpha=config.ensemble_alpha)
-    inputs = {k: labeled[k] for k in ("pixel_values", "pixel_mask", "mask_labels", "class_labels")}
-    step = {"count": 0}
-
-    def supervised_step() -> None:
-        model.train()
-        outputs = model(**inputs)
-        optimization_step(accelerator, outputs.loss, optimizer, scheduler, parameters, step["count"], 0.01,
-                          outputs.loss_dict)
-        step["count"] += 1
-
-    def ssl_step() -> None:
-        generator = torch.Generator().manual_seed(args.seed + step["count"])
-        ssl_train_step(accelerator, model, teacher, builder, optimizer, scheduler, labeled, unlabeled, generator,
-                       step["count"], parameters=parameters, gradient_clip=0.01)
-        step["count"] += 1
-
-    timer = Timer(accelerator.device)
-    runs: dict[str, dict[str, list[tuple[float, float]]]] = {
-        impl: {"supervised": [], "ssl": []} for impl in args.implementations}
-    for repeat in range(args.warmup + args.repeats):
-        for kind, fn in (("supervised", supervised_step), ("ssl", ssl_step)):
-            for impl in args.implementations:
-                config.decoder_implementation = teacher.teacher.config.decoder_implementation = impl
-                timer.reset()
-                timer.start(kind)
-                fn()
-                timer.stop(kind)
-                if repeat >= args.warmup:
-                    runs[impl][kind].append((timer.seconds[kind], timer.cpu_seconds[kind]))
-    config.decoder_implementation = teacher.teacher.config.decoder_implementation = IMPLEMENTATIONS[0]
-    result: dict[str, Any] = {"batch_size": batch_size, "repeats": args.repeats}
-    for impl, kinds in runs.items():
-        result[impl] = {}
-        for kind, times in kinds.items():
-            result[impl][f"{kind}_seconds"] = median([wall for wall, _ in times])
-            result[impl][f"{kind}_cpu_seconds"] = median([cpu for _, cpu in times])
-    if len(runs) == 2:
-        for kind in ("supervised", "ssl"):
-            ours, theirs = runs["dearli"][kind], runs["transformers"][kind]
-            # per repeat: transformers' step over ours (they ran back to back)
-            result[f"speedup_{kind}"] = median([t[0] / o[0] for o, t in zip(ours, theirs)])
-            result[f"cpu_speedup_{kind}"] = median([t[1] / o[1] for o, t in zip(ours, theirs)])
-    return result
-
-
-def print_training(result: dict[str, Any]) -> None:
-    n = result["batch_size"]
-    print(f"\ntraining step, {n} labeled + {n} unlabeled images: seconds (process CPU seconds), median of "
-          f"{result['repeats']} ({load_average()} after)")
-    for impl in IMPLEMENTATIONS:
-        if impl in result:
-            r = result[impl]
-            print(f"{impl:>20}: supervised {r['supervised_seconds']:.2f} s ({r['supervised_cpu_seconds']:.2f}), "
-                  f"SSL {r['ssl_seconds']:.2f} s ({r['ssl_cpu_seconds']:.2f})")
-    if "speedup_ssl" in result:
-        print(f"transformers / dearli, same run: supervised step {result['speedup_supervised']:.2f}x "
-              f"(CPU time {result['cpu_speedup_supervised']:.2f}x), SSL step {result['speedup_ssl']:.2f}x "
-              f"(CPU time {result['cpu_speedup_ssl']:.2f}x)")
-
-
-# --------------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
     args = parse_args(argv)
+    from modeling_dearli.precision import bf16_supported
+
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -371,21 +256,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{args.image_size}x{args.image_size}, random weights; {load_average()}")
     results: dict[str, Any] = {"device": where, "image_size": args.image_size, "threads": torch.get_num_threads()}
 
-    if "forward" in args.sections:
-        model = build_model(args, device)
-        precisions = [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if use_cuda else [])
-        for batch_size in args.batch_sizes:
-            for label, dtype in precisions:
-                result = benchmark_forward(args, model, device, batch_size, dtype)
-                results[f"forward_batch{batch_size}_{label.split()[0]}"] = result
-                print_forward(f"forward, batch {batch_size}, {label}: seconds, median of {args.repeats}; ratio to the "
-                              f"backbone of the same forward, median ({load_average()} after)", result)
-        del model
-
-    if "training" in args.sections:
-        result = benchmark_training(args, device)
-        results["training"] = result
-        print_training(result)
+    model = build_model(args, device)
+    precisions = [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if bf16_supported(device) else [])
+    for batch_size in args.batch_sizes:
+        for label, dtype in precisions:
+            result = benchmark_forward(args, model, device, batch_size, dtype)
+            results[f"forward_batch{batch_size}_{label.split()[0]}"] = result
+            print_forward(f"forward, batch {batch_size}, {label}: seconds, median of {args.repeats}; ratio to the "
+                          f"backbone of the same forward, median ({load_average()} after)", result)
+        fp32, bf16 = (results.get(f"forward_batch{batch_size}_{k}", {}).get("dearli") for k in ("fp32", "bf16"))
+        if fp32 and bf16:
+            speedup = fp32["seconds"]["forward"] / bf16["seconds"]["forward"]
+            results[f"bf16_speedup_batch{batch_size}"] = speedup
+            print(f"batch {batch_size}, our forward: float32 / bf16 autocast {speedup:.2f}x (backbone "
+                  f"{fp32['seconds']['backbone'] / bf16['seconds']['backbone']:.2f}x)")
 
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=1))
