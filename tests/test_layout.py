@@ -110,7 +110,7 @@ RETIRED_NAMES = {
     r"\bdrop_empty_sam_masks\b": ("training/earlier_names.py",),
     r"\btrain_max_size\b": ("training/earlier_names.py",),
     r"\beval_max_size\b": ("training/earlier_names.py",),
-    r"\bmax_size\b": (),
+    r"\bmax_size\b": ("app.py",),  # Gradio's queue(max_size=...)
     r"\b(color_jitter|grayscale|blur|cutmix)_p\b": ("training/earlier_names.py",),
     r"\bstuff_classes\b": ("modeling_dearli/segmentation_inference.py",),
     r"\bVOID\b": (),

@@ -33,9 +33,13 @@ def test_cpu_flags_decide_without_torch_probes(monkeypatch, tmp_path):
 
 
 @needs_bf16
-def test_training_step_under_accelerate_bf16_on_cpu():
+def test_training_step_under_accelerate_bf16_on_cpu(fresh_accelerate_state):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    AcceleratorState._reset_state(True)  # an earlier test's float32 Accelerator in this process
+    GradientState._reset_state()
+    PartialState._reset_state()
     assert resolve_mixed_precision("bf16") == "bf16"
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = tiny_model(class_names=["person", "sky", "grass"], thing_ids=[0], seed=0)

@@ -202,7 +202,8 @@ def test_predict_with_ground_truth_ids_is_scored_by_evaluate_panoptic(load_scrip
     on the same images and ground truth."""
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
 
-    from training.data.panoptic_datasets import dataset_class_names, load_coco_panoptic
+    from training.data.class_names import load_class_names
+    from training.data.panoptic_datasets import load_coco_panoptic, restrict_to_present_classes
 
     # The shipped sample's ground truth in the trained model's label space: the 8 categories present, in id order.
     gt = json.loads((SAMPLE / "panoptic_annotations.json").read_text())
@@ -227,8 +228,11 @@ def test_predict_with_ground_truth_ids_is_scored_by_evaluate_panoptic(load_scrip
 
     model = AutoModelForUniversalSegmentation.from_pretrained(trained_tiny_model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(trained_tiny_model_dir)
-    ds = load_coco_panoptic(SAMPLE / "images", SAMPLE / "panoptic", gt_json)
-    expected = load_script("evaluate").evaluate(model, processor, ds, dataset_class_names(ds), progress=False)
+    # The model's label space: the shipped COCO class names (with synonyms) of the present categories, in id order.
+    coco = load_class_names("coco_panoptic")
+    ds, names, _ = restrict_to_present_classes(
+        load_coco_panoptic(SAMPLE / "images", SAMPLE / "panoptic", gt_json, class_names=coco), coco)
+    expected = load_script("evaluate").evaluate(model, processor, ds, names, progress=False)
     assert expected["All"]["pq"] > 0.05  # a trained model: the comparison is not between two zeros
     for key in ("All", "Things", "Stuff"):
         for metric in ("pq", "sq", "rq", "n"):
