@@ -100,9 +100,15 @@ def resolve_mixed_precision(mixed_precision: str | None) -> str:
     ``accelerate launch --cpu``); other values are returned unchanged. 'bf16' on a CPU (accelerate's CPU autocast)
     needs native bf16 instructions (``avx512_bf16`` / AMX): refused with a ``ValueError`` on a CPU without them, where
     torch would emulate bf16 more slowly than float32."""
+    if mixed_precision not in (None, "auto", "bf16"):
+        return mixed_precision
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    device = PartialState().device
+    # The process state as the Accelerator will build it (``accelerate launch --cpu`` sets ACCELERATE_USE_CPU, which
+    # the Accelerator reads and a bare PartialState() does not: built without it, a multi-process CPU launch would
+    # come up as one process).
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     if mixed_precision in (None, "auto"):
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
