@@ -33,7 +33,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.benchmarking import load_average, median
 
 logger = logging.getLogger("benchmark_forward")
 
@@ -135,15 +136,6 @@ def instrument(model: Any, timer: Timer) -> Callable[[], None]:
     return undo
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 # --------------------------------------------------------------------------------------------------------------------

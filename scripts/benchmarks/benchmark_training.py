@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from training import cli
+from training.benchmarking import load_average, median
 from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
 logger = logging.getLogger("benchmark_training")
@@ -85,15 +86,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 # --------------------------------------------------------------------------------------------------------------------
