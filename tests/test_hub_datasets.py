@@ -205,3 +205,32 @@ def test_supervised_trains_and_evaluate_scores_on_the_folder(worlds, tmp_path, f
     assert reports["hf"]["num_images"] == 2
     for key in ("All", "Things", "Stuff", "mIoU", "per_class"):
         assert reports["hf"][key] == reports["coco"][key], key
+
+
+def test_a_hub_id_is_loaded_with_its_categories_file(worlds, tmp_path, monkeypatch):
+    """A Hub id goes to datasets.load_dataset with its configuration, and the label space comes from the
+    repository's categories.json (both served from the local folder here: the tests do not download)."""
+    import datasets
+    import huggingface_hub
+
+    _, hf = worlds
+    calls = []
+    load = datasets.load_dataset
+
+    def fake_load_dataset(name, config_name=None, **kwargs):
+        calls.append(("load_dataset", name, config_name))
+        return load(str(hf), **kwargs)
+
+    def fake_download(repo_id, filename, repo_type=None, **kwargs):
+        calls.append(("hf_hub_download", repo_id, filename, repo_type))
+        return str(hf / filename)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    from training.data.hub_datasets import load_dataset_splits
+
+    splits, names = load_dataset_splits("me/miniature-world", {"train": "train", "validation": "validation"},
+                                        config_name="default")
+    assert calls == [("load_dataset", "me/miniature-world", "default"),
+                     ("hf_hub_download", "me/miniature-world", "categories.json", "dataset")]
+    assert len(splits["train"]) == 6 and len(splits["validation"]) == 2 and len(names) == len(W.CLASSES)

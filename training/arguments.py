@@ -601,7 +601,7 @@ def panoptic_data_config(args: argparse.Namespace) -> PanopticDataConfig:
         restrict_to_present_classes=args.restrict_to_present_classes, max_eval_images=args.max_eval_images,
         coco_objects_void_to_background=getattr(args, "coco_objects_void", "background") == "background",
         dataset_config_name=args.dataset_config_name, train_split=args.train_split,
-        validation_split=None if args.validation_split.lower() == "none" else args.validation_split,
+        validation_split=None if str(args.validation_split).lower() == "none" else args.validation_split,
         columns=DatasetColumns(args.image_column, args.panoptic_column, args.segments_info_column),
     )
 

@@ -160,9 +160,10 @@ def _file_names(ds: Any, image_column: str) -> list[str]:
     """The image file names of a split: its ``file_name`` column, else its images' file names, else row numbers."""
     if "file_name" in ds.column_names:
         return [str(f) for f in ds["file_name"]]
-    table = ds.select_columns([image_column]).with_format("arrow")[image_column]
-    try:
-        paths = table.combine_chunks().field("path").to_pylist()
+    column = ds.select_columns([image_column]).with_format("arrow")[image_column]
+    try:  # the struct's "path" field only: the image bytes are not read
+        chunks = column.chunks if hasattr(column, "chunks") else [column]
+        paths = [p for chunk in chunks for p in chunk.field("path").to_pylist()]
     except (AttributeError, KeyError, ValueError, TypeError):
         paths = None
     if paths and all(paths) and len({Path(p).name for p in paths}) == len(paths):
