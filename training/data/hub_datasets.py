@@ -9,7 +9,8 @@ A split is a table with one row per image and the columns (names configurable, s
   (``datasets.Image``, default ``panoptic``, or ``label`` when the dataset has no ``panoptic`` column),
 * the segments of the PNG (default ``segments_info``): a list of ``{"id", "category_id"[, "iscrowd"]}`` (more keys
   such as ``area`` and ``bbox`` may be present; a JSON string of that list is accepted too),
-* optionally ``image_id`` and ``file_name`` (default: the row's index and the image file's name, or the index).
+* optionally ``image_id`` and ``file_name`` (default: the row's index and the image file's name, or the index),
+  and the optional columns of :mod:`training.data.panoptic_datasets` (``semantic``, ``void_segment_id``).
 
 The label space travels with the dataset as :data:`CATEGORIES_FILE` beside the data: a COCO ``categories`` list (or a
 dict holding one under ``"categories"``) of ``{"id", "name", "isthing"}``, the name with its synonyms comma-separated
@@ -32,6 +33,7 @@ from typing import Any
 
 from training.data.class_names import ClassNames, class_names_from_categories, read_class_names
 from training.data.panoptic_datasets import dataset_class_names, panoptic_features
+from training.data.panoptic_format import VOID_SEGMENT_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ __all__ = [
 
 CATEGORIES_FILE = "categories.json"
 PANOPTIC_COLUMN_FALLBACKS = ("panoptic", "label")
+# Columns of training.data.panoptic_datasets' rows that are kept when present (ADE20K's semantic maps for mIoU,
+# COCO-Objects' segment of the void pixels).
+OPTIONAL_COLUMNS = ("semantic", VOID_SEGMENT_COLUMN)
 # A Hub dataset id: "owner/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -200,6 +205,7 @@ def to_panoptic_rows(ds: Any, columns: DatasetColumns, class_names: ClassNames, 
     has_ids = "image_id" in ds.column_names
     file_names = _file_names(ds, image)
     keep = [image, panoptic] + (["image_id"] if has_ids else [])
+    keep += [c for c in OPTIONAL_COLUMNS if c in ds.column_names and c not in keep]
     out = ds.select_columns(keep)
     if image != "image" or panoptic != "panoptic":
         out = out.rename_columns({c: n for c, n in ((image, "image"), (panoptic, "panoptic")) if c != n})

@@ -679,6 +679,12 @@ def frequency_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nLabeled subsets as drawn by `--labeled_fraction` with `--seed`: {subsets}.\n"
 
 
+def _world_config(world_seed: int, num_train: int, num_val: int, settings: WorldSettings) -> dict[str, Any]:
+    """What ``world.json`` records as a world's ``config`` (a finished world with the same config is reused)."""
+    return {"world_seed": int(world_seed), "num_train": int(num_train), "num_val": int(num_val),
+            "settings": asdict(settings)}
+
+
 def generate_world(
     output_dir: str | os.PathLike[str],
     world_seed: int = 0,
@@ -698,8 +704,7 @@ def generate_world(
     settings = settings or WorldSettings()
     output_dir = Path(output_dir)
     record_path = output_dir / "world.json"
-    config = {"world_seed": int(world_seed), "num_train": int(num_train), "num_val": int(num_val),
-              "settings": asdict(settings)}
+    config = _world_config(world_seed, num_train, num_val, settings)
     if record_path.is_file():
         old = json.loads(record_path.read_text())
         if old.get("config") == json.loads(json.dumps(config)):
@@ -743,11 +748,22 @@ synonyms comma-separated). `world.json` records the settings; `class_frequencies
 
 ## Training on it
 
-    python training/supervised.py --dataset_name <this folder or Hub id> --model_preset tiny --output_dir out
+From a clone of the DEARLi project, on the tiny CLIP that ships with it:
+
+    python training/supervised.py --config miniature_supervised --dataset_name <this folder or Hub id> \\
+        --clip_model_name training/miniature/assets/tiny_clip_config.json \\
+        --clip_pretrained training/miniature/assets/tiny_clip.safetensors --max_train_steps 600 --output_dir out
 """
 
 
-def generate_world_dataset(output_dir: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+def generate_world_dataset(
+    output_dir: str | os.PathLike[str],
+    world_seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 200,
+    settings: WorldSettings | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """The world of :func:`generate_world` (same arguments, same images and annotations) written as a 🤗 dataset
     folder (``training.data.hub_datasets.write_dataset_folder``: parquet shards of the splits ``train`` and
     ``validation``, ``categories.json``, a dataset card), with ``world.json`` and ``class_frequencies.md``. Rerunning
@@ -763,9 +779,7 @@ def generate_world_dataset(output_dir: str | os.PathLike[str], **kwargs: Any) ->
     record_path = output_dir / "world.json"
     if record_path.is_file():
         old = json.loads(record_path.read_text())
-        settings = kwargs.get("settings") or WorldSettings()
-        config = {"world_seed": int(kwargs.get("world_seed", 0)), "num_train": int(kwargs.get("num_train", 2000)),
-                  "num_val": int(kwargs.get("num_val", 200)), "settings": asdict(settings), "format": "datasets"}
+        config = {**_world_config(world_seed, num_train, num_val, settings or WorldSettings()), "format": "datasets"}
         if old.get("config") == json.loads(json.dumps(config)):
             return old
         raise FileExistsError(f"{output_dir} already holds a different world ({record_path}); use another folder")
@@ -773,7 +787,8 @@ def generate_world_dataset(output_dir: str | os.PathLike[str], **kwargs: Any) ->
         raise FileExistsError(f"{output_dir} is not empty and holds no world.json; use an empty or new folder")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.coco-") as tmp:
-        record = generate_world(Path(tmp) / "world", **kwargs)
+        record = generate_world(Path(tmp) / "world", world_seed=world_seed, num_train=num_train, num_val=num_val,
+                                settings=settings, **kwargs)
         world = Path(tmp) / "world"
         train, val = world_paths(world, "train"), world_paths(world, "val")
         names = read_class_names(train["class_names"], categories_json=train["annotations"])
