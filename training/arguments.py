@@ -342,7 +342,7 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="Label space and loader: COCO panoptic (133 classes), COCO-Objects (81), ADE20K (150, "
                         "after scripts/prepare_ade20k.py), 'custom' (a COCO panoptic folder, classes from the "
                         "annotation JSON), or a 🤗 dataset: a Hub id (owner/name) or a local folder (save_to_disk "
-                        "output, or parquet/image files datasets.load_dataset reads) with the columns of "
+                        "output, or files datasets.load_dataset reads, e.g. parquet shards) with the columns of "
                         "--image_column, --panoptic_column and --segments_info_column and its classes in a "
                         "categories.json (see README, '🤗 datasets').")
     add_dataset_source_args(g)
