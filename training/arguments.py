@@ -365,7 +365,9 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--class_names_file", type=str, default=None,
                    help="Class names with synonyms, one 'id:name,synonym,...' line per category id (the format of the "
                         "shipped class-name files; e.g. class_names.txt of a generated miniature world), for "
-                        "--dataset_name custom or coco_panoptic; default: the JSON's category names (custom).")
+                        "--dataset_name custom or coco_panoptic; default: the JSON's category names (custom). For a "
+                        "🤗 dataset it replaces its categories.json: such lines (thing flags from categories.json) or "
+                        "a COCO categories JSON ({id, name, isthing} per class).")
     g.add_argument("--partition", type=str, default=None,
                    help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
                         "training/data/assets/splits); supervised default: every training image is labeled. In "
