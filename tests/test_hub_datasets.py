@@ -234,3 +234,23 @@ def test_a_hub_id_is_loaded_with_its_categories_file(worlds, tmp_path, monkeypat
     assert calls == [("load_dataset", "me/miniature-world", "default"),
                      ("hf_hub_download", "me/miniature-world", "categories.json", "dataset")]
     assert len(splits["train"]) == 6 and len(splits["validation"]) == 2 and len(names) == len(W.CLASSES)
+
+
+def test_class_names_file_replaces_the_categories_file(worlds, tmp_path):
+    from training.data.hub_datasets import DatasetSourceError, load_dataset_splits
+
+    coco, hf = worlds
+    _, names = load_dataset_splits(str(hf), {"train": "train"})
+    lines = tmp_path / "names.txt"  # names only: the thing flags come from the dataset's categories.json
+    lines.write_text("\n".join(f"{i}:class {i},synonym {i}" for i in names.category_ids))
+    _, from_lines = load_dataset_splits(str(hf), {"train": "train"}, class_names_file=lines)
+    assert from_lines.names[0] == f"class {names.category_ids[0]},synonym {names.category_ids[0]}"
+    assert from_lines.is_thing == names.is_thing and from_lines.category_ids == names.category_ids
+    categories = tmp_path / "categories.json"  # a whole label space: here every class a thing
+    categories.write_text(json.dumps([{"id": i, "name": f"c{i}", "isthing": 1} for i in names.category_ids]))
+    splits, from_json = load_dataset_splits(str(hf), {"train": "train"}, class_names_file=categories)
+    assert all(from_json.is_thing) and all(s["isthing"] for segs in splits["train"]["segments_info"] for s in segs)
+    bare = tmp_path / "bare"
+    shutil.copytree(hf / "data", bare / "data")
+    with pytest.raises(DatasetSourceError, match="has no categories.json to tell things from stuff"):
+        load_dataset_splits(str(bare), {"train": "train"}, class_names_file=lines)
