@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=cli.positive_int, default=1, help="images per forward pass")
     parser.add_argument("--size", type=cli.positive_int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
                         help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
-                        "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom'")
+                        "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom' "
+                        "and 🤗 datasets")
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     parser.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
     cli.add_report_arguments(parser)
