@@ -4,6 +4,7 @@
         --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 [--ensemble_alpha 0.6] [--output report.json]
     python scripts/evaluate.py --model_name_or_path PATH --dataset ade20k --dataset_root ADEChallengeData2016
     python scripts/evaluate.py --model_name_or_path PATH --from_disk saved_dataset   # saved with save_to_disk
+    python scripts/evaluate.py --model_name_or_path PATH --dataset owner/name_or_folder [--split validation]
 
 Inference is ensembled (paper Eq. 6) with ``--ensemble_alpha`` (default: the model's ``config.ensemble_alpha``).
 Several values (``--ensemble_alpha 1.0 0.8 0.6 0.4 0.2 0.0``) are evaluated from the same forward passes and reported
@@ -29,8 +30,10 @@ from tqdm.auto import tqdm
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 from training import cli
+from training.arguments import add_dataset_source_args
 from training.data.class_names import ClassNames, load_class_names
-from training.data.panoptic_datasets import dataset_class_names, load_panoptic_dataset
+from training.data.hub_datasets import DatasetColumns, load_dataset_splits
+from training.data.panoptic_datasets import NAMED_DATASETS, dataset_class_names, load_panoptic_dataset
 from training.data.panoptic_targets import panoptic_target_from_row, semantic_target_from_row
 from training.data.resolutions import EVALUATION_SIZES, evaluation_size
 from training.data.train_datasets import row_image, without_image_decoding
@@ -42,6 +45,12 @@ logger = logging.getLogger("evaluate")
 
 def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
     """The validation dataset and its label space from the command line."""
+    if args.dataset not in NAMED_DATASETS:  # a 🤗 dataset: Hub id or local folder
+        splits, names = load_dataset_splits(
+            args.dataset, {"split": args.split}, config_name=args.dataset_config_name,
+            class_names_file=args.class_names_file,
+            columns=DatasetColumns(args.image_column, args.panoptic_column, args.segments_info_column))
+        return splits["split"], names
     if args.from_disk:
         import datasets
 
@@ -61,7 +70,8 @@ def load_dataset(args: argparse.Namespace) -> tuple[Any, ClassNames]:
             raise cli.CliError(f"--dataset {args.dataset} needs " + ", ".join("--" + m for m in missing))
     return load_panoptic_dataset(args.dataset, images_dir=args.images_dir, panoptic_dir=args.gt_folder,
                                  annotations_json=args.gt_json, ade20k_root=args.dataset_root, split=args.split,
-                                 panoptic_root=args.panoptic_root, data_dir=args.data_dir)
+                                 panoptic_root=args.panoptic_root, data_dir=args.data_dir,
+                                 class_names_file=args.class_names_file)
 
 
 def check_class_names(model_names: list[str], dataset_names: list[str]) -> None:
@@ -166,12 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--dataset", default="coco_panoptic",
-                        choices=["coco_panoptic", "coco_objects", "ade20k", "custom"],
-                        help="label space and layout; 'custom' = any COCO panoptic folder, classes from its JSON")
+                        help="label space and layout: coco_panoptic, coco_objects, ade20k, 'custom' (any COCO "
+                        "panoptic folder, classes from its JSON), or a 🤗 dataset: a Hub id (owner/name) or a local "
+                        "folder, with its classes in a categories.json (see README, '🤗 datasets')")
     parser.add_argument("--dataset_root", default=None, help="ADEChallengeData2016 folder (--dataset ade20k)")
     parser.add_argument("--panoptic_root", default=None, help="where prepare_ade20k.py wrote its output "
                         "(default: --dataset_root)")
-    parser.add_argument("--split", default="validation", help="ADE20K split (training / validation)")
+    parser.add_argument("--split", default="validation",
+                        help="the split evaluated: of ADE20K (training / validation) or of a 🤗 dataset")
+    add_dataset_source_args(parser)
+    parser.add_argument("--class_names_file", default=None,
+                        help="class names with synonyms replacing the dataset's: 'id:name,synonym,...' lines "
+                        "(coco_panoptic, custom, 🤗 datasets), or a COCO categories JSON (🤗 datasets)")
     parser.add_argument("--images_dir", default=None, help="images folder (COCO panoptic format)")
     parser.add_argument("--gt_json", default=None, help="ground-truth panoptic JSON (COCO panoptic format)")
     parser.add_argument("--gt_folder", default=None, help="ground-truth panoptic PNG folder")
@@ -185,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=cli.positive_int, default=1, help="images per forward pass")
     parser.add_argument("--size", type=cli.positive_int, nargs=2, default=None, metavar=("SHORTEST", "LONGEST"),
                         help="resize the shorter image side to SHORTEST (longer side at most LONGEST); default: the "
-                        "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom'")
+                        "dataset's test size (ADE20K 640 2560, COCO 512 2048), the saved processor's for 'custom' "
+                        "and 🤗 datasets")
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     parser.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
     cli.add_report_arguments(parser)

@@ -27,6 +27,8 @@ import yaml
 
 from . import cli, earlier_names
 from .data.color_augmentation import COLOR_AUGMENTATIONS, ColorAugSSD
+from .data.hub_datasets import DatasetColumns, looks_like_hub_id
+from .data.panoptic_datasets import NAMED_DATASETS
 from .data.resolutions import evaluation_size
 from .data.train_datasets import (
     MasksTrainDataset,
@@ -43,6 +45,7 @@ __all__ = [
     "DATASETS",
     "LOOPS",
     "add_common_training_args",
+    "add_dataset_source_args",
     "add_model_args",
     "add_mask_data_args",
     "add_panoptic_data_args",
@@ -68,7 +71,7 @@ def _decoder_init(value: str) -> str:
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_KEY = "_base_"
 LOOPS = ("dewa", "supervised", "ssl")
-DATASETS = ("coco_panoptic", "coco_objects", "ade20k", "custom")
+DATASETS = NAMED_DATASETS
 # Defaults that differ between the loops (a --config preset overrides them, the command line overrides both).
 LOOP_DEFAULTS: dict[str, dict[str, Any]] = {
     "dewa": {"train_batch_size": 16, "project_name": "dearli_dewa"},
@@ -317,12 +320,38 @@ def add_mask_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def add_dataset_source_args(group: Any) -> Any:
+    """The flags that read a 🤗 dataset's columns and configuration (the loops and ``scripts/evaluate.py``)."""
+    group.add_argument("--dataset_config_name", type=str, default=None,
+                       help="🤗 dataset: its configuration (the second argument of datasets.load_dataset).")
+    group.add_argument("--image_column", type=str, default="image", help="🤗 dataset: the image column.")
+    group.add_argument("--panoptic_column", type=str, default=None,
+                       help="🤗 dataset: the panoptic PNG column (segment ids RGB-encoded as in COCO panoptic, "
+                            "id = R + 256 G + 256^2 B, 0 = void); default 'panoptic', or 'label' when the dataset "
+                            "has no 'panoptic' column.")
+    group.add_argument("--segments_info_column", type=str, default="segments_info",
+                       help="🤗 dataset: the column listing each image's segments as {id, category_id[, iscrowd]} "
+                            "(a JSON string of that list is read too).")
+    return group
+
+
 def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """A panoptic dataset, its labeled partition and its validation set (supervised and semi-supervised loops)."""
     g = parser.add_argument_group("panoptic data")
-    g.add_argument("--dataset_name", type=str, default="coco_panoptic", choices=DATASETS,
+    g.add_argument("--dataset_name", type=str, default="coco_panoptic",
                    help="Label space and loader: COCO panoptic (133 classes), COCO-Objects (81), ADE20K (150, "
-                        "after scripts/prepare_ade20k.py) or 'custom' (classes from the annotation JSON).")
+                        "after scripts/prepare_ade20k.py), 'custom' (a COCO panoptic folder, classes from the "
+                        "annotation JSON), or a 🤗 dataset: a Hub id (owner/name) or a local folder (save_to_disk "
+                        "output, or files datasets.load_dataset reads, e.g. parquet shards) with the columns of "
+                        "--image_column, --panoptic_column and --segments_info_column and its classes in a "
+                        "categories.json (see README, '🤗 datasets').")
+    add_dataset_source_args(g)
+    g.add_argument("--train_split", type=str, default="train",
+                   help="🤗 dataset: the split trained on (labeled and, with --partition / --labeled_fraction, "
+                        "unlabeled images).")
+    g.add_argument("--validation_split", type=str, default="validation",
+                   help="🤗 dataset: the split validated on; 'none' validates nothing. A dataset without a "
+                        "'validation' split trains without validation (logged); another name must exist.")
     g.add_argument("--ade20k_root", type=str, default=None,
                    help="ADEChallengeData2016 folder (for --dataset_name ade20k; replaces the --train_*/--val_* "
                         "folders).")
@@ -336,7 +365,9 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--class_names_file", type=str, default=None,
                    help="Class names with synonyms, one 'id:name,synonym,...' line per category id (the format of the "
                         "shipped class-name files; e.g. class_names.txt of a generated miniature world), for "
-                        "--dataset_name custom or coco_panoptic; default: the JSON's category names (custom).")
+                        "--dataset_name custom or coco_panoptic; default: the JSON's category names (custom). For a "
+                        "🤗 dataset it replaces its categories.json: such lines (thing flags from categories.json) or "
+                        "a COCO categories JSON ({id, name, isthing} per class).")
     g.add_argument("--partition", type=str, default=None,
                    help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
                         "training/data/assets/splits); supervised default: every training image is labeled. In "
@@ -517,7 +548,15 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
         args.eval_shortest_edge = size["shortest_edge"]
     if args.eval_longest_edge is None:
         args.eval_longest_edge = size["longest_edge"]
-    if args.dataset_name == "ade20k":
+    if args.dataset_name not in DATASETS:
+        folders = [f"--{f}" for f in ("train_images_dir", "train_panoptic_dir", "train_annotations", "val_images_dir",
+                                      "val_panoptic_dir", "val_annotations", "ade20k_root") if getattr(args, f)]
+        if folders:
+            parser.error(f"--dataset_name {args.dataset_name} is a 🤗 dataset, which replaces {', '.join(folders)}")
+        if not Path(args.dataset_name).expanduser().is_dir() and not looks_like_hub_id(args.dataset_name):
+            parser.error(f"--dataset_name {args.dataset_name!r} is none of {', '.join(DATASETS)}, no local folder and "
+                         "no Hub dataset id (owner/name)")
+    elif args.dataset_name == "ade20k":
         if not args.ade20k_root:
             parser.error("--dataset_name ade20k needs --ade20k_root")
     elif not (args.train_images_dir and args.train_panoptic_dir and args.train_annotations):
@@ -563,6 +602,9 @@ def panoptic_data_config(args: argparse.Namespace) -> PanopticDataConfig:
         partition=args.partition, labeled_fraction=args.labeled_fraction, seed=args.seed,
         restrict_to_present_classes=args.restrict_to_present_classes, max_eval_images=args.max_eval_images,
         coco_objects_void_to_background=getattr(args, "coco_objects_void", "background") == "background",
+        dataset_config_name=args.dataset_config_name, train_split=args.train_split,
+        validation_split=None if str(args.validation_split).lower() == "none" else args.validation_split,
+        columns=DatasetColumns(args.image_column, args.panoptic_column, args.segments_info_column),
     )
 
 

@@ -82,10 +82,32 @@ class ClassNames:
         return [{"id": c, "name": n, "isthing": int(t)} for c, n, t in zip(self.category_ids, self.first_names,
                                                                               self.is_thing)]
 
+    def categories_with_synonyms(self) -> list[dict[str, Any]]:
+        """COCO-style category dicts whose ``name`` keeps the synonyms (``"name,synonym,..."``): the content of a
+        categories file (:func:`class_names_from_categories` reads it back)."""
+        return [{"id": c, "name": n, "isthing": int(t)} for c, n, t in zip(self.category_ids, self.names,
+                                                                              self.is_thing)]
+
     def contiguous_categories(self) -> list[dict[str, Any]]:
         """Categories whose id is the contiguous index (the model's label space)."""
         return [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(self.first_names,
                                                                                        self.is_thing))]
+
+
+def class_names_from_categories(categories: Any, source: str = "categories") -> ClassNames:
+    """The label space of a COCO ``categories`` list (or a dict holding one under ``"categories"``): classes in
+    category-id order, names as given (synonyms comma-separated), things from ``isthing``. `source` names the input in
+    errors."""
+    if isinstance(categories, dict):
+        categories = categories.get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise ValueError(f"{source}: expected a non-empty list of categories ({{'id', 'name', 'isthing'}})")
+    try:
+        cats = sorted(categories, key=lambda c: int(c["id"]))
+        return ClassNames(tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats),
+                          tuple(int(c.get("isthing", 0)) == 1 for c in cats))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{source}: every category needs an integer 'id' and a 'name' ({error})") from None
 
 
 def read_class_names(

@@ -23,11 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.data.class_names import ClassNames, load_class_names, read_class_names
+from training.data.class_names import ClassNames, class_names_from_categories, load_class_names, read_class_names
 from training.data.panoptic_format import VOID_SEGMENT_COLUMN
 
 logger = logging.getLogger(__name__)
 
+# The datasets loaded by name (load_panoptic_dataset); any other name is a 🤗 dataset (training.data.hub_datasets).
+NAMED_DATASETS = ("coco_panoptic", "coco_objects", "ade20k", "custom")
 # ADE20K split names -> the ADEChallengeData2016 folder names.
 ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 
@@ -110,12 +112,7 @@ def load_coco_panoptic(
     if class_names is None:
         if "categories" not in data:
             raise ValueError(f"{annotations_json} has no 'categories'; pass class_names")
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        class_names = ClassNames(
-            tuple(int(c["id"]) for c in cats),
-            tuple(str(c["name"]) for c in cats),
-            tuple(int(c.get("isthing", 0)) == 1 for c in cats),
-        )
+        class_names = class_names_from_categories(data["categories"], str(annotations_json))
     category_to_index = class_names.category_to_index
 
     images = {img["id"]: img for img in data["images"]}

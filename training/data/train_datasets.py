@@ -35,7 +35,8 @@ from modeling_dearli.image_reading import read_image, to_rgb
 
 from .class_names import ClassNames
 from .color_augmentation import ColorAugSSD
-from .panoptic_datasets import load_panoptic_dataset, restrict_to_present_classes
+from .hub_datasets import DatasetColumns, load_dataset_splits
+from .panoptic_datasets import NAMED_DATASETS, load_panoptic_dataset, restrict_to_present_classes
 from .panoptic_targets import panoptic_target_from_row
 from .partitions import split_labeled_unlabeled
 from .sampler import unpack_index
@@ -367,6 +368,10 @@ class PanopticDataConfig:
         restrict_to_present_classes: keep only the classes annotated in the training images.
         max_eval_images: validate on at most this many images.
         coco_objects_void_to_background: COCO-Objects' void pixels become background (the reference's).
+        dataset_config_name: a 🤗 dataset's configuration (a `dataset_name` that is a Hub id or a folder).
+        train_split, validation_split: its splits (validation ``None``: none; ``"validation"`` when the dataset
+            lacks it: none either, logged).
+        columns: its column names (:class:`~training.data.hub_datasets.DatasetColumns`).
     """
 
     dataset_name: str = "coco_panoptic"
@@ -384,6 +389,10 @@ class PanopticDataConfig:
     restrict_to_present_classes: bool = False
     max_eval_images: int | None = None
     coco_objects_void_to_background: bool = True
+    dataset_config_name: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    columns: DatasetColumns = DatasetColumns()
 
 
 @dataclass
@@ -404,13 +413,23 @@ def load_training_data(config: PanopticDataConfig) -> PanopticTrainingData:
     labeled / unlabeled split); validation segments of other classes are dropped.
     """
     c = config
-    train, class_names = load_panoptic_dataset(
-        c.dataset_name, images_dir=c.train_images_dir, panoptic_dir=c.train_panoptic_dir,
-        annotations_json=c.train_annotations, ade20k_root=c.ade20k_root, split="training", with_semantic=False,
-        coco_objects_void_to_background=c.coco_objects_void_to_background, class_names_file=c.class_names_file,
-    )
     val = None
-    if c.dataset_name == "ade20k" or c.val_annotations:
+    if c.dataset_name not in NAMED_DATASETS:  # a 🤗 dataset: Hub id or local folder
+        validation_role = "validation?" if c.validation_split == "validation" else "validation"
+        splits, class_names = load_dataset_splits(
+            c.dataset_name, {"train": c.train_split, validation_role: c.validation_split},
+            config_name=c.dataset_config_name, columns=c.columns, class_names_file=c.class_names_file,
+        )
+        train, val = splits["train"], splits["validation"]
+        if val is None and c.validation_split is not None:
+            logger.warning("%s has no split %r: training without validation", c.dataset_name, c.validation_split)
+    else:
+        train, class_names = load_panoptic_dataset(
+            c.dataset_name, images_dir=c.train_images_dir, panoptic_dir=c.train_panoptic_dir,
+            annotations_json=c.train_annotations, ade20k_root=c.ade20k_root, split="training", with_semantic=False,
+            coco_objects_void_to_background=c.coco_objects_void_to_background, class_names_file=c.class_names_file,
+        )
+    if c.dataset_name in NAMED_DATASETS and (c.dataset_name == "ade20k" or c.val_annotations):
         val, _ = load_panoptic_dataset(
             c.dataset_name, images_dir=c.val_images_dir or c.train_images_dir,
             panoptic_dir=c.val_panoptic_dir or c.train_panoptic_dir, annotations_json=c.val_annotations,

@@ -64,6 +64,7 @@ __all__ = [
     "class_frequencies",
     "class_names_lines",
     "generate_world",
+    "generate_world_dataset",
     "labeled_indices",
     "render_scene",
     "sample_scene",
@@ -678,6 +679,12 @@ def frequency_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nLabeled subsets as drawn by `--labeled_fraction` with `--seed`: {subsets}.\n"
 
 
+def _world_config(world_seed: int, num_train: int, num_val: int, settings: WorldSettings) -> dict[str, Any]:
+    """What ``world.json`` records as a world's ``config`` (a finished world with the same config is reused)."""
+    return {"world_seed": int(world_seed), "num_train": int(num_train), "num_val": int(num_val),
+            "settings": asdict(settings)}
+
+
 def generate_world(
     output_dir: str | os.PathLike[str],
     world_seed: int = 0,
@@ -697,8 +704,7 @@ def generate_world(
     settings = settings or WorldSettings()
     output_dir = Path(output_dir)
     record_path = output_dir / "world.json"
-    config = {"world_seed": int(world_seed), "num_train": int(num_train), "num_val": int(num_val),
-              "settings": asdict(settings)}
+    config = _world_config(world_seed, num_train, num_val, settings)
     if record_path.is_file():
         old = json.loads(record_path.read_text())
         if old.get("config") == json.loads(json.dumps(config)):
@@ -719,6 +725,83 @@ def generate_world(
     record = {"config": config, "seconds": round(seconds, 2), "num_classes": len(CLASSES),
               "thing_probabilities": thing_probabilities(settings.zipf_exponent).round(5).tolist(),
               "frequencies": table}
+    # world.json last: its presence marks a complete world
+    record_path.write_text(json.dumps(record, indent=1))
+    return json.loads(record_path.read_text())
+
+
+WORLD_CARD = """# The miniature world
+
+A generated panoptic segmentation dataset (the DEARLi project's miniature world, `world_seed` {world_seed}):
+{num_train} training and {num_val} validation images of {image_size}x{image_size} px, {num_classes} classes
+({num_things} things with a long-tailed frequency, {num_stuff} stuff textures), defined by colour and pattern.
+
+## Columns
+
+- `image`: the image (JPEG).
+- `panoptic`: the panoptic PNG, segment ids RGB-encoded as in COCO panoptic (`id = R + 256 G + 256^2 B`).
+- `segments_info`: the segments of the PNG, `{{id, category_id, iscrowd, area, bbox}}` (COCO panoptic).
+- `image_id`, `file_name`: as in the COCO annotation files.
+
+The classes, with synonyms and the thing/stuff split, are in `categories.json` (COCO categories; a name lists its
+synonyms comma-separated). `world.json` records the settings; `class_frequencies.md` the per-class counts.
+
+## Training on it
+
+From a clone of the DEARLi project, on the tiny CLIP that ships with it:
+
+    python training/supervised.py --config miniature_supervised --dataset_name <this folder or Hub id> \\
+        --clip_model_name training/miniature/assets/tiny_clip_config.json \\
+        --clip_pretrained training/miniature/assets/tiny_clip.safetensors --max_train_steps 600 --output_dir out
+"""
+
+
+def generate_world_dataset(
+    output_dir: str | os.PathLike[str],
+    world_seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 200,
+    settings: WorldSettings | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The world of :func:`generate_world` (same arguments, same images and annotations) written as a 🤗 dataset
+    folder (``training.data.hub_datasets.write_dataset_folder``: parquet shards of the splits ``train`` and
+    ``validation``, ``categories.json``, a dataset card), with ``world.json`` and ``class_frequencies.md``. Rerunning
+    with the same settings on a finished folder does nothing; a folder holding anything else is refused."""
+    import shutil
+    import tempfile
+
+    from training.data.class_names import read_class_names
+    from training.data.hub_datasets import write_dataset_folder
+    from training.data.panoptic_datasets import load_coco_panoptic
+
+    output_dir = Path(output_dir)
+    record_path = output_dir / "world.json"
+    if record_path.is_file():
+        old = json.loads(record_path.read_text())
+        config = {**_world_config(world_seed, num_train, num_val, settings or WorldSettings()), "format": "datasets"}
+        if old.get("config") == json.loads(json.dumps(config)):
+            return old
+        raise FileExistsError(f"{output_dir} already holds a different world ({record_path}); use another folder")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty and holds no world.json; use an empty or new folder")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.coco-") as tmp:
+        record = generate_world(Path(tmp) / "world", world_seed=world_seed, num_train=num_train, num_val=num_val,
+                                settings=settings, **kwargs)
+        world = Path(tmp) / "world"
+        train, val = world_paths(world, "train"), world_paths(world, "val")
+        names = read_class_names(train["class_names"], categories_json=train["annotations"])
+        splits = {split: load_coco_panoptic(p["images"], p["panoptic"], p["annotations"], class_names=names)
+                  for split, p in (("train", train), ("validation", val))}
+        config = record["config"]
+        card = WORLD_CARD.format(world_seed=config["world_seed"], num_train=config["num_train"],
+                                 num_val=config["num_val"], image_size=config["settings"]["image_size"],
+                                 num_classes=len(CLASSES), num_things=len(THING_CLASSES),
+                                 num_stuff=len(STUFF_CLASSES))
+        write_dataset_folder(splits, names, output_dir, card=card)
+        shutil.copy(world / "class_frequencies.md", output_dir / "class_frequencies.md")
+    record["config"]["format"] = "datasets"
     # world.json last: its presence marks a complete world
     record_path.write_text(json.dumps(record, indent=1))
     return json.loads(record_path.read_text())
