@@ -38,6 +38,8 @@ class _Accelerator:
 
 def _stream(num_processes: int, process_index: int, start_step: int, seed: int = 5) -> list[list[tuple[int, int]]]:
     loader = build_train_dataloader(_Keys(), GLOBAL_BATCH, num_processes, seed=seed, collate_fn=list)
+    # rng_types=[]: no generator synchronisation across processes (it needs a process group); the sampler draws its
+    # order from its own seed and epoch, not from the loader's generator
     loader = prepare_data_loader(loader, num_processes=num_processes, process_index=process_index,
                                  put_on_device=False, rng_types=[])
     return [batch for _, _, batch in iterate_steps(_Accelerator(), loader, start_step, STEPS)]
