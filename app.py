@@ -2,6 +2,7 @@
 
     python app.py                                   # the miniature world's trained model (README command 1)
     python app.py --model path/or/hub-id [--revision <commit>] [--trust_remote_code]
+    python app.py --model M --onnx exported/        # the graph of scripts/export_onnx.py in onnxruntime (CPU)
     python app.py --export_space space/             # app + model + examples + code + requirements: a Space folder
 
 Upload an image or pick an example, choose panoptic / semantic / instance, set ``ensemble_alpha`` (Eq. 6: 1.0 = decoder
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", default=None,
                         help=f"Folder of example images (default: examples/ beside app.py in an exported Space, else "
                              f"{DEFAULT_EXAMPLES_DIR}).")
+    parser.add_argument("--onnx", default=None, metavar="DIR",
+                        help="Folder written by scripts/export_onnx.py: run that graph in onnxruntime (CPU) instead of "
+                             "the PyTorch model, as predict.py --onnx; --model still gives the image processor and the "
+                             "class names. The vocabulary is the exported one (fixed in the page).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     parser.add_argument("--server_name", default=None,
                         help="Address to serve on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME).")
@@ -74,6 +79,23 @@ def default_locations() -> tuple[Path, Path]:
     if (APP_DIR / SPACE_MODEL_DIR).is_dir():
         return APP_DIR / SPACE_MODEL_DIR, APP_DIR / SPACE_EXAMPLES_DIR
     return APP_DIR / DEFAULT_MODEL_DIR, APP_DIR / DEFAULT_EXAMPLES_DIR
+
+
+def load_app_segmenter(model: str, args: argparse.Namespace) -> Any:
+    """The :class:`~training.evaluation.segmenter.Segmenter` the page runs: the PyTorch model `model` (folder or Hub
+    id) on ``--device``, or with ``--onnx`` its exported graph in onnxruntime."""
+    if args.onnx is not None:
+        from training.deployment.onnx_runtime import load_onnx_segmenter
+
+        if args.device not in (None, "cpu"):
+            raise ValueError("--onnx runs on the CPU: leave --device out")
+        return load_onnx_segmenter(args.onnx, model)
+    import torch
+
+    from training.evaluation.segmenter import load_segmenter
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_segmenter(model, revision=args.revision, trust_remote_code=args.trust_remote_code, device=device)
 
 
 def read_uploads_as_files(image: Any) -> Any:
@@ -190,11 +212,7 @@ def launch(demo: Any, **kwargs: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from training import cli
-    from training.evaluation.segmenter import (
-        DEFAULT_MODEL_COMMAND,
-        find_example_images,
-        load_segmenter,
-    )
+    from training.evaluation.segmenter import DEFAULT_MODEL_COMMAND, find_example_images
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     default_model, default_examples = default_locations()
@@ -205,18 +223,19 @@ def main(argv: list[str] | None = None) -> int:
               "pass --model with any saved model folder or Hub id.", file=sys.stderr)
         return 2
     if args.export_space:
+        if args.onnx is not None:
+            raise cli.CliError("--export_space writes the PyTorch model into the Space; leave --onnx out")
         from training.publishing.space import export_space
 
         folder = export_space(args.export_space, Path(__file__), model, examples_dir, revision=args.revision)
         print(f"Space written to {folder}; upload it with `hf upload <user>/<space> {folder} . --repo-type space`")
         return 0
 
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.onnx is not None and (args.revision or args.trust_remote_code):
+        raise cli.CliError("--onnx reads the processor and class names of a model folder: --revision and "
+                           "--trust_remote_code do not apply")
     try:
-        segmenter = load_segmenter(model, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                                   device=device)
+        segmenter = load_app_segmenter(model, args)
     except Exception as error:
         if args.debug:
             raise

@@ -1,6 +1,6 @@
 """ONNX export (training/deployment): the traced forward equals the model's, and the exported graph in onnxruntime
 gives PyTorch's outputs and segments at other batch and image sizes than the tracing example's, in
-scripts/predict.py --onnx and in the web demo's Segmenter."""
+scripts/predict.py --onnx and in the web demo's Segmenter and app.py --onnx."""
 
 from __future__ import annotations
 
@@ -106,3 +106,28 @@ def test_predict_and_segmenter_run_the_export(exported, tiny_model_with_processo
     image = Image.open(next((SAMPLE / "images").glob("*.jpg")))
     predictions = segmenter.predict(image, "panoptic", [1.0, 0.6])
     assert len(predictions) == 2 and predictions[0].picture.size[0] == image.width
+
+
+@pytest.mark.slow
+def test_app_onnx_segments_as_the_pytorch_app(exported, tiny_model_with_processor_dir):
+    """app.py --onnx: the page's segmenter runs the graph and gives the PyTorch page's segments on one image, for the
+    decoder-only and an ensembled result (the same segments in the same order; outputs within 1e-5 may flip a pixel
+    where two masks tie: measured 1 of 270,000); its vocabulary is fixed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dearli_app", Path(__file__).resolve().parents[1] / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    model = str(tiny_model_with_processor_dir)
+    torch_page = app.load_app_segmenter(model, app.parse_args(["--model", model, "--device", "cpu"]))
+    onnx_page = app.load_app_segmenter(model, app.parse_args(["--model", model, "--onnx", str(exported)]))
+    assert not onnx_page.can_change_vocabulary and onnx_page.vocabulary_text == torch_page.vocabulary_text
+    image = SAMPLE / "images" / sorted(p.name for p in (SAMPLE / "images").glob("*.jpg"))[0]
+    for want, have in zip(torch_page.predict(image, "panoptic", [1.0, 0.6]),
+                          onnx_page.predict(image, "panoptic", [1.0, 0.6]), strict=True):
+        assert want.result.segments and [s.label for s in want.result.segments] == [s.label for s in
+                                                                                     have.result.segments]
+        assert (want.result.id_map != have.result.id_map).mean() < 1e-4
+        assert want.picture.size == have.picture.size
+    with pytest.raises(ValueError, match="CPU"):
+        app.load_app_segmenter(model, app.parse_args(["--model", model, "--onnx", str(exported), "--device", "cuda"]))

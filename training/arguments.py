@@ -369,9 +369,10 @@ def add_panoptic_data_args(parser: argparse.ArgumentParser) -> argparse.Argument
                         "🤗 dataset it replaces its categories.json: such lines (thing flags from categories.json) or "
                         "a COCO categories JSON ({id, name, isthing} per class).")
     g.add_argument("--partition", type=str, default=None,
-                   help="Standard labeled partition (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
+                   help="The labeled training images: a text file with one image file name (or image id) per line, "
+                        "or a standard partition's name (e.g. 1_512 for COCO, 1_128 for ADE20K: the files shipped in "
                         "training/data/assets/splits); supervised default: every training image is labeled. In "
-                        "semi-supervised training the other training images are the unlabeled data.")
+                        "semi-supervised training the other training images are unlabeled data.")
     g.add_argument("--labeled_fraction", type=float, default=None,
                    help="Instead of --partition: a random labeled subset of this fraction (drawn with --seed).")
     g.add_argument("--coco_objects_void", type=str, default="background", choices=["background", "void"],
@@ -411,6 +412,11 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("semi-supervised learning")
     g.add_argument("--unlabeled_batch_size", type=int, default=8,
                    help="Unlabeled images per step over all processes (the labeled ones are --train_batch_size).")
+    g.add_argument("--unlabeled_images_dir", type=str, nargs="+", default=None,
+                   help="Folder(s) of images without any annotation (searched recursively), used as unlabeled data "
+                        "besides the training images outside --partition / --labeled_fraction; alone, every "
+                        "annotated training image is labeled. Files that are not readable images are skipped and "
+                        "counted in the log.")
     g.add_argument("--unlabeled_weight", type=float, default=1.0,
                    help="Weight of the unlabeled (pseudo-label) loss; the paper sums both losses (1.0).")
     g.add_argument("--ema_decay", type=_ema_decay, default=0.999,
@@ -561,9 +567,9 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
             parser.error("--dataset_name ade20k needs --ade20k_root")
     elif not (args.train_images_dir and args.train_panoptic_dir and args.train_annotations):
         parser.error("--train_images_dir, --train_panoptic_dir and --train_annotations are required")
-    if loop == "ssl" and bool(args.partition) == bool(args.labeled_fraction):
-        parser.error("give exactly one of --partition and --labeled_fraction (the rest of the training set is the "
-                     "unlabeled data)")
+    if loop == "ssl" and not (args.partition or args.labeled_fraction or args.unlabeled_images_dir):
+        parser.error("give --partition or --labeled_fraction (the rest of the training set is the unlabeled data), "
+                     "or --unlabeled_images_dir (folders of unannotated images), or both")
     if args.partition and args.labeled_fraction:
         parser.error("give at most one of --partition and --labeled_fraction")
     return args
@@ -599,7 +605,8 @@ def panoptic_data_config(args: argparse.Namespace) -> PanopticDataConfig:
         train_panoptic_dir=args.train_panoptic_dir, train_annotations=args.train_annotations,
         val_images_dir=args.val_images_dir, val_panoptic_dir=args.val_panoptic_dir,
         val_annotations=args.val_annotations, ade20k_root=args.ade20k_root, class_names_file=args.class_names_file,
-        partition=args.partition, labeled_fraction=args.labeled_fraction, seed=args.seed,
+        partition=args.partition, labeled_fraction=args.labeled_fraction,
+        unlabeled_images_dirs=tuple(getattr(args, "unlabeled_images_dir", None) or ()), seed=args.seed,
         restrict_to_present_classes=args.restrict_to_present_classes, max_eval_images=args.max_eval_images,
         coco_objects_void_to_background=getattr(args, "coco_objects_void", "background") == "background",
         dataset_config_name=args.dataset_config_name, train_split=args.train_split,

@@ -240,6 +240,10 @@ def iterate_steps(
     step = start_step
     epoch, skip = divmod(start_step, steps_per_epoch)
     while step < max_steps:
+        # The epoch goes to the sampler through the prepared loader: a loader that skips batches shares its sampler
+        # but, on several processes (a skipping sampler around accelerate's per-process shard), does not forward
+        # set_epoch to it, and would replay epoch 0's order when a run resumes in the middle of a later epoch.
+        dataloader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         # Accelerate's loaders call set_epoch(self.iteration) when iterated: set it on the loader we iterate.
         loader.set_epoch(epoch)

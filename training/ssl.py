@@ -9,17 +9,18 @@ pseudo-labels, with Accelerate.
         --init_from runs/dewa_coco --output_dir runs/ssl_coco_1_512
 
 Every step takes ``--train_batch_size`` labeled crops (ground truth) and ``--unlabeled_batch_size`` unlabeled crops
-(the training images outside the labeled ``--partition``). The teacher (EMA of the student's decoder, gamma 0.999,
-sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq. 6, the model's ``ensemble_alpha``)
--> panoptic inference (threshold 0.0, overlap 0.8) -> hard pseudo-labels; the student learns them on the strong view
-(colour jitter, grayscale, blur, CutMix with a box of a separate unlabeled crop and its teacher pseudo-label). As in
-the reference's DEARLi runs, student and teacher both start from ``--init_from`` (the DeWa output) with a constant
-EMA decay from step 0 (from a fresh model the decay ramps up), and training is fp32. Loss = Mask2Former loss on
-labeled + on pseudo-labeled images; AdamW 1e-4, weight decay 0.05 (none on norms and embeddings), poly schedule, 80k
-iterations. One step is :class:`MeanTeacherStep` below; the unlabeled targets come from
-:class:`training.student_views.StudentViewBuilder` (teacher pseudo-labels: :mod:`training.pseudo_labels`) and the
-teacher from :mod:`training.ema`. ``--pseudo_label_eval_steps N`` scores the teacher's pseudo-labels against the
-unlabeled images' ground truth during training (:mod:`training.evaluation.pseudo_label_quality`).
+(the training images outside the labeled ``--partition``, a shipped partition or a file listing your labeled images,
+and the images of ``--unlabeled_images_dir``, folders without annotations). The teacher (EMA of the student's
+decoder, gamma 0.999, sharing the frozen CLIP backbone) labels the weak view: ensembled posteriors (Eq. 6, the
+model's ``ensemble_alpha``) -> panoptic inference (threshold 0.0, overlap 0.8) -> hard pseudo-labels; the student
+learns them on the strong view (colour jitter, grayscale, blur, CutMix with a box of a separate unlabeled crop and
+its teacher pseudo-label). As in the reference's DEARLi runs, student and teacher both start from ``--init_from``
+(the DeWa output) with a constant EMA decay from step 0 (from a fresh model the decay ramps up), and training is
+fp32. Loss = Mask2Former loss on labeled + on pseudo-labeled images; AdamW 1e-4, weight decay 0.05 (none on norms
+and embeddings), poly schedule, 80k iterations. One step is :class:`MeanTeacherStep` below; the unlabeled targets
+come from :class:`training.student_views.StudentViewBuilder` (teacher pseudo-labels: :mod:`training.pseudo_labels`)
+and the teacher from :mod:`training.ema`. ``--pseudo_label_eval_steps N`` scores the teacher's pseudo-labels against
+the unlabeled images' ground truth during training (:mod:`training.evaluation.pseudo_label_quality`).
 
 Checkpoints (``--checkpointing_steps``) hold the student, optimizer, scheduler, RNG states, the step and the teacher
 (``ema_teacher.safetensors`` + ``ema_teacher.json``: weights + EMA step) and resume exactly

@@ -1,5 +1,5 @@
-"""Labeled partitions: the shipped split files (the reference's ``labeled.txt`` / ``val.txt``) and the split of a
-training dataset into its labeled part and the unlabeled rest."""
+"""Labeled partitions: the shipped split files (the reference's ``labeled.txt`` / ``val.txt``), a list of your own
+(:func:`labeled_keys`), and the split of a training dataset into its labeled part and the unlabeled rest."""
 
 from __future__ import annotations
 
@@ -50,6 +50,35 @@ def partition_keys(dataset: str, partition: str, data_dir: str | os.PathLike[str
     return [Path(img).stem for img, _ in read_split_file(split_file(dataset, partition, data_dir))]
 
 
+def labeled_keys(
+    partition: str | os.PathLike[str], dataset: str | None = None, data_dir: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """Image keys of a labeled partition given as
+
+    - a text file: one image per line, its file name (``photo_0003.jpg``, a path relative to the images folder, or
+      just the stem) or its image id; a second column (the annotation, as in the reference's ``labeled.txt``) is
+      ignored, empty lines are skipped;
+    - a folder holding ``labeled.txt`` (the reference's layout);
+    - the name of a shipped partition of `dataset` (e.g. ``1_128`` of ``ade20k``, ``1_512`` of ``coco``).
+    """
+    path = Path(partition)
+    if path.is_dir():
+        path = path / "labeled.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"partition folder {path.parent} has no labeled.txt")
+    if path.is_file():
+        keys = [Path(image).stem for image, _ in read_split_file(path)]
+        if not keys:
+            raise ValueError(f"partition file {path} lists no image")
+        return keys
+    if path.suffix or len(path.parts) > 1:
+        raise FileNotFoundError(f"partition file not found: {path}")
+    if dataset is None:
+        raise ValueError(f"partition {str(partition)!r} is neither a file nor a folder; a shipped partition's name "
+                         "needs dataset= ('ade20k' or 'coco')")
+    return partition_keys(dataset, str(partition), data_dir)
+
+
 def row_key(file_name: str) -> str:
     """The key partitions use for a row: its image file stem."""
     return Path(file_name).stem
@@ -68,8 +97,9 @@ def split_labeled_unlabeled(
 ) -> tuple[Any, Any]:
     """Split a training dataset into (labeled, unlabeled = the rest).
 
-    Exactly one of: ``labeled`` (image file stems or image ids), ``dataset`` + ``partition`` (standard partition
-    files, e.g. ``("ade20k", "1_128")``), or ``fraction`` (random subset of that size, drawn with ``seed``).
+    Exactly one of: ``labeled`` (image file stems or image ids), ``partition`` (a file listing the labeled images, or
+    with ``dataset`` a standard partition, e.g. ``("ade20k", "1_128")``: :func:`labeled_keys`), or ``fraction``
+    (random subset of that size, drawn with ``seed``).
     With ``strict``, listed images missing from ``ds`` raise ``KeyError`` naming them.
     """
     given = sum(x is not None for x in (labeled, partition, fraction))
@@ -77,9 +107,7 @@ def split_labeled_unlabeled(
         raise ValueError("give exactly one of labeled=, partition= (with dataset=) or fraction=")
     keys = [row_key(f) for f in ds["file_name"]]
     if partition is not None:
-        if dataset is None:
-            raise ValueError("partition= needs dataset= ('ade20k' or 'coco')")
-        labeled = partition_keys(dataset, partition, data_dir)
+        labeled = labeled_keys(partition, dataset, data_dir)
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -97,6 +125,8 @@ def split_labeled_unlabeled(
         missing = []
         for k in labeled:
             i = index.get(k, index.get(str(k)))
+            if i is None and isinstance(k, str) and k.isdigit():  # an image id read from a text file
+                i = index.get(int(k))
             if i is None:
                 missing.append(str(k))
             else:

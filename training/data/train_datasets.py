@@ -51,6 +51,7 @@ from .transforms import (
     panoptic_to_targets,
     valid_pixel_mask,
 )
+from .unlabeled_images import load_unlabeled_images, merge_unlabeled
 
 __all__ = [
     "MAX_REPLACEMENTS",
@@ -363,8 +364,11 @@ class PanopticDataConfig:
             folders default to the training ones).
         ade20k_root: the ADEChallengeData2016 folder (``ade20k``; replaces the folders).
         class_names_file: class names with synonyms (``id:name,synonym,...`` lines).
-        partition: a shipped labeled partition (e.g. ``1_128``), or
+        partition: the labeled images: a text file listing them, or a shipped partition (e.g. ``1_128``;
+            :func:`training.data.partitions.labeled_keys`), or
         labeled_fraction: a random labeled subset of this share, drawn with `seed`.
+        unlabeled_images_dirs: folders of unannotated images, added to the unlabeled data (the training images
+            outside the labeled partition, if one is given; :mod:`training.data.unlabeled_images`).
         restrict_to_present_classes: keep only the classes annotated in the training images.
         max_eval_images: validate on at most this many images.
         coco_objects_void_to_background: COCO-Objects' void pixels become background (the reference's).
@@ -385,6 +389,7 @@ class PanopticDataConfig:
     class_names_file: str | None = None
     partition: str | None = None
     labeled_fraction: float | None = None
+    unlabeled_images_dirs: tuple[str, ...] = ()
     seed: int = 0
     restrict_to_present_classes: bool = False
     max_eval_images: int | None = None
@@ -444,6 +449,9 @@ def load_training_data(config: PanopticDataConfig) -> PanopticTrainingData:
         train, unlabeled = split_labeled_unlabeled(train, dataset=split_name, partition=c.partition)
     elif c.labeled_fraction:
         train, unlabeled = split_labeled_unlabeled(train, fraction=c.labeled_fraction, seed=c.seed)
+    if c.unlabeled_images_dirs:
+        unlabeled = merge_unlabeled(unlabeled if unlabeled is not None and len(unlabeled) else None,
+                                    load_unlabeled_images(c.unlabeled_images_dirs))
     if c.max_eval_images is not None and val is not None:
         val = val.select(range(min(c.max_eval_images, len(val))))
     return PanopticTrainingData(train, unlabeled, val, class_names)
