@@ -76,3 +76,25 @@ def test_progress_bars_in_a_log_file_are_not_redrawn_every_step(tmp_path):
     plain = _bar_redraws(tmp_path, "")  # tqdm's own default: a redraw every 0.1 s
     ours = _bar_redraws(tmp_path, "import training.run_as_script")
     assert plain >= 8 and ours <= 2, (plain, ours)
+
+
+def test_a_script_of_another_checkout_does_not_shadow_the_standard_library_and_says_whose_code_runs(tmp_path):
+    """``python CLONE/training/ssl.py`` next to an installed checkout: ``import ssl`` is the standard library's (not the
+    script itself), and a warning names the checkout whose code runs."""
+    import os
+
+    clone = tmp_path / "clone"
+    (clone / "modeling_dearli").mkdir(parents=True)
+    (clone / "training").mkdir()
+    script = clone / "training" / "ssl.py"
+    script.write_text("import training.run_as_script  # noqa: F401\nimport ssl\nprint(ssl.__file__)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).parent != clone / "training", done.stdout
+    assert f"runs the project code of {REPO}" in done.stderr and str(clone) in done.stderr, done.stderr
+    # the checkout's own scripts run quietly
+    own = subprocess.run([sys.executable, "training/ssl.py", "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env=env)
+    assert own.returncode == 0 and "warning" not in own.stderr, own.stderr
