@@ -94,6 +94,44 @@ def read_uploads_as_files(image: Any) -> Any:
     return image
 
 
+def write_results_by_rename(image: Any) -> Any:
+    """Make the output ``gr.Image`` `image` store each result picture in Gradio's cache under a name made from its
+    bytes, written to a temporary file and renamed into place, and never write a file of that name again. (Gradio
+    itself rewrites such a file in place whenever another request yields the same picture, so a download of it that
+    is under way reads a shortened file: its client sees the connection close before the declared Content-Length.)
+    Set on the instance, like :func:`read_uploads_as_files`."""
+    import hashlib
+    import tempfile
+
+    from gradio.processing_utils import encode_pil_to_bytes
+    from PIL import Image
+
+    encode = image.postprocess
+
+    def store(picture: Image.Image) -> str:
+        data = encode_pil_to_bytes(picture, image.format)
+        folder = Path(image.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()
+        path = folder / f"image.{image.format}"
+        if path.is_file():  # the same bytes, complete: only a rename puts a file under this name
+            return str(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        return str(path)
+
+    def postprocess(value: Any) -> Any:
+        return encode(store(value) if isinstance(value, Image.Image) else value)
+
+    image.postprocess = postprocess
+    return image
+
+
 def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: bool = False) -> Any:
     """The Gradio Blocks of the demo around a :class:`~training.evaluation.segmenter.Segmenter` (``debug``: errors
     other than unreadable images and vocabularies propagate, with their traceback)."""
@@ -163,11 +201,12 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: boo
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=2):
                 with gr.Row():
-                    decoder_only = gr.Image(label="Decoder only (ensemble_alpha = 1)", type="pil", format="png",
-                                            interactive=False, buttons=["download", "fullscreen"],
-                                            elem_id="decoder-only")
-                    ensembled = gr.Image(label="Ensembled (ensemble_alpha from the slider)", type="pil", format="png",
-                                         interactive=False, buttons=["download", "fullscreen"], elem_id="ensembled")
+                    decoder_only = write_results_by_rename(gr.Image(
+                        label="Decoder only (ensemble_alpha = 1)", type="pil", format="png", interactive=False,
+                        buttons=["download", "fullscreen"], elem_id="decoder-only"))
+                    ensembled = write_results_by_rename(gr.Image(
+                        label="Ensembled (ensemble_alpha from the slider)", type="pil", format="png", interactive=False,
+                        buttons=["download", "fullscreen"], elem_id="ensembled"))
                 status = gr.Markdown(elem_id="status")
                 table = gr.Dataframe(headers=["label", "score", "area (px)"], datatype=["str", "number", "number"],
                                      label="Segments (ensembled)", interactive=False, elem_id="segments")
