@@ -1166,6 +1166,42 @@ def test_evaluate_panoptic_odd_input_is_an_error(case, engine, two_class_folder,
     assert_one_line_error(err, words)
 
 
+REPORT_ONTO_AN_INPUT = {  # case -> (command, the report's path in the copied folders, the flag named)
+    "evaluate_gt_json": ("evaluate", "data/model_order.json", "--gt_json"),
+    "evaluate_gt_png": ("evaluate", "data/panoptic/1.png", "--gt_folder data/panoptic"),
+    "evaluate_model_config": ("evaluate", "model/config.json", "--model_name_or_path model"),
+    "evaluate_image": ("evaluate", "data/images/1.jpg", "--images_dir data/images"),
+    "panoptic_pred_json": ("evaluate_panoptic", "pred.json", "--pred_json"),
+    "panoptic_default_gt_folder": ("evaluate_panoptic", "data/model_order/1.png", "--gt_folder data/model_order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_ONTO_AN_INPUT))
+def test_report_never_replaces_an_input(case, three_class_folders, tiny_model_with_processor_dir, tmp_path,
+                                        load_script, capsys, monkeypatch):
+    """--overwrite replaces an earlier report, never one of the command's inputs or a file inside an input folder."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(three_class_folders["root"], "data")
+    shutil.copytree("data/panoptic", "data/model_order")  # evaluate_panoptic's default folder of data/model_order.json
+    shutil.copytree(tiny_model_with_processor_dir, "model")
+    shutil.copy("data/model_order.json", "pred.json")
+    command, report, flag = REPORT_ONTO_AN_INPUT[case]
+    if command == "evaluate":
+        argv = _evaluate_args(Path("data"), Path("model"), gt_json="model_order.json")
+    else:
+        argv = ["--gt_json", "data/model_order.json", "--pred_json", "pred.json", "--pred_folder", "data/panoptic",
+                "--no_progress"]
+    before = tree_digest(tmp_path)
+    code, err = run_cli(load_script(command).main, [*argv, "--output", report, "--overwrite"], capsys)
+    assert code == 1
+    assert_one_line_error(err, f"{report} is ", f"this command's input {flag}", "write the output to another file")
+    assert tree_digest(tmp_path) == before
+    # A report beside the inputs is written, and replaced with --overwrite.
+    for _ in range(2):
+        code, err = run_cli(load_script(command).main, [*argv, "--output", "report.json", "--overwrite"], capsys)
+        assert code == 0 and json.loads(Path("report.json").read_text())["All"], err
+
+
 def test_evaluate_panoptic_says_when_it_falls_back_to_numpy(two_class_folder, tmp_path, load_script, monkeypatch,
                                                              caplog, capsys):
     """An input hotcoco refuses: --engine hotcoco is an error, --engine auto says it used numpy instead."""
