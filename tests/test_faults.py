@@ -1135,6 +1135,18 @@ def test_push_to_hub_refuses_a_false_report(case, evaluated, tiny_model_with_pro
     assert not (tmp_path / "r" / "README.md").exists()
 
 
+@pytest.mark.parametrize("repo_id", ["bad id!!", "a/b/c", "name-", ""])
+def test_push_to_hub_refuses_a_repo_id_the_hub_refuses(repo_id, tiny_model_with_processor_dir, tmp_path, load_script,
+                                                       capsys):
+    """Checked before anything is written: a folder whose card names an impossible repository is never made."""
+    code, err = run_cli(load_script("push_to_hub").main,
+                        ["--model_name_or_path", str(tiny_model_with_processor_dir), "--repo_id", repo_id,
+                         "--local_dir", str(tmp_path / "r"), "--no_upload"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "argument --repo_id: ", "Repo id must")
+    assert not (tmp_path / "r").exists()
+
+
 def test_push_to_hub_refuses_the_report_of_another_model_with_the_same_classes(evaluated,
                                                                               tiny_model_with_text_tower_dir,
                                                                               tmp_path, load_script, capsys):
