@@ -1135,6 +1135,38 @@ def test_push_to_hub_refuses_a_false_report(case, evaluated, tiny_model_with_pro
     assert not (tmp_path / "r" / "README.md").exists()
 
 
+def _torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+NOT_REFERENCE_CHECKPOINTS = {  # file content -> words of the one-line error
+    "text": (lambda: b"not a checkpoint", "is not a readable PyTorch checkpoint: Unsupported operand"),
+    "empty": (lambda: b"", "is not a readable PyTorch checkpoint: the file is empty"),
+    "truncated": (lambda: _torch_saved({"model": {"w": torch.zeros(4)}})[:300],
+                  "is not a readable PyTorch checkpoint: PytorchStreamReader failed"),
+    "python_objects": (lambda: _torch_saved({"model": {"w": torch.zeros(4)}, "args": Path("cfg")}),
+                       "contains pickled Python objects beyond tensors (Unsupported global: GLOBAL pathlib."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_REFERENCE_CHECKPOINTS))
+def test_reference_checkpoint_that_cannot_be_read_safely_is_named_in_one_line(case, tmp_path):
+    """Only a pickle that names Python objects gets the advice to re-save it by unpickling (if trusted); a file that
+    is no checkpoint at all is called that."""
+    from training.publishing.reference_conversion import ReferenceCheckpointError, load_reference_state_dict
+
+    content, words = NOT_REFERENCE_CHECKPOINTS[case]
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(content())
+    with pytest.raises(ReferenceCheckpointError) as error:
+        load_reference_state_dict(path)
+    message = str(error.value)
+    assert words in message and "\n" not in message, message
+    assert ("weights_only=False" in message) == (case == "python_objects"), message
+
+
 @pytest.mark.parametrize("repo_id", ["bad id!!", "a/b/c", "name-", ""])
 def test_push_to_hub_refuses_a_repo_id_the_hub_refuses(repo_id, tiny_model_with_processor_dir, tmp_path, load_script,
                                                        capsys):
