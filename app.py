@@ -37,10 +37,10 @@ MAX_QUEUED = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from training.cli import ArgumentParser
+    from training import cli
     from training.evaluation.segmenter import DEFAULT_EXAMPLES_DIR, DEFAULT_MODEL_DIR
 
-    parser = ArgumentParser(description=__doc__)  # also --debug
+    parser = cli.ArgumentParser(description=__doc__)  # also --debug
     parser.add_argument("--model", default=None,
                         help=f"Saved model folder or Hub id (default: model/ beside app.py in an exported Space, else "
                              f"{DEFAULT_MODEL_DIR}, the miniature world's trained model).")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     parser.add_argument("--server_name", default=None,
                         help="Address to serve on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME).")
-    parser.add_argument("--server_port", type=int, default=None,
+    parser.add_argument("--server_port", type=cli.port, default=None,
                         help="Port to serve on (default: Gradio's, 7860, or $GRADIO_SERVER_PORT).")
     parser.add_argument("--export_space", default=None, metavar="DIR",
                         help="Write a Hugging Face Space folder (this app, the model, the examples, the dearli code, "
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app.py: no model at {default_model}; create it with `{DEFAULT_MODEL_COMMAND}` (README command 1), or "
               "pass --model with any saved model folder or Hub id.", file=sys.stderr)
         return 2
+    if args.examples is not None and not examples_dir.is_dir():
+        raise cli.CliError(f"--examples {args.examples} is not a folder")
     if args.export_space:
         from training.publishing.space import export_space
 

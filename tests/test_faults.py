@@ -1135,6 +1135,38 @@ def test_push_to_hub_refuses_a_false_report(case, evaluated, tiny_model_with_pro
     assert not (tmp_path / "r" / "README.md").exists()
 
 
+APP_USAGE_ERRORS = {  # case -> (extra arguments, exit code, words of the one-line error)
+    "examples_is_a_file": (["--examples", "{image}", "--export_space", "{tmp}/space"], 1,
+                           "--examples {image} is not a folder"),
+    "examples_missing": (["--examples", "{tmp}/nowhere", "--export_space", "{tmp}/space"], 1,
+                         "--examples {tmp}/nowhere is not a folder"),
+    "port_out_of_range": (["--server_port", "99999"], 2, "argument --server_port: 99999 is outside [0, 65535]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(APP_USAGE_ERRORS))
+def test_app_refuses_bad_locations_before_loading_the_model(case, tiny_model_with_processor_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """An --examples that is no folder (a Space exported without the examples asked for) and a port no socket takes
+    are refused in one line, before the model is loaded."""
+    sys.path.insert(0, str(REPO))
+    import app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("training.evaluation.segmenter.load_segmenter", never)
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    extra, expected_code, words = APP_USAGE_ERRORS[case]
+    fill = {"image": str(image), "tmp": str(tmp_path)}
+    argv = ["--model", str(tiny_model_with_processor_dir), *(a.format(**fill) for a in extra)]
+    code, err = run_cli(app.main, argv, capsys)
+    assert code == expected_code
+    assert_one_line_error(err, words.format(**fill))
+    assert not (tmp_path / "space").exists()
+
+
 def _torch_saved(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

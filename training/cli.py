@@ -29,6 +29,7 @@ __all__ = [
     "CliError",
     "check_output_file",
     "non_negative_int",
+    "port",
     "positive_float",
     "positive_int",
     "prepare_output_dir",
@@ -128,6 +129,8 @@ positive_int = _number(int, 1, None, name="positive integer")
 """Argument type: an int >= 1."""
 non_negative_int = _number(int, 0, None, name="non-negative integer")
 """Argument type: an int >= 0."""
+port = _number(int, 0, 65535, name="port")
+"""Argument type: a TCP port number, 0-65535."""
 
 
 def _one_line(error: BaseException) -> str:
