@@ -38,10 +38,10 @@ MAX_QUEUED = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from training.cli import ArgumentParser
+    from training import cli
     from training.evaluation.segmenter import DEFAULT_EXAMPLES_DIR, DEFAULT_MODEL_DIR
 
-    parser = ArgumentParser(description=__doc__)  # also --debug
+    parser = cli.ArgumentParser(description=__doc__)  # also --debug
     parser.add_argument("--model", default=None,
                         help=f"Saved model folder or Hub id (default: model/ beside app.py in an exported Space, else "
                              f"{DEFAULT_MODEL_DIR}, the miniature world's trained model).")
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     parser.add_argument("--server_name", default=None,
                         help="Address to serve on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME).")
-    parser.add_argument("--server_port", type=int, default=None,
+    parser.add_argument("--server_port", type=cli.port, default=None,
                         help="Port to serve on (default: Gradio's, 7860, or $GRADIO_SERVER_PORT).")
     parser.add_argument("--export_space", default=None, metavar="DIR",
                         help="Write a Hugging Face Space folder (this app, the model, the examples, the dearli code, "
@@ -113,6 +113,44 @@ def read_uploads_as_files(image: Any) -> Any:
         return str(payload.path)
 
     image.preprocess = preprocess
+    return image
+
+
+def write_results_by_rename(image: Any) -> Any:
+    """Make the output ``gr.Image`` `image` store each result picture in Gradio's cache under a name made from its
+    bytes, written to a temporary file and renamed into place, and never write a file of that name again. (Gradio
+    itself rewrites such a file in place whenever another request yields the same picture, so a download of it that
+    is under way reads a shortened file: its client sees the connection close before the declared Content-Length.)
+    Set on the instance, like :func:`read_uploads_as_files`."""
+    import hashlib
+    import tempfile
+
+    from gradio.processing_utils import encode_pil_to_bytes
+    from PIL import Image
+
+    encode = image.postprocess
+
+    def store(picture: Image.Image) -> str:
+        data = encode_pil_to_bytes(picture, image.format)
+        folder = Path(image.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()
+        path = folder / f"image.{image.format}"
+        if path.is_file():  # the same bytes, complete: only a rename puts a file under this name
+            return str(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        return str(path)
+
+    def postprocess(value: Any) -> Any:
+        return encode(store(value) if isinstance(value, Image.Image) else value)
+
+    image.postprocess = postprocess
     return image
 
 
@@ -185,11 +223,12 @@ def build_demo(segmenter: Any, examples: list[Path], model_name: str, debug: boo
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=2):
                 with gr.Row():
-                    decoder_only = gr.Image(label="Decoder only (ensemble_alpha = 1)", type="pil", format="png",
-                                            interactive=False, buttons=["download", "fullscreen"],
-                                            elem_id="decoder-only")
-                    ensembled = gr.Image(label="Ensembled (ensemble_alpha from the slider)", type="pil", format="png",
-                                         interactive=False, buttons=["download", "fullscreen"], elem_id="ensembled")
+                    decoder_only = write_results_by_rename(gr.Image(
+                        label="Decoder only (ensemble_alpha = 1)", type="pil", format="png", interactive=False,
+                        buttons=["download", "fullscreen"], elem_id="decoder-only"))
+                    ensembled = write_results_by_rename(gr.Image(
+                        label="Ensembled (ensemble_alpha from the slider)", type="pil", format="png", interactive=False,
+                        buttons=["download", "fullscreen"], elem_id="ensembled"))
                 status = gr.Markdown(elem_id="status")
                 table = gr.Dataframe(headers=["label", "score", "area (px)"], datatype=["str", "number", "number"],
                                      label="Segments (ensembled)", interactive=False, elem_id="segments")
@@ -222,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app.py: no model at {default_model}; create it with `{DEFAULT_MODEL_COMMAND}` (README command 1), or "
               "pass --model with any saved model folder or Hub id.", file=sys.stderr)
         return 2
+    if args.examples is not None and not examples_dir.is_dir():
+        raise cli.CliError(f"--examples {args.examples} is not a folder")
     if args.export_space:
         if args.onnx is not None:
             raise cli.CliError("--export_space writes the PyTorch model into the Space; leave --onnx out")

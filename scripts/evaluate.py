@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    args.output = cli.report_path(args)
+    args.output = cli.report_path(args, inputs={flag: getattr(args, flag.lstrip("-")) for flag in (
+        "--model_name_or_path", "--dataset_root", "--panoptic_root", "--images_dir", "--gt_json", "--gt_folder",
+        "--from_disk", "--data_dir")})
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else accelerator.device
     ds, names = load_dataset(args)

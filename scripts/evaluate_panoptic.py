@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per_class", action="store_true", help="also print per-class results")
     parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
-    args.output = cli.report_path(args)
+    args.output = cli.report_path(args, inputs={
+        "--gt_json": args.gt_json, "--pred_json": args.pred_json,
+        "--gt_folder": args.gt_folder or args.gt_json.replace(".json", ""),  # the folders' defaults, as read
+        "--pred_folder": args.pred_folder or args.pred_json.replace(".json", "")})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    args.output = cli.report_path(args)
+    args.output = cli.report_path(args, inputs={"--clip_model_config": args.clip_model_config,
+                                                "--clip_weights": args.clip_weights, "--world_dir": args.world_dir})
     if args.num_threads:
         import torch
 

@@ -7,9 +7,10 @@ Starts ``app.py --model MODEL --server_name 127.0.0.1`` in its own process (noth
 segments every test image once with a single client (the reference), then lets ``--clients`` threads, each with its
 own ``gradio_client.Client``, send a random mix of good images (of several sizes) and bad uploads (empty, text named
 .jpg, truncated JPEG, decompression bomb; ``--bad_share`` of the requests) for ``--seconds``. Every request must be
-answered: a good image with exactly the reference's segments, a bad one with the app's one-line refusal. The app
-process's resident memory is sampled throughout; it must not grow by more than ``--max_growth_mb`` from the first to
-the last quarter of the run. Prints requests/s, latency percentiles and peak memory; exit code 1 when any check fails.
+answered: a good image with exactly the reference's segments and result pictures (the downloaded files' bytes), a bad
+one with the app's one-line refusal. The app process's resident memory is sampled throughout; it must not grow by more
+than ``--max_growth_mb`` from the first to the last quarter of the run. Prints requests/s, latency percentiles and
+peak memory; exit code 1 when any check fails.
 Without ``--model`` a tiny randomly initialised DEARLi (3 classes, 96-160 px processor) is saved to a temporary
 folder: the figures then measure the app's request handling more than the network.
 """
@@ -17,6 +18,7 @@ folder: the figures then measure the app's request handling more than the networ
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
+import hashlib
 import io
 import json
 import os
@@ -159,12 +161,14 @@ def connect(url: str, process: subprocess.Popen, timeout: float) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # Requests
 # --------------------------------------------------------------------------------------------------------------------
-def segment(client: Any, path: Path) -> list[list[Any]]:
+def segment(client: Any, path: Path) -> tuple[list[list[Any]], list[str]]:
+    """``(segment table rows, SHA-256 of the two result pictures as downloaded)`` of one request."""
     from gradio_client import handle_file
 
-    _, _, table, _ = client.predict(image=handle_file(str(path)), task="panoptic", ensemble_alpha=0.6,
-                                    api_name="/segment")  # the vocabulary: the app's own
-    return [list(row) for row in table["data"]]
+    decoder_only, ensembled, table, _ = client.predict(image=handle_file(str(path)), task="panoptic",
+                                                       ensemble_alpha=0.6, api_name="/segment")  # the app's vocabulary
+    pictures = [hashlib.sha256(Path(picture).read_bytes()).hexdigest() for picture in (decoder_only, ensembled)]
+    return [list(row) for row in table["data"]], pictures
 
 
 def client_loop(url: str, seed: int, deadline: float, good: list[Path], bad: dict[Path, str], bad_share: float,
@@ -183,9 +187,10 @@ def client_loop(url: str, seed: int, deadline: float, good: list[Path], bad: dic
         started = time.monotonic()
         record = {"file": path.name, "bad": is_bad}
         try:
-            rows = segment(client, path)
+            rows, pictures = segment(client, path)
             record["outcome"] = "wrong: a bad upload was segmented" if is_bad else \
-                ("ok" if rows == expected[path] else "wrong: other segments than a single client's")
+                ("wrong: other segments than a single client's" if rows != expected[path][0] else
+                 "wrong: other pictures than a single client's" if pictures != expected[path][1] else "ok")
         except AppError as error:
             message = str(error)
             record["outcome"] = "ok" if is_bad and message.startswith(bad[path]) and "\n" not in message else \

@@ -42,10 +42,22 @@ from training.publishing.hub import (
 logger = logging.getLogger("push_to_hub")
 
 
+def hub_repo_id(text: str) -> str:
+    """An argparse type: `text` if the Hub accepts it as a repository id (``name`` or ``namespace/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(" ".join(str(error).split())) from None
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--repo_id", required=True, help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
+    parser.add_argument("--repo_id", required=True, type=hub_repo_id,
+                        help="Target Hub repository, e.g. 'user/dearli-ade20k-1-128'.")
     parser.add_argument(
         "--eval_report", type=Path, default=None, help="Evaluation report JSON (All/Things/Stuff, mIoU)."
     )

@@ -1,22 +1,15 @@
 """The web demo under load (scripts/load_test_app.py): 8 concurrent gradio_client clients on 127.0.0.1 for a fixed
 time, a mix of good images and broken uploads. Every request is answered (good images with a single client's
-segments, broken ones with the one-line refusal), no traceback, and the app's memory stays flat."""
+segments and result pictures, byte for byte; broken ones with the one-line refusal), no traceback, and the app's
+memory stays flat."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    # Open problem: with CI=true in the environment, 1-2 of ~140 result downloads fail on the server side (h11
-    # "Too little data for declared Content-Length" in Gradio's file response) and the run fails; without it, 0.
-    pytest.mark.skipif(os.environ.get("CI") == "true", reason="Gradio's result downloads fail intermittently under "
-                       "CI=true (server-side Content-Length error); run it by hand: python -m pytest -m slow "
-                       "tests/test_app_load.py"),
-]
+pytestmark = pytest.mark.slow
 
 
 def test_eight_clients_every_request_answered_and_memory_flat(load_script, tmp_path, capsys):

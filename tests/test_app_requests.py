@@ -136,6 +136,34 @@ def test_sixteen_bit_upload_is_read_as_predict_reads_it(served, tmp_path):
     assert not np.array_equal(np.asarray(wrong[1].picture), np.asarray(expected[1].picture))
 
 
+def test_result_files_are_never_rewritten_in_place(served):
+    """Two requests with the same result share one file in Gradio's cache; a download of it may be under way when the
+    second request's result is stored, so that file is only ever replaced by a rename (a reader keeps the complete
+    bytes it opened), never truncated and written again. Every result picture is served complete."""
+    import os
+
+    _, segmenter, folder, demo = served
+    picture = segmenter.predict(read_image(folder / "examples" / "scene.png"), "panoptic", [1.0, 0.6])[1].picture
+    for elem_id in ("decoder-only", "ensembled"):
+        output = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+        path = Path(output.postprocess(picture).path)
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(picture))
+
+        def written_in_place(store) -> bool:
+            os.utime(path, ns=(0, 0))
+            before = os.stat(path)
+            store()
+            after = os.stat(path)
+            return after.st_ino == before.st_ino and after.st_mtime_ns != before.st_mtime_ns
+
+        assert written_in_place(lambda: path.write_bytes(path.read_bytes()))  # the check sees an in-place write
+        with open(path, "rb") as download:  # under way while an equal result is stored
+            again = Path(output.postprocess(picture.copy()).path)
+            assert again == path and not written_in_place(lambda: output.postprocess(picture.copy()))
+            assert download.read() == path.read_bytes()
+        assert not list(path.parent.glob(".*")), "a staging file was left behind"
+
+
 def test_example_click_segments(served):
     """Clicking an example loads it and runs the segmentation (the same handler as the Segment button)."""
     _, _, _, demo = served

@@ -1135,6 +1135,82 @@ def test_push_to_hub_refuses_a_false_report(case, evaluated, tiny_model_with_pro
     assert not (tmp_path / "r" / "README.md").exists()
 
 
+APP_USAGE_ERRORS = {  # case -> (extra arguments, exit code, words of the one-line error)
+    "examples_is_a_file": (["--examples", "{image}", "--export_space", "{tmp}/space"], 1,
+                           "--examples {image} is not a folder"),
+    "examples_missing": (["--examples", "{tmp}/nowhere", "--export_space", "{tmp}/space"], 1,
+                         "--examples {tmp}/nowhere is not a folder"),
+    "port_out_of_range": (["--server_port", "99999"], 2, "argument --server_port: 99999 is outside [0, 65535]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(APP_USAGE_ERRORS))
+def test_app_refuses_bad_locations_before_loading_the_model(case, tiny_model_with_processor_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """An --examples that is no folder (a Space exported without the examples asked for) and a port no socket takes
+    are refused in one line, before the model is loaded."""
+    sys.path.insert(0, str(REPO))
+    import app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("training.evaluation.segmenter.load_segmenter", never)
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    extra, expected_code, words = APP_USAGE_ERRORS[case]
+    fill = {"image": str(image), "tmp": str(tmp_path)}
+    argv = ["--model", str(tiny_model_with_processor_dir), *(a.format(**fill) for a in extra)]
+    code, err = run_cli(app.main, argv, capsys)
+    assert code == expected_code
+    assert_one_line_error(err, words.format(**fill))
+    assert not (tmp_path / "space").exists()
+
+
+def _torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+NOT_REFERENCE_CHECKPOINTS = {  # file content -> words of the one-line error
+    "text": (lambda: b"not a checkpoint", "is not a readable PyTorch checkpoint: Unsupported operand"),
+    "empty": (lambda: b"", "is not a readable PyTorch checkpoint: the file is empty"),
+    "truncated": (lambda: _torch_saved({"model": {"w": torch.zeros(4)}})[:300],
+                  "is not a readable PyTorch checkpoint: PytorchStreamReader failed"),
+    "python_objects": (lambda: _torch_saved({"model": {"w": torch.zeros(4)}, "args": Path("cfg")}),
+                       "contains pickled Python objects beyond tensors (Unsupported global: GLOBAL pathlib."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_REFERENCE_CHECKPOINTS))
+def test_reference_checkpoint_that_cannot_be_read_safely_is_named_in_one_line(case, tmp_path):
+    """Only a pickle that names Python objects gets the advice to re-save it by unpickling (if trusted); a file that
+    is no checkpoint at all is called that."""
+    from training.publishing.reference_conversion import ReferenceCheckpointError, load_reference_state_dict
+
+    content, words = NOT_REFERENCE_CHECKPOINTS[case]
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(content())
+    with pytest.raises(ReferenceCheckpointError) as error:
+        load_reference_state_dict(path)
+    message = str(error.value)
+    assert words in message and "\n" not in message, message
+    assert ("weights_only=False" in message) == (case == "python_objects"), message
+
+
+@pytest.mark.parametrize("repo_id", ["bad id!!", "a/b/c", "name-", ""])
+def test_push_to_hub_refuses_a_repo_id_the_hub_refuses(repo_id, tiny_model_with_processor_dir, tmp_path, load_script,
+                                                       capsys):
+    """Checked before anything is written: a folder whose card names an impossible repository is never made."""
+    code, err = run_cli(load_script("push_to_hub").main,
+                        ["--model_name_or_path", str(tiny_model_with_processor_dir), "--repo_id", repo_id,
+                         "--local_dir", str(tmp_path / "r"), "--no_upload"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "argument --repo_id: ", "Repo id must")
+    assert not (tmp_path / "r").exists()
+
+
 def test_push_to_hub_refuses_the_report_of_another_model_with_the_same_classes(evaluated,
                                                                               tiny_model_with_text_tower_dir,
                                                                               tmp_path, load_script, capsys):
@@ -1164,6 +1240,42 @@ def test_evaluate_panoptic_odd_input_is_an_error(case, engine, two_class_folder,
                                                                               engine), capsys)
     assert code == 1
     assert_one_line_error(err, words)
+
+
+REPORT_ONTO_AN_INPUT = {  # case -> (command, the report's path in the copied folders, the flag named)
+    "evaluate_gt_json": ("evaluate", "data/model_order.json", "--gt_json"),
+    "evaluate_gt_png": ("evaluate", "data/panoptic/1.png", "--gt_folder data/panoptic"),
+    "evaluate_model_config": ("evaluate", "model/config.json", "--model_name_or_path model"),
+    "evaluate_image": ("evaluate", "data/images/1.jpg", "--images_dir data/images"),
+    "panoptic_pred_json": ("evaluate_panoptic", "pred.json", "--pred_json"),
+    "panoptic_default_gt_folder": ("evaluate_panoptic", "data/model_order/1.png", "--gt_folder data/model_order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_ONTO_AN_INPUT))
+def test_report_never_replaces_an_input(case, three_class_folders, tiny_model_with_processor_dir, tmp_path,
+                                        load_script, capsys, monkeypatch):
+    """--overwrite replaces an earlier report, never one of the command's inputs or a file inside an input folder."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(three_class_folders["root"], "data")
+    shutil.copytree("data/panoptic", "data/model_order")  # evaluate_panoptic's default folder of data/model_order.json
+    shutil.copytree(tiny_model_with_processor_dir, "model")
+    shutil.copy("data/model_order.json", "pred.json")
+    command, report, flag = REPORT_ONTO_AN_INPUT[case]
+    if command == "evaluate":
+        argv = _evaluate_args(Path("data"), Path("model"), gt_json="model_order.json")
+    else:
+        argv = ["--gt_json", "data/model_order.json", "--pred_json", "pred.json", "--pred_folder", "data/panoptic",
+                "--no_progress"]
+    before = tree_digest(tmp_path)
+    code, err = run_cli(load_script(command).main, [*argv, "--output", report, "--overwrite"], capsys)
+    assert code == 1
+    assert_one_line_error(err, f"{report} is ", f"this command's input {flag}", "write the output to another file")
+    assert tree_digest(tmp_path) == before
+    # A report beside the inputs is written, and replaced with --overwrite.
+    for _ in range(2):
+        code, err = run_cli(load_script(command).main, [*argv, "--output", "report.json", "--overwrite"], capsys)
+        assert code == 0 and json.loads(Path("report.json").read_text())["All"], err
 
 
 def test_evaluate_panoptic_says_when_it_falls_back_to_numpy(two_class_folder, tmp_path, load_script, monkeypatch,

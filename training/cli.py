@@ -29,6 +29,7 @@ __all__ = [
     "CliError",
     "check_output_file",
     "non_negative_int",
+    "port",
     "positive_float",
     "positive_int",
     "prepare_output_dir",
@@ -128,6 +129,8 @@ positive_int = _number(int, 1, None, name="positive integer")
 """Argument type: an int >= 1."""
 non_negative_int = _number(int, 0, None, name="non-negative integer")
 """Argument type: an int >= 0."""
+port = _number(int, 0, 65535, name="port")
+"""Argument type: a TCP port number, 0-65535."""
 
 
 def _one_line(error: BaseException) -> str:
@@ -191,24 +194,39 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     JSON report, plus ``--overwrite``; :func:`report_path` resolves them."""
     parser.add_argument("--output", default=None, help="write the JSON report to this file (checked before any work)")
     parser.add_argument("--output_dir", default=None, help="write the JSON report as OUTPUT_DIR/report.json instead")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing report file (never an input or a file inside an input folder)")
 
 
-def report_path(args: argparse.Namespace) -> Path | None:
+def report_path(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> Path | None:
     """The report file of :func:`add_report_arguments`' flags (checked writable, see :func:`check_output_file`), or
-    ``None`` when neither is given."""
+    ``None`` when neither is given. `inputs`: the command's input files and folders by flag (``None`` values are
+    skipped); the report never replaces one of them or a file inside one."""
     if args.output and args.output_dir:
         raise CliError("give --output or --output_dir, not both")
     path = args.output or (Path(args.output_dir) / "report.json" if args.output_dir else None)
-    return None if path is None else check_output_file(path, overwrite=args.overwrite)
+    return None if path is None else check_output_file(path, overwrite=args.overwrite, inputs=inputs)
 
 
-def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that the file `path` can be written (its folder is created) and, unless `overwrite`, does not exist."""
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, inputs: dict[str, Any] | None = None) -> Path:
+    """Check that the file `path` can be written (its folder is created) and, unless `overwrite`, does not exist.
+    `inputs` (flag -> file or folder, ``None`` skipped): an existing `path` that is one of them or lies inside one is
+    refused, `overwrite` or not."""
     path = Path(path)
     if path.is_dir():
         raise CliError(f"{path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise CliError(f"{path} exists (pass --overwrite to replace it)")
+    if path.exists():
+        target = path.resolve()
+        for flag, value in (inputs or {}).items():
+            if value is None or not Path(value).exists():
+                continue
+            source = Path(value).resolve()
+            if target == source:
+                raise CliError(f"{path} is this command's input {flag}: write the output to another file")
+            if source in target.parents:
+                raise CliError(f"{path} is a file of this command's input {flag} {value}: write the output to another "
+                               "file (no file of an input is replaced)")
+        if not overwrite:
+            raise CliError(f"{path} exists (pass --overwrite to replace it)")
     prepare_output_dir(path.parent if str(path.parent) else Path("."))
     return path

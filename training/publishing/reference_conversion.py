@@ -253,11 +253,19 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError and friends
-        raise ReferenceCheckpointError(
-            f"Could not load {path} with torch.load(weights_only=True): {error}\n"
-            "The checkpoint contains pickled Python objects beyond tensors. If you trust its source, re-save only "
-            "the weights first: torch.save({'model': torch.load(path, weights_only=False)['model']}, 'clean.pth')."
-        ) from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        refused = next((line for line in lines if "Unsupported global" in line), None)
+        if refused is not None:  # a readable pickle that names Python objects beyond tensors
+            refused = refused.split(" was not an allowed global")[0].split("error: ")[-1]
+            raise ReferenceCheckpointError(
+                f"Could not load {path} with torch.load(weights_only=True): the checkpoint contains pickled Python "
+                f"objects beyond tensors ({refused}). If you trust its source, re-save only the weights first: "
+                "torch.save({'model': torch.load(path, weights_only=False)['model']}, 'clean.pth')."
+            ) from error
+        reason = "the file is empty" if path.stat().st_size == 0 else \
+            next((line for line in reversed(lines) if line.startswith("Unsupported")), None) or \
+            (lines[0] if lines else type(error).__name__)
+        raise ReferenceCheckpointError(f"{path} is not a readable PyTorch checkpoint: {reason}") from error
     return unwrap_state_dict(checkpoint)
 
 
