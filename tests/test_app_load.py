@@ -16,7 +16,7 @@ def test_eight_clients_every_request_answered_and_memory_flat(load_script, tmp_p
     pytest.importorskip("gradio")
     pytest.importorskip("gradio_client")
     output = tmp_path / "load.json"
-    code = load_script("load_test_app").main(["--clients", "8", "--seconds", "20", "--output", str(output)])
+    code = load_script("load_test_app").main(["--clients", "8", "--seconds", "30", "--output", str(output)])
     figures = json.loads(output.read_text())
     assert code == 0, (figures, capsys.readouterr().err)
     assert figures["failures"] == 0 and figures["tracebacks_in_app_log"] == 0

@@ -28,6 +28,7 @@ __all__ = [
     "HelpFormatter",
     "CliError",
     "check_output_file",
+    "non_negative_float",
     "non_negative_int",
     "port",
     "positive_float",
@@ -129,6 +130,8 @@ positive_int = _number(int, 1, None, name="positive integer")
 """Argument type: an int >= 1."""
 non_negative_int = _number(int, 0, None, name="non-negative integer")
 """Argument type: an int >= 0."""
+non_negative_float = _number(float, 0.0, None, name="non-negative number")
+"""Argument type: a float >= 0."""
 port = _number(int, 0, 65535, name="port")
 """Argument type: a TCP port number, 0-65535."""
 
