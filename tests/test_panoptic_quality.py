@@ -367,6 +367,7 @@ rep = acc.gather().compute()
 if state.is_main_process:
     print("REPORT" + json.dumps({"pq": rep["All"]["pq"], "n": rep["num_images"], "miou": rep["mIoU"]}))
 state.wait_for_everyone()
+state.destroy_process_group()  # exiting with the gloo group alive can abort a rank ("terminate called ...")
 """
 
 
