@@ -1,5 +1,6 @@
-"""The exported ONNX graph in onnxruntime (CPU) against the PyTorch model (fp32, its default forwards), same run, same
-inputs, same number of threads: largest output differences and forward time.
+"""The exported ONNX graph in onnxruntime (CPU) against the PyTorch model (fp32, its default forwards, and under bf16
+autocast where the CPU has native bf16), same run, same inputs, same number of threads: largest output differences and
+forward time.
 
     python scripts/benchmark_onnx.py --onnx_dir outputs/onnx_full            # the full-size model, 640x640
     python scripts/benchmark_onnx.py --model_name_or_path M --onnx_dir O     # a saved model and its export
@@ -7,8 +8,8 @@ inputs, same number of threads: largest output differences and forward time.
 Without ``--model_name_or_path`` the model is the paper's size (OpenCLIP ConvNeXt-B ``convnext_base_w_320``, 200
 queries, 150 classes) with random weights and random unit-norm class embeddings (timing does not depend on the
 weights). ``--onnx_dir`` is reused when it holds an export, else the model is exported there first (minutes).
-PyTorch and onnxruntime run alternately, ``--repeats`` times each after ``--warmup`` runs; the medians and their ratio
-are printed, and written as JSON with ``--output``.
+PyTorch and onnxruntime run alternately, ``--repeats`` times each after ``--warmup`` runs; the medians and their ratios
+are printed, and written as JSON with ``--output``. ``--no_bf16`` leaves the bf16 runs out.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
@@ -42,6 +43,8 @@ def parse_args(argv=None):
                         help="Threads of both runtimes (default: torch's current setting).")
     parser.add_argument("--warmup", type=cli.non_negative_int, default=1, help="Untimed runs of each first.")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="Timed runs of each.")
+    parser.add_argument("--no_bf16", action="store_true",
+                        help="Leave out PyTorch under bf16 autocast (run by default where the CPU has native bf16).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random model and input.")
     parser.add_argument("--output", default=None, help="Also write the results as JSON here.")
     return parser.parse_args(argv)
@@ -64,6 +67,7 @@ def random_full_size_model(clip_model_name: str, num_classes: int, num_queries: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from modeling_dearli.precision import autocast, bf16_supported
     from training.deployment.onnx_export import ONNX_FILE, SIZE_MULTIPLE, export_onnx
     from training.deployment.onnx_runtime import DearliOnnxModel
     from training.pretrained import load_model_and_processor
@@ -92,17 +96,25 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             return model(pixel_values=pixel_values, output_clip_logits=True)
 
+    def run_torch_bf16():
+        with torch.inference_mode(), autocast("cpu", bf16=True):
+            return model(pixel_values=pixel_values, output_clip_logits=True)
+
     def run_onnx():
         return runtime(pixel_values=pixel_values)
+
+    runs = {"pytorch_fp32": run_torch, "onnxruntime": run_onnx}
+    if not args.no_bf16 and bf16_supported("cpu"):
+        runs["pytorch_bf16"] = run_torch_bf16
 
     expected, got = run_torch(), run_onnx()
     differences = {n: float((getattr(got, n) - getattr(expected, n)).abs().max()) for n in names}
     for _ in range(args.warmup):
-        run_torch()
-        run_onnx()
-    seconds = {"pytorch_fp32": [], "onnxruntime": []}
-    for _ in range(args.repeats):  # alternately, so that load on the machine affects both alike
-        for key, fn in (("pytorch_fp32", run_torch), ("onnxruntime", run_onnx)):
+        for fn in runs.values():
+            fn()
+    seconds = {key: [] for key in runs}
+    for _ in range(args.repeats):  # alternately, so that load on the machine affects all alike
+        for key, fn in runs.items():
             start = time.perf_counter()
             fn()
             seconds[key].append(time.perf_counter() - start)
@@ -118,11 +130,16 @@ def main(argv=None) -> int:
         "median_seconds": medians,
         "onnxruntime_over_pytorch": medians["onnxruntime"] / medians["pytorch_fp32"],
     }
+    if "pytorch_bf16" in medians:
+        result["pytorch_bf16_over_pytorch"] = medians["pytorch_bf16"] / medians["pytorch_fp32"]
     print(f"input {tuple(result['input'])}, {threads} threads, {args.repeats} runs each (median):")
     print("  largest |onnxruntime - PyTorch|: " + ", ".join(f"{n} {d:.1e}" for n, d in differences.items()))
     print(f"  PyTorch fp32  {medians['pytorch_fp32']:.3f} s")
     ratio = result["onnxruntime_over_pytorch"]
-    print(f"  onnxruntime   {medians['onnxruntime']:.3f} s   ({ratio:.2f}x PyTorch's time)")
+    print(f"  onnxruntime   {medians['onnxruntime']:.3f} s   ({ratio:.2f}x PyTorch fp32's time)")
+    if "pytorch_bf16" in medians:
+        print(f"  PyTorch bf16  {medians['pytorch_bf16']:.3f} s   ({result['pytorch_bf16_over_pytorch']:.2f}x PyTorch "
+              "fp32's time)")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     return 0
