@@ -33,7 +33,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from training.benchmarking import load_average, median
+from training.benchmarking import PartClock, load_average, median
 
 logger = logging.getLogger("benchmark_forward")
 
@@ -85,48 +84,13 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     return model.to(device)
 
 
-class Timer:
-    """Wall-clock and process CPU seconds of labelled intervals (CUDA-synchronised on a GPU)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
-        self._start: dict[str, tuple[float, float]] = {}
-
-    def now(self) -> tuple[float, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter(), time.process_time()
-
-    def start(self, name: str) -> None:
-        self._start[name] = self.now()
-
-    def stop(self, name: str) -> None:
-        (wall0, cpu0), (wall1, cpu1) = self._start.pop(name), self.now()
-        self.seconds[name] = self.seconds.get(name, 0.0) + wall1 - wall0
-        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + cpu1 - cpu0
-
-    def reset(self) -> None:
-        self.seconds, self.cpu_seconds = {}, {}
-
-
-def instrument(model: Any, timer: Timer) -> Callable[[], None]:
+def instrument(model: Any, timer: PartClock) -> Callable[[], None]:
     """Time the backbone, the two decoders (forward hooks) and the mask pooling (a wrapper); returns the undo."""
     handles = []
     for name, module in (("backbone", model.backbone), ("pixel_decoder", model.pixel_decoder),
                          ("transformer_decoder", model.transformer_module)):
-        handles.append(module.register_forward_pre_hook(lambda *_, n=name: timer.start(n)))
-        handles.append(module.register_forward_hook(lambda *_, n=name: timer.stop(n)))
-    pool = model.clip_classify_masks
-
-    def timed_pool(*a: Any, **k: Any) -> Any:
-        timer.start("mask_pooling")
-        out = pool(*a, **k)
-        timer.stop("mask_pooling")
-        return out
-
-    model.clip_classify_masks = timed_pool
+        handles += timer.time_forward(module, name)
+    model.clip_classify_masks = timer.wrap(model.clip_classify_masks, "mask_pooling")
 
     def undo() -> None:
         for h in handles:
@@ -148,7 +112,7 @@ def benchmark_forward(args: argparse.Namespace, model: Any, device: torch.device
     processor = DearliImageProcessor.from_model_config(model.config)
     generator = torch.Generator().manual_seed(args.seed + batch_size)
     pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
-    timer = Timer(device)
+    timer = PartClock(device)
     undo = instrument(model, timer)
     runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in args.implementations}
     peak_memory: dict[str, int] = {}
@@ -173,7 +137,7 @@ def benchmark_forward(args: argparse.Namespace, model: Any, device: torch.device
                 del outputs
                 if repeat >= args.warmup:
                     measured = {}
-                    for clock, values in (("wall", timer.seconds), ("cpu", timer.cpu_seconds)):
+                    for clock, values in (("wall", timer.wall), ("cpu", timer.cpu)):
                         values = dict(values)
                         parts = ("backbone", "pixel_decoder", "transformer_decoder", "mask_pooling")
                         values["heads"] = values["forward"] - sum(values[p] for p in parts)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from training import cli
-from training.benchmarking import load_average, median
+from training.benchmarking import PartClock, load_average, median
 from training.data.package_data import COCO_PANOPTIC_SAMPLE
 
 logger = logging.getLogger("benchmark_training")
@@ -188,16 +188,12 @@ class Steps:
 # --------------------------------------------------------------------------------------------------------------------
 # Timing by part
 # --------------------------------------------------------------------------------------------------------------------
-class PartTimer:
+class PartTimer(PartClock):
     """Process-CPU and wall seconds of the parts of one step, through forward hooks on the student's and the
     teacher's modules (the backbone is one object, shared) and a wrapper of ``accelerator.backward``."""
 
     def __init__(self, steps: Steps) -> None:
-        self.cuda = steps.accelerator.device.type == "cuda"
-        self.cpu: dict[str, float] = {}
-        self.wall: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self._open: dict[str, tuple[float, float]] = {}
+        super().__init__(steps.accelerator.device)
         models = [steps.student, steps.teacher.teacher]
         modules = [("backbone", steps.student.backbone)]
         for model in models:
@@ -208,36 +204,12 @@ class PartTimer:
             if id(module) in seen:  # shared by student and teacher (the backbone, the loss)
                 continue
             seen.add(id(module))
-            self.handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.start(n)))
-            self.handles.append(module.register_forward_hook(lambda *_, n=name: self.stop(n)))
-        backward = steps.accelerator.backward
-
-        def timed_backward(*args: Any, **kwargs: Any) -> Any:
-            self.start("backward")
-            try:
-                return backward(*args, **kwargs)
-            finally:
-                self.stop("backward")
-
-        steps.accelerator.backward = timed_backward
-
-    def now(self) -> tuple[float, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.process_time(), time.perf_counter()
-
-    def start(self, name: str) -> None:
-        self._open[name] = self.now()
-
-    def stop(self, name: str) -> None:
-        (cpu0, wall0), (cpu1, wall1) = self._open.pop(name), self.now()
-        self.cpu[name] = self.cpu.get(name, 0.0) + cpu1 - cpu0
-        self.wall[name] = self.wall.get(name, 0.0) + wall1 - wall0
-        self.calls[name] = self.calls.get(name, 0) + 1
+            self.handles += self.time_forward(module, name)
+        steps.accelerator.backward = self.wrap(steps.accelerator.backward, "backward")
 
     def measure(self, fn: Callable[[], None]) -> dict[str, dict[str, float]]:
         """Run one step; returns ``{"cpu"|"wall": {part: seconds, "step": seconds}, "backbone_calls": n}``."""
-        self.cpu, self.wall, self.calls = {}, {}, {}
+        self.reset()
         self.start("step")
         fn()
         self.stop("step")
