@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "DatasetSourceError",
     "load_dataset_splits",
     "looks_like_hub_id",
+    "open_splits",
     "to_panoptic_rows",
     "write_dataset_folder",
 ]
@@ -84,30 +85,54 @@ def _is_saved_to_disk(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-def _open_splits(name: str, config_name: str | None) -> tuple[Mapping[str, Any], Path | None]:
-    """``{split: datasets.Dataset}`` of `name` (a ``save_to_disk`` folder, a folder ``load_dataset`` reads, or a
-    Hub id) and the local folder, if any."""
+def open_splits(
+    name: str, splits: Sequence[str], config_name: str | None = None, required: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[str], Path | None]:
+    """The `splits` of `name` (a ``save_to_disk`` folder, a folder ``load_dataset`` reads, or a Hub id) that it has,
+    as ``{split: datasets.Dataset}``; only these are read (and prepared into the cache, one split at a time: a split
+    nobody asks for is never opened). Also returns all of its split names and its local folder, if any.
+
+    Args:
+        name: a Hub dataset id or a local folder.
+        splits: the split names wanted.
+        config_name: the dataset's configuration (``load_dataset``'s second argument).
+        required: ``{split: flag}``: splits that must exist; a missing one raises :class:`DatasetSourceError` naming
+            the flag, before any split is read.
+    """
     import datasets
 
+    def check(available: list[str]) -> None:
+        for split, flag in (required or {}).items():
+            if split not in available:
+                raise DatasetSourceError(f"{name} has no split {split!r} (splits: {', '.join(available)}): pass {flag}")
+
     folder = Path(name).expanduser()
-    if folder.is_dir():
-        if _is_saved_to_disk(folder):
-            loaded = datasets.load_from_disk(str(folder))
-            if isinstance(loaded, datasets.Dataset):
-                loaded = datasets.DatasetDict({"train": loaded})
-            return loaded, folder
-        return datasets.load_dataset(str(folder), config_name), folder
-    if Path(name).exists():
-        raise DatasetSourceError(f"{name} is a file, not a dataset folder or Hub id")
-    if not looks_like_hub_id(name):
-        raise DatasetSourceError(f"{name!r} is neither a local dataset folder nor a Hub dataset id ('owner/name')")
-    return datasets.load_dataset(name, config_name), None
-
-
-def _split(splits: Mapping[str, Any], split: str, name: str, flag: str) -> Any:
-    if split not in splits:
-        raise DatasetSourceError(f"{name} has no split {split!r} (splits: {', '.join(splits)}): pass {flag}")
-    return splits[split]
+    if folder.is_dir() and _is_saved_to_disk(folder):
+        if (folder / "state.json").is_file():  # one Dataset: the split "train"
+            check(["train"])
+            return ({"train": datasets.load_from_disk(str(folder))} if "train" in splits else {}), ["train"], folder
+        available = [str(s) for s in json.loads((folder / "dataset_dict.json").read_text())["splits"]]
+        check(available)
+        opened = {s: datasets.load_from_disk(str(folder / s)) for s in dict.fromkeys(splits) if s in available}
+        return opened, available, folder
+    if not folder.is_dir():
+        if Path(name).exists():
+            raise DatasetSourceError(f"{name} is a file, not a dataset folder or Hub id")
+        if not looks_like_hub_id(name):
+            raise DatasetSourceError(f"{name!r} is neither a local dataset folder nor a Hub dataset id ('owner/name')")
+        folder = None
+    path = str(folder) if folder is not None else name
+    builder = datasets.load_dataset_builder(path, config_name)
+    files = builder.config.data_files
+    available = list(files) if files else list(builder.info.splits or {})
+    check(available)
+    opened = {}
+    for split in dict.fromkeys(splits):
+        if split in available:
+            # This split's files only: load_dataset prepares every split it is given files for.
+            kwargs = {"data_files": {split: files[split]}} if files else {}
+            opened[split] = datasets.load_dataset(path, config_name, split=split, **kwargs)
+    return opened, available, folder
 
 
 def _hub_categories(name: str) -> Path | None:
@@ -232,21 +257,18 @@ def load_dataset_splits(
         splits: ``{role: split}`` (e.g. ``{"train": "train", "validation": "validation"}``); a split of ``None``
             gives ``None``. The keys name the flags in errors (``--<role>_split``, or ``--<role>`` for a role ending
             in ``split``); a role ending in ``?`` is optional: ``None`` when the dataset lacks that split.
+            Only these splits are read (:func:`open_splits`).
         config_name: the dataset's configuration (``load_dataset``'s second argument).
         columns: the column names (:class:`DatasetColumns`).
         class_names_file: replaces the dataset's label space (module docstring).
     """
     columns = columns or DatasetColumns()
-    available, folder = _open_splits(name, config_name)
-    chosen: dict[str, tuple[str, Any] | None] = {}
-    for role, split in splits.items():
-        optional = role.endswith("?")
-        role = role.rstrip("?")
-        if split is None or (optional and split not in available):
-            chosen[role] = None
-            continue
-        chosen[role] = split, _split(available, split, name, f"--{role}" if role.endswith("split") else
-                                     f"--{role}_split")
+    required = {split: f"--{role}" if role.endswith("split") else f"--{role}_split"
+                for role, split in splits.items() if split is not None and not role.endswith("?")}
+    opened, available, folder = open_splits(name, [s for s in splits.values() if s is not None], config_name,
+                                            required=required)
+    chosen = {role.rstrip("?"): None if split not in opened else (split, opened[split])
+              for role, split in splits.items()}
     first = next((ds for _, ds in filter(None, chosen.values())), None)
     if first is None:
         raise DatasetSourceError(f"{name}: none of the splits {list(splits.values())} is there "
