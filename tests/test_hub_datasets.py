@@ -304,3 +304,48 @@ def test_class_names_file_replaces_the_categories_file(worlds, tmp_path):
     shutil.copytree(hf / "data", bare / "data")
     with pytest.raises(DatasetSourceError, match="has no categories.json to tell things from stuff"):
         load_dataset_splits(str(bare), {"train": "train"}, class_names_file=lines)
+
+
+def test_masks_and_dewa_read_the_dataset_as_its_image_folder(worlds, tmp_path, load_script):
+    """Class-agnostic masks generated from the 🤗 dataset folder equal those generated from its image folder, keyed
+    by the dataset's image_id; DeWa joins them to the dataset's rows and gets the batches of the image folder."""
+    from training.arguments import mask_training_dataset, parse_args
+    from training.data.hub_datasets import DatasetSourceError, load_image_split
+    from training.data.mask_reading import load_masks
+    from training.loop import build_train_dataloader
+
+    coco, hf = worlds
+    images = W.world_paths(coco, "train")["images"]
+    generate = load_script("generate_sam_masks")
+    common = ["--mask_source", "felzenszwalb", "--no_progress", "--shard_size", "4", "--log_level", "WARNING"]
+    assert generate.main(["--image_dir", str(images), "--output_dir", str(tmp_path / "from_folder"), *common]) == 0
+    assert generate.main(["--dataset_name", str(hf), "--split", "train", "--output_dir", str(tmp_path / "from_hf"),
+                          *common]) == 0
+    from_folder, from_hf = load_masks(tmp_path / "from_folder"), load_masks(tmp_path / "from_hf")
+    assert from_hf["file_name"] == from_folder["file_name"] and len(from_hf) == 6
+    assert from_hf["image_id"] == [str(i) for i in load_image_split(str(hf), "train")["image_id"]]
+    assert from_folder["image_id"] == [Path(f).stem for f in from_folder["file_name"]]
+    for ours, theirs in zip(from_hf, from_folder):
+        assert ours["num_masks"] > 0 and (ours["height"], ours["width"]) == (theirs["height"], theirs["width"])
+        assert json.dumps(ours["masks"]) == json.dumps(theirs["masks"])  # (Felzenszwalb's scores are NaN)
+
+    def first_batch(*argv: str) -> dict:
+        args = parse_args("dewa", [*argv, "--crop_size", "64", "--seed", "5", "--output_dir", str(tmp_path / "o")])
+        return next(iter(build_train_dataloader(mask_training_dataset(args), 2, 1, seed=args.seed)))
+
+    folder_batch = first_batch("--masks_dir", str(tmp_path / "from_folder"), "--image_dir", str(images))
+    hf_batch = first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf))
+    ids = {k for k in folder_batch if "image_id" in k}
+    assert ids and folder_batch["mask_labels"][0].shape[0] > 0
+    _assert_equal({k: v for k, v in hf_batch.items() if k not in ids},
+                  {k: v for k, v in folder_batch.items() if k not in ids}, "DeWa batch")
+
+    both = parse_args("dewa", ["--masks_dir", str(tmp_path / "from_hf"), str(tmp_path / "from_folder"),
+                               "--dataset_name", str(hf), "--image_dir", str(images), "--output_dir", str(tmp_path)])
+    mixed = mask_training_dataset(both)  # the split's masks, then the folder's
+    assert len(mixed) == 12 and mixed[(0, 1)]["image_id"] == from_hf["image_id"][0]
+    assert torch.equal(mixed[(6, 1)]["pixel_values"], mixed[(0, 1)]["pixel_values"])
+    with pytest.raises(DatasetSourceError, match=r"has no split 'unlabeled' \(splits: train, validation\): pass --tr"):
+        first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf), "--train_split", "unlabeled")
+    with pytest.raises(ValueError, match="6 of 6 mask records have no image in .*another --id_column"):
+        first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf), "--id_column", "file_name")
