@@ -258,8 +258,12 @@ def test_only_the_requested_splits_are_read(worlds, tmp_path, load_script):
     shutil.copytree(hf, broken)
     (broken / "data" / "test-00000-of-00001.parquet").write_bytes(b"not a parquet file")
     card = (broken / "README.md").read_text()
-    (broken / "README.md").write_text(card.replace("    path: data/train-*\n",
-                                                   "    path: data/train-*\n  - split: test\n    path: data/test-*\n"))
+    card = card.replace("    path: data/train-*\n", "    path: data/train-*\n  - split: test\n    path: data/test-*\n")
+    # as Hub cards do, the card records every split's size (which a load of some splits must not verify against)
+    info = "".join(f"  - name: {split}\n    num_examples: {n}\n    num_bytes: {100 * n}\n"
+                   for split, n in (("train", 6), ("validation", 2), ("test", 3)))
+    card = card.replace("task_categories:", f"dataset_info:\n  splits:\n{info}task_categories:")
+    (broken / "README.md").write_text(card)
     with pytest.raises(Exception):  # the broken split itself is unreadable
         datasets.load_dataset(str(broken), split="test")
     argv = ["--dataset_name", str(broken), "--labeled_fraction", "0.5", "--output_dir", str(tmp_path / "o")]
