@@ -4,6 +4,11 @@
         --output_dir sam_masks/coco
     accelerate launch scripts/generate_sam_masks.py ...      # one share of the images per process
 
+The images of a 🤗 dataset (a Hub id or a local folder; only the split asked for is read) get masks the same way:
+
+    python scripts/generate_sam_masks.py --dataset_name data/miniature_hf --split train --mask_source felzenszwalb \\
+        --output_dir masks/train
+
 Without SAM weights, an unsupervised algorithm writes masks in the same format (DeWa reads them the same way):
 
     python scripts/generate_sam_masks.py --mask_source felzenszwalb --image_dir world/images/train \\
@@ -25,6 +30,7 @@ import logging
 from pathlib import Path
 
 from training import cli
+from training.data.hub_datasets import load_image_split
 from training.data.mask_generation import generate_masks
 from training.data.sam_models import SAM_MODEL_REGISTRY, SamGeneratorConfig
 from training.data.unsupervised_masks import MASK_SOURCES, FelzenszwalbConfig, FelzenszwalbMaskGenerator
@@ -36,14 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SamGeneratorConfig()
     felzenszwalb_defaults = FelzenszwalbConfig()
     parser = cli.ArgumentParser(description=__doc__)
+    parser.add_hidden_alias("--dataset", "--dataset_name")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_dir", help="folder of images (searched recursively; id = relative path w/o suffix)")
-    source.add_argument("--dataset", help="a 🤗 dataset saved with save_to_disk (Dataset or DatasetDict)")
-    parser.add_argument("--split", default=None, help="split of a DatasetDict given with --dataset")
-    parser.add_argument("--image_column", default="image", help="image column of --dataset")
-    parser.add_argument(
-        "--id_column", default=None, help="id column of --dataset (default: image_id or id if present, else the row)"
-    )
+    source.add_argument("--dataset_name",
+                        help="a 🤗 dataset instead: a Hub id (owner/name) or a local folder (save_to_disk output, or "
+                             "files datasets.load_dataset reads, e.g. parquet shards); only --split is read")
+    parser.add_argument("--dataset_config_name", default=None,
+                        help="--dataset_name: its configuration (the second argument of datasets.load_dataset)")
+    parser.add_argument("--split", default="train", help="--dataset_name: the split whose images get masks")
+    parser.add_argument("--image_column", default="image", help="--dataset_name: the image column")
+    parser.add_argument("--id_column", default=None,
+                        help="--dataset_name: the column that names each image in the masks (default: image_id or id "
+                             "if present, else the row number); DeWa joins masks to the dataset's rows by it (give "
+                             "training/dewa.py the same --id_column)")
     parser.add_argument("--mask_source", default="sam", choices=MASK_SOURCES,
                         help="'sam': SAM's automatic mask generator (needs --sam_checkpoint); 'felzenszwalb': "
                              "Felzenszwalb's graph-based segmentation (scikit-image, no weights; "
@@ -141,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_dir:
         source = args.image_dir
     else:
-        import datasets
-
-        source = datasets.load_from_disk(args.dataset)
-        if isinstance(source, datasets.DatasetDict):
-            if args.split is None:
-                raise cli.CliError(f"--dataset holds splits {list(source)}; choose one with --split")
-            source = source[args.split]
+        source = load_image_split(args.dataset_name, args.split, config_name=args.dataset_config_name,
+                                  image_column=args.image_column)
     config = SamGeneratorConfig(
         model_type=args.model_type,
         points_per_side=args.points_per_side,
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if stats.num_images + stats.num_failed + stats.num_skipped == 0:
-        raise cli.CliError(f"no images found in {args.image_dir or args.dataset}")
+        raise cli.CliError(f"no images found in {args.image_dir or args.dataset_name}")
     without_masks = images_still_without_masks(args.output_dir) if main_process else []
     failed = max(stats.num_failed, len(without_masks))
     if failed and not args.allow_skips:

@@ -4,6 +4,7 @@ with one clear line."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -208,32 +209,85 @@ def test_supervised_trains_and_evaluate_scores_on_the_folder(worlds, tmp_path, f
 
 
 def test_a_hub_id_is_loaded_with_its_categories_file(worlds, tmp_path, monkeypatch):
-    """A Hub id goes to datasets.load_dataset with its configuration, and the label space comes from the
-    repository's categories.json (both served from the local folder here: the tests do not download)."""
+    """A Hub id goes to datasets.load_dataset with its configuration, one requested split at a time, and the label
+    space comes from the repository's categories.json (all served from the local folder here: the tests do not
+    download)."""
     import datasets
     import huggingface_hub
 
     _, hf = worlds
     calls = []
-    load = datasets.load_dataset
+    load, load_builder = datasets.load_dataset, datasets.load_dataset_builder
+
+    def fake_load_dataset_builder(name, config_name=None, **kwargs):
+        calls.append(("load_dataset_builder", name, config_name))
+        return load_builder(str(hf), **kwargs)
 
     def fake_load_dataset(name, config_name=None, **kwargs):
-        calls.append(("load_dataset", name, config_name))
+        calls.append(("load_dataset", name, config_name, kwargs["split"], sorted(kwargs["data_files"])))
         return load(str(hf), **kwargs)
 
     def fake_download(repo_id, filename, repo_type=None, **kwargs):
         calls.append(("hf_hub_download", repo_id, filename, repo_type))
         return str(hf / filename)
 
+    monkeypatch.setattr(datasets, "load_dataset_builder", fake_load_dataset_builder)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     from training.data.hub_datasets import load_dataset_splits
 
     splits, names = load_dataset_splits("me/miniature-world", {"train": "train", "validation": "validation"},
                                         config_name="default")
-    assert calls == [("load_dataset", "me/miniature-world", "default"),
+    assert calls == [("load_dataset_builder", "me/miniature-world", "default"),
+                     ("load_dataset", "me/miniature-world", "default", "train", ["train"]),
+                     ("load_dataset", "me/miniature-world", "default", "validation", ["validation"]),
                      ("hf_hub_download", "me/miniature-world", "categories.json", "dataset")]
     assert len(splits["train"]) == 6 and len(splits["validation"]) == 2 and len(names) == len(W.CLASSES)
+
+
+def test_only_the_requested_splits_are_read(worlds, tmp_path, load_script):
+    """A split nobody asks for is never opened: here its parquet file is not parquet at all (and a save_to_disk split
+    is an empty folder). Training data, evaluation and the missing-split error work as without it."""
+    import datasets
+
+    from training.arguments import load_panoptic_training_data, parse_args
+    from training.data.hub_datasets import DatasetSourceError, load_dataset_splits
+
+    coco, hf = worlds
+    broken = tmp_path / "broken"
+    shutil.copytree(hf, broken)
+    (broken / "data" / "test-00000-of-00001.parquet").write_bytes(b"not a parquet file")
+    card = (broken / "README.md").read_text()
+    card = card.replace("    path: data/train-*\n", "    path: data/train-*\n  - split: test\n    path: data/test-*\n")
+    # as Hub cards do, the card records every split's size (which a load of some splits must not verify against)
+    info = "".join(f"  - name: {split}\n    num_examples: {n}\n    num_bytes: {100 * n}\n"
+                   for split, n in (("train", 6), ("validation", 2), ("test", 3)))
+    card = card.replace("task_categories:", f"dataset_info:\n  splits:\n{info}task_categories:")
+    (broken / "README.md").write_text(card)
+    with pytest.raises(Exception):  # the broken split itself is unreadable
+        datasets.load_dataset(str(broken), split="test")
+    argv = ["--dataset_name", str(broken), "--labeled_fraction", "0.5", "--output_dir", str(tmp_path / "o")]
+    data = load_panoptic_training_data(parse_args("ssl", argv))
+    assert len(data.labeled) + len(data.unlabeled) == 6 and len(data.validation) == 2
+    with pytest.raises(DatasetSourceError, match=r"has no split 'val' \(splits: train, test, validation\): pass --v"):
+        load_panoptic_training_data(parse_args("ssl", [*argv, "--validation_split", "val"]))
+
+    evaluate = load_script("evaluate")
+    args = argparse.Namespace(dataset=str(broken), split="validation", dataset_config_name=None, image_column="image",
+                              panoptic_column=None, segments_info_column="segments_info", class_names_file=None)
+    validation, names = evaluate.load_dataset(args)  # what scripts/evaluate.py --dataset <folder> reads
+    assert validation["file_name"] == data.validation["file_name"] and names == data.class_names
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.load_dataset(str(hf), split="train"),
+                          "test": datasets.Dataset.from_dict({"x": [1]})}).save_to_disk(saved)
+    shutil.rmtree(saved / "test")
+    (saved / "test").mkdir()
+    shutil.copy(hf / "categories.json", saved / "categories.json")
+    splits, _ = load_dataset_splits(str(saved), {"train": "train", "validation?": "validation"})
+    assert len(splits["train"]) == 6 and splits["validation"] is None
+    with pytest.raises(DatasetSourceError, match=r"has no split 'val' \(splits: train, test\): pass --validation_s"):
+        load_dataset_splits(str(saved), {"train": "train", "validation": "val"})
 
 
 def test_class_names_file_replaces_the_categories_file(worlds, tmp_path):
@@ -254,3 +308,48 @@ def test_class_names_file_replaces_the_categories_file(worlds, tmp_path):
     shutil.copytree(hf / "data", bare / "data")
     with pytest.raises(DatasetSourceError, match="has no categories.json to tell things from stuff"):
         load_dataset_splits(str(bare), {"train": "train"}, class_names_file=lines)
+
+
+def test_masks_and_dewa_read_the_dataset_as_its_image_folder(worlds, tmp_path, load_script):
+    """Class-agnostic masks generated from the 🤗 dataset folder equal those generated from its image folder, keyed
+    by the dataset's image_id; DeWa joins them to the dataset's rows and gets the batches of the image folder."""
+    from training.arguments import mask_training_dataset, parse_args
+    from training.data.hub_datasets import DatasetSourceError, load_image_split
+    from training.data.mask_reading import load_masks
+    from training.loop import build_train_dataloader
+
+    coco, hf = worlds
+    images = W.world_paths(coco, "train")["images"]
+    generate = load_script("generate_sam_masks")
+    common = ["--mask_source", "felzenszwalb", "--no_progress", "--shard_size", "4", "--log_level", "WARNING"]
+    assert generate.main(["--image_dir", str(images), "--output_dir", str(tmp_path / "from_folder"), *common]) == 0
+    assert generate.main(["--dataset_name", str(hf), "--split", "train", "--output_dir", str(tmp_path / "from_hf"),
+                          *common]) == 0
+    from_folder, from_hf = load_masks(tmp_path / "from_folder"), load_masks(tmp_path / "from_hf")
+    assert from_hf["file_name"] == from_folder["file_name"] and len(from_hf) == 6
+    assert from_hf["image_id"] == [str(i) for i in load_image_split(str(hf), "train")["image_id"]]
+    assert from_folder["image_id"] == [Path(f).stem for f in from_folder["file_name"]]
+    for ours, theirs in zip(from_hf, from_folder):
+        assert ours["num_masks"] > 0 and (ours["height"], ours["width"]) == (theirs["height"], theirs["width"])
+        assert json.dumps(ours["masks"]) == json.dumps(theirs["masks"])  # (Felzenszwalb's scores are NaN)
+
+    def first_batch(*argv: str) -> dict:
+        args = parse_args("dewa", [*argv, "--crop_size", "64", "--seed", "5", "--output_dir", str(tmp_path / "o")])
+        return next(iter(build_train_dataloader(mask_training_dataset(args), 2, 1, seed=args.seed)))
+
+    folder_batch = first_batch("--masks_dir", str(tmp_path / "from_folder"), "--image_dir", str(images))
+    hf_batch = first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf))
+    ids = {k for k in folder_batch if "image_id" in k}
+    assert ids and folder_batch["mask_labels"][0].shape[0] > 0
+    _assert_equal({k: v for k, v in hf_batch.items() if k not in ids},
+                  {k: v for k, v in folder_batch.items() if k not in ids}, "DeWa batch")
+
+    both = parse_args("dewa", ["--masks_dir", str(tmp_path / "from_hf"), str(tmp_path / "from_folder"),
+                               "--dataset_name", str(hf), "--image_dir", str(images), "--output_dir", str(tmp_path)])
+    mixed = mask_training_dataset(both)  # the split's masks, then the folder's
+    assert len(mixed) == 12 and mixed[(0, 1)]["image_id"] == from_hf["image_id"][0]
+    assert torch.equal(mixed[(6, 1)]["pixel_values"], mixed[(0, 1)]["pixel_values"])
+    with pytest.raises(DatasetSourceError, match=r"has no split 'unlabeled' \(splits: train, validation\): pass --tr"):
+        first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf), "--train_split", "unlabeled")
+    with pytest.raises(ValueError, match="6 of 6 mask records have no image in .*another --id_column"):
+        first_batch("--masks_dir", str(tmp_path / "from_hf"), "--dataset_name", str(hf), "--id_column", "file_name")

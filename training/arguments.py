@@ -27,7 +27,7 @@ import yaml
 
 from . import cli, earlier_names
 from .data.color_augmentation import COLOR_AUGMENTATIONS, ColorAugSSD
-from .data.hub_datasets import DatasetColumns, looks_like_hub_id
+from .data.hub_datasets import DatasetColumns, DatasetImages, load_image_split, looks_like_hub_id
 from .data.panoptic_datasets import NAMED_DATASETS
 from .data.resolutions import evaluation_size
 from .data.train_datasets import (
@@ -311,6 +311,18 @@ def add_mask_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--image_dir", type=str, nargs="+", default=None,
                    help="Image folder(s) the masks were generated from (a record's image is image_dir/file_name); "
                         "one per --masks_dir, or one for all.")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="The 🤗 dataset the masks were generated from (scripts/generate_sam_masks.py "
+                        "--dataset_name), a Hub id (owner/name) or a local folder, instead of --image_dir or besides "
+                        "it (then the first --masks_dir go with the --train_split splits, the others with the "
+                        "--image_dir folders); a mask record's image is the row its image_id names (see --id_column).")
+    add_dataset_image_args(g)
+    g.add_argument("--train_split", type=str, nargs="+", default=["train"],
+                   help="🤗 dataset: the split(s) the masks were generated from, one per --masks_dir, or one for all; "
+                        "only these are read.")
+    g.add_argument("--id_column", type=str, default=None,
+                   help="🤗 dataset: the column naming each image in the masks, as given to "
+                        "scripts/generate_sam_masks.py (default: image_id or id if present, else the row number).")
     g.add_argument("--drop_empty_masks", action="store_true",
                    help="Drop the masks that the crop leaves empty. By default they stay as empty targets, as in "
                         "the released DeWa: they count in the loss normalisation and teach the queries matched to "
@@ -320,11 +332,18 @@ def add_mask_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def add_dataset_source_args(group: Any) -> Any:
-    """The flags that read a 🤗 dataset's columns and configuration (the loops and ``scripts/evaluate.py``)."""
+def add_dataset_image_args(group: Any) -> Any:
+    """The flags that read a 🤗 dataset's configuration and image column (every loop and script reading one)."""
     group.add_argument("--dataset_config_name", type=str, default=None,
                        help="🤗 dataset: its configuration (the second argument of datasets.load_dataset).")
     group.add_argument("--image_column", type=str, default="image", help="🤗 dataset: the image column.")
+    return group
+
+
+def add_dataset_source_args(group: Any) -> Any:
+    """The flags that read a 🤗 panoptic dataset's columns and configuration (the panoptic loops and
+    ``scripts/evaluate.py``)."""
+    add_dataset_image_args(group)
     group.add_argument("--panoptic_column", type=str, default=None,
                        help="🤗 dataset: the panoptic PNG column (segment ids RGB-encoded as in COCO panoptic, "
                             "id = R + 256 G + 256^2 B, 0 = void); default 'panoptic', or 'label' when the dataset "
@@ -544,10 +563,18 @@ def parse_args(loop: str, argv: Sequence[str] | None = None, description: str | 
     if problems:
         parser.error("; ".join(problems))
     if loop == "dewa":
-        if not args.masks_dir or not args.image_dir:
-            parser.error("--masks_dir and --image_dir are required (on the command line or in --config)")
-        if len(args.image_dir) not in (1, len(args.masks_dir)):
+        if not args.masks_dir or not (args.image_dir or args.dataset_name):
+            parser.error("--masks_dir and --image_dir (or --dataset_name) are required (on the command line or in "
+                         "--config)")
+        if args.image_dir and args.dataset_name:
+            if len(args.train_split) + len(args.image_dir) != len(args.masks_dir):
+                parser.error(f"with --dataset_name and --image_dir give one --masks_dir per --train_split, then one "
+                             f"per --image_dir ({len(args.train_split)} + {len(args.image_dir)}), got "
+                             f"{len(args.masks_dir)}")
+        elif args.image_dir and len(args.image_dir) not in (1, len(args.masks_dir)):
             parser.error("give one --image_dir, or one per --masks_dir")
+        elif args.dataset_name and len(args.train_split) not in (1, len(args.masks_dir)):
+            parser.error("give one --train_split, or one per --masks_dir")
         return args
     size = evaluation_size(args.dataset_name)
     if args.eval_shortest_edge is None:
@@ -591,9 +618,16 @@ def color_augmentation(args: argparse.Namespace) -> ColorAugSSD | None:
 
 
 def mask_training_dataset(args: argparse.Namespace) -> MasksTrainDataset:
-    """DeWa's data: every ``--masks_dir`` with its ``--image_dir``, under :func:`geometric_augmentation` and
-    :func:`color_augmentation`."""
-    return mask_train_dataset(args.masks_dir, args.image_dir, geometric_augmentation(args),
+    """DeWa's data: every ``--masks_dir`` with its ``--image_dir`` (or ``--dataset_name`` split), under
+    :func:`geometric_augmentation` and :func:`color_augmentation`."""
+    images: list[Any] = []
+    if args.dataset_name:
+        images += [DatasetImages(load_image_split(args.dataset_name, split, config_name=args.dataset_config_name,
+                                                  image_column=args.image_column, split_flag="--train_split"),
+                                 args.image_column, args.id_column, f"{args.dataset_name} ({split})")
+                   for split in args.train_split]
+    images += args.image_dir or []
+    return mask_train_dataset(args.masks_dir, images, geometric_augmentation(args),
                               exif_transpose=not args.no_exif_transpose, color_augmentation=color_augmentation(args),
                               drop_empty_masks=args.drop_empty_masks)
 

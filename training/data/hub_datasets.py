@@ -1,6 +1,8 @@
 """Panoptic datasets in the 🤗 datasets layout: read one from the Hub or a local folder (``datasets.load_dataset`` /
 ``load_from_disk``) into the rows of :mod:`training.data.panoptic_datasets`, and write one (parquet shards with
-``Image`` features, a categories file and a dataset card: a folder ready for the Hub).
+``Image`` features, a categories file and a dataset card: a folder ready for the Hub). Only the splits asked for are
+read. A split read for its images only (:func:`load_image_split`, its rows keyed by :func:`image_keys`) is the source
+of the class-agnostic masks and of DeWa.
 
 A split is a table with one row per image and the columns (names configurable, see :class:`DatasetColumns`)
 
@@ -26,11 +28,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from modeling_dearli.image_reading import read_image, to_rgb
 from training.data.class_names import ClassNames, class_names_from_categories, read_class_names
 from training.data.panoptic_datasets import dataset_class_names, panoptic_features
 from training.data.panoptic_format import VOID_SEGMENT_COLUMN
@@ -40,9 +46,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CATEGORIES_FILE",
     "DatasetColumns",
+    "DatasetImages",
     "DatasetSourceError",
+    "image_keys",
     "load_dataset_splits",
+    "load_image_split",
     "looks_like_hub_id",
+    "open_splits",
+    "read_row_image",
     "to_panoptic_rows",
     "write_dataset_folder",
 ]
@@ -84,30 +95,143 @@ def _is_saved_to_disk(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-def _open_splits(name: str, config_name: str | None) -> tuple[Mapping[str, Any], Path | None]:
-    """``{split: datasets.Dataset}`` of `name` (a ``save_to_disk`` folder, a folder ``load_dataset`` reads, or a
-    Hub id) and the local folder, if any."""
+def open_splits(
+    name: str, splits: Sequence[str], config_name: str | None = None, required: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[str], Path | None]:
+    """The `splits` of `name` (a ``save_to_disk`` folder, a folder ``load_dataset`` reads, or a Hub id) that it has,
+    as ``{split: datasets.Dataset}``; only these are read (and prepared into the cache, one split at a time: a split
+    nobody asks for is never opened). Also returns all of its split names and its local folder, if any.
+
+    Args:
+        name: a Hub dataset id or a local folder.
+        splits: the split names wanted.
+        config_name: the dataset's configuration (``load_dataset``'s second argument).
+        required: ``{split: flag}``: splits that must exist; a missing one raises :class:`DatasetSourceError` naming
+            the flag, before any split is read.
+    """
     import datasets
 
+    def check(available: list[str]) -> None:
+        for split, flag in (required or {}).items():
+            if split not in available:
+                raise DatasetSourceError(f"{name} has no split {split!r} (splits: {', '.join(available)}): pass {flag}")
+
     folder = Path(name).expanduser()
-    if folder.is_dir():
-        if _is_saved_to_disk(folder):
-            loaded = datasets.load_from_disk(str(folder))
-            if isinstance(loaded, datasets.Dataset):
-                loaded = datasets.DatasetDict({"train": loaded})
-            return loaded, folder
-        return datasets.load_dataset(str(folder), config_name), folder
-    if Path(name).exists():
-        raise DatasetSourceError(f"{name} is a file, not a dataset folder or Hub id")
-    if not looks_like_hub_id(name):
-        raise DatasetSourceError(f"{name!r} is neither a local dataset folder nor a Hub dataset id ('owner/name')")
-    return datasets.load_dataset(name, config_name), None
+    if folder.is_dir() and _is_saved_to_disk(folder):
+        if (folder / "state.json").is_file():  # one Dataset: the split "train"
+            check(["train"])
+            return ({"train": datasets.load_from_disk(str(folder))} if "train" in splits else {}), ["train"], folder
+        available = [str(s) for s in json.loads((folder / "dataset_dict.json").read_text())["splits"]]
+        check(available)
+        opened = {s: datasets.load_from_disk(str(folder / s)) for s in dict.fromkeys(splits) if s in available}
+        return opened, available, folder
+    if not folder.is_dir():
+        if Path(name).exists():
+            raise DatasetSourceError(f"{name} is a file, not a dataset folder or Hub id")
+        if not looks_like_hub_id(name):
+            raise DatasetSourceError(f"{name!r} is neither a local dataset folder nor a Hub dataset id ('owner/name')")
+        folder = None
+    path = str(folder) if folder is not None else name
+    builder = datasets.load_dataset_builder(path, config_name)
+    files = builder.config.data_files
+    available = list(files) if files else list(builder.info.splits or {})
+    check(available)
+    opened = {}
+    for split in dict.fromkeys(splits):
+        if split in available:
+            # This split's files only: load_dataset prepares every split it is given files for.
+            kwargs = {"data_files": {split: files[split]}} if files else {}
+            opened[split] = datasets.load_dataset(path, config_name, split=split, **kwargs)
+    return opened, available, folder
 
 
-def _split(splits: Mapping[str, Any], split: str, name: str, flag: str) -> Any:
-    if split not in splits:
-        raise DatasetSourceError(f"{name} has no split {split!r} (splits: {', '.join(splits)}): pass {flag}")
-    return splits[split]
+def load_image_split(
+    name: str,
+    split: str = "train",
+    *,
+    config_name: str | None = None,
+    image_column: str = "image",
+    split_flag: str = "--split",
+) -> Any:
+    """One split of a 🤗 dataset read for its images only (any other columns may be there or not): the class-agnostic
+    masks' source (``scripts/generate_sam_masks.py``, ``training/dewa.py``). Only that split is read
+    (:func:`open_splits`); a missing split or image column raises :class:`DatasetSourceError` naming the flag.
+
+    Args:
+        name: a Hub dataset id or a local folder (``save_to_disk`` output, or anything ``load_dataset`` reads).
+        split: the split. An ``Image`` column comes undecoded: :func:`read_row_image` reads its files' bytes.
+        config_name: the dataset's configuration.
+        image_column: the image column (``datasets.Image`` or image paths / arrays).
+        split_flag: the flag named when `split` is missing.
+    """
+    import datasets
+
+    opened, _, _ = open_splits(name, [split], config_name, required={split: split_flag})
+    ds = opened[split]
+    if image_column not in ds.column_names:
+        raise DatasetSourceError(f"{name} ({split}) has no column {image_column!r} (columns: "
+                                 f"{', '.join(ds.column_names)}): pass --image_column")
+    if isinstance(ds.features[image_column], datasets.Image):  # the file bytes: read by read_row_image
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+def image_keys(ds: Any, id_column: str | None = None) -> list[str]:
+    """The key of each row of an image dataset, as the class-agnostic mask shards name images (``image_id``): the
+    `id_column` (default ``image_id``, else ``id``, when present), else the row number; all as strings."""
+    if id_column is None:
+        id_column = next((c for c in ("image_id", "id") if c in ds.column_names), None)
+    elif id_column not in ds.column_names:
+        raise DatasetSourceError(f"the dataset has no column {id_column!r} (columns: {', '.join(ds.column_names)}): "
+                                 f"pass --id_column")
+    return [str(v) for v in ds[id_column]] if id_column else [str(i) for i in range(len(ds))]
+
+
+def read_row_image(ds: Any, index: int, image_column: str = "image", exif_transpose: bool = True) -> Image.Image:
+    """The image of row `index` as 8-bit RGB with the project's reader
+    (:func:`modeling_dearli.image_reading.read_image`, EXIF orientation applied if `exif_transpose`; an image decoded
+    by ``datasets`` has it applied already). `ds` is best narrowed to the image column (``select_columns``), so that
+    no other column is decoded. An unreadable image raises ``OSError``."""
+    value = ds[index][image_column]
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict):  # an Image feature with decode=False
+        return read_image(value["bytes"] if value.get("bytes") else Path(value["path"]), exif_transpose=exif_transpose)
+    if isinstance(value, (str, os.PathLike)):
+        return read_image(Path(value), exif_transpose=exif_transpose)
+    return to_rgb(Image.fromarray(np.asarray(value)))
+
+
+class DatasetImages:
+    """The images of a 🤗 dataset split looked up by the key the mask shards give them (:func:`image_keys`): DeWa's
+    join of class-agnostic masks to the dataset's rows.
+
+    Args:
+        ds: the split (e.g. :func:`load_image_split`).
+        image_column: its image column.
+        id_column: the key column the masks were generated with (``None``: :func:`image_keys`' default).
+        name: how errors and skip logs name the dataset.
+    """
+
+    def __init__(self, ds: Any, image_column: str = "image", id_column: str | None = None,
+                 name: str = "the dataset") -> None:
+        self.rows = {key: row for row, key in enumerate(image_keys(ds, id_column))}
+        if len(self.rows) != len(ds):
+            raise DatasetSourceError(f"{name}: image keys occur twice: pass --id_column with a unique column")
+        self.images = ds.select_columns([image_column])
+        self.image_column = image_column
+        self.name = name
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def source(self, key: str) -> str:
+        """Where the image of `key` is, for logs: ``<dataset> row <n>``."""
+        return f"{self.name} row {self.rows[key]}"
+
+    def read(self, key: str, exif_transpose: bool = True) -> Image.Image:
+        """The image of `key` (:func:`read_row_image`)."""
+        return read_row_image(self.images, self.rows[key], self.image_column, exif_transpose)
 
 
 def _hub_categories(name: str) -> Path | None:
@@ -232,21 +356,18 @@ def load_dataset_splits(
         splits: ``{role: split}`` (e.g. ``{"train": "train", "validation": "validation"}``); a split of ``None``
             gives ``None``. The keys name the flags in errors (``--<role>_split``, or ``--<role>`` for a role ending
             in ``split``); a role ending in ``?`` is optional: ``None`` when the dataset lacks that split.
+            Only these splits are read (:func:`open_splits`).
         config_name: the dataset's configuration (``load_dataset``'s second argument).
         columns: the column names (:class:`DatasetColumns`).
         class_names_file: replaces the dataset's label space (module docstring).
     """
     columns = columns or DatasetColumns()
-    available, folder = _open_splits(name, config_name)
-    chosen: dict[str, tuple[str, Any] | None] = {}
-    for role, split in splits.items():
-        optional = role.endswith("?")
-        role = role.rstrip("?")
-        if split is None or (optional and split not in available):
-            chosen[role] = None
-            continue
-        chosen[role] = split, _split(available, split, name, f"--{role}" if role.endswith("split") else
-                                     f"--{role}_split")
+    required = {split: f"--{role}" if role.endswith("split") else f"--{role}_split"
+                for role, split in splits.items() if split is not None and not role.endswith("?")}
+    opened, available, folder = open_splits(name, [s for s in splits.values() if s is not None], config_name,
+                                            required=required)
+    chosen = {role.rstrip("?"): None if split not in opened else (split, opened[split])
+              for role, split in splits.items()}
     first = next((ds for _, ds in filter(None, chosen.values())), None)
     if first is None:
         raise DatasetSourceError(f"{name}: none of the splits {list(splits.values())} is there "

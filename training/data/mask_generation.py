@@ -28,8 +28,9 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from modeling_dearli.image_reading import read_image, to_rgb
+from modeling_dearli.image_reading import read_image
 
+from .hub_datasets import image_keys, read_row_image
 from .image_files import IMAGE_EXTENSIONS
 from .mask_shards import (
     append_failure,
@@ -92,16 +93,6 @@ class ImageItem:
     load: Callable[[], Image.Image]
 
 
-def _load_dataset_image(dataset: "datasets.Dataset", index: int, column: str, exif_transpose: bool) -> Image.Image:
-    value = dataset[index][column]
-    if isinstance(value, Image.Image):  # decoded by datasets (which applies the EXIF orientation itself)
-        return to_rgb(value)
-    if isinstance(value, dict):  # an Image feature with decode=False
-        source = value["bytes"] if value.get("bytes") else Path(value["path"])
-        return read_image(source, exif_transpose=exif_transpose)
-    return to_rgb(Image.fromarray(np.asarray(value)))
-
-
 def list_image_items(
     source: ImageSource, *, image_column: str = "image", id_column: str | None = None, exif_transpose: bool = True
 ) -> list[ImageItem]:
@@ -111,8 +102,10 @@ def list_image_items(
     - a folder: every image file below it (sorted); id = relative path without extension (the file stem for a flat
       folder, e.g. COCO's ``000000139``), file_name = relative path;
     - a list of paths: id = file stem, file_name = the path as given;
-    - a `datasets.Dataset`: images from `image_column`; id from `id_column` (default: ``image_id`` or ``id`` when
-      present, else the row index), file_name from a ``file_name`` column when present.
+    - a `datasets.Dataset` (e.g. :func:`training.data.hub_datasets.load_image_split`): images from `image_column`
+      (:func:`~training.data.hub_datasets.read_row_image`); id from `id_column`
+      (:func:`~training.data.hub_datasets.image_keys`: default ``image_id`` or ``id`` when present, else the row
+      index), file_name from a ``file_name`` column when present.
     Raises ValueError on duplicate ids.
     """
     items: list[ImageItem] = []
@@ -129,13 +122,11 @@ def list_image_items(
         dataset = source
         if image_column not in dataset.column_names:
             raise ValueError(f"Dataset has no image column {image_column!r} (columns: {dataset.column_names})")
-        if id_column is None:
-            id_column = next((c for c in ("image_id", "id") if c in dataset.column_names), None)
-        ids = [str(v) for v in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+        ids = image_keys(dataset, id_column)
         names = [str(v) for v in dataset["file_name"]] if "file_name" in dataset.column_names else [""] * len(ids)
         images = dataset.select_columns([image_column])
         items = [
-            ImageItem(image_id, name, partial(_load_dataset_image, images, i, image_column, exif_transpose))
+            ImageItem(image_id, name, partial(read_row_image, images, i, image_column, exif_transpose))
             for i, (image_id, name) in enumerate(zip(ids, names))
         ]
     else:

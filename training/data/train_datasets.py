@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from modeling_dearli.image_reading import read_image, to_rgb
 
 from .class_names import ClassNames
 from .color_augmentation import ColorAugSSD
-from .hub_datasets import DatasetColumns, load_dataset_splits
+from .hub_datasets import DatasetColumns, DatasetImages, load_dataset_splits
 from .panoptic_datasets import NAMED_DATASETS, load_panoptic_dataset, restrict_to_present_classes
 from .panoptic_targets import panoptic_target_from_row
 from .partitions import split_labeled_unlabeled
@@ -237,8 +238,10 @@ class MasksTrainDataset(_SkipsUnreadable):
     """Class-agnostic DeWa examples: images with their SAM masks (`training.data.mask_reading.load_masks` records).
 
     Args:
-        sources: ``(records, image_root)`` pairs; a record's image is ``image_root / record["file_name"]`` (the
-            folder `scripts/generate_sam_masks.py` read). Several pairs are concatenated (e.g. labeled + unlabeled).
+        sources: ``(records, images)`` pairs: a folder, where a record's image is ``folder / record["file_name"]``
+            (the folder `scripts/generate_sam_masks.py` read), or the 🤗 dataset split it read
+            (:class:`~training.data.hub_datasets.DatasetImages`), where the record's ``image_id`` names the row.
+            Several pairs are concatenated (e.g. labeled + unlabeled).
         transform: the geometric augmentation applied to the image and every mask.
         exif_transpose: apply EXIF orientation (must match the SAM generation setting, default True).
         color_augmentation: photometric augmentation of the image (the released configs: :class:`ColorAugSSD`).
@@ -248,13 +251,21 @@ class MasksTrainDataset(_SkipsUnreadable):
 
     def __init__(
         self,
-        sources: Sequence[tuple[Any, str | os.PathLike]],
+        sources: Sequence[tuple[Any, str | os.PathLike | DatasetImages]],
         transform: GeometricAugmentation | None,
         exif_transpose: bool = True,
         color_augmentation: ColorAugSSD | None = None,
         drop_empty_masks: bool = False,
     ) -> None:
-        self.sources = [(records, Path(root)) for records, root in sources]
+        self.sources = [(records, images if isinstance(images, DatasetImages) else Path(images))
+                        for records, images in sources]
+        for records, images in self.sources:
+            if isinstance(images, DatasetImages):
+                missing = [key for key in records["image_id"] if key not in images]
+                if missing:
+                    raise ValueError(f"{len(missing)} of {len(records)} mask records have no image in {images.name} "
+                                     f"(e.g. {', '.join(map(repr, missing[:3]))}): were the masks generated from "
+                                     f"another split, or with another --id_column?")
         self.offsets = np.cumsum([0] + [len(records) for records, _ in self.sources])
         self.transform = transform
         self.exif_transpose = exif_transpose
@@ -266,18 +277,23 @@ class MasksTrainDataset(_SkipsUnreadable):
 
     def _example(self, index: int, seed: int) -> dict[str, Any]:
         source = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        records, root = self.sources[source]
+        records, images = self.sources[source]
         record = records[index - int(self.offsets[source])]
-        if not record.get("file_name"):
-            raise ValueError(f"SAM record {record.get('image_id')!r} has no file_name to find its image")
-        path = root / record["file_name"]
+        if isinstance(images, DatasetImages):
+            path = images.source(record["image_id"])
+            read = partial(images.read, record["image_id"])
+        else:
+            if not record.get("file_name"):
+                raise ValueError(f"SAM record {record.get('image_id')!r} has no file_name to find its image")
+            path = str(images / record["file_name"])
+            read = partial(read_image, images / record["file_name"])
         height, width = int(record["height"]), int(record["width"])
         try:
-            image = read_image(path, exif_transpose=self.exif_transpose)
+            image = read(exif_transpose=self.exif_transpose)
         except OSError as error:
-            raise UnreadableSample(str(path), str(error)) from error
+            raise UnreadableSample(path, str(error)) from error
         if (image.height, image.width) != (height, width):
-            raise UnreadableSample(str(path), f"image size {(image.height, image.width)} differs from its SAM record "
+            raise UnreadableSample(path, f"image size {(image.height, image.width)} differs from its SAM record "
                                               f"{(height, width)}")
         generator = torch.Generator().manual_seed(seed)
         params = _sample_geometry(self.transform, height, width, generator)
@@ -328,15 +344,16 @@ class UnlabeledTrainDataset(_AugmentedRows):
 # --------------------------------------------------------------------------------------------------------------------
 def mask_train_dataset(
     masks_dirs: Sequence[str | os.PathLike],
-    image_dirs: Sequence[str | os.PathLike],
+    image_dirs: Sequence[str | os.PathLike | DatasetImages],
     transform: GeometricAugmentation | None,
     *,
     exif_transpose: bool = True,
     color_augmentation: ColorAugSSD | None = None,
     drop_empty_masks: bool = False,
 ) -> MasksTrainDataset:
-    """DeWa's data: the mask records of every folder of `masks_dirs` paired with its image folder (one of
-    `image_dirs` per masks folder, or one for all), under `transform` and `color_augmentation`."""
+    """DeWa's data: the mask records of every folder of `masks_dirs` paired with its images (one of `image_dirs` per
+    masks folder, or one for all: a folder or a 🤗 dataset split, see :class:`MasksTrainDataset`), under `transform`
+    and `color_augmentation`."""
     from .mask_reading import load_masks
 
     if len(image_dirs) not in (1, len(masks_dirs)):
