@@ -9,12 +9,21 @@ Without ``--model_name_or_path`` the model is the paper's size (OpenCLIP ConvNeX
 queries, 150 classes) with random weights and random unit-norm class embeddings (timing does not depend on the
 weights). ``--onnx_dir`` is reused when it holds an export, else the model is exported there first (minutes).
 PyTorch and onnxruntime run alternately, ``--repeats`` times each after ``--warmup`` runs; the medians and their ratios
-are printed, and written as JSON with ``--output``. ``--no_bf16`` leaves the bf16 runs out.
+are printed (wall and process CPU seconds), and written as JSON with ``--output``. ``--no_bf16`` leaves the bf16 runs
+out. The onnxruntime session does not spin-wait between runs (``--onnx_allow_spinning`` lets it, onnxruntime's own
+default): spinning threads take the cores from the PyTorch runs beside them.
 """
 
 import training.run_as_script  # noqa: F401  (first: keeps this file's folder off sys.path, see there)
 
 # isort: split
+import os
+
+# On a shared (oversubscribed) CPU, OpenMP's default spin-waiting makes every multi-threaded op wait for descheduled
+# threads; every runtime is timed under the same setting, as in scripts/benchmarks/ (export OMP_WAIT_POLICY=ACTIVE to
+# override).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 import logging
 import statistics
@@ -43,6 +52,9 @@ def parse_args(argv=None):
                         help="Threads of both runtimes (default: torch's current setting).")
     parser.add_argument("--warmup", type=cli.non_negative_int, default=1, help="Untimed runs of each first.")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="Timed runs of each.")
+    parser.add_argument("--onnx_allow_spinning", action="store_true",
+                        help="Let onnxruntime's threads spin-wait between runs (its own default; off in the project's "
+                             "runtime, as spinning threads slow the PyTorch work beside them).")
     parser.add_argument("--no_bf16", action="store_true",
                         help="Leave out PyTorch under bf16 autocast (run by default where the CPU has native bf16).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random model and input.")
@@ -87,7 +99,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         export_onnx(model, onnx_dir)
         export_seconds = time.perf_counter() - start
-    runtime = DearliOnnxModel(onnx_dir, model.config, num_threads=threads)
+    runtime = DearliOnnxModel(onnx_dir, model.config, num_threads=threads, allow_spinning=args.onnx_allow_spinning)
 
     pixel_values = torch.randn(args.batch_size, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
     names = ("class_queries_logits", "masks_queries_logits", "clip_class_logits")
@@ -113,33 +125,39 @@ def main(argv=None) -> int:
         for fn in runs.values():
             fn()
     seconds = {key: [] for key in runs}
+    cpu_seconds = {key: [] for key in runs}
     for _ in range(args.repeats):  # alternately, so that load on the machine affects all alike
         for key, fn in runs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             seconds[key].append(time.perf_counter() - start)
+            cpu_seconds[key].append(time.process_time() - start_cpu)
     medians = {k: statistics.median(v) for k, v in seconds.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu_seconds.items()}
     result = {
         "model": args.model_name_or_path or f"{args.clip_model_name} (random weights), {args.num_queries} queries, "
                                             f"{args.num_classes} classes",
         "input": [args.batch_size, 3, *args.size],
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "export_seconds": export_seconds,
         "max_abs_difference": differences,
         "seconds": seconds,
         "median_seconds": medians,
+        "cpu_seconds": cpu_seconds,
+        "median_cpu_seconds": cpu_medians,
         "onnxruntime_over_pytorch": medians["onnxruntime"] / medians["pytorch_fp32"],
     }
     if "pytorch_bf16" in medians:
         result["pytorch_bf16_over_pytorch"] = medians["pytorch_bf16"] / medians["pytorch_fp32"]
-    print(f"input {tuple(result['input'])}, {threads} threads, {args.repeats} runs each (median):")
+    print(f"input {tuple(result['input'])}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"{args.repeats} runs each (median):")
     print("  largest |onnxruntime - PyTorch|: " + ", ".join(f"{n} {d:.1e}" for n, d in differences.items()))
-    print(f"  PyTorch fp32  {medians['pytorch_fp32']:.3f} s")
-    ratio = result["onnxruntime_over_pytorch"]
-    print(f"  onnxruntime   {medians['onnxruntime']:.3f} s   ({ratio:.2f}x PyTorch fp32's time)")
-    if "pytorch_bf16" in medians:
-        print(f"  PyTorch bf16  {medians['pytorch_bf16']:.3f} s   ({result['pytorch_bf16_over_pytorch']:.2f}x PyTorch "
-              "fp32's time)")
+    labels = {"pytorch_fp32": "PyTorch fp32", "onnxruntime": "onnxruntime", "pytorch_bf16": "PyTorch bf16"}
+    for key, label in labels.items():
+        if key in medians:
+            print(f"  {label:<13} {medians[key]:7.3f} s wall ({medians[key] / medians['pytorch_fp32']:.2f}x PyTorch "
+                  f"fp32's), {cpu_medians[key]:7.3f} s CPU ({cpu_medians[key] / cpu_medians['pytorch_fp32']:.2f}x)")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     return 0

@@ -7,7 +7,7 @@ and, where the device has native bf16 (a CPU with ``avx512_bf16`` / AMX, a recen
     python scripts/benchmarks/benchmark_forward.py --device cuda           # GPU: images/s and peak memory
 
 The model is the paper's (OpenCLIP ConvNeXt-B ``convnext_base_w_320``, 200 queries, 150 classes) with random weights
-(nothing is downloaded); both implementations run the same model object, alternately, so that load from other
+(nothing is downloaded); both implementations (and both precisions) run the same model object, alternately, so that load from other
 processes affects them alike. Each measurement is repeated (``--repeats``, after ``--warmup``) and medians are
 reported.
 
@@ -106,7 +106,9 @@ def instrument(model: Any, timer: PartClock) -> Callable[[], None]:
 # Forward by component
 # --------------------------------------------------------------------------------------------------------------------
 def benchmark_forward(args: argparse.Namespace, model: Any, device: torch.device, batch_size: int,
-                      autocast_dtype: torch.dtype | None) -> dict[str, Any]:
+                      precisions: Sequence[tuple[str, torch.dtype | None]]) -> dict[str, dict[str, Any]]:
+    """``{precision label: result}``; every repeat runs each precision and implementation once, alternately, so that
+    load from other processes affects them alike."""
     from modeling_dearli import DearliImageProcessor
 
     processor = DearliImageProcessor.from_model_config(model.config)
@@ -114,46 +116,54 @@ def benchmark_forward(args: argparse.Namespace, model: Any, device: torch.device
     pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
     timer = PartClock(device)
     undo = instrument(model, timer)
-    runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in args.implementations}
-    peak_memory: dict[str, int] = {}
+    runs = {label: {impl: [] for impl in args.implementations} for label, _ in precisions}
+    peak_memory: dict[str, dict[str, int]] = {label: {} for label, _ in precisions}
     model.eval()
     try:
         for repeat in range(args.warmup + args.repeats):
-            for impl in args.implementations:
-                model.config.decoder_implementation = impl
-                timer.reset()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-                with torch.no_grad(), autocast:
-                    timer.start("forward")
-                    outputs = model(pixel_values)
-                    timer.stop("forward")
-                timer.start("post_processing")
-                processor.post_process_panoptic_segmentation(outputs)
-                timer.stop("post_processing")
-                if device.type == "cuda":
-                    peak_memory[impl] = torch.cuda.max_memory_allocated(device)
-                del outputs
-                if repeat >= args.warmup:
-                    measured = {}
-                    for clock, values in (("wall", timer.wall), ("cpu", timer.cpu)):
-                        values = dict(values)
-                        parts = ("backbone", "pixel_decoder", "transformer_decoder", "mask_pooling")
-                        values["heads"] = values["forward"] - sum(values[p] for p in parts)
-                        measured[clock] = values
-                    runs[impl].append(measured)
+            for label, autocast_dtype in precisions:
+                for impl in args.implementations:
+                    model.config.decoder_implementation = impl
+                    timer.reset()
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+                    with torch.no_grad(), autocast:
+                        timer.start("forward")
+                        outputs = model(pixel_values)
+                        timer.stop("forward")
+                    timer.start("post_processing")
+                    processor.post_process_panoptic_segmentation(outputs)
+                    timer.stop("post_processing")
+                    if device.type == "cuda":
+                        peak_memory[label][impl] = torch.cuda.max_memory_allocated(device)
+                    del outputs
+                    if repeat >= args.warmup:
+                        measured = {}
+                        for clock, values in (("wall", timer.wall), ("cpu", timer.cpu)):
+                            values = dict(values)
+                            parts = ("backbone", "pixel_decoder", "transformer_decoder", "mask_pooling")
+                            values["heads"] = values["forward"] - sum(values[p] for p in parts)
+                            measured[clock] = values
+                        runs[label][impl].append(measured)
     finally:
         undo()
         model.config.decoder_implementation = IMPLEMENTATIONS[0]
+    return {label: summarize(runs[label], peak_memory[label], batch_size, args.repeats) for label, _ in precisions}
 
-    result: dict[str, Any] = {"batch_size": batch_size, "repeats": args.repeats}
+
+def summarize(runs: dict[str, list[dict[str, Any]]], peak_memory: dict[str, int], batch_size: int,
+              repeats: int) -> dict[str, Any]:
+    """Medians per implementation (seconds, ratios to the backbone of the same forward) and, with both
+    implementations, transformers' time over ours."""
+    result: dict[str, Any] = {"batch_size": batch_size, "repeats": repeats}
     names = (*FORWARD_PARTS, "forward", "post_processing")
     for impl, measured in runs.items():
         wall = [m["wall"] for m in measured]
         cpu = [m["cpu"] for m in measured]
         entry = {
             "seconds": {n: median([m[n] for m in wall]) for n in names},
+            "cpu_seconds": {n: median([m[n] for m in cpu]) for n in names},
             # ratio of each part to the backbone of the same forward, median over the repeats
             "ratio_to_backbone": {n: median([m[n] / m["backbone"] for m in wall]) for n in names},
             # the same with process CPU time (less sensitive to other processes taking the cores)
@@ -215,17 +225,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = build_model(args, device)
     precisions = [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if bf16_supported(device) else [])
     for batch_size in args.batch_sizes:
-        for label, dtype in precisions:
-            result = benchmark_forward(args, model, device, batch_size, dtype)
-            results[f"forward_batch{batch_size}_{label.split()[0]}"] = result
+        by_precision = benchmark_forward(args, model, device, batch_size, precisions)
+        for label, _ in precisions:
+            result = results[f"forward_batch{batch_size}_{label.split()[0]}"] = by_precision[label]
             print_forward(f"forward, batch {batch_size}, {label}: seconds, median of {args.repeats}; ratio to the "
                           f"backbone of the same forward, median ({load_average()} after)", result)
         fp32, bf16 = (results.get(f"forward_batch{batch_size}_{k}", {}).get("dearli") for k in ("fp32", "bf16"))
         if fp32 and bf16:
             speedup = fp32["seconds"]["forward"] / bf16["seconds"]["forward"]
+            cpu_speedup = fp32["cpu_seconds"]["forward"] / bf16["cpu_seconds"]["forward"]
             results[f"bf16_speedup_batch{batch_size}"] = speedup
-            print(f"batch {batch_size}, our forward: float32 / bf16 autocast {speedup:.2f}x (backbone "
-                  f"{fp32['seconds']['backbone'] / bf16['seconds']['backbone']:.2f}x)")
+            results[f"bf16_cpu_speedup_batch{batch_size}"] = cpu_speedup
+            print(f"batch {batch_size}, our forward: float32 / bf16 autocast {speedup:.2f}x wall, {cpu_speedup:.2f}x "
+                  f"CPU time (backbone {fp32['seconds']['backbone'] / bf16['seconds']['backbone']:.2f}x wall); "
+                  "the precisions alternate run by run")
 
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=1))
