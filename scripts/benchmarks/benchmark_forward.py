@@ -7,9 +7,9 @@ and, where the device has native bf16 (a CPU with ``avx512_bf16`` / AMX, a recen
     python scripts/benchmarks/benchmark_forward.py --device cuda           # GPU: images/s and peak memory
 
 The model is the paper's (OpenCLIP ConvNeXt-B ``convnext_base_w_320``, 200 queries, 150 classes) with random weights
-(nothing is downloaded); both implementations (and both precisions) run the same model object, alternately, so that load from other
-processes affects them alike. Each measurement is repeated (``--repeats``, after ``--warmup``) and medians are
-reported.
+(nothing is downloaded); both implementations and both precisions run the same model object, alternately, so that
+load from other processes affects them alike. Each measurement is repeated (``--repeats``, after ``--warmup``) and
+medians are reported.
 
 Forward hooks time the frozen CLIP backbone, the pixel decoder and the transformer decoder inside one
 ``model(pixel_values)`` call (eval mode, ``torch.no_grad``); the CLIP mask pooling (``clip_classify_masks``) is timed
