@@ -165,3 +165,36 @@ def test_the_earlier_recipe_is_flags_every_loop_accepts(tmp_path):
     assert all("--scale_augmentation" not in argv for argv in released.values())
     with pytest.raises(ValueError, match="unknown recipe"):
         R.recipe_args("paper", "ssl")
+
+
+def _results_with_seeds(pq: dict[str, list[float]]) -> dict:
+    """results.json's `rows` and `per_seed` for one fraction, PQ per seed given per row."""
+    per_seed = {row: {"1/32": {f"seed{k}": {"PQ": v} for k, v in enumerate(values)}} for row, values in pq.items()}
+    rows = {row: {"1/32": {"PQ": sum(values) / len(values)}} for row, values in pq.items()}
+    return {"rows": rows, "per_seed": per_seed}
+
+
+def test_ordering_checks_compare_the_rows_seed_by_seed():
+    results = _results_with_seeds({
+        "supervised": [30.0, 31.0, 29.0],
+        "supervised_ensemble": [40.0, 41.0, 39.0],   # above supervised on every seed
+        "mean_teacher_m2f": [29.0, 33.0, 28.0],      # above on one seed only: mean 30.0 = supervised's
+        "dear": [38.0, 42.0, 40.0],                  # vs supervised_ensemble: -2, +1, +1
+        "dearli": [38.0, 40.0, 39.0],                # vs dear: 0, -2, -1; vs supervised_ensemble: -2, -1, 0
+    })
+    checks = {c["expected"]: c for c in R.ordering_checks(results)}
+    assert checks["supervised < supervised_ensemble"]["verdict"] == "holds"
+    assert checks["supervised < supervised_ensemble"]["differences"] == [10.0, 10.0, 10.0]
+    assert checks["supervised < mean_teacher_m2f"]["verdict"] == "within the seed spread"
+    assert checks["mean_teacher_m2f < dear"]["verdict"] == "holds"
+    assert checks["dear <= dearli"]["verdict"] == "within the seed spread"  # the tie on seed 0 counts for <=
+    assert checks["supervised_ensemble < dear"]["verdict"] == "within the seed spread"
+    assert checks["supervised_ensemble < dearli"]["verdict"] == "fails"  # the tie on seed 2 does not count for <
+    check = checks["supervised_ensemble < dear"]
+    assert check["difference_mean"] == pytest.approx(0.0) and check["difference_std"] == pytest.approx(3 ** 0.5)
+
+
+def test_ordering_checks_with_one_seed_go_by_the_sign():
+    checks = {c["expected"]: c for c in R.ordering_checks(_results_with_seeds({"dear": [33.0], "dearli": [32.0]}))}
+    assert list(checks) == ["dear <= dearli"]
+    assert checks["dear <= dearli"]["verdict"] == "fails" and checks["dear <= dearli"]["differences"] == [-1.0]
