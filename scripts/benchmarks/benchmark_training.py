@@ -59,6 +59,11 @@ PARTS = ("backbone", "pixel_decoder", "transformer_decoder", "loss", "backward",
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="What to measure.")
+    p.add_argument("--count_flops", action="store_true",
+                   help="full_size: also count the floating-point operations (matrix products and convolutions, "
+                        "torch.utils.flop_counter) of one supervised step, forward and backward, and of one backbone "
+                        "forward; their ratio is the step's lower bound in multiples of the backbone at equal FLOP "
+                        "rates.")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="Where to run ('auto': CUDA when available).")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on a CPU.")
@@ -244,6 +249,24 @@ def benchmark_full_size(args: argparse.Namespace, device: torch.device) -> dict[
                 p: median([m[clock][p] / (m[clock]["backbone"] / m["backbone_calls"]) for m in measured])
                 for p in (*PARTS, "step")}
         result[kind] = entry
+    if args.count_flops:
+        result["flops"] = count_step_flops(steps, labeled)
+    return result
+
+
+def count_step_flops(steps: Steps, labeled: dict) -> dict[str, Any]:
+    """GFLOP of one backbone forward and of one supervised step (forward, loss and backward), by operator."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as backbone:
+        steps.student.backbone(labeled["pixel_values"])
+    with FlopCounterMode(display=False) as step:
+        steps.supervised()
+    by_operator = {str(op): round(n / 1e9, 1) for op, n in sorted(step.get_flop_counts()["Global"].items(),
+                                                                  key=lambda item: -item[1])}
+    result = {"backbone_gflop": backbone.get_total_flops() / 1e9, "supervised_step_gflop": step.get_total_flops() / 1e9,
+              "supervised_step_by_operator_gflop": by_operator}
+    result["supervised_step_over_backbone"] = result["supervised_step_gflop"] / result["backbone_gflop"]
     return result
 
 
@@ -264,6 +287,11 @@ def print_full_size(result: dict[str, Any]) -> None:
         print(row)
     print(f"supervised step: {result['supervised']['cpu_ratio_to_backbone']['step']:.2f}x its backbone forward "
           f"(CPU time; wall {result['supervised']['wall_ratio_to_backbone']['step']:.2f}x); target <= 3.5x")
+    if "flops" in result:
+        f = result["flops"]
+        print(f"FLOPs: supervised step {f['supervised_step_gflop']:.0f} GFLOP, backbone forward "
+              f"{f['backbone_gflop']:.0f} GFLOP: {f['supervised_step_over_backbone']:.2f}x (by operator: "
+              + ", ".join(f"{op} {n}" for op, n in f["supervised_step_by_operator_gflop"].items()) + ")")
 
 
 def miniature_steps(args: argparse.Namespace, device: torch.device, precision: str) -> dict[str, list[float]]:
