@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Evaluate on the world's validation split (the table) or on the last 10%% of its training "
                              "images, held out of training ('heldout': where settings are chosen; "
                              "results_heldout.json).")
-    parser.add_argument("--curve_steps", type=int, default=0,
+    parser.add_argument("--curve_steps", type=int, default=None,
                         help="Also validate every N steps (PQ-vs-step curves in each run's eval_history.jsonl, "
-                             "pseudo-label quality in the SSL runs' pseudo_label_quality.jsonl; 0: off).")
+                             "pseudo-label quality in the SSL runs' pseudo_label_quality.jsonl, curves.png; 0: off). "
+                             "Default: the schedule's (200 for probe and long, off for quick and full).")
     parser.add_argument("--world_seed", type=int, default=0, help="Seed of the generated world.")
     parser.add_argument("--seed", type=int, default=0,
                         help="First seed of the runs (labeled subset, initialisation, data order); the headline "

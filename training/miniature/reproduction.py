@@ -73,6 +73,8 @@ class Schedule:
         headline_seeds: Number of seeds on the headline fraction (``--seed``, ``--seed + 1``, ...).
         supervised_steps / ssl_steps / dewa_steps: Optimisation steps of each stage.
         mask_images: Training images given unsupervised masks for DeWa (``None``: all).
+        curve_steps: Every row also validates every that many steps, and the Mean-Teacher rows score their
+            pseudo-labels (PQ-vs-step curves, ``curves.png``; 0: only the final models are evaluated).
     """
 
     name: str
@@ -83,6 +85,7 @@ class Schedule:
     ssl_steps: int
     dewa_steps: int
     mask_images: int | None = None
+    curve_steps: int = 0
 
     @property
     def ema_decay(self) -> float:
@@ -103,11 +106,12 @@ SCHEDULES = {
                      supervised_steps=250, ssl_steps=250, dewa_steps=250, mask_images=None),
     # Long enough for every row's learning curve to flatten: in 600-step runs on held-out training images the
     # supervised row's PQ stops rising after ~300 steps and the Mean-Teacher rows' after ~400 (curves.png). "probe"
-    # is one seed of it (about 40 min on 2 cores), "long" three (about 2.5 h with every row).
+    # is one seed of it, "long" three: an SSL job takes about 25 CPU-minutes (one thread), the long table with every
+    # row about 6.5 CPU-hours, i.e. 3.5 hours or more on 2 cores.
     "probe": Schedule("probe", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=1, supervised_steps=600,
-                      ssl_steps=600, dewa_steps=600, mask_images=None),
+                      ssl_steps=600, dewa_steps=600, mask_images=None, curve_steps=200),
     "long": Schedule("long", fractions=(1 / 32,), headline_fraction=1 / 32, headline_seeds=3, supervised_steps=600,
-                     ssl_steps=600, dewa_steps=600, mask_images=None),
+                     ssl_steps=600, dewa_steps=600, mask_images=None, curve_steps=200),
 }
 
 
@@ -749,7 +753,7 @@ def reproduce(
     clip_report: bool = True,
     recipe: str = "released",
     evaluation_split: str = "val",
-    curve_steps: int = 0,
+    curve_steps: int | None = None,
 ) -> dict[str, Any]:
     """Generate (or reuse) the world, run every unfinished job, write ``results.json``, ``results.md`` and
     ``pq_vs_fraction.png`` in ``output_dir``; returns the results.
@@ -765,11 +769,13 @@ def reproduce(
             earlier defaults.
         evaluation_split: ``"val"`` (the table) or ``"heldout"`` (training images held out of training, to choose
             settings on; :func:`world_splits`); its runs go to ``runs/<schedule>_heldout``.
-        curve_steps: every row also validates every that many steps (PQ-vs-step curves; 0: off).
+        curve_steps: every row also validates every that many steps (PQ-vs-step curves; 0: off; ``None``: the
+            schedule's :attr:`Schedule.curve_steps`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     schedule = schedule or SCHEDULES["quick" if quick else "full"]
+    curve_steps = schedule.curve_steps if curve_steps is None else curve_steps
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     ensure_world(output_dir / "world", world_seed, num_workers, **(world_kwargs or {}))
     world_seconds = time.perf_counter() - start
