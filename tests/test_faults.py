@@ -531,7 +531,13 @@ SKIPS = {  # name -> (extra inputs, expected skipped entries' words)
     "decompression_bomb": (lambda d: [_write(d / "bomb.png", _bomb_bytes())], ["decompression bomb"]),
     "missing_file": (lambda d: [str(d / "no_such.jpg")], ["not found"]),
     "glob_matching_nothing": (lambda d: [str(d / "*.tiff")], ["matched no file"]),
+    "broken_link_in_a_folder": (lambda d: [_link(d / "moved.jpg", d / "gone" / "moved.jpg"), str(d)],
+                                ["cannot read image", "moved.jpg"]),
 }
+
+
+def _link(path: Path, target: Path) -> None:
+    os.symlink(target, path)
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -544,7 +550,7 @@ def test_predict_skips_are_named_and_fail_the_exit_code(case, photos, tiny_model
                                                         load_script):
     bad = tmp_path / "bad"
     bad.mkdir()
-    extra_inputs = SKIPS[case][0](bad)
+    extra_inputs = [i for i in SKIPS[case][0](bad) if i is not None]
     predict = load_script("predict")
     before = tree_digest(photos, bad)
     out = tmp_path / "out"
@@ -555,6 +561,19 @@ def test_predict_skips_are_named_and_fail_the_exit_code(case, photos, tiny_model
     assert predict.main(_predict_args([str(photos), *extra_inputs], tiny_model_with_processor_dir, out, "--overwrite",
                                       "--allow_skips")) == 0
     assert tree_digest(photos, bad) == before
+
+
+def test_sam_mask_images_name_a_broken_link(tmp_path):
+    """A link to nothing named like an image is an image item whose reading fails naming it, as predict.py's inputs."""
+    from training.data.mask_generation import list_image_items
+
+    Image.fromarray(RGB).save(tmp_path / "a.png")
+    _link(tmp_path / "b.jpg", tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "c.jpg").mkdir()
+    items = list_image_items(tmp_path)
+    assert [item.file_name for item in items] == ["a.png", "b.jpg"]
+    with pytest.raises(OSError, match="cannot read image .*b.jpg"):
+        items[1].load()
 
 
 def test_predict_with_every_input_skipped_is_an_error(tiny_model_with_processor_dir, tmp_path, load_script, capsys):
