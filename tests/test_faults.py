@@ -1358,3 +1358,41 @@ def test_sam_masks_rerun_fails_while_images_lack_masks(two_class_folder, tiny_sa
     (images / "truncated.jpg").write_bytes(_jpeg_bytes())  # repaired: the retry gives it masks
     assert script.main(_sam_args(images, tiny_sam_checkpoint, out, "--retry_failed")) == 0
     assert json.loads((out / "manifest.json").read_text())["failed_image_ids"] == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. Damaged weights: a model holding NaN or inf is refused wherever it is loaded
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def non_finite_model_dir(tiny_model_with_processor_dir, tmp_path_factory) -> Path:
+    """The tiny model with one NaN in a class-embedding bias (what a damaged file or a diverged run leaves)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("non_finite") / "model"
+    shutil.copytree(tiny_model_with_processor_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["class_embed.0.0.bias"][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_model_with_non_finite_weights_is_refused(non_finite_model_dir, photos, tmp_path, load_script, capsys):
+    """predict.py named no problem and wrote empty segmentations; push_to_hub.py would publish the model; an
+    --init_from / --teacher_init model would train from it."""
+    from types import SimpleNamespace
+
+    from training.model_init import build_model
+
+    code, err = run_cli(load_script("predict").main,
+                        _predict_args([str(photos)], non_finite_model_dir, tmp_path / "out"), capsys)
+    assert code == 1
+    assert_one_line_error(err, f"the model in {non_finite_model_dir} holds non-finite values (NaN or inf) in "
+                               "class_embed.0.0.bias")
+    assert not list((tmp_path / "out").glob("*.png"))
+    code, err = run_cli(load_script("push_to_hub").main,
+                        ["--model_name_or_path", str(non_finite_model_dir), "--repo_id", "me/x", "--local_dir",
+                         str(tmp_path / "repo"), "--no_upload"], capsys)
+    assert code == 1 and not (tmp_path / "repo" / "model.safetensors").exists()
+    assert_one_line_error(err, "non-finite values")
+    with pytest.raises(ValueError, match="non-finite values .* in class_embed.0.0.bias"):
+        build_model(SimpleNamespace(init_from=str(non_finite_model_dir)), ["person", "sky", "grass"], [0])
