@@ -1396,3 +1396,30 @@ def test_model_with_non_finite_weights_is_refused(non_finite_model_dir, photos, 
     assert_one_line_error(err, "non-finite values")
     with pytest.raises(ValueError, match="non-finite values .* in class_embed.0.0.bias"):
         build_model(SimpleNamespace(init_from=str(non_finite_model_dir)), ["person", "sky", "grass"], [0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 11. Label-space files: a malformed one is named with what is wrong
+# --------------------------------------------------------------------------------------------------------------------
+def test_malformed_categories_and_class_name_files_are_named(tmp_path):
+    """A 🤗 dataset folder's categories.json that is not JSON said only 'Expecting value: line 1 column 17'; a
+    class-name line with a non-numeric id said only "invalid literal for int()"."""
+    import datasets
+
+    from training.data.class_names import read_class_names
+    from training.data.hub_datasets import load_dataset_splits
+
+    folder = tmp_path / "dataset"  # the layout write_dataset_folder gives: parquet shards, a card naming them
+    datasets.Dataset.from_dict({"image_id": [1]}).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    (folder / "categories.json").write_text('{"categories": [')
+    with pytest.raises(ValueError, match=f"{folder / 'categories.json'} is not valid JSON"):
+        load_dataset_splits(str(folder), {"train": "train"})
+    names = tmp_path / "names.txt"
+    names.write_text("1:sky\n")
+    with pytest.raises(ValueError, match=f"{folder / 'categories.json'} is not valid JSON"):
+        read_class_names(names, categories_json=folder / "categories.json")
+    names.write_text("1:sky\nx:grass\n")
+    with pytest.raises(ValueError, match=f"{names}:2: expected 'id:name,...' with a whole-number id, got 'x:grass'"):
+        read_class_names(names)

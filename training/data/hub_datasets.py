@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data.class_names import ClassNames, class_names_from_categories, read_class_names
+from training.data.class_names import (
+    ClassNames,
+    class_names_from_categories,
+    read_categories_json,
+    read_class_names,
+)
 from training.data.panoptic_datasets import dataset_class_names, panoptic_features
 from training.data.panoptic_format import VOID_SEGMENT_COLUMN
 
@@ -133,7 +138,7 @@ def _label_space(
     if class_names_file is not None:
         path = Path(class_names_file)
         if path.suffix == ".json":
-            return class_names_from_categories(json.loads(path.read_text()), str(path))
+            return class_names_from_categories(read_categories_json(path), str(path))
         if categories is None:
             raise DatasetSourceError(
                 f"{name} has no {CATEGORIES_FILE} to tell things from stuff for the names of {path}: give the classes "
@@ -141,7 +146,7 @@ def _label_space(
             )
         return read_class_names(path, categories_json=categories)
     if categories is not None:
-        return class_names_from_categories(json.loads(categories.read_text()), str(categories))
+        return class_names_from_categories(read_categories_json(categories), str(categories))
     saved = dataset_class_names(first_split)
     if saved is not None:
         return saved
