@@ -1423,3 +1423,29 @@ def test_malformed_categories_and_class_name_files_are_named(tmp_path):
     names.write_text("1:sky\nx:grass\n")
     with pytest.raises(ValueError, match=f"{names}:2: expected 'id:name,...' with a whole-number id, got 'x:grass'"):
         read_class_names(names)
+
+
+def _parquet_dataset_folder(folder: Path, file_names: list[str]) -> Path:
+    """A folder in write_dataset_folder's layout (parquet shards, a card naming them by pattern) with `file_names`."""
+    import datasets
+
+    datasets.Dataset.from_dict({"file_name": file_names}).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    return folder
+
+
+def test_local_dataset_folders_of_one_name_never_share_cached_rows(tmp_path, monkeypatch):
+    """datasets names the cache of such a folder after its name and card only: a second folder of the same name, or
+    the first one with new data, read the first one's rows."""
+    import datasets
+
+    from training.data.hub_datasets import _open_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    first = _parquet_dataset_folder(tmp_path / "a" / "world", ["a0.jpg", "a1.jpg"])
+    second = _parquet_dataset_folder(tmp_path / "b" / "world", ["b0.jpg", "b1.jpg", "b2.jpg"])
+    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["a0.jpg", "a1.jpg"]
+    assert _open_splits(str(second), None)[0]["train"]["file_name"] == ["b0.jpg", "b1.jpg", "b2.jpg"]
+    _parquet_dataset_folder(first, ["c0.jpg"])  # the same folder with new data
+    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["c0.jpg"]
