@@ -41,6 +41,9 @@ def test_runtime_refuses_other_folders_and_vocabularies(tiny_model, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=METADATA_FILE):
         DearliOnnxModel(tmp_path, tiny_model.config)
+    (tmp_path / METADATA_FILE).write_text('{"class_names": [')
+    with pytest.raises(ValueError, match=f"{tmp_path / METADATA_FILE} is not valid JSON"):
+        DearliOnnxModel(tmp_path, tiny_model.config)
     (tmp_path / METADATA_FILE).write_text(json.dumps({"class_names": ["cat", "dog", "sky"], "thing_ids": [0, 1]}))
     with pytest.raises(ValueError, match="export again"):
         DearliOnnxModel(tmp_path, tiny_model.config)
