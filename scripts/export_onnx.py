@@ -25,12 +25,24 @@ from training.pretrained import add_model_arguments, load_model_and_processor
 logger = logging.getLogger("export_onnx")
 
 
+def _opset_range() -> str:
+    """The supported opsets in words, for ``--help``."""
+    from training.deployment.onnx_export import MIN_OPSET_VERSION, max_opset_version
+
+    try:
+        newest = max_opset_version()
+    except ImportError:  # onnx not installed: the export itself will say so
+        return f"from {MIN_OPSET_VERSION} (the opset torch.onnx translates to) to the newest that onnx knows"
+    return (f"from {MIN_OPSET_VERSION} (the opset torch.onnx translates to) to {newest} (the newest the installed onnx "
+            "and onnxruntime know)")
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="Folder for model.onnx and onnx_export.json.")
     parser.add_argument("--opset_version", type=cli.positive_int, default=None,
-                        help="ONNX opset (default: torch.onnx's).")
+                        help=f"ONNX opset, {_opset_range()} (default: torch.onnx's).")
     parser.add_argument("--example_height", type=cli.positive_int, default=128,
                         help="Height of the tracing example, a multiple of 32 (the graph accepts any multiple).")
     parser.add_argument("--example_width", type=cli.positive_int, default=160,
@@ -64,11 +76,15 @@ def check_export(model, onnx_dir: Path, size: tuple[int, int], tolerance: float)
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from training.deployment.onnx_export import ONNX_FILE, SIZE_MULTIPLE, export_onnx
+    from training.deployment.onnx_export import ONNX_FILE, SIZE_MULTIPLE, check_opset_version, export_onnx
 
     example = (args.example_height, args.example_width)
     if any(s % SIZE_MULTIPLE for s in example):
         raise cli.CliError(f"--example_height and --example_width must be multiples of {SIZE_MULTIPLE}, got {example}")
+    try:
+        check_opset_version(args.opset_version)
+    except ValueError as error:
+        raise cli.CliError(f"--opset_version: {error}") from error
     out_dir = cli.prepare_output_dir(args.output_dir)
     if (out_dir / ONNX_FILE).exists():
         raise cli.CliError(f"{out_dir / ONNX_FILE} exists already: choose another --output_dir or remove it")

@@ -531,7 +531,13 @@ SKIPS = {  # name -> (extra inputs, expected skipped entries' words)
     "decompression_bomb": (lambda d: [_write(d / "bomb.png", _bomb_bytes())], ["decompression bomb"]),
     "missing_file": (lambda d: [str(d / "no_such.jpg")], ["not found"]),
     "glob_matching_nothing": (lambda d: [str(d / "*.tiff")], ["matched no file"]),
+    "broken_link_in_a_folder": (lambda d: [_link(d / "moved.jpg", d / "gone" / "moved.jpg"), str(d)],
+                                ["cannot read image", "moved.jpg"]),
 }
+
+
+def _link(path: Path, target: Path) -> None:
+    os.symlink(target, path)
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -544,7 +550,7 @@ def test_predict_skips_are_named_and_fail_the_exit_code(case, photos, tiny_model
                                                         load_script):
     bad = tmp_path / "bad"
     bad.mkdir()
-    extra_inputs = SKIPS[case][0](bad)
+    extra_inputs = [i for i in SKIPS[case][0](bad) if i is not None]
     predict = load_script("predict")
     before = tree_digest(photos, bad)
     out = tmp_path / "out"
@@ -555,6 +561,19 @@ def test_predict_skips_are_named_and_fail_the_exit_code(case, photos, tiny_model
     assert predict.main(_predict_args([str(photos), *extra_inputs], tiny_model_with_processor_dir, out, "--overwrite",
                                       "--allow_skips")) == 0
     assert tree_digest(photos, bad) == before
+
+
+def test_sam_mask_images_name_a_broken_link(tmp_path):
+    """A link to nothing named like an image is an image item whose reading fails naming it, as predict.py's inputs."""
+    from training.data.mask_generation import list_image_items
+
+    Image.fromarray(RGB).save(tmp_path / "a.png")
+    _link(tmp_path / "b.jpg", tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "c.jpg").mkdir()
+    items = list_image_items(tmp_path)
+    assert [item.file_name for item in items] == ["a.png", "b.jpg"]
+    with pytest.raises(OSError, match="cannot read image .*b.jpg"):
+        items[1].load()
 
 
 def test_predict_with_every_input_skipped_is_an_error(tiny_model_with_processor_dir, tmp_path, load_script, capsys):
@@ -1339,3 +1358,94 @@ def test_sam_masks_rerun_fails_while_images_lack_masks(two_class_folder, tiny_sa
     (images / "truncated.jpg").write_bytes(_jpeg_bytes())  # repaired: the retry gives it masks
     assert script.main(_sam_args(images, tiny_sam_checkpoint, out, "--retry_failed")) == 0
     assert json.loads((out / "manifest.json").read_text())["failed_image_ids"] == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. Damaged weights: a model holding NaN or inf is refused wherever it is loaded
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def non_finite_model_dir(tiny_model_with_processor_dir, tmp_path_factory) -> Path:
+    """The tiny model with one NaN in a class-embedding bias (what a damaged file or a diverged run leaves)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("non_finite") / "model"
+    shutil.copytree(tiny_model_with_processor_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["class_embed.0.0.bias"][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_model_with_non_finite_weights_is_refused(non_finite_model_dir, photos, tmp_path, load_script, capsys):
+    """predict.py named no problem and wrote empty segmentations; push_to_hub.py would publish the model; an
+    --init_from / --teacher_init model would train from it."""
+    from types import SimpleNamespace
+
+    from training.model_init import build_model
+
+    code, err = run_cli(load_script("predict").main,
+                        _predict_args([str(photos)], non_finite_model_dir, tmp_path / "out"), capsys)
+    assert code == 1
+    assert_one_line_error(err, f"the model in {non_finite_model_dir} holds non-finite values (NaN or inf) in "
+                               "class_embed.0.0.bias")
+    assert not list((tmp_path / "out").glob("*.png"))
+    code, err = run_cli(load_script("push_to_hub").main,
+                        ["--model_name_or_path", str(non_finite_model_dir), "--repo_id", "me/x", "--local_dir",
+                         str(tmp_path / "repo"), "--no_upload"], capsys)
+    assert code == 1 and not (tmp_path / "repo" / "model.safetensors").exists()
+    assert_one_line_error(err, "non-finite values")
+    with pytest.raises(ValueError, match="non-finite values .* in class_embed.0.0.bias"):
+        build_model(SimpleNamespace(init_from=str(non_finite_model_dir)), ["person", "sky", "grass"], [0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 11. Label-space files: a malformed one is named with what is wrong
+# --------------------------------------------------------------------------------------------------------------------
+def test_malformed_categories_and_class_name_files_are_named(tmp_path):
+    """A 🤗 dataset folder's categories.json that is not JSON said only 'Expecting value: line 1 column 17'; a
+    class-name line with a non-numeric id said only "invalid literal for int()"."""
+    import datasets
+
+    from training.data.class_names import read_class_names
+    from training.data.hub_datasets import load_dataset_splits
+
+    folder = tmp_path / "dataset"  # the layout write_dataset_folder gives: parquet shards, a card naming them
+    datasets.Dataset.from_dict({"image_id": [1]}).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    (folder / "categories.json").write_text('{"categories": [')
+    with pytest.raises(ValueError, match=f"{folder / 'categories.json'} is not valid JSON"):
+        load_dataset_splits(str(folder), {"train": "train"})
+    names = tmp_path / "names.txt"
+    names.write_text("1:sky\n")
+    with pytest.raises(ValueError, match=f"{folder / 'categories.json'} is not valid JSON"):
+        read_class_names(names, categories_json=folder / "categories.json")
+    names.write_text("1:sky\nx:grass\n")
+    with pytest.raises(ValueError, match=f"{names}:2: expected 'id:name,...' with a whole-number id, got 'x:grass'"):
+        read_class_names(names)
+
+
+def _parquet_dataset_folder(folder: Path, file_names: list[str]) -> Path:
+    """A folder in write_dataset_folder's layout (parquet shards, a card naming them by pattern) with `file_names`."""
+    import datasets
+
+    datasets.Dataset.from_dict({"file_name": file_names}).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    return folder
+
+
+def test_local_dataset_folders_of_one_name_never_share_cached_rows(tmp_path, monkeypatch):
+    """datasets names the cache of such a folder after its name and card only: a second folder of the same name, or
+    the first one with new data, read the first one's rows."""
+    import datasets
+
+    from training.data.hub_datasets import _open_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    first = _parquet_dataset_folder(tmp_path / "a" / "world", ["a0.jpg", "a1.jpg"])
+    second = _parquet_dataset_folder(tmp_path / "b" / "world", ["b0.jpg", "b1.jpg", "b2.jpg"])
+    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["a0.jpg", "a1.jpg"]
+    assert _open_splits(str(second), None)[0]["train"]["file_name"] == ["b0.jpg", "b1.jpg", "b2.jpg"]
+    _parquet_dataset_folder(first, ["c0.jpg"])  # the same folder with new data
+    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["c0.jpg"]

@@ -41,6 +41,9 @@ def test_runtime_refuses_other_folders_and_vocabularies(tiny_model, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=METADATA_FILE):
         DearliOnnxModel(tmp_path, tiny_model.config)
+    (tmp_path / METADATA_FILE).write_text('{"class_names": [')
+    with pytest.raises(ValueError, match=f"{tmp_path / METADATA_FILE} is not valid JSON"):
+        DearliOnnxModel(tmp_path, tiny_model.config)
     (tmp_path / METADATA_FILE).write_text(json.dumps({"class_names": ["cat", "dog", "sky"], "thing_ids": [0, 1]}))
     with pytest.raises(ValueError, match="export again"):
         DearliOnnxModel(tmp_path, tiny_model.config)
@@ -131,3 +134,68 @@ def test_app_onnx_segments_as_the_pytorch_app(exported, tiny_model_with_processo
         assert want.picture.size == have.picture.size
     with pytest.raises(ValueError, match="CPU"):
         app.load_app_segmenter(model, app.parse_args(["--model", model, "--onnx", str(exported), "--device", "cuda"]))
+
+
+@pytest.mark.parametrize("opset_version", [5, 17, "newest + 1"])
+def test_export_refuses_an_opset_it_cannot_write_before_loading_the_model(
+    opset_version, tiny_model_with_processor_dir, tmp_path, load_script, capsys, monkeypatch
+):
+    """An opset below torch.onnx's (written as 18 after a failed conversion) or newer than onnx / onnxruntime know is
+    one line naming the supported range, before the model loads; ``--help`` states the range."""
+    pytest.importorskip("onnx")
+    from training import cli
+    from training.deployment.onnx_export import MIN_OPSET_VERSION, max_opset_version
+
+    newest = max_opset_version()
+    if opset_version == "newest + 1":
+        opset_version = newest + 1
+    export = load_script("export_onnx")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(export, "load_model_and_processor", no_model)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.run(export.main, ["--model_name_or_path", str(tiny_model_with_processor_dir), "--output_dir",
+                              str(tmp_path / "out"), "--opset_version", str(opset_version)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"opset {opset_version} cannot be exported" in err and f"{MIN_OPSET_VERSION} to {newest}" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        export.parse_args(["--help"])
+    assert f"from {MIN_OPSET_VERSION}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_minimum_opset_is_the_one_torch_onnx_translates_to():
+    """MIN_OPSET_VERSION restates torch.onnx's translation opset (no public name): it must follow torch."""
+    constants = pytest.importorskip("torch.onnx._internal.exporter._constants")
+    from training.deployment.onnx_export import MIN_OPSET_VERSION
+
+    assert constants.TORCHLIB_OPSET == MIN_OPSET_VERSION
+
+
+def test_newest_opset_runs_in_onnxruntime_and_the_next_does_not():
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from training.deployment.onnx_export import _onnxruntime_runs_opset, max_opset_version
+
+    newest = max_opset_version()
+    assert newest <= onnx.defs.onnx_opset_version()
+    assert _onnxruntime_runs_opset(newest) and not _onnxruntime_runs_opset(newest + 1)
+
+
+def test_export_refuses_a_graph_written_at_another_opset_than_asked(tiny_model, tmp_path, monkeypatch):
+    """Where torch.onnx writes another opset than asked (its conversion failed), nothing is saved."""
+    from types import SimpleNamespace
+
+    from training.deployment.onnx_export import MIN_OPSET_VERSION, export_onnx
+
+    saved = []
+    program = SimpleNamespace(model=SimpleNamespace(opset_imports={"": MIN_OPSET_VERSION}), save=saved.append)
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: program)
+    with pytest.raises(RuntimeError, match=f"wrote opset {MIN_OPSET_VERSION} instead of the requested"):
+        export_onnx(tiny_model, tmp_path, opset_version=MIN_OPSET_VERSION + 2)
+    assert not saved and not list(tmp_path.iterdir())

@@ -285,3 +285,33 @@ def test_unlabeled_items_carry_a_separate_cutmix_crop(coco_sample_dir):
     again = dataset[(0, 5)]
     assert torch.equal(again["cutmix_pixel_values"], items[5]["cutmix_pixel_values"])
     assert "cutmix_pixel_values" not in UnlabeledTrainDataset(ds, ResizeShortestEdgeJitter(128))[(0, 1)]
+
+
+def test_separate_cutmix_crops_smaller_than_the_padded_batch(tiny_model):
+    """A --crop_size that is not a multiple of 32 (48): the collator pads the batch's own crops to 64, not the separate
+    CutMix crops; they are padded alike (the box stays inside their 48 x 48 content) instead of ending the run with
+    'CutMix crops (1, 3, 48, 48) must match the batch (1, 3, 64, 64)'."""
+    from training.data.strong_augmentations import StrongAugmentation, StrongAugmentationConfig
+    from training.data.transforms import normalize_image
+    from training.ema import MeanTeacher
+    from training.student_views import StudentViewBuilder
+
+    photometric_off = StrongAugmentationConfig(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                                               cutmix_prob=1.0)
+    builder = StudentViewBuilder(MeanTeacher(copy.deepcopy(tiny_model)), StrongAugmentation(photometric_off),
+                                 stuff_ids=[1, 2], num_classes=3, ensemble_alpha=1.0, cutmix_source="separate_image")
+    g = torch.Generator().manual_seed(3)
+    weak = torch.zeros(2, 3, 64, 64)
+    weak[:, :, :48, :48] = torch.rand(2, 3, 48, 48, generator=g) * 0.3
+    mask = torch.zeros(2, 64, 64, dtype=torch.long)
+    mask[:, :48, :48] = 1
+    sources = 0.7 + torch.rand(2, 3, 48, 48, generator=g) * 0.3
+    out = builder({"pixel_values": weak, "pixel_mask": mask, "cutmix_pixel_values": list(sources)},
+                  torch.Generator().manual_seed(0))
+    assert out.cutmix_applied == 2 and out.pixel_values.shape == (2, 3, 64, 64)
+    for b in range(2):  # inside the images' content (the strong view fills the padding itself)
+        content = out.pixel_values[b][:, :48, :48]
+        box = (content - normalize_image(weak[b][:, :48, :48])).abs().amax(0) > 1e-5
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert box.any() and int(box.sum()) == len(rows) * len(cols)  # one rectangle of the source's pixels
+        torch.testing.assert_close(content[:, box], normalize_image(sources[b])[:, box])

@@ -334,9 +334,11 @@ def assert_finite_parameters(model: nn.Module, step: int | None = None) -> None:
 
     Only what a checkpoint stores is checked (the state dict): non-persistent buffers such as OpenCLIP's causal
     attention mask legitimately hold -inf."""
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"non-finite values in {name} at step {step}; refusing to write it", step)
+    from training.pretrained import first_non_finite_tensor
+
+    name = first_non_finite_tensor(model)
+    if name is not None:
+        raise NonFiniteError(f"non-finite values in {name} at step {step}; refusing to write it", step)
 
 
 def save_checkpoint(

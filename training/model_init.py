@@ -17,7 +17,7 @@ import torch
 
 from modeling_dearli import DearliConfig, DearliForPanopticSegmentation, tiny_model
 
-from .pretrained import check_model_location
+from .pretrained import check_finite_weights, check_model_location
 
 __all__ = ["DECODER_INITS", "DECODER_INIT_ALIASES", "adapt_class_names", "apply_decoder_init", "build_model"]
 
@@ -131,7 +131,8 @@ def build_model(
     if getattr(args, "init_from", None):
         if decoder_init != "xavier":
             raise ValueError("--decoder_init applies to a fresh model; an --init_from model keeps its weights")
-        model = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.init_from))
+        location = check_model_location(args.init_from)
+        model = check_finite_weights(DearliForPanopticSegmentation.from_pretrained(location), location)
         model = adapt_class_names(model, class_names, thing_ids, getattr(args, "clip_pretrained", None))
         architecture = set(_COPIED_CONFIG_KEYS) - _OVERRIDABLE_KEYS
         for key, value in overrides.items():

@@ -6,6 +6,8 @@
   refused with a message saying so.
 - A local path that does not exist is reported as such at once, never tried on the Hub.
 - A folder without ``preprocessor_config.json`` gets the image processor matching its config.
+- Weights holding NaN or inf (a damaged file, a diverged run) are refused, naming the first such tensor: such a model
+  would segment nothing, without a word.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_model_arguments", "check_model_location", "load_image_processor", "load_model_and_processor"]
+__all__ = [
+    "add_model_arguments",
+    "check_finite_weights",
+    "check_model_location",
+    "first_non_finite_tensor",
+    "load_image_processor",
+    "load_model_and_processor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,27 @@ def check_model_location(name_or_path: str | os.PathLike) -> str:
     return text
 
 
+def first_non_finite_tensor(model: Any) -> str | None:
+    """The name of the first floating-point tensor of `model`'s state dict that holds NaN or inf, or ``None``. Only
+    what a checkpoint stores is checked: non-persistent buffers such as OpenCLIP's causal attention mask legitimately
+    hold -inf."""
+    import torch
+
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite_weights(model: Any, location: str | os.PathLike) -> Any:
+    """Return `model` (loaded from `location`); raise ``ValueError`` naming the first tensor holding NaN or inf."""
+    name = first_non_finite_tensor(model)
+    if name is not None:
+        raise ValueError(f"the model in {location} holds non-finite values (NaN or inf) in {name}: its weights are "
+                         "damaged or come from a run that diverged")
+    return model
+
+
 def load_image_processor(name_or_path: str, config: Any, trust_remote_code: bool = False,
                          revision: str | None = None) -> Any:
     """The model's saved image processor, or ``DearliImageProcessor.from_model_config(config)`` (its classes, stuff
@@ -86,4 +116,5 @@ def load_model_and_processor(name_or_path: str | os.PathLike, *, trust_remote_co
                          "package); it is only run with --trust_remote_code, after you have reviewed it") from error
     model = AutoModelForUniversalSegmentation.from_pretrained(location, config=config, revision=revision,
                                                               trust_remote_code=trust_remote_code)
+    check_finite_weights(model, location)
     return model.eval(), load_image_processor(location, model.config, trust_remote_code, revision)

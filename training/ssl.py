@@ -56,7 +56,7 @@ from training.loop import (
     setup_accelerator,
 )
 from training.model_init import adapt_class_names, build_model
-from training.pretrained import check_model_location
+from training.pretrained import check_finite_weights, check_model_location
 from training.student_views import StudentViewBuilder, strong_augmentation_generator
 
 logger = logging.getLogger("training.ssl")
@@ -75,7 +75,8 @@ def build_teacher(args: Any, student: nn.Module, class_names: Any) -> MeanTeache
     if args.teacher_init:
         from modeling_dearli import DearliForPanopticSegmentation
 
-        initial = DearliForPanopticSegmentation.from_pretrained(check_model_location(args.teacher_init))
+        location = check_model_location(args.teacher_init)
+        initial = check_finite_weights(DearliForPanopticSegmentation.from_pretrained(location), location)
         initial = adapt_class_names(initial, list(class_names.names), class_names.thing_ids, args.clip_pretrained)
         state = initial.state_dict()
         del initial

@@ -33,6 +33,7 @@ import torch
 
 from modeling_dearli.ensembling import resolve_ensemble_alpha
 
+from .data.collator import pad_to_size
 from .data.strong_augmentations import StrongAugmentation, boxes_to_masks, cutmix, cutmix_panoptic_labels
 from .data.transforms import CLIP_MEAN, normalize_image
 from .ema import MeanTeacher
@@ -190,6 +191,14 @@ class StudentViewBuilder:
         """The reference's CutMix: a box inside each source crop's real content (probability ``cutmix_prob``), the
         teacher's pseudo-label of the sources that got a box (second pass), their own strong view pasted."""
         batch, _, height, width = strong.shape
+        crop_height, crop_width = source_images.shape[-2:]
+        if (crop_height, crop_width) != (height, width) and crop_height <= height and crop_width <= width:
+            # The collator pads the batch's own crops to a multiple of 32 (a --crop_size of 48 gives 64), not these
+            # separate ones: padded alike, with their padding outside the mask, they paste the same content.
+            if source_mask is None:
+                source_mask = torch.ones(batch, crop_height, crop_width, dtype=torch.long)
+            source_images = pad_to_size(source_images, height, width, 0.0)
+            source_mask = pad_to_size(source_mask, height, width, 0)
         if tuple(source_images.shape) != tuple(strong.shape):
             raise ValueError(f"CutMix crops {tuple(source_images.shape)} must match the batch {tuple(strong.shape)}")
         boxes = torch.zeros(batch, 4, dtype=torch.long)

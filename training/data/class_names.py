@@ -110,6 +110,16 @@ def class_names_from_categories(categories: Any, source: str = "categories") -> 
         raise ValueError(f"{source}: every category needs an integer 'id' and a 'name' ({error})") from None
 
 
+def read_categories_json(path: str | os.PathLike[str]) -> Any:
+    """The parsed COCO categories JSON at `path` (a list, or a dict holding one under ``"categories"``); a
+    ``ValueError`` naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
 def read_class_names(
     path: str | os.PathLike[str],
     *,
@@ -133,13 +143,14 @@ def read_class_names(
         if ":" not in line:
             raise ValueError(f"{path}:{lineno}: expected 'id:name,...', got {line!r}")
         cid, name = line.split(":", 1)
+        if not cid.strip().lstrip("-").isdigit():
+            raise ValueError(f"{path}:{lineno}: expected 'id:name,...' with a whole-number id, got {line!r}")
         if name.strip() == "invalid_class_id":
             continue
         ids.append(int(cid))
         names.append(name.strip())
     if thing_category_ids is None and categories_json is not None:
-        with open(categories_json) as f:
-            cats = json.load(f)
+        cats = read_categories_json(categories_json)
         cats = cats["categories"] if isinstance(cats, dict) else cats
         thing_category_ids = [c["id"] for c in cats if int(c.get("isthing", 0)) == 1]
     things = {int(t) for t in thing_category_ids} if thing_category_ids is not None else set()

@@ -37,7 +37,12 @@ import numpy as np
 from PIL import Image
 
 from modeling_dearli.image_reading import read_image, to_rgb
-from training.data.class_names import ClassNames, class_names_from_categories, read_class_names
+from training.data.class_names import (
+    ClassNames,
+    class_names_from_categories,
+    read_categories_json,
+    read_class_names,
+)
 from training.data.panoptic_datasets import dataset_class_names, panoptic_features
 from training.data.panoptic_format import VOID_SEGMENT_COLUMN
 
@@ -95,6 +100,24 @@ def _is_saved_to_disk(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
+def _local_cache_dir(folder: Path) -> str:
+    """A ``datasets`` cache folder of its own for the local dataset `folder` as it is now (its path and every file's
+    name, size and modification time). ``datasets`` names the cache of a folder whose card lists its data files by
+    pattern (``data/train-*``) after the folder's name and that card only, so another folder of the same name, or
+    this one with new data, would read the first one's cached rows (measured with datasets 5.2)."""
+    import hashlib
+
+    import datasets
+
+    listing = [str(folder.resolve())]
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            listing.append(f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "local_folders" / f"{folder.name}-{digest}")
+
+
 def open_splits(
     name: str, splits: Sequence[str], config_name: str | None = None, required: Mapping[str, str] | None = None
 ) -> tuple[dict[str, Any], list[str], Path | None]:
@@ -132,7 +155,8 @@ def open_splits(
             raise DatasetSourceError(f"{name!r} is neither a local dataset folder nor a Hub dataset id ('owner/name')")
         folder = None
     path = str(folder) if folder is not None else name
-    builder = datasets.load_dataset_builder(path, config_name)
+    cache = {"cache_dir": _local_cache_dir(folder)} if folder is not None else {}
+    builder = datasets.load_dataset_builder(path, config_name, **cache)
     files = builder.config.data_files
     available = list(files) if files else list(builder.info.splits or {})
     check(available)
@@ -141,7 +165,7 @@ def open_splits(
         if split in available:
             # This split's files only: load_dataset prepares every split it is given files for.
             kwargs = {"data_files": {split: files[split]}} if files else {}
-            opened[split] = datasets.load_dataset(path, config_name, split=split, **kwargs)
+            opened[split] = datasets.load_dataset(path, config_name, split=split, **kwargs, **cache)
     return opened, available, folder
 
 
@@ -257,7 +281,7 @@ def _label_space(
     if class_names_file is not None:
         path = Path(class_names_file)
         if path.suffix == ".json":
-            return class_names_from_categories(json.loads(path.read_text()), str(path))
+            return class_names_from_categories(read_categories_json(path), str(path))
         if categories is None:
             raise DatasetSourceError(
                 f"{name} has no {CATEGORIES_FILE} to tell things from stuff for the names of {path}: give the classes "
@@ -265,7 +289,7 @@ def _label_space(
             )
         return read_class_names(path, categories_json=categories)
     if categories is not None:
-        return class_names_from_categories(json.loads(categories.read_text()), str(categories))
+        return class_names_from_categories(read_categories_json(categories), str(categories))
     saved = dataset_class_names(first_split)
     if saved is not None:
         return saved

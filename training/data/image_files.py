@@ -21,24 +21,32 @@ from torch.utils.data import Dataset
 
 from modeling_dearli.image_reading import read_image
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "batches_by_padded_size", "find_images", "image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "batches_by_padded_size", "find_images", "image_size", "is_file_entry"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def is_file_entry(path: Path) -> bool:
+    """A file, or a link to nothing (kept, so that reading it names it as unreadable instead of dropping it unseen);
+    not a folder, device or pipe."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
 def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[str]]:
     """``(images, not_found)``: files as given (any extension), the image files of folders (sub-folders too with
     `recursive`) and glob matches, sorted per input and without duplicates; ``not_found`` lists the inputs that are
-    neither a file nor a folder and the patterns that match no file."""
+    neither a file nor a folder and the patterns that match no file. A broken link named like an image inside a folder
+    is kept (reading it fails and names it)."""
     found: list[Path] = []
     not_found: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += [p for p in sorted(path.glob(pattern)) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            found += [p for p in sorted(path.glob(pattern))
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and is_file_entry(p)]
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(item):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modeling_dearli.image_reading import read_image
 
 from .hub_datasets import image_keys, read_row_image
-from .image_files import IMAGE_EXTENSIONS
+from .image_files import IMAGE_EXTENSIONS, is_file_entry
 from .mask_shards import (
     append_failure,
     check_config,
@@ -113,7 +113,8 @@ def list_image_items(
         root = Path(source)
         if not root.is_dir():
             raise NotADirectoryError(f"Image folder {root} does not exist")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        # Broken links too: reading them fails and names them.
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and is_file_entry(p))
         for path in files:
             rel = path.relative_to(root)
             load = partial(read_image, path, exif_transpose=exif_transpose)

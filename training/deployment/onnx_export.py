@@ -29,10 +29,13 @@ import torch
 __all__ = [
     "INPUT_NAME",
     "METADATA_FILE",
+    "MIN_OPSET_VERSION",
     "ONNX_FILE",
     "OUTPUT_NAMES",
     "SIZE_MULTIPLE",
+    "check_opset_version",
     "export_onnx",
+    "max_opset_version",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,56 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "clip_class_logits")
 # The backbone's output stride: the image processor pads images to multiples of it.
 SIZE_MULTIPLE = 32
+# torch.onnx's dynamo exporter translates every operator at opset 18 (torchlib's opset, ``TORCHLIB_OPSET`` in
+# torch/onnx/_internal/exporter/_constants.py, torch 2.14; no public name). A lower ``opset_version`` goes through
+# onnx's version converter afterwards, and where that fails torch writes opset 18 anyway (measured: 5, 7, 9 and 13 all
+# came out as 18): only opsets from this one up are exported as asked.
+MIN_OPSET_VERSION = 18
+
+
+def _onnxruntime_runs_opset(opset_version: int) -> bool:
+    """Whether onnxruntime loads a one-node graph of `opset_version` (it refuses opsets newer than it knows)."""
+    import onnx
+    import onnxruntime
+
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    output = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [output])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset_version)], ir_version=10)
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's own error types (Fail, InvalidGraph, ...) share no public base class
+        return False
+    return True
+
+
+def max_opset_version() -> int:
+    """The newest ONNX opset that the installed onnx knows (``onnx.defs.onnx_opset_version()``) and onnxruntime, when
+    installed, runs: the newest one an export can be checked and used with."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return newest
+    while newest > MIN_OPSET_VERSION and not _onnxruntime_runs_opset(newest):
+        newest -= 1
+    return newest
+
+
+def check_opset_version(opset_version: int | None) -> None:
+    """Raise ``ValueError`` naming the supported range when `opset_version` (``None``: torch's default) is outside
+    ``[MIN_OPSET_VERSION, max_opset_version()]``."""
+    if opset_version is None:
+        return
+    newest = max_opset_version()
+    if not MIN_OPSET_VERSION <= opset_version <= newest:
+        raise ValueError(
+            f"opset {opset_version} cannot be exported: supported are opsets {MIN_OPSET_VERSION} to {newest} "
+            f"({MIN_OPSET_VERSION}: the opset torch.onnx translates to; {newest}: the newest the installed onnx and "
+            "onnxruntime know)"
+        )
 
 
 class _ExportedForward(torch.nn.Module):
@@ -106,7 +159,9 @@ def export_onnx(
         output_dir: folder to write into (created; existing export files are replaced by the caller's choice only:
             this function refuses a folder that already holds ``model.onnx``).
         example_size: ``(height, width)`` of the example input used for tracing (multiples of 32).
-        opset_version: ONNX opset (``None``: torch's default).
+        opset_version: ONNX opset, from ``MIN_OPSET_VERSION`` to :func:`max_opset_version` (``None``: torch's
+            default); another one is refused with a ``ValueError``, and a graph that torch wrote at another opset
+            than asked raises a ``RuntimeError`` before anything is saved.
         optimize: run torch.onnx's graph optimisation after the export.
     """
     output_dir = Path(output_dir)
@@ -115,6 +170,7 @@ def export_onnx(
         raise FileExistsError(f"{path} exists already; choose another output folder or remove it")
     if any(s % SIZE_MULTIPLE for s in example_size):
         raise ValueError(f"example_size must be multiples of {SIZE_MULTIPLE}, got {example_size}")
+    check_opset_version(opset_version)
     output_dir.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, *example_size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -133,6 +189,9 @@ def export_onnx(
             optimize=optimize,
             verbose=False,
         )
+    written = program.model.opset_imports.get("")
+    if opset_version is not None and written != opset_version:
+        raise RuntimeError(f"torch.onnx wrote opset {written} instead of the requested {opset_version}; nothing saved")
     program.save(str(path))
     config = model.config
     metadata = {

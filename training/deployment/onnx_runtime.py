@@ -55,7 +55,10 @@ class DearliOnnxModel:
             raise FileNotFoundError(
                 f"{onnx_dir} has no {METADATA_FILE}: not a folder written by scripts/export_onnx.py"
             )
-        self.metadata = json.loads(metadata_path.read_text())
+        try:
+            self.metadata = json.loads(metadata_path.read_text())
+        except ValueError as error:  # JSONDecodeError, or bytes that are not text
+            raise ValueError(f"{metadata_path} is not valid JSON: {error}") from None
         exported = (list(self.metadata["class_names"]), list(self.metadata["thing_ids"]))
         if (list(config.class_names), list(config.thing_ids)) != exported:
             raise ValueError(
