@@ -1440,12 +1440,12 @@ def test_local_dataset_folders_of_one_name_never_share_cached_rows(tmp_path, mon
     the first one with new data, read the first one's rows."""
     import datasets
 
-    from training.data.hub_datasets import _open_splits
+    from training.data.hub_datasets import open_splits
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     first = _parquet_dataset_folder(tmp_path / "a" / "world", ["a0.jpg", "a1.jpg"])
     second = _parquet_dataset_folder(tmp_path / "b" / "world", ["b0.jpg", "b1.jpg", "b2.jpg"])
-    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["a0.jpg", "a1.jpg"]
-    assert _open_splits(str(second), None)[0]["train"]["file_name"] == ["b0.jpg", "b1.jpg", "b2.jpg"]
+    assert open_splits(str(first), ["train"])[0]["train"]["file_name"] == ["a0.jpg", "a1.jpg"]
+    assert open_splits(str(second), ["train"])[0]["train"]["file_name"] == ["b0.jpg", "b1.jpg", "b2.jpg"]
     _parquet_dataset_folder(first, ["c0.jpg"])  # the same folder with new data
-    assert _open_splits(str(first), None)[0]["train"]["file_name"] == ["c0.jpg"]
+    assert open_splits(str(first), ["train"])[0]["train"]["file_name"] == ["c0.jpg"]
