@@ -37,10 +37,12 @@ def test_vocabulary_text():
     text = "person, man ,woman\n\n# a comment\nsky [stuff]\ngrass,lawn [STUFF]\ncar [thing]\n"
     names, things = parse_vocabulary(text)
     assert names == ["person,man,woman", "sky", "grass,lawn", "car"] and things == [0, 3]
+    assert len(parse_vocabulary("\n".join(f"class {i}" for i in range(1000)))[0]) == 1000
     assert parse_vocabulary(format_vocabulary(names, things)) == (names, things)
     assert format_vocabulary(names, things).splitlines()[1] == "sky [stuff]"
     for bad, message in [("", "empty"), ("# only a comment", "empty"), ("sky [amorphous]", "unknown tag"),
-                         (" , [stuff]", "no class name")]:
+                         (" , [stuff]", "no class name"), ("x" * 200_000, "line 1 has 200000 characters"),
+                         ("\n".join(f"class {i}" for i in range(1001)), "more than 1000 classes")]:
         with pytest.raises(VocabularyError, match=message):
             parse_vocabulary(bad)
 

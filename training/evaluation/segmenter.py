@@ -12,7 +12,10 @@ and testable without a browser.
       sky [stuff]
       grass, lawn [stuff]
 
-  Lines that are empty or start with ``#`` are ignored. A new vocabulary is applied with the model's
+  Lines that are empty or start with ``#`` are ignored. At most :data:`MAX_VOCABULARY_CLASSES` classes and
+  :data:`MAX_VOCABULARY_LINE_CHARS` characters per line are accepted (every name is encoded with 14 prompt
+  templates on each change, and CLIP's tokenizer slows down sharply on very long words; larger vocabularies go
+  through ``model.set_class_names`` in Python). A new vocabulary is applied with the model's
   ``set_class_names`` (its kept CLIP text tower encodes the names); a model saved without it
   (``config.keep_text_tower=False``) keeps the vocabulary it was trained with and says so.
 - Pictures show unlabelled (void) pixels dimmed towards grey, with an "unlabeled" entry in the legend, so that a
@@ -97,6 +100,10 @@ _TINT = 0.55  # opacity of segment and void tints (the overlay's default)
 _TAG = re.compile(r"\[\s*([A-Za-z]*)\s*\]\s*$")
 
 
+MAX_VOCABULARY_CLASSES = 1000  # ADE20K-full's 847 fit
+MAX_VOCABULARY_LINE_CHARS = 300  # CLIP's context is 77 tokens: a longer line cannot be encoded in full anyway
+
+
 class VocabularyError(ValueError):
     """A vocabulary that cannot be applied; the message is meant for the user as it is."""
 
@@ -114,6 +121,12 @@ def parse_vocabulary(text: str) -> tuple[list[str], list[int]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if len(line) > MAX_VOCABULARY_LINE_CHARS:
+            raise VocabularyError(f"line {number} has {len(line)} characters; at most {MAX_VOCABULARY_LINE_CHARS} "
+                                  "per class line")
+        if len(class_names) == MAX_VOCABULARY_CLASSES:
+            raise VocabularyError(f"more than {MAX_VOCABULARY_CLASSES} classes (line {number}); larger vocabularies "
+                                  "go through model.set_class_names in Python")
         kind = "thing"
         tag = _TAG.search(line)
         if tag:
