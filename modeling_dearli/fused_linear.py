@@ -1,10 +1,11 @@
-"""``F.linear`` (optionally followed by ReLU or a residual addition) through oneDNN on a CPU in inference.
+"""``F.linear`` (optionally followed by ReLU or a residual addition) through oneDNN on a CPU.
 
 torch's CPU ``F.linear`` calls BLAS after copying the bias into the output, and a ReLU is another pass over it. For the
 decoder's ``8400 x 256 -> 1024`` feed-forward layers oneDNN's fused linear (bias, ReLU or residual inside the kernel;
 the kernel torch's compiler uses for linear layers on CPUs) takes about two thirds of that time, fp32 throughout.
-It has no autograd, so it is used only without gradients on a CPU; anything else, or a torch build without it, takes
-``F.linear``. Torch only (shipped to the Hub as remote code).
+The kernel has no autograd: with gradients, `OneDnnLinear` gives it the backward autograd would compute for
+``F.linear`` (and ``F.relu``, and the addition). Used on a CPU in float32 outside autocast; anything else, or a torch
+build without the kernel, takes ``F.linear``. Torch only (shipped to the Hub as remote code).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["linear"]
+__all__ = ["OneDnnLinear", "feed_forward", "linear"]
 
 _onednn_available: bool | None = None
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
     global _onednn_available
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu"):  # F.linear then runs in the autocast dtype
         return False
@@ -44,12 +45,62 @@ def linear(
         raise ValueError("linear: relu and residual together are not supported")
     if _use_onednn(x):
         try:
-            if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+            if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias, residual)
+            ):
+                return OneDnnLinear.apply(x, weight, bias, relu, residual)
+            return _onednn_forward(x, weight, bias, relu, residual)
         except RuntimeError:  # an unsupported build or input: torch's path from now on
             _onednn_available = False
     out = F.linear(x, weight, bias)
     if relu:
         out = F.relu(out)
     return out if residual is None else out + residual
+
+
+def feed_forward(
+    x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, activation, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``fc2(activation(fc1(x)))``, then ``+ residual`` when given, through `linear` (ReLU fused into ``fc1``)."""
+    if activation is F.relu or isinstance(activation, torch.nn.ReLU):
+        hidden = linear(x, fc1.weight, fc1.bias, relu=True)
+    else:
+        hidden = activation(linear(x, fc1.weight, fc1.bias))
+    return linear(hidden, fc2.weight, fc2.bias, residual=residual)
+
+
+def _onednn_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, residual: torch.Tensor | None
+) -> torch.Tensor:
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+class OneDnnLinear(torch.autograd.Function):
+    """oneDNN's fused linear (+ ReLU or + residual) with the backward of ``F.linear`` (+ ``F.relu``, + the addition):
+    ``threshold_backward`` on the output as ReLU's, then the two matrix products and the bias sum as ``addmm``'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, relu, residual):
+        out = _onednn_forward(x, weight, bias, relu, residual)
+        ctx.relu = relu
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, out = ctx.saved_tensors
+        if ctx.relu:
+            grad_output = torch.ops.aten.threshold_backward(grad_output, out, 0)
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.mm(weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        grad_residual = grad_output if ctx.needs_input_grad[4] else None
+        return grad_x, grad_weight, grad_bias, None, grad_residual

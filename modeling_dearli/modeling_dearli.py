@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.mask2former.modeling_mask2former import (
-    Mask2FormerLoss,
     Mask2FormerMLPPredictionHead,
     Mask2FormerPreTrainedModel,
 )
@@ -25,6 +24,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 from .clip_backbone import ClipTextEncoder, FrozenClipBackbone, build_open_clip_model, load_open_clip_weights, mask_pool
 from .configuration_dearli import DearliConfig, split_synonyms, validate_vocabulary
 from .initialization import init_pixel_decoder
+from .mask_loss import FactoredMaskLogits, FactoredMaskLoss, pixel_rows_of
 from .pipeline_dearli import DearliImageSegmentationPipeline  # noqa: F401  (saved beside the model: custom_pipelines)
 from .pixel_decoder import DearliPixelDecoder
 from .transformer_decoder import DearliTransformerModule
@@ -165,13 +165,13 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
         self.register_buffer("text_embeddings", embeddings.float(), persistent=True)
         self.register_buffer("text_class_index", class_index.to(embeddings.device), persistent=True)
 
-    def _build_criterion(self, m2f_config) -> Mask2FormerLoss:
+    def _build_criterion(self, m2f_config) -> FactoredMaskLoss:
         weight_dict = {
             "loss_cross_entropy": m2f_config.class_weight,
             "loss_mask": m2f_config.mask_weight,
             "loss_dice": m2f_config.dice_weight,
         }
-        return Mask2FormerLoss(config=m2f_config, weight_dict=weight_dict)
+        return FactoredMaskLoss(config=m2f_config, weight_dict=weight_dict)
 
     @classmethod
     def from_open_clip(
@@ -382,9 +382,13 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
                     f"got values in [{int(classes.min())}, {int(classes.max())}]"
                 )
 
-    def _decode(self, features: list[torch.Tensor], output_hidden_states: bool, output_intermediate_masks: bool):
+    def _decode(
+        self, features: list[torch.Tensor], output_hidden_states: bool, output_intermediate_masks: bool,
+        output_mask_embeddings: bool = False,
+    ):
         """Pixel decoder and transformer decoder on the backbone features, with the forwards chosen by
-        ``config.decoder_implementation`` (ours by default; ``"transformers"``: transformers' own forwards)."""
+        ``config.decoder_implementation`` (ours by default; ``"transformers"``: transformers' own forwards, which
+        return no mask embeddings)."""
         implementation = self.config.decoder_implementation
         pixel_decoder_output = self.pixel_decoder(features, implementation=implementation)
         decoder_output = self.transformer_module(
@@ -393,8 +397,20 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_intermediate_masks=output_intermediate_masks,
             implementation=implementation,
+            output_mask_embeddings=output_mask_embeddings,
         )
         return pixel_decoder_output, decoder_output
+
+    @staticmethod
+    def _masks_for_loss(pixel_decoder_output, decoder_output) -> list[torch.Tensor | FactoredMaskLogits]:
+        """Every layer's mask logits for the loss, in float32: as their factors (mask embeddings and the pixel
+        decoder's mask features) from our decoder, as transformers' full tensors from transformers' decoder."""
+        embeddings = getattr(decoder_output, "mask_embeddings", None)
+        if embeddings is None:
+            return [m.float() for m in decoder_output.masks_queries_logits]
+        pixels = pixel_decoder_output.mask_features.float()
+        rows = pixel_rows_of(pixels)
+        return [FactoredMaskLogits(e.float(), pixels, rows) for e in embeddings]
 
     def forward(
         self,
@@ -445,26 +461,35 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
 
         if output_auxiliary_logits is None:
             output_auxiliary_logits = getattr(self.config, "output_auxiliary_logits", None)
-        need_auxiliary = bool(output_auxiliary_logits) or (mask_labels is not None and self.config.use_auxiliary_loss)
+        output_auxiliary_logits = bool(output_auxiliary_logits)
+        auxiliary_loss = mask_labels is not None and self.config.use_auxiliary_loss
+        need_auxiliary = output_auxiliary_logits or auxiliary_loss
 
         if backbone_features is None:
             # the backbone's dtype (a model loaded with dtype=torch.bfloat16 takes float32 images from the processor)
             features = self.backbone(pixel_values.to(self.backbone.logit_scale.dtype))
         else:
             features = backbone_features
-        pixel_decoder_output, decoder_output = self._decode(features, output_hidden_states, need_auxiliary)
+        # The loss reads every layer's masks from their factors (`modeling_dearli.mask_loss`): the intermediate
+        # layers' full-resolution masks are formed only when they are returned.
+        pixel_decoder_output, decoder_output = self._decode(
+            features, output_hidden_states, output_auxiliary_logits, output_mask_embeddings=mask_labels is not None
+        )
         hidden_per_layer = decoder_output.intermediate_hidden_states
         masks_per_layer = decoder_output.masks_queries_logits
         # Logits in float32 whatever the compute dtype (bf16 autocast or weights): the loss, the matcher and the
         # post-processing read them.
-        class_queries_logits = self.classify_queries(hidden_per_layer[-1].transpose(0, 1)).float()
+        class_per_layer = [
+            self.classify_queries(h.transpose(0, 1)).float()
+            for h in (hidden_per_layer if need_auxiliary else hidden_per_layer[-1:])
+        ]
+        class_queries_logits = class_per_layer[-1]
         masks_queries_logits = masks_per_layer[-1].float()
         auxiliary_logits = None
-        if need_auxiliary:
+        if output_auxiliary_logits:
             auxiliary_logits = [
-                {"class_queries_logits": self.classify_queries(h.transpose(0, 1)).float(),
-                 "masks_queries_logits": None if m is None else m.float()}
-                for h, m in zip(hidden_per_layer[:-1], masks_per_layer[:-1])
+                {"class_queries_logits": c, "masks_queries_logits": None if m is None else m.float()}
+                for c, m in zip(class_per_layer[:-1], masks_per_layer[:-1])
             ]
 
         loss, loss_dict = None, None
@@ -473,12 +498,16 @@ class DearliForPanopticSegmentation(DearliPreTrainedModel):
             class_labels = [c.long() for c in class_labels]
             # float32 loss and Hungarian matching, also under autocast
             with torch.autocast(masks_queries_logits.device.type, enabled=False):
+                masks_for_loss = self._masks_for_loss(pixel_decoder_output, decoder_output)
                 loss_dict = self.criterion(
-                    masks_queries_logits=masks_queries_logits,
+                    masks_queries_logits=masks_for_loss[-1],
                     class_queries_logits=class_queries_logits,
                     mask_labels=mask_labels,
                     class_labels=class_labels,
-                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                    auxiliary_predictions=[
+                        {"class_queries_logits": c, "masks_queries_logits": m}
+                        for c, m in zip(class_per_layer[:-1], masks_for_loss[:-1])
+                    ] if auxiliary_loss else None,
                 )
             for key in loss_dict:
                 for term, weight in self.criterion.weight_dict.items():

@@ -13,8 +13,9 @@ checkpoints are unchanged) whose `forward` removes work that does not change the
   transposed), oneDNN's fused linear (+ReLU or residual) for the projections;
 - the FPN upsamples a contiguous copy of the encoder's 1/8 level instead of its transposed view.
 
-With gradients on a CPU the layers run transformers' arithmetic except the sampling, which is the same weighted gather
-with a hand-written backward (`WeightedGather`: a scatter-add into the values, a dot product per sample for the
+With gradients on a CPU the layers run transformers' arithmetic except the sampling and the linear layers: the linear
+layers run oneDNN's fused kernel with autograd's backward (`modeling_dearli.fused_linear.OneDnnLinear`), the sampling
+is the same weighted gather with a hand-written backward (`WeightedGather`: a scatter-add into the values, a dot product per sample for the
 weights) instead of ``grid_sample`` on re-laid-out copies. ``grid_sample``'s gradient with respect to a position jumps
 where the position crosses a pixel, so the positions are computed with ``grid_sample``'s own operations and rounding
 (`grid_sample_positions`): the jumps fall where transformers' fall.
@@ -40,7 +41,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .deformable_attention import DeformableSampler, grid_sample_positions, reference_pixel_coordinates
-from .fused_linear import linear
+from .fused_linear import feed_forward, linear
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
 
@@ -118,8 +119,12 @@ def _encoder_layer_fast(
     hidden = layer.self_attn_layer_norm(
         linear(sampled, attention.output_proj.weight, attention.output_proj.bias, residual=hidden)
     )
-    feed_forward = linear(hidden, layer.fc1.weight, layer.fc1.bias, relu=True)
-    return layer.final_layer_norm(linear(feed_forward, layer.fc2.weight, layer.fc2.bias, residual=hidden))
+    return layer.final_layer_norm(feed_forward(hidden, layer.fc1, layer.fc2, layer.activation_fn, residual=hidden))
+
+
+def _apply(module: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``module(x)`` (``+ residual``) through `linear` (oneDNN's fused kernel on a CPU, with or without gradients)."""
+    return linear(x, module.weight, module.bias, residual=residual)
 
 
 def _encoder_layer(
@@ -130,22 +135,22 @@ def _encoder_layer(
     spatial_shapes: tuple[tuple[int, int], ...],
     sample,
 ) -> torch.Tensor:
-    """One deformable encoder layer as transformers computes it (without the no-op padding mask), with the sampling
-    done by ``sample`` (transformers' function, or its kernel-backed layer on an accelerator)."""
+    """One deformable encoder layer as transformers computes it (without the no-op padding mask; linear layers through
+    `linear`, which on a CPU is oneDNN's fused kernel), with the sampling done by ``sample`` (transformers' function,
+    or its kernel-backed layer on an accelerator)."""
     attention = layer.self_attn
     batch, length, channels = hidden.shape
     heads, levels, points = attention.n_heads, attention.n_levels, attention.n_points
     query = hidden + position
-    value = attention.value_proj(hidden).view(batch, length, heads, channels // heads)
-    offsets = attention.sampling_offsets(query).view(batch, length, heads, levels, points, 2)
-    weights = attention.attention_weights(query).view(batch, length, heads, levels * points)
+    value = _apply(attention.value_proj, hidden).view(batch, length, heads, channels // heads)
+    offsets = _apply(attention.sampling_offsets, query).view(batch, length, heads, levels, points, 2)
+    weights = _apply(attention.attention_weights, query).view(batch, length, heads, levels * points)
     weights = F.softmax(weights, -1).view(batch, length, heads, levels, points)
     normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.long, device=hidden.device)
     locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     sampled = sample(value, spatial_shapes, locations, weights)
-    hidden = layer.self_attn_layer_norm(hidden + attention.output_proj(sampled))
-    feed_forward = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
-    hidden = layer.final_layer_norm(hidden + feed_forward)
+    hidden = layer.self_attn_layer_norm(_apply(attention.output_proj, sampled, residual=hidden))
+    hidden = layer.final_layer_norm(feed_forward(hidden, layer.fc1, layer.fc2, layer.activation_fn, residual=hidden))
     if layer.training and not torch.isfinite(hidden).all():
         clamp_value = torch.finfo(hidden.dtype).max - 1000
         hidden = torch.clamp(hidden, min=-clamp_value, max=clamp_value)

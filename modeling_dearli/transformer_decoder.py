@@ -9,8 +9,9 @@ initialisation and checkpoints are unchanged) whose `forward` computes the same 
   converts it to a float mask, and also averages attention weights over the heads that nobody reads);
 - keys with their position embeddings are formed once per level instead of once per layer; the sine position
   embeddings are computed once per size; on a CPU without gradients, linear layers use oneDNN's fused kernel;
-- in inference, the intermediate layers' masks are not produced at full resolution when nobody asks for them
-  (``output_intermediate_masks=False``): only their sign at the next layer's attention resolution is needed.
+- the intermediate layers' masks are not produced at full resolution when nobody asks for them
+  (``output_intermediate_masks=False``; the loss takes every layer's masks as their factors, see
+  `modeling_dearli.mask_loss`): only their sign at the next layer's attention resolution is needed.
   Bilinear resizing and the channel sum are both linear, so the pixel embeddings are resized once per resolution
   and the sum is taken there (1/4 to 1/64 of the pixels). The logits agree to rounding (about 1e-7 of their range);
   like any change of rounding - transformers' own forward run on a different batch, for one - that can flip an
@@ -22,6 +23,8 @@ forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import (
@@ -30,10 +33,24 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
-from .fused_linear import linear
+from .fused_linear import feed_forward, linear
 from .pixel_decoder import sine_position_embedding
 
-__all__ = ["DearliTransformerModule"]
+__all__ = ["DearliDecoderOutput", "DearliTransformerModule"]
+
+
+@dataclass
+class DearliDecoderOutput(Mask2FormerMaskedAttentionDecoderOutput):
+    """transformers' decoder output, plus each layer's mask embeddings.
+
+    Args:
+        mask_embeddings (`tuple[torch.FloatTensor]`, *optional*):
+            Per layer (the initial queries' included), the mask embeddings `(batch, queries, channels)` whose channel
+            sum with the pixel decoder's mask features gives that layer's mask logits (when asked for with
+            ``output_mask_embeddings=True``).
+    """
+
+    mask_embeddings: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -102,9 +119,7 @@ def _feed_forward(
     layer: Mask2FormerMaskedAttentionDecoderLayer, hidden: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
     """``residual +`` the layer's feed-forward block."""
-    if layer.activation_fn is F.relu or isinstance(layer.activation_fn, torch.nn.ReLU):
-        return _linear(_linear(hidden, layer.fc1, relu=True), layer.fc2, residual=residual)
-    return _linear(layer.activation_fn(_linear(hidden, layer.fc1)), layer.fc2, residual=residual)
+    return feed_forward(hidden, layer.fc1, layer.fc2, layer.activation_fn, residual=residual)
 
 
 def _decoder_layer(
@@ -151,10 +166,13 @@ class DearliTransformerModule(Mask2FormerTransformerModule):
         output_attentions: bool = False,
         output_intermediate_masks: bool = True,
         implementation: str = "dearli",
+        output_mask_embeddings: bool = False,
     ) -> Mask2FormerMaskedAttentionDecoderOutput:
         """transformers' forward (``implementation="transformers"``) or ours (``"dearli"``): same outputs, except that
         with ``output_intermediate_masks=False`` ours leaves the intermediate entries of ``masks_queries_logits``
-        ``None`` (only the last layer's masks are computed at full resolution)."""
+        ``None`` (only the last layer's masks are computed at full resolution), and with
+        ``output_mask_embeddings=True`` ours also returns every layer's mask embeddings (`DearliDecoderOutput`; the
+        loss reads the masks from them, see `modeling_dearli.mask_loss`)."""
         decoder = self.decoder
         if implementation == "transformers" or output_attentions or decoder.config.dropout > 0:
             return super().forward(multi_scale_features, mask_features, output_hidden_states, output_attentions)
@@ -191,13 +209,14 @@ class DearliTransformerModule(Mask2FormerTransformerModule):
         if output_hidden_states:
             all_hidden_states.append(hidden.transpose(0, 1))
 
-        return Mask2FormerMaskedAttentionDecoderOutput(
+        return DearliDecoderOutput(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=None,
             # transformers' layout (queries, batch, channels), as views
             intermediate_hidden_states=tuple(x.transpose(0, 1) for x in intermediate),
             masks_queries_logits=tuple(mask_predictions),
+            mask_embeddings=tuple(predictor.embeddings) if output_mask_embeddings else None,
         )
 
 
@@ -211,17 +230,21 @@ class _MaskPredictor:
         self.sizes = sizes
         self.exact = exact
         self._resized: dict[tuple[int, int], torch.Tensor] = {}
+        self.embeddings: list[torch.Tensor] = []  # per call
 
     def __call__(self, queries: torch.Tensor, idx: int, final: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         embeddings = _mlp(self.embedder, queries)  # (B, Q, C)
+        self.embeddings.append(embeddings)
         size = self.sizes[idx % len(self.sizes)]
         if self.exact or final:
             masks = torch.einsum("bqc,bchw->bqhw", embeddings, self.pixels)
             if final:
                 return masks, None
             return masks, _attention_mask(F.interpolate(masks, size=size, mode="bilinear", align_corners=False))
-        # Only the attention mask is needed: resize the pixel embeddings once per size, then the sum over channels
-        # (see the module docstring).
+        # Only the attention mask is needed (it has no gradient): resize the pixel embeddings once per size, then
+        # the sum over channels (see the module docstring).
         if size not in self._resized:
-            self._resized[size] = F.interpolate(self.pixels, size=size, mode="bilinear", align_corners=False)
-        return None, _attention_mask(torch.einsum("bqc,bchw->bqhw", embeddings, self._resized[size]))
+            with torch.no_grad():
+                self._resized[size] = F.interpolate(self.pixels, size=size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            return None, _attention_mask(torch.einsum("bqc,bchw->bqhw", embeddings, self._resized[size]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerLoss,
     Mask2FormerPixelDecoder,
     Mask2FormerTransformerModule,
     multi_scale_deformable_attention,
@@ -64,14 +65,21 @@ def _perturb_decoder(model: torch.nn.Module, seed: int, scale: float = 0.02) -> 
 
 def _run(model, implementation: str, pixel_values, labels=None, **kwargs):
     """Forward (and backward of the loss, with the loss's point sampling seeded) with one decoder implementation;
-    returns the outputs and the gradients by parameter name."""
+    returns the outputs and the gradients by parameter name. ``"transformers"`` also takes transformers' own
+    `Mask2FormerLoss` on the full mask logits (ours reads them from their factors, `modeling_dearli.mask_loss`)."""
     model.config.decoder_implementation = implementation
     model.zero_grad(set_to_none=True)
     if labels is None:
         with torch.no_grad():
             return model(pixel_values, **kwargs), {}
-    torch.manual_seed(0)
-    outputs = model(pixel_values, mask_labels=labels[0], class_labels=labels[1], **kwargs)
+    criterion = model.criterion
+    if implementation == "transformers":
+        model.criterion = Mask2FormerLoss(model.config.to_mask2former_config(), criterion.weight_dict)
+    try:
+        torch.manual_seed(0)
+        outputs = model(pixel_values, mask_labels=labels[0], class_labels=labels[1], **kwargs)
+    finally:
+        model.criterion = criterion
     outputs.loss.backward()
     return outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
