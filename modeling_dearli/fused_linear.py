@@ -79,7 +79,8 @@ def _onednn_forward(
 
 class OneDnnLinear(torch.autograd.Function):
     """oneDNN's fused linear (+ ReLU or + residual) with the backward of ``F.linear`` (+ ``F.relu``, + the addition):
-    ``threshold_backward`` on the output as ReLU's, then the two matrix products and the bias sum as ``addmm``'s."""
+    ``threshold_backward`` on the output as ReLU's, then the two matrix products (the input's through oneDNN too) and
+    the bias sum as ``addmm``'s."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu, residual):
@@ -97,7 +98,9 @@ class OneDnnLinear(torch.autograd.Function):
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.mm(weight).view(x.shape)
+            # grad @ weight as oneDNN's linear with the transposed weight: 1.0-1.7x faster than BLAS's mm for the
+            # decoders' shapes (8400 x 1024 -> 256: 1.7x)
+            grad_x = _onednn_forward(grad, weight.t().contiguous(), None, False, None).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:

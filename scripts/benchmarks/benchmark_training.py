@@ -37,6 +37,7 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import statistics
 import threading
 import time
@@ -254,13 +255,27 @@ def benchmark_full_size(args: argparse.Namespace, device: torch.device) -> dict[
     return result
 
 
+def _onednn_flop_formulas() -> dict[Any, Any]:
+    """FLOP formula for oneDNN's fused linear (`modeling_dearli.fused_linear`), which torch's counter does not know:
+    ``2 x rows x in x out``, as for ``addmm``."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return {}
+
+    def linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        # (x, weight, bias, attr, ...), or (x, other, weight, bias, attr) for the binary overload
+        weight_shape = args[0] if isinstance(args[2], str) else args[1]
+        return 2 * math.prod(x_shape[:-1]) * int(weight_shape[0]) * int(weight_shape[1])
+
+    return {torch.ops.mkldnn._linear_pointwise: linear_flops}
+
+
 def count_step_flops(steps: Steps, labeled: dict) -> dict[str, Any]:
     """GFLOP of one backbone forward and of one supervised step (forward, loss and backward), by operator."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as backbone:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_onednn_flop_formulas()) as backbone:
         steps.student.backbone(labeled["pixel_values"])
-    with FlopCounterMode(display=False) as step:
+    with FlopCounterMode(display=False, custom_mapping=_onednn_flop_formulas()) as step:
         steps.supervised()
     by_operator = {str(op): round(n / 1e9, 1) for op, n in sorted(step.get_flop_counts()["Global"].items(),
                                                                   key=lambda item: -item[1])}
