@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
@@ -127,6 +126,16 @@ def pair_wise_sigmoid_cross_entropy(inputs: torch.Tensor, labels: torch.Tensor) 
     return positive.mean(1, keepdim=True) + (inputs / points) @ (1 - labels).T
 
 
+def _linear_sum_assignment(cost: torch.Tensor):
+    """scipy's Hungarian algorithm, imported when a loss is computed (inference, remote code included, needs no
+    scipy)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as error:
+        raise ImportError("the training loss's Hungarian matcher needs scipy: pip install scipy") from error
+    return linear_sum_assignment(cost)
+
+
 class FactoredHungarianMatcher(Mask2FormerHungarianMatcher):
     """transformers' `Mask2FormerHungarianMatcher` that also takes `FactoredMaskLogits` (see the module docstring)."""
 
@@ -149,7 +158,7 @@ class FactoredHungarianMatcher(Mask2FormerHungarianMatcher):
             cost_matrix = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
             max_value = torch.finfo(cost_matrix.dtype).max
             cost_matrix = torch.nan_to_num(cost_matrix, nan=max_value, posinf=max_value, neginf=max_value)
-            indices.append(linear_sum_assignment(cost_matrix.cpu()))
+            indices.append(_linear_sum_assignment(cost_matrix.cpu()))
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 
 
