@@ -108,3 +108,16 @@ def test_pair_wise_cross_entropy_equals_transformers():
     labels = (torch.rand(4, 400, generator=generator) > 0.5).float()
     torch.testing.assert_close(pair_wise_sigmoid_cross_entropy(logits, labels),
                                pair_wise_sigmoid_cross_entropy_loss(logits, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_remote_code_needs_no_scipy_to_load():
+    """transformers refuses remote code whose imports are missing: the loss imports scipy only when it matches."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    import modeling_dearli
+
+    folder = Path(modeling_dearli.__file__).parent
+    imports = {name for path in folder.glob("*.py") for name in get_imports(path)}
+    assert "scipy" not in imports and "transformers" in imports
