@@ -75,7 +75,8 @@ class FactoredMaskLogits:
         order = torch.argsort(batch_indices, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         positions = torch.empty_like(batch_indices)
-        positions[order] = torch.arange(batch_indices.numel(), device=batch_indices.device) - starts[batch_indices[order]]
+        ranks = torch.arange(batch_indices.numel(), device=batch_indices.device)
+        positions[order] = ranks - starts[batch_indices[order]]
         slots = torch.zeros(batch, int(counts.max()), dtype=torch.long, device=batch_indices.device)
         slots[batch_indices, positions] = query_indices
         selected = self.embeddings.gather(1, slots[..., None].expand(-1, -1, channels))

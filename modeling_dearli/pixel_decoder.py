@@ -14,11 +14,11 @@ checkpoints are unchanged) whose `forward` removes work that does not change the
 - the FPN upsamples a contiguous copy of the encoder's 1/8 level instead of its transposed view.
 
 With gradients on a CPU the layers run transformers' arithmetic except the sampling and the linear layers: the linear
-layers run oneDNN's fused kernel with autograd's backward (`modeling_dearli.fused_linear.OneDnnLinear`), the sampling
-is the same weighted gather with a hand-written backward (`WeightedGather`: a scatter-add into the values, a dot product per sample for the
-weights) instead of ``grid_sample`` on re-laid-out copies. ``grid_sample``'s gradient with respect to a position jumps
-where the position crosses a pixel, so the positions are computed with ``grid_sample``'s own operations and rounding
-(`grid_sample_positions`): the jumps fall where transformers' fall.
+layers run oneDNN's fused kernel with autograd's backward (`modeling_dearli.fused_linear.OneDnnLinear`), the sampling is
+the same weighted gather with a hand-written backward (`WeightedGather`: a scatter-add into the values, a dot product
+per sample for the weights) instead of ``grid_sample`` on re-laid-out copies. ``grid_sample``'s gradient with respect to
+a position jumps where the position crosses a pixel, so the positions are computed with ``grid_sample``'s own operations
+and rounding (`grid_sample_positions`): the jumps fall where transformers' fall.
 
 On an accelerator the sampling goes through transformers' `MultiScaleDeformableAttention` layer: loading the model
 with ``use_kernels=True`` (or setting ``model.use_kernels = True``) makes transformers swap in its fused CUDA kernel
