@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["OneDnnLinear", "feed_forward", "linear"]
+__all__ = ["OneDnnLinear", "feed_forward", "linear", "linear_layer"]
 
 _onednn_available: bool | None = None
 
@@ -58,15 +58,22 @@ def linear(
     return out if residual is None else out + residual
 
 
+def linear_layer(
+    x: torch.Tensor, module: torch.nn.Linear, relu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear` with an ``nn.Linear``'s weight and bias: ``module(x)``, then ReLU / ``+ residual``."""
+    return linear(x, module.weight, module.bias, relu=relu, residual=residual)
+
+
 def feed_forward(
     x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, activation, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``fc2(activation(fc1(x)))``, then ``+ residual`` when given, through `linear` (ReLU fused into ``fc1``)."""
     if activation is F.relu or isinstance(activation, torch.nn.ReLU):
-        hidden = linear(x, fc1.weight, fc1.bias, relu=True)
+        hidden = linear_layer(x, fc1, relu=True)
     else:
-        hidden = activation(linear(x, fc1.weight, fc1.bias))
-    return linear(hidden, fc2.weight, fc2.bias, residual=residual)
+        hidden = activation(linear_layer(x, fc1))
+    return linear_layer(hidden, fc2, residual=residual)
 
 
 def _onednn_forward(

@@ -41,7 +41,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .deformable_attention import DeformableSampler, grid_sample_positions, reference_pixel_coordinates
-from .fused_linear import feed_forward, linear
+from .fused_linear import feed_forward, linear, linear_layer
 
 __all__ = ["DearliPixelDecoder", "sine_position_embedding"]
 
@@ -122,11 +122,6 @@ def _encoder_layer_fast(
     return layer.final_layer_norm(feed_forward(hidden, layer.fc1, layer.fc2, layer.activation_fn, residual=hidden))
 
 
-def _apply(module: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``module(x)`` (``+ residual``) through `linear` (oneDNN's fused kernel on a CPU, with or without gradients)."""
-    return linear(x, module.weight, module.bias, residual=residual)
-
-
 def _encoder_layer(
     layer: Mask2FormerPixelDecoderEncoderLayer,
     hidden: torch.Tensor,
@@ -142,14 +137,14 @@ def _encoder_layer(
     batch, length, channels = hidden.shape
     heads, levels, points = attention.n_heads, attention.n_levels, attention.n_points
     query = hidden + position
-    value = _apply(attention.value_proj, hidden).view(batch, length, heads, channels // heads)
-    offsets = _apply(attention.sampling_offsets, query).view(batch, length, heads, levels, points, 2)
-    weights = _apply(attention.attention_weights, query).view(batch, length, heads, levels * points)
+    value = linear_layer(hidden, attention.value_proj).view(batch, length, heads, channels // heads)
+    offsets = linear_layer(query, attention.sampling_offsets).view(batch, length, heads, levels, points, 2)
+    weights = linear_layer(query, attention.attention_weights).view(batch, length, heads, levels * points)
     weights = F.softmax(weights, -1).view(batch, length, heads, levels, points)
     normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.long, device=hidden.device)
     locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     sampled = sample(value, spatial_shapes, locations, weights)
-    hidden = layer.self_attn_layer_norm(_apply(attention.output_proj, sampled, residual=hidden))
+    hidden = layer.self_attn_layer_norm(linear_layer(sampled, attention.output_proj, residual=hidden))
     hidden = layer.final_layer_norm(feed_forward(hidden, layer.fc1, layer.fc2, layer.activation_fn, residual=hidden))
     if layer.training and not torch.isfinite(hidden).all():
         clamp_value = torch.finfo(hidden.dtype).max - 1000

@@ -33,7 +33,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
-from .fused_linear import feed_forward, linear
+from .fused_linear import feed_forward, linear, linear_layer
 from .pixel_decoder import sine_position_embedding
 
 __all__ = ["DearliDecoderOutput", "DearliTransformerModule"]
@@ -64,16 +64,10 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _linear(
-    x: torch.Tensor, module: torch.nn.Linear, relu: bool = False, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    return linear(x, module.weight, module.bias, relu=relu, residual=residual)
-
-
 def _mlp(head, x: torch.Tensor) -> torch.Tensor:
     """transformers' `Mask2FormerMLPPredictionHead` (ReLU between layers)."""
     for i, block in enumerate(head.layers):
-        x = _linear(x, block.layers[0], relu=i < len(head.layers) - 1)
+        x = linear_layer(x, block.layers[0], relu=i < len(head.layers) - 1)
     return x
 
 
@@ -96,7 +90,7 @@ def _cross_attention(
     k = _split_heads(linear(memory_key, w_k, b_k), heads)
     v = _split_heads(linear(memory, w_v, b_v), heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-    return _linear(_merge_heads(out), attention.out_proj, residual=residual)
+    return linear_layer(_merge_heads(out), attention.out_proj, residual=residual)
 
 
 def _self_attention(
@@ -108,11 +102,11 @@ def _self_attention(
     attention = layer.self_attn
     heads = attention.num_heads
     with_position = hidden + query_position
-    q = _split_heads(_linear(with_position, attention.q_proj), heads)
-    k = _split_heads(_linear(with_position, attention.k_proj), heads)
-    v = _split_heads(_linear(hidden, attention.v_proj), heads)
+    q = _split_heads(linear_layer(with_position, attention.q_proj), heads)
+    k = _split_heads(linear_layer(with_position, attention.k_proj), heads)
+    v = _split_heads(linear_layer(hidden, attention.v_proj), heads)
     out = F.scaled_dot_product_attention(q, k, v)
-    return _linear(_merge_heads(out), attention.out_proj, residual=residual)
+    return linear_layer(_merge_heads(out), attention.out_proj, residual=residual)
 
 
 def _feed_forward(
@@ -243,8 +237,7 @@ class _MaskPredictor:
             return masks, _attention_mask(F.interpolate(masks, size=size, mode="bilinear", align_corners=False))
         # Only the attention mask is needed (it has no gradient): resize the pixel embeddings once per size, then
         # the sum over channels (see the module docstring).
-        if size not in self._resized:
-            with torch.no_grad():
-                self._resized[size] = F.interpolate(self.pixels, size=size, mode="bilinear", align_corners=False)
         with torch.no_grad():
+            if size not in self._resized:
+                self._resized[size] = F.interpolate(self.pixels, size=size, mode="bilinear", align_corners=False)
             return None, _attention_mask(torch.einsum("bqc,bchw->bqhw", embeddings, self._resized[size]))
